@@ -1,0 +1,115 @@
+"""The one error handler: domain errors → OpenAI's error envelope and one status each."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from app import errors
+from app.ml.loading import UnsafeModelError
+
+logger = logging.getLogger(__name__)
+
+STATUS = {
+    errors.InvalidRequest: 400,
+    errors.Unauthorized: 401,
+    errors.NotFound: 404,
+    errors.InvalidState: 409,
+    errors.PayloadTooLarge: 413,
+    errors.ServiceUnavailable: 503,
+    errors.IntegrityFailure: 500,
+}
+
+
+def error_body(
+    message: str, *, type: str, param: str | None = None, code: str | None = None
+) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _status_for(exc: errors.LoraforgeError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 400
+
+
+async def _domain_error(_: Request, exc: errors.LoraforgeError) -> JSONResponse:
+    status = _status_for(exc)
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse(error_body(exc.message, type=kind, param=exc.param, code=exc.code), status)
+
+
+# pydantic tags errors of union members with the member's type ("literal['auto']", "int");
+# those are not fields, so they are left out of `param`.
+_TYPE_TAGS = {
+    "int",
+    "float",
+    "str",
+    "bool",
+    "dict",
+    "list",
+    "body",
+    "query",
+    "path",
+    "header",
+    "form",
+    "file",
+}
+
+
+def _field_path(loc: tuple) -> str | None:
+    parts = [
+        str(part)
+        for part in loc
+        if not (isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or "-" in part))
+    ]
+    return ".".join(parts) or None
+
+
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = exc.errors()
+    # For a union ("auto" or a number) the literal mismatch says least; report the other one.
+    first = next((p for p in problems if p.get("type") != "literal_error"), problems[0])
+    param = _field_path(first.get("loc", ()))
+    if first.get("type") == "extra_forbidden":
+        message = f"Unrecognized request argument supplied: {param}"
+    elif first.get("type") == "missing":
+        message = f"Missing required parameter: {param}"
+    else:
+        message = (
+            f"Invalid value for {param}: {first.get('msg')}" if param else str(first.get("msg"))
+        )
+    return JSONResponse(error_body(message, type="invalid_request_error", param=param), 400)
+
+
+async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return JSONResponse(
+        error_body(str(exc.detail), type=kind), exc.status_code, headers=exc.headers
+    )
+
+
+async def _unsafe_model(_: Request, exc: UnsafeModelError) -> JSONResponse:
+    return JSONResponse(
+        error_body(str(exc), type="invalid_request_error", code="unsafe_model"), 400
+    )
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(
+        error_body("The server had an error processing your request.", type="server_error"), 500
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(errors.LoraforgeError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(UnsafeModelError, _unsafe_model)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from app import jobs, queue
+from app.api.deps import OrgDep, SessionDep, SettingsDep
+from app.api.views import checkpoint_view, event_view, job_view
+from app.db.session import commit
+from app.schemas.common import ListPage
+from app.schemas.jobs import CheckpointRead, EventRead, JobCreate, JobRead
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+Limit = Annotated[int, Query(ge=1, le=100)]
+
+
+@router.post("", response_model=JobRead)
+def create_job(body: JobCreate, org: OrgDep, session: SessionDep, settings: SettingsDep) -> JobRead:
+    job = jobs.create_job(session, organization=org, request=body, base_models=settings.base_models)
+    commit(session)  # the worker must find the row when the message arrives
+    queue.enqueue_training(job.id)
+    return job_view(job)
+
+
+@router.get("", response_model=ListPage[JobRead])
+def list_jobs(
+    org: OrgDep, session: SessionDep, after: str | None = None, limit: Limit = 20
+) -> ListPage[JobRead]:
+    page = jobs.list_jobs(session, organization=org, after=after, limit=limit)
+    return ListPage(data=[job_view(job) for job in page.rows], has_more=page.has_more)
+
+
+@router.get("/{job_id}", response_model=JobRead)
+def retrieve_job(job_id: str, org: OrgDep, session: SessionDep) -> JobRead:
+    return job_view(jobs.get_job(session, organization=org, job_id=job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobRead)
+def cancel_job(job_id: str, org: OrgDep, session: SessionDep) -> JobRead:
+    return job_view(jobs.cancel_job(session, organization=org, job_id=job_id))
+
+
+@router.get("/{job_id}/events", response_model=ListPage[EventRead])
+def list_events(
+    job_id: str, org: OrgDep, session: SessionDep, after: str | None = None, limit: Limit = 20
+) -> ListPage[EventRead]:
+    page = jobs.list_events(session, organization=org, job_id=job_id, after=after, limit=limit)
+    return ListPage(data=[event_view(event) for event in page.rows], has_more=page.has_more)
+
+
+@router.get("/{job_id}/checkpoints", response_model=ListPage[CheckpointRead])
+def list_checkpoints(
+    job_id: str, org: OrgDep, session: SessionDep, after: str | None = None, limit: Limit = 10
+) -> ListPage[CheckpointRead]:
+    page = jobs.list_checkpoints(session, organization=org, job_id=job_id, after=after, limit=limit)
+    data = [checkpoint_view(row) for row in page.rows]
+    return ListPage(
+        data=data,
+        has_more=page.has_more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )

@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import zipfile
+from tempfile import SpooledTemporaryFile
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from app import registry
+from app.api.deps import OrgDep, SessionDep, SettingsDep, StoreDep
+from app.api.views import adapter_view, base_model_view, checkpoint_model_view
+from app.errors import IntegrityFailure, InvalidRequest
+from app.ml.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from app.schemas.common import Deleted, ListPage
+from app.schemas.models import ModelRead
+from app.storage import sha256_file
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.get("", response_model=ListPage[ModelRead])
+def list_models(org: OrgDep, session: SessionDep, settings: SettingsDep) -> ListPage[ModelRead]:
+    bases = [base_model_view(name) for name in settings.base_models]
+    adapters = [
+        adapter_view(row, org.name) for row in registry.list_adapters(session, organization=org)
+    ]
+    return ListPage(data=bases + adapters)
+
+
+# Registered before the plain retrieve route: model ids may contain '/' (hub-style names).
+@router.get("/{model_id:path}/adapter", response_class=StreamingResponse)
+def download_adapter(
+    model_id: str, org: OrgDep, session: SessionDep, settings: SettingsDep, store: StoreDep
+) -> StreamingResponse:
+    target = registry.resolve_model(
+        session, organization=org, model_id=model_id, base_models=settings.base_models
+    )
+    if target.adapter_id is None:
+        raise InvalidRequest(
+            f"{model_id!r} is a base model; only adapters can be downloaded", param="model"
+        )
+    folder = store.path(target.storage_key)
+    if sha256_file(folder / ADAPTER_WEIGHTS) != target.sha256:
+        raise IntegrityFailure(
+            f"stored files of {model_id} do not match their sha256; refusing to serve them"
+        )
+    archive = SpooledTemporaryFile(max_size=64 << 20)
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as bundle:
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            bundle.write(folder / name, arcname=name)
+    archive.seek(0)
+    filename = model_id.replace(":", "_").replace("/", "_") + ".zip"
+    headers = {
+        "X-Adapter-SHA256": target.sha256,
+        "Content-Disposition": f'attachment; filename="{filename}"',
+    }
+    return StreamingResponse(
+        iter(lambda: archive.read(1 << 20), b""), media_type="application/zip", headers=headers
+    )
+
+
+@router.get("/{model_id:path}", response_model=ModelRead)
+def retrieve_model(
+    model_id: str, org: OrgDep, session: SessionDep, settings: SettingsDep
+) -> ModelRead:
+    target = registry.resolve_model(
+        session, organization=org, model_id=model_id, base_models=settings.base_models
+    )
+    if target.adapter_id is None:
+        return base_model_view(model_id)
+    if ":ckpt-step-" in model_id:
+        row = registry.get_checkpoint(session, organization=org, model_id=model_id)
+        return checkpoint_model_view(row, org.name, target.base_model)
+    return adapter_view(
+        registry.get_adapter(session, organization=org, model_id=model_id), org.name
+    )
+
+
+@router.delete("/{model_id:path}", response_model=Deleted)
+def delete_model(
+    model_id: str,
+    request: Request,
+    org: OrgDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+) -> Deleted:
+    if model_id in settings.base_models:
+        raise InvalidRequest(
+            "base models cannot be deleted; only fine-tuned adapters", param="model"
+        )
+    registry.delete_adapter(session, organization=org, model_id=model_id, store=store)
+    engine = getattr(request.app.state, "engine", None)
+    if engine is not None:
+        engine.unload_adapter(model_id)
+    return Deleted(id=model_id, object="model")

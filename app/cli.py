@@ -1,0 +1,156 @@
+"""The `loraforge` command (typer): run the stack, migrate, manage keys, build a demo model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app.config import get_settings
+
+cli = typer.Typer(
+    help="loraforge: LoRA fine-tuning and multi-adapter serving.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+db_cli = typer.Typer(help="Database schema (Alembic).", no_args_is_help=True)
+keys_cli = typer.Typer(help="API keys.", no_args_is_help=True)
+cli.add_typer(db_cli, name="db")
+cli.add_typer(keys_cli, name="keys")
+
+Host = Annotated[str, typer.Option(help="Interface to bind.")]
+Port = Annotated[int, typer.Option(help="TCP port.")]
+
+
+@db_cli.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Apply migrations up to REVISION (default: head)."""
+    from app import migrate
+
+    migrate.upgrade(get_settings(), revision)
+
+
+@db_cli.command("downgrade")
+def db_downgrade(revision: str) -> None:
+    """Revert migrations down to REVISION."""
+    from app import migrate
+
+    migrate.downgrade(get_settings(), revision)
+
+
+@keys_cli.command("create")
+def keys_create(
+    org: Annotated[str, typer.Option(help="Organization name (created if new).")],
+) -> None:
+    """Create an API key for ORG; prints only the key."""
+    from app import tenancy
+    from app.db.session import session_scope
+    from app.errors import InvalidRequest
+
+    try:
+        with session_scope() as session:
+            organization = tenancy.get_or_create_organization(session, name=org)
+            secret = tenancy.create_api_key(session, organization=organization)
+    except InvalidRequest as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(secret)
+
+
+@cli.command()
+def api(host: Host = "127.0.0.1", port: Port = 8000) -> None:
+    """Run the HTTP API (uvicorn)."""
+    import uvicorn
+
+    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info")
+
+
+@cli.command()
+def worker(concurrency: int = 1) -> None:
+    """Run one Celery worker on the training queue (one job per GPU)."""
+    from app.queue import TRAIN_QUEUE
+
+    # exec, so signals reach Celery directly; by module name, since app never imports worker.
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--loglevel=INFO",
+        f"--concurrency={concurrency}",
+        "-Q",
+        TRAIN_QUEUE,
+        "--pool=prefork",
+    ]
+    os.execv(sys.executable, argv)
+
+
+@cli.command()
+def up(host: Host = "127.0.0.1", port: Port = 8000) -> None:
+    """Migrate, then run the API and one worker as child processes; Ctrl-C stops both."""
+    from app import migrate
+
+    migrate.upgrade(get_settings())
+    me = [sys.executable, "-m", "app.cli"]
+    children = [
+        subprocess.Popen([*me, "api", "--host", host, "--port", str(port)]),
+        subprocess.Popen([*me, "worker"]),
+    ]
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    while not stopping and all(child.poll() is None for child in children):
+        time.sleep(0.2)
+    _stop_children(children)
+    raise typer.Exit(0 if stopping else 1)
+
+
+def _stop_children(children: list[subprocess.Popen]) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)  # warm shutdown: uvicorn drains, celery re-queues
+    deadline = time.monotonic() + 30
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+@cli.command("tiny-model")
+def tiny_model(out: Path) -> None:
+    """Build a tiny random-init causal LM + tokenizer at OUT (for demos and tests)."""
+    from app.ml.tiny_model import build_tiny_model
+
+    typer.echo(build_tiny_model(out))
+
+
+@cli.command()
+def demo(port: Port = 8765) -> None:
+    """Fine-tune an adapter on a tiny local model through the API and print its reply."""
+    from app.demo import run_demo
+
+    run_demo(port=port)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cli()
+
+
+if __name__ == "__main__":
+    main()

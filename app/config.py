@@ -1,0 +1,70 @@
+"""Settings from the environment (`LORAFORGE_…`), with embedded defaults.
+
+With nothing set everything runs on one machine and no services: SQLite (WAL) and
+a Celery filesystem broker under the data dir, artifacts on local disk. Point
+`LORAFORGE_DATABASE_URL` / `LORAFORGE_BROKER_URL` at PostgreSQL / Redis to scale out.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORAFORGE_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=lambda: Path.cwd() / ".loraforge")
+    database_url: str | None = None
+    broker_url: str | None = None
+    # "name=path-or-hub-id,…": the only base models a job or a request may name.
+    base_models: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    max_upload_bytes: int = 100 * 1024 * 1024
+    max_lines_per_file: int = 1_000_000
+    device: str = "auto"
+    max_loaded_adapters: int = 8
+    inference_enabled: bool = True
+    metrics_every_steps: int = 10
+    lease_seconds: int = 120
+    sweep_interval_seconds: int = 30
+    requeue_after_seconds: int = 60
+    max_attempts: int = 3
+
+    @field_validator("base_models", mode="before")
+    @classmethod
+    def _parse_base_models(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        pairs = [item.strip() for item in value.split(",") if item.strip()]
+        parsed: dict[str, str] = {}
+        for pair in pairs:
+            name, sep, ref = pair.partition("=")
+            if not sep or not name.strip() or not ref.strip():
+                raise ValueError(f"LORAFORGE_BASE_MODELS entry {pair!r} is not name=path-or-hub-id")
+            parsed[name.strip()] = ref.strip()
+        return parsed
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'loraforge.db'}"
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

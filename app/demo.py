@@ -1,0 +1,146 @@
+"""`loraforge demo`: the whole data path on one machine, with no services and no model hub.
+
+Builds a tiny random-init base model, starts `loraforge up` on the embedded default,
+creates an API key, and then — as any client would, with the `openai` SDK — uploads a
+small chat dataset, fine-tunes an adapter, watches the job, and asks the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+FACTS = [
+    ("What is the capital of France?", "Paris."),
+    ("What colour is the sky?", "Blue."),
+    ("How many legs does a spider have?", "Eight."),
+    ("What do bees make?", "Honey."),
+    ("What is 2 + 2?", "Four."),
+    ("Which planet is red?", "Mars."),
+    ("What is frozen water?", "Ice."),
+    ("Who wrote Hamlet?", "Shakespeare."),
+]
+SYSTEM = "Answer in one word."
+
+
+def _say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def _dataset() -> bytes:
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": a},
+            ]
+        }
+        for q, a in FACTS
+    ]
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def run_demo(*, port: int = 8765, data_dir: Path | None = None) -> None:
+    import openai
+
+    from app.ml.tiny_model import build_tiny_model
+
+    data_dir = data_dir or Path.cwd() / ".loraforge-demo"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    model_dir = build_tiny_model(data_dir / "models" / "tiny", hidden_size=128)
+    _say(f"built a tiny random-init base model at {model_dir}")
+    env = os.environ | {
+        "LORAFORGE_DATA_DIR": str(data_dir),
+        "LORAFORGE_BASE_MODELS": f"tiny={model_dir}",
+        "LORAFORGE_METRICS_EVERY_STEPS": "10",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for key in ("LORAFORGE_DATABASE_URL", "LORAFORGE_BROKER_URL"):
+        env.pop(key, None)  # the demo runs on the embedded default
+    me = [sys.executable, "-m", "app.cli"]
+    subprocess.run([*me, "db", "upgrade"], env=env, check=True, capture_output=True)
+    api_key = subprocess.run(
+        [*me, "keys", "create", "--org", "demo"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    log = open(data_dir / "stack.log", "w")
+    stack = subprocess.Popen(
+        [*me, "up", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        _wait_for_health(f"http://127.0.0.1:{port}", stack, data_dir / "stack.log")
+        _say(
+            f"`loraforge up` is serving on http://127.0.0.1:{port} (log: {data_dir / 'stack.log'})"
+        )
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=api_key)
+        _fine_tune_and_ask(client)
+    finally:
+        stack.send_signal(signal.SIGINT)
+        try:
+            stack.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            stack.kill()
+        log.close()
+
+
+def _fine_tune_and_ask(client) -> None:  # type: ignore[no-untyped-def]
+    upload = client.files.create(file=("facts.jsonl", _dataset()), purpose="fine-tune")
+    _say(f"uploaded {upload.id} ({upload.bytes} bytes, {len(FACTS)} examples)")
+    job = client.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=upload.id,
+        suffix="facts",
+        seed=0,
+        hyperparameters={"n_epochs": 50, "batch_size": 2, "learning_rate": 3e-3, "lora_r": 16},
+    )
+    _say(f"created {job.id}: {job.hyperparameters.model_dump()}")
+    seen: set[str] = set()
+    while job.status not in ("succeeded", "failed", "cancelled"):
+        time.sleep(1)
+        job = client.fine_tuning.jobs.retrieve(job.id)
+        for event in reversed(client.fine_tuning.jobs.list_events(job.id, limit=20).data):
+            if event.id not in seen:
+                seen.add(event.id)
+                if not event.message.startswith("Checkpoint created"):  # one per epoch: too many
+                    _say(f"  event: {event.message}")
+    if job.status != "succeeded":
+        raise SystemExit(f"[demo] job ended {job.status}: {job.error}")
+    _say(f"fine-tuned model: {job.fine_tuned_model}")
+    question, expected = FACTS[0]
+    for model in ("tiny", job.fine_tuned_model):
+        reply = client.chat.completions.create(
+            model=model,
+            temperature=0,
+            max_tokens=16,
+            messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+        )
+        _say(f"{model} answers {question!r} with {reply.choices[0].message.content!r}")
+    _say(f"(trained answer: {expected!r})")
+
+
+def _wait_for_health(base_url: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(
+                f"[demo] the stack exited early; see {log}:\n{log.read_text()[-3000:]}"
+            )
+        try:
+            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"[demo] the API did not come up; see {log}")

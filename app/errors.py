@@ -1,0 +1,71 @@
+"""Domain errors. No HTTP codes here: `app/api/errors.py` maps each class to one status.
+
+They subclass builtins where callers may expect them (PEFT's habit), and carry the
+OpenAI error fields a client can act on: `param` (the field at fault) and `code`.
+"""
+
+from __future__ import annotations
+
+
+class LoraforgeError(Exception):
+    code: str = "error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequest(LoraforgeError, ValueError):
+    """The request is well-formed but asks for something we refuse (400)."""
+
+    code = "invalid_request"
+
+
+class InvalidFile(InvalidRequest):
+    """An uploaded dataset is not valid JSONL of a supported shape (400, names the line)."""
+
+    code = "invalid_file"
+
+    def __init__(self, message: str, *, line: int | None = None, param: str | None = "file"):
+        where = f"line {line}: " if line is not None else ""
+        super().__init__(where + message, param=param)
+        self.line = line
+
+
+class NotFound(LoraforgeError, LookupError):
+    """Unknown id, or an id of another organization: the two are indistinguishable (404)."""
+
+    code = "not_found"
+
+
+class InvalidState(LoraforgeError):
+    """The object exists but is in a state that forbids the operation (409)."""
+
+    code = "invalid_state"
+
+
+class Unauthorized(LoraforgeError):
+    """Missing or unknown API key (401)."""
+
+    code = "invalid_api_key"
+
+
+class PayloadTooLarge(LoraforgeError):
+    """An upload past the configured size cap (413); nothing was stored."""
+
+    code = "file_too_large"
+
+
+class ServiceUnavailable(LoraforgeError):
+    """A dependency (broker, inference engine) cannot serve right now (503)."""
+
+    code = "service_unavailable"
+
+
+class IntegrityFailure(LoraforgeError):
+    """Stored bytes no longer match their recorded sha256; they are never served (500)."""
+
+    code = "integrity_error"

@@ -1,0 +1,98 @@
+"""Datasets: upload (capped, validated, stored atomically), list, read, delete."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.dataset_format import validate_jsonl_file
+from app.db.models import File, Organization
+from app.errors import InvalidRequest, NotFound, PayloadTooLarge
+from app.ids import new_id
+from app.storage import ArtifactStore
+
+PURPOSES = {"fine-tune"}
+CHUNK = 1 << 20
+
+
+def create_file(
+    session: Session,
+    *,
+    organization: Organization,
+    upload: BinaryIO,
+    filename: str,
+    purpose: str,
+    store: ArtifactStore,
+    max_bytes: int,
+    max_lines: int,
+) -> File:
+    """Spool the upload (refusing past `max_bytes`), validate it, then store it.
+
+    Nothing is kept when any step fails: the spool lives in a temp dir that is
+    always removed, and the row is flushed only after validation passed.
+    """
+    if purpose not in PURPOSES:
+        raise InvalidRequest(f"purpose must be 'fine-tune'; got {purpose!r}", param="purpose")
+    if not filename.lower().endswith(".jsonl"):
+        raise InvalidRequest("fine-tuning files must be .jsonl", param="file")
+    with store.temp_dir() as tmp:
+        spool = tmp / "upload.jsonl"
+        size, sha256 = _spool(upload, spool, max_bytes=max_bytes)
+        summary = validate_jsonl_file(spool, max_lines=max_lines)
+        file_id = new_id("file")
+        row = File(
+            id=file_id,
+            organization_id=organization.id,
+            filename=Path(filename).name[:255],
+            purpose=purpose,
+            bytes=size,
+            sha256=sha256,
+            storage_key=f"datasets/{file_id}.jsonl",
+            examples=summary.examples,
+            format=summary.format,
+        )
+        session.add(row)
+        session.flush()
+        store.publish_file(spool, row.storage_key)
+    return row
+
+
+def _spool(upload: BinaryIO, dest: Path, *, max_bytes: int) -> tuple[int, str]:
+    digest, size = hashlib.sha256(), 0
+    with open(dest, "wb") as out:
+        while chunk := upload.read(CHUNK):
+            size += len(chunk)
+            if size > max_bytes:
+                raise PayloadTooLarge(
+                    f"file is larger than the {max_bytes}-byte limit", param="file"
+                )
+            digest.update(chunk)
+            out.write(chunk)
+    return size, digest.hexdigest()
+
+
+def get_file(session: Session, *, organization: Organization, file_id: str) -> File:
+    row = session.scalar(
+        select(File).where(File.id == file_id, File.organization_id == organization.id)
+    )
+    if row is None:
+        raise NotFound(f"No such File object: {file_id}", param="file_id")
+    return row
+
+
+def list_files(session: Session, *, organization: Organization) -> list[File]:
+    query = select(File).where(File.organization_id == organization.id)
+    return list(session.scalars(query.order_by(File.created_at.desc(), File.id.desc())))
+
+
+def delete_file(
+    session: Session, *, organization: Organization, file_id: str, store: ArtifactStore
+) -> None:
+    row = get_file(session, organization=organization, file_id=file_id)
+    session.delete(row)
+    session.flush()
+    store.delete(row.storage_key)

@@ -1,0 +1,223 @@
+"""Fine-tuning jobs, the worker side: claim, lease, progress, completion, the sweep.
+
+Every write after the claim is conditional on (job id, attempt, status running,
+not cancelled): `attempt` is a fencing token, so a stale or duplicate worker whose
+lease was taken over changes nothing (DESIGN §4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from app import registry
+from app.db.base import utcnow
+from app.db.models import Checkpoint, Job, Organization
+from app.ids import new_id
+from app.jobs import add_event
+
+
+class RunAborted(Exception):
+    """The run must stop: its job was cancelled, or its lease passed to another attempt."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason  # "cancelled" | "lease_lost"
+
+
+@dataclass(frozen=True)
+class Claim:
+    job_id: str
+    attempt: int
+
+
+def claim_job(
+    session: Session, *, job_id: str, worker: str, lease_seconds: int, max_attempts: int
+) -> Claim | None:
+    """Take the job with one conditional UPDATE; None when someone else has it or it is done."""
+    now = utcnow()
+    claimable = or_(
+        Job.status == "queued",
+        and_(Job.status == "running", Job.lease_expires_at < now),
+    )
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id, claimable, Job.cancel_requested.is_(False), Job.attempt < max_attempts
+        )
+        .values(
+            status="running",
+            attempt=Job.attempt + 1,
+            worker=worker,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            started_at=func.coalesce(Job.started_at, now),
+        )
+    )
+    if result.rowcount != 1:
+        return None
+    attempt = session.scalar(select(Job.attempt).where(Job.id == job_id))
+    add_event(session, job_id=job_id, message=f"Fine-tuning job started (attempt {attempt})")
+    return Claim(job_id, attempt)
+
+
+def renew_lease(session: Session, *, claim: Claim, lease_seconds: int) -> None:
+    """Heartbeat and cancel check in one statement; raises RunAborted when the run must stop."""
+    renewed = session.execute(
+        update(Job)
+        .where(*_owned(claim), Job.cancel_requested.is_(False))
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+    ).rowcount
+    if renewed != 1:
+        still_ours = session.scalar(select(Job.id).where(*_owned(claim)))
+        raise RunAborted("cancelled" if still_ours else "lease_lost")
+
+
+def _owned(claim: Claim) -> tuple:
+    return (Job.id == claim.job_id, Job.attempt == claim.attempt, Job.status == "running")
+
+
+def record_checkpoint(
+    session: Session,
+    *,
+    claim: Claim,
+    step: int,
+    metrics: dict[str, Any],
+    storage_key: str,
+    sha256: str,
+) -> Checkpoint:
+    job = session.get_one(Job, claim.job_id)
+    name = registry.checkpoint_name(fine_tuned_model_name(session, job), step)
+    checkpoint = session.scalar(
+        select(Checkpoint).where(Checkpoint.fine_tuned_model_checkpoint == name)
+    )
+    if checkpoint is None:  # a resumed attempt may write the same step again
+        checkpoint = Checkpoint(
+            id=new_id("ftckpt"),
+            job_id=job.id,
+            organization_id=job.organization_id,
+            step_number=step,
+            fine_tuned_model_checkpoint=name,
+        )
+        session.add(checkpoint)
+    checkpoint.metrics, checkpoint.storage_key, checkpoint.sha256 = metrics, storage_key, sha256
+    session.flush()
+    add_event(session, job_id=job.id, message=f"Checkpoint created at step {step}")
+    return checkpoint
+
+
+def fine_tuned_model_name(session: Session, job: Job) -> str:
+    org = session.get_one(Organization, job.organization_id)
+    return registry.adapter_name(
+        base_model=job.model, organization=org.name, suffix=job.suffix, job_id=job.id
+    )
+
+
+def complete_job(
+    session: Session,
+    *,
+    claim: Claim,
+    storage_key: str,
+    sha256: str,
+    size_bytes: int,
+    trained_tokens: int,
+) -> str:
+    """Register the adapter and mark the job succeeded in the caller's one transaction."""
+    job = session.get_one(Job, claim.job_id)
+    name = fine_tuned_model_name(session, job)
+    done = session.execute(
+        update(Job)
+        .where(*_owned(claim), Job.cancel_requested.is_(False))
+        .values(
+            status="succeeded",
+            fine_tuned_model=name,
+            trained_tokens=trained_tokens,
+            finished_at=utcnow(),
+            lease_expires_at=None,
+        )
+    ).rowcount
+    if done != 1:
+        raise RunAborted(
+            "cancelled" if session.scalar(select(Job.id).where(*_owned(claim))) else "lease_lost"
+        )
+    registry.register_adapter(
+        session,
+        adapter_id=name,
+        organization_id=job.organization_id,
+        base_model=job.model,
+        job_id=job.id,
+        storage_key=storage_key,
+        sha256=sha256,
+        size_bytes=size_bytes,
+        lora_config=job.hyperparameters,
+    )
+    add_event(session, job_id=job.id, message=f"New fine-tuned model created: {name}")
+    add_event(session, job_id=job.id, message="The job has successfully completed")
+    return name
+
+
+def end_run(
+    session: Session, *, claim: Claim, status: str, error: dict[str, Any] | None = None
+) -> bool:
+    """Move an owned run to `failed` or `cancelled`; False when it is no longer ours."""
+    ended = session.execute(
+        update(Job)
+        .where(*_owned(claim))
+        .values(status=status, error=error, finished_at=utcnow(), lease_expires_at=None)
+    ).rowcount
+    if ended:
+        if status == "cancelled":
+            add_event(session, job_id=claim.job_id, message="Fine-tuning job cancelled")
+        else:
+            add_event(
+                session,
+                job_id=claim.job_id,
+                level="error",
+                message=f"Fine-tuning job failed: {error and error.get('message')}",
+            )
+    return bool(ended)
+
+
+def sweep(session: Session, *, requeue_after_seconds: int, max_attempts: int) -> list[str]:
+    """Recover from lost messages and dead workers; returns the job ids to enqueue again."""
+    now = utcnow()
+    expired = list(
+        session.scalars(
+            select(Job).where(Job.status == "running", Job.lease_expires_at < now).with_for_update()
+        )
+    )
+    to_enqueue: list[str] = []
+    for job in expired:
+        if job.cancel_requested:
+            job.status, job.finished_at = "cancelled", now
+            add_event(session, job_id=job.id, message="Fine-tuning job cancelled")
+        elif job.attempt >= max_attempts:
+            job.status, job.finished_at = "failed", now
+            job.error = {
+                "code": "worker_lost",
+                "param": None,
+                "message": f"the worker running this job stopped {job.attempt} times; giving up",
+            }
+            add_event(session, job_id=job.id, level="error", message=job.error["message"])
+        else:
+            job.status, job.enqueued_at = "queued", now
+            add_event(
+                session,
+                job_id=job.id,
+                level="warn",
+                message="The worker stopped responding; the job was re-queued",
+            )
+            to_enqueue.append(job.id)
+    stale = now - timedelta(seconds=requeue_after_seconds)
+    for job in session.scalars(
+        select(Job).where(
+            Job.status == "queued", or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale)
+        )
+    ):
+        job.enqueued_at = now
+        to_enqueue.append(job.id)
+    session.flush()
+    return to_enqueue

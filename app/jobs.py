@@ -1,0 +1,185 @@
+"""Fine-tuning jobs, the API side: create, read, list, cancel, events, checkpoints.
+
+The worker side (claim, lease, completion) is in `app/job_runs.py`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app import hyperparameters
+from app.db.base import utcnow
+from app.db.models import Checkpoint, File, Job, JobEvent, Organization
+from app.errors import InvalidRequest, InvalidState, NotFound
+from app.files import get_file
+from app.ids import new_id
+from app.schemas.jobs import JobCreate
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+@dataclass
+class Page:
+    rows: list
+    has_more: bool
+
+
+def create_job(
+    session: Session, *, organization: Organization, request: JobCreate, base_models: dict[str, str]
+) -> Job:
+    """Validate the request against the allowlist and the caller's files; insert `queued`."""
+    if request.model not in base_models:
+        allowed = ", ".join(sorted(base_models)) or "none configured"
+        raise InvalidRequest(
+            f"model {request.model!r} is not an allowed base model (allowed: {allowed})",
+            param="model",
+            code="model_not_available",
+        )
+    training = _fine_tune_file(session, organization, request.training_file, "training_file")
+    if request.validation_file is not None:
+        _fine_tune_file(session, organization, request.validation_file, "validation_file")
+    resolved = hyperparameters.resolve(
+        request.requested_hyperparameters(), n_examples=training.examples
+    )
+    job = Job(
+        id=new_id("ftjob"),
+        organization_id=organization.id,
+        model=request.model,
+        training_file=request.training_file,
+        validation_file=request.validation_file,
+        hyperparameters=resolved,
+        suffix=request.suffix,
+        seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
+        metadata_=request.metadata,
+        status="queued",
+        result_files=[],
+        enqueued_at=utcnow(),  # the sweep re-sends if the message never arrives
+    )
+    session.add(job)
+    session.flush()
+    add_event(session, job_id=job.id, message=f"Created fine-tuning job: {job.id}")
+    return job
+
+
+def _fine_tune_file(session: Session, organization: Organization, file_id: str, param: str) -> File:
+    try:
+        row = get_file(session, organization=organization, file_id=file_id)
+    except NotFound:
+        raise InvalidRequest(
+            f"file {file_id!r} does not exist", param=param, code="file_not_found"
+        ) from None
+    if row.purpose != "fine-tune":
+        raise InvalidRequest(f"file {file_id!r} is not a fine-tune file", param=param)
+    return row
+
+
+def get_job(session: Session, *, organization: Organization, job_id: str) -> Job:
+    job = session.scalar(
+        select(Job).where(Job.id == job_id, Job.organization_id == organization.id)
+    )
+    if job is None:
+        raise NotFound(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
+    return job
+
+
+def list_jobs(
+    session: Session, *, organization: Organization, after: str | None, limit: int
+) -> Page:
+    """Newest first; `after` is the id of the last job of the previous page."""
+    query = select(Job).where(Job.organization_id == organization.id)
+    if after is not None:
+        cursor = get_job(session, organization=organization, job_id=after)
+        query = query.where(
+            (Job.created_at < cursor.created_at)
+            | ((Job.created_at == cursor.created_at) & (Job.id < cursor.id))
+        )
+    rows = list(
+        session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1))
+    )
+    return Page(rows=rows[:limit], has_more=len(rows) > limit)
+
+
+def cancel_job(session: Session, *, organization: Organization, job_id: str) -> Job:
+    """A queued job is cancelled at once; a running one is flagged and stops at its next step.
+
+    Idempotent: cancelling a cancelled (or cancelling) job returns it unchanged.
+    """
+    job = get_job(session, organization=organization, job_id=job_id)
+    if job.status == "cancelled" or (job.status == "running" and job.cancel_requested):
+        return job
+    if job.status in TERMINAL:
+        raise InvalidState(f"job {job_id} has already {job.status}; it cannot be cancelled")
+    session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status.in_(["queued", "running"]))
+        .values(cancel_requested=True)
+    )
+    cancelled_now = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == "queued")
+        .values(status="cancelled", finished_at=utcnow())
+    ).rowcount
+    if cancelled_now:
+        add_event(session, job_id=job.id, message="Fine-tuning job cancelled")
+    else:
+        add_event(
+            session, job_id=job.id, message="Cancellation requested; stopping at the next step"
+        )
+    session.refresh(job)
+    return job
+
+
+def add_event(
+    session: Session,
+    *,
+    job_id: str,
+    message: str,
+    level: str = "info",
+    type: str = "message",
+    data: dict | None = None,
+) -> None:
+    session.add(JobEvent(job_id=job_id, message=message, level=level, type=type, data=data))
+    session.flush()
+
+
+def list_events(
+    session: Session, *, organization: Organization, job_id: str, after: str | None, limit: int
+) -> Page:
+    """Newest first, like OpenAI; `after` is an event id (`ftevent-N`)."""
+    job = get_job(session, organization=organization, job_id=job_id)
+    query = select(JobEvent).where(JobEvent.job_id == job.id)
+    if after is not None:
+        query = query.where(JobEvent.seq < _event_seq(after))
+    rows = list(session.scalars(query.order_by(JobEvent.seq.desc()).limit(limit + 1)))
+    return Page(rows=rows[:limit], has_more=len(rows) > limit)
+
+
+def event_id(event: JobEvent) -> str:
+    return f"ftevent-{event.seq}"
+
+
+def _event_seq(event_id_: str) -> int:
+    prefix, _, number = event_id_.partition("ftevent-")
+    if prefix or not number.isdigit():
+        raise InvalidRequest(
+            f"after must be an event id like 'ftevent-12'; got {event_id_!r}", param="after"
+        )
+    return int(number)
+
+
+def list_checkpoints(
+    session: Session, *, organization: Organization, job_id: str, after: str | None, limit: int
+) -> Page:
+    job = get_job(session, organization=organization, job_id=job_id)
+    query = select(Checkpoint).where(Checkpoint.job_id == job.id)
+    if after is not None:
+        cursor = session.scalar(query.where(Checkpoint.id == after))
+        if cursor is None:
+            raise NotFound(f"No such checkpoint: {after}", param="after")
+        query = query.where(Checkpoint.step_number < cursor.step_number)
+    rows = list(session.scalars(query.order_by(Checkpoint.step_number.desc()).limit(limit + 1)))
+    return Page(rows=rows[:limit], has_more=len(rows) > limit)

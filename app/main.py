@@ -1,0 +1,43 @@
+"""create_app(): the FastAPI application."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy import text
+
+from app.api.errors import install_error_handlers
+from app.api.limits import UploadSizeLimit
+from app.api.routes import files, inference, jobs, models
+from app.config import Settings, get_settings
+from app.db.session import session_scope
+from app.sweeper import start_sweeper
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        stop = start_sweeper(settings) if settings.sweep_interval_seconds > 0 else None
+        yield
+        if stop is not None:
+            stop.set()
+
+    app = FastAPI(title="loraforge", version="0.1.0", lifespan=lifespan)
+    app.state.engine = None
+    install_error_handlers(app)
+    app.add_middleware(UploadSizeLimit, max_bytes=settings.max_upload_bytes)
+    for module in (files, jobs, models, inference):
+        app.include_router(module.router)
+
+    @app.get("/health", tags=["health"])
+    def health() -> dict[str, str]:
+        with session_scope(settings.sqlalchemy_url) as session:
+            session.execute(text("SELECT 1"))
+        return {"status": "ok"}
+
+    return app

@@ -1,0 +1,81 @@
+"""Rendering chat messages to text, the one way training and inference both use.
+
+The tokenizer's own chat template is used when it has one. When it has none, the
+documented fallback is `DEFAULT_CHAT_TEMPLATE`, a ChatML-like format:
+`<|role|>content<|end|>` per message, and `<|assistant|>` as the generation prompt.
+The assistant turn ends with the tokenizer's EOS token when the template does not
+emit one itself, so a trained adapter learns where to stop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of rendered text and whether the loss is computed on its tokens."""
+
+    text: str
+    trainable: bool
+
+
+def ensure_chat_template(tokenizer: Any) -> None:
+    """Give a tokenizer without a chat template the documented fallback."""
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+    """The text a model continues to answer `messages` as the assistant."""
+    ensure_chat_template(tokenizer)
+    return tokenizer.apply_chat_template(
+        _plain(messages), tokenize=False, add_generation_prompt=True
+    )
+
+
+def render_segments(tokenizer: Any, messages: list[dict[str, Any]]) -> list[Segment]:
+    """Split a rendered conversation into segments; assistant replies are trainable.
+
+    Each assistant message i is the text between the render of messages[:i] with a
+    generation prompt and the render of messages[:i+1]. Messages with `weight: 0`
+    (OpenAI's per-message flag) are rendered but not trained on.
+    """
+    ensure_chat_template(tokenizer)
+    segments: list[Segment] = []
+    done = ""
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render_prompt(tokenizer, messages[:index])
+        full = _render(tokenizer, messages[: index + 1])
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise ValueError("the chat template does not render conversations prefix by prefix")
+        reply = full[len(prompt) :]
+        eos = tokenizer.eos_token or ""
+        if eos and eos not in reply:  # e.g. ChatML emits "<|im_end|>\n" itself
+            reply += eos
+        segments.append(Segment(prompt[len(done) :], trainable=False))
+        segments.append(Segment(reply, trainable=bool(message.get("weight", 1))))
+        done = full  # position in the rendered text (an appended EOS is not part of it)
+    tail = _render(tokenizer, messages)[len(done) :] if done else _render(tokenizer, messages)
+    if tail:
+        segments.append(Segment(tail, trainable=False))
+    return segments
+
+
+def _render(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+    return tokenizer.apply_chat_template(_plain(messages), tokenize=False)
+
+
+def _plain(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Drop training-only keys (weight) the template should not see."""
+    return [{"role": m["role"], "content": m.get("content") or ""} for m in messages]

@@ -1,0 +1,71 @@
+"""The Celery client and its settings, shared by the API (sender) and the worker.
+
+The API sends by task name and never imports `worker` (DESIGN §2). The database is
+the source of truth; a message is only a wake-up call carrying a job id.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from typing import Any
+
+from celery import Celery
+
+from app.config import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+TRAIN_TASK = "loraforge.train"
+TRAIN_QUEUE = "training"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "broker_url": settings.celery_broker_url,
+        "task_ignore_result": True,
+        # Long GPU jobs: ack after the run, redeliver if the worker dies, one at a time.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": TRAIN_QUEUE,
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+    }
+    if settings.broker_url is None:
+        folder = settings.broker_dir / "messages"
+        folder.mkdir(parents=True, exist_ok=True)
+        (settings.broker_dir / "processed").mkdir(parents=True, exist_ok=True)
+        config["broker_transport_options"] = {
+            "data_folder_in": str(folder),
+            "data_folder_out": str(folder),
+            "processed_folder": str(settings.broker_dir / "processed"),
+            "control_folder": str(settings.broker_dir / "control"),
+            "store_processed": False,
+        }
+    else:
+        # Redelivery after visibility_timeout is harmless (the claim fences it); keep it
+        # above a typical job so duplicates stay rare.
+        config["broker_transport_options"] = {"visibility_timeout": 6 * 3600}
+    return config
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("loraforge")
+    app.conf.update(celery_config(settings))
+    return app
+
+
+@lru_cache
+def _client() -> Celery:
+    return make_celery(get_settings())
+
+
+def enqueue_training(job_id: str) -> bool:
+    """Send the wake-up message; False if the broker is unreachable (the sweep retries)."""
+    try:
+        _client().send_task(TRAIN_TASK, args=[job_id], queue=TRAIN_QUEUE, retry=False)
+    except Exception:  # broker down: the job row is committed, the sweep will re-send
+        logger.warning("could not enqueue job %s; the sweep will retry", job_id, exc_info=True)
+        return False
+    return True

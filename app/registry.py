@@ -1,0 +1,120 @@
+"""The adapter registry: naming, registering, listing, resolving a model name, deleting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.db.models import Adapter, Checkpoint, Organization
+from app.errors import NotFound
+from app.storage import ArtifactStore
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    """What an inference request runs: a base model, optionally with one adapter."""
+
+    base_model: str
+    adapter_id: str | None = None
+    storage_key: str | None = None
+    sha256: str | None = None
+
+
+def adapter_name(*, base_model: str, organization: str, suffix: str | None, job_id: str) -> str:
+    return f"ft:{base_model}:{organization}:{suffix or ''}:{job_id}"
+
+
+def checkpoint_name(adapter: str, step: int) -> str:
+    return f"{adapter}:ckpt-step-{step}"
+
+
+def register_adapter(
+    session: Session,
+    *,
+    adapter_id: str,
+    organization_id: str,
+    base_model: str,
+    job_id: str,
+    storage_key: str,
+    sha256: str,
+    size_bytes: int,
+    lora_config: dict[str, Any],
+) -> Adapter:
+    adapter = Adapter(
+        id=adapter_id,
+        organization_id=organization_id,
+        base_model=base_model,
+        job_id=job_id,
+        storage_key=storage_key,
+        sha256=sha256,
+        size_bytes=size_bytes,
+        lora_config=lora_config,
+        status="active",
+    )
+    session.add(adapter)
+    session.flush()
+    return adapter
+
+
+def list_adapters(session: Session, *, organization: Organization) -> list[Adapter]:
+    query = select(Adapter).where(
+        Adapter.organization_id == organization.id, Adapter.status == "active"
+    )
+    return list(session.scalars(query.order_by(Adapter.created_at.desc())))
+
+
+def get_adapter(session: Session, *, organization: Organization, model_id: str) -> Adapter:
+    adapter = session.scalar(
+        select(Adapter).where(
+            Adapter.id == model_id,
+            Adapter.organization_id == organization.id,
+            Adapter.status == "active",
+        )
+    )
+    if adapter is None:
+        raise NotFound(
+            f"The model '{model_id}' does not exist", param="model", code="model_not_found"
+        )
+    return adapter
+
+
+def get_checkpoint(session: Session, *, organization: Organization, model_id: str) -> Checkpoint:
+    checkpoint = session.scalar(
+        select(Checkpoint).where(
+            Checkpoint.fine_tuned_model_checkpoint == model_id,
+            Checkpoint.organization_id == organization.id,
+        )
+    )
+    if checkpoint is None:
+        raise NotFound(
+            f"The model '{model_id}' does not exist", param="model", code="model_not_found"
+        )
+    return checkpoint
+
+
+def resolve_model(
+    session: Session, *, organization: Organization, model_id: str, base_models: dict[str, str]
+) -> ModelTarget:
+    """Map a request's `model` to a base model and, for ft: ids, the adapter files."""
+    if model_id in base_models:
+        return ModelTarget(base_model=model_id)
+    if ":ckpt-step-" in model_id:
+        ckpt = get_checkpoint(session, organization=organization, model_id=model_id)
+        adapter_base = model_id.split(":")[1]
+        return ModelTarget(adapter_base, model_id, ckpt.storage_key, ckpt.sha256)
+    adapter = get_adapter(session, organization=organization, model_id=model_id)
+    return ModelTarget(adapter.base_model, adapter.id, adapter.storage_key, adapter.sha256)
+
+
+def delete_adapter(
+    session: Session, *, organization: Organization, model_id: str, store: ArtifactStore
+) -> Adapter:
+    """Mark the adapter deleted (it can no longer be called) and remove its files."""
+    adapter = get_adapter(session, organization=organization, model_id=model_id)
+    adapter.status = "deleted"
+    session.flush()
+    store.delete(adapter.storage_key)
+    return adapter

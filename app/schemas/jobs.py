@@ -1,0 +1,127 @@
+"""Fine-tuning job requests and responses, OpenAI-compatible plus LoRA knobs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from app.schemas.common import Strict
+
+Auto = Literal["auto"]
+Suffix = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,40}$")]
+ModuleName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]{1,100}$")]
+
+
+class Hyperparameters(Strict):
+    """User-facing hyperparameters. "auto" is resolved from the dataset at job creation."""
+
+    n_epochs: Auto | Annotated[int, Field(ge=1, le=50)] = "auto"
+    batch_size: Auto | Annotated[int, Field(ge=1, le=256)] = "auto"
+    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100)] = "auto"
+    learning_rate: Annotated[float, Field(gt=0, le=1)] | None = None
+    lora_r: Annotated[int, Field(ge=1, le=256)] = 8
+    lora_alpha: Annotated[int, Field(ge=1, le=1024)] | None = None
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    lora_target_modules: (
+        Literal["all-linear"] | Annotated[list[ModuleName], Field(min_length=1, max_length=64)]
+    ) = "all-linear"
+    max_seq_length: Annotated[int, Field(ge=16, le=65536)] = 1024
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+
+    @model_validator(mode="after")
+    def _one_learning_rate(self) -> Hyperparameters:
+        if self.learning_rate is not None and self.learning_rate_multiplier != "auto":
+            raise ValueError("give learning_rate or learning_rate_multiplier, not both")
+        return self
+
+
+class SupervisedMethod(Strict):
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(Strict):
+    type: Literal["supervised"] = "supervised"
+    supervised: SupervisedMethod | None = None
+
+
+class JobCreate(Strict):
+    model: Annotated[str, Field(min_length=1, max_length=255)]
+    training_file: Annotated[str, Field(min_length=1, max_length=64)]
+    validation_file: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    suffix: Suffix | None = None
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    metadata: (
+        Annotated[
+            dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+            Field(max_length=16),
+        ]
+        | None
+    ) = None
+
+    @model_validator(mode="after")
+    def _one_place_for_hyperparameters(self) -> JobCreate:
+        nested = self.method and self.method.supervised and self.method.supervised.hyperparameters
+        if nested and self.hyperparameters is not None:
+            raise ValueError(
+                "give hyperparameters either at the top level or under "
+                "method.supervised.hyperparameters, not both"
+            )
+        return self
+
+    def requested_hyperparameters(self) -> Hyperparameters:
+        nested = self.method and self.method.supervised and self.method.supervised.hyperparameters
+        return nested or self.hyperparameters or Hyperparameters()
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobRead(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    model: str
+    created_at: int
+    finished_at: int | None
+    fine_tuned_model: str | None
+    organization_id: str
+    result_files: list[str]
+    status: str
+    training_file: str
+    validation_file: str | None
+    hyperparameters: dict[str, Any]
+    method: dict[str, Any]
+    trained_tokens: int | None
+    error: JobError | None
+    seed: int
+    suffix: str | None
+    metadata: dict[str, str] | None
+    estimated_finish: int | None = None
+    integrations: list[Any] = []
+
+
+class EventRead(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: str
+    message: str
+    type: str
+    data: dict[str, Any] | None
+
+
+class CheckpointRead(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: dict[str, Any]

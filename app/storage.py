@@ -1,0 +1,79 @@
+"""Artifact store on local disk (a shared volume in docker compose).
+
+Keys are relative paths built from server-made ids. Every write goes to a temp path
+under the root and is renamed into place, so readers never see half a file or half
+an adapter directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from app.config import get_settings
+
+
+class ArtifactStore:
+    def __init__(self, root: Path):
+        self.root = root.resolve()
+        (self.root / "tmp").mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        """The absolute path of `key`, refusing anything that escapes the root."""
+        path = (self.root / key).resolve()
+        if path == self.root or self.root not in path.parents:
+            raise ValueError(f"storage key escapes the store: {key!r}")
+        return path
+
+    @contextmanager
+    def temp_dir(self) -> Iterator[Path]:
+        """A scratch directory on the same filesystem, so publishing is a rename."""
+        path = Path(tempfile.mkdtemp(dir=self.root / "tmp"))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def publish_file(self, src: Path, key: str) -> Path:
+        dest = self.path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dest)
+        return dest
+
+    def publish_dir(self, src: Path, key: str) -> Path:
+        """Copy `src` next to its destination, fsync, then rename it into place."""
+        dest = self.path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".staging-"))
+        shutil.copytree(src, staging, dirs_exist_ok=True)
+        for item in staging.iterdir():
+            with open(item, "rb") as handle:
+                os.fsync(handle.fileno())
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(staging, dest)
+        return dest
+
+    def delete(self, key: str) -> None:
+        path = self.path(key)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def get_store() -> ArtifactStore:
+    return ArtifactStore(get_settings().artifacts_dir)

@@ -1,0 +1,67 @@
+"""Organizations and API keys. Keys are random secrets stored only as sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.db.base import utcnow
+from app.db.models import ApiKey, Organization
+from app.errors import InvalidRequest, Unauthorized
+from app.ids import new_id, new_secret
+
+ORG_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def get_or_create_organization(session: Session, *, name: str) -> Organization:
+    if not ORG_NAME.match(name):
+        raise InvalidRequest(
+            "organization names are 1-40 lowercase letters, digits or '-', starting with a "
+            f"letter or digit; got {name!r}",
+            param="org",
+        )
+    org = session.scalar(select(Organization).where(Organization.name == name))
+    if org is None:
+        org = Organization(id=new_id("org"), name=name)
+        session.add(org)
+        session.flush()
+    return org
+
+
+def create_api_key(session: Session, *, organization: Organization) -> str:
+    """Store a new key's hash; the plaintext is returned once and never stored."""
+    secret = new_secret()
+    session.add(
+        ApiKey(
+            id=new_id("key"),
+            organization_id=organization.id,
+            key_hash=hash_key(secret),
+            prefix=secret[:8],
+        )
+    )
+    session.flush()
+    return secret
+
+
+def authenticate(session: Session, *, secret: str) -> Organization:
+    key = session.scalar(
+        select(ApiKey).where(ApiKey.key_hash == hash_key(secret), ApiKey.revoked_at.is_(None))
+    )
+    if key is None:
+        raise Unauthorized("Incorrect API key provided.")
+    return session.get_one(Organization, key.organization_id)
+
+
+def revoke_api_key(session: Session, *, organization: Organization, key_id: str) -> None:
+    key = session.scalar(
+        select(ApiKey).where(ApiKey.id == key_id, ApiKey.organization_id == organization.id)
+    )
+    if key is not None and key.revoked_at is None:
+        key.revoked_at = utcnow()

@@ -1,0 +1,47 @@
+"""An in-process API (TestClient) over a migrated SQLite database, with a recording queue."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app import queue, tenancy
+from app.config import get_settings
+from app.db.session import session_scope
+from app.main import create_app
+
+
+@pytest.fixture
+def enqueued(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    sent: list[str] = []
+    monkeypatch.setattr(queue, "enqueue_training", lambda job_id: sent.append(job_id) or True)
+    return sent
+
+
+@pytest.fixture
+def app(settings, enqueued):  # type: ignore[no-untyped-def]  # noqa: ARG001 (no broker in API tests)
+    application = create_app(settings)
+    application.dependency_overrides[get_settings] = lambda: settings
+    return application
+
+
+def api_key(settings, org: str) -> str:  # type: ignore[no-untyped-def]
+    with session_scope(settings.sqlalchemy_url) as session:
+        organization = tenancy.get_or_create_organization(session, name=org)
+        return tenancy.create_api_key(session, organization=organization)
+
+
+@pytest.fixture
+def client(app, settings) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
+    with TestClient(app) as test_client:
+        test_client.headers["Authorization"] = f"Bearer {api_key(settings, 'acme')}"
+        yield test_client
+
+
+@pytest.fixture
+def other_client(app, settings) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
+    with TestClient(app) as test_client:
+        test_client.headers["Authorization"] = f"Bearer {api_key(settings, 'globex')}"
+        yield test_client

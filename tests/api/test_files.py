@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import json
+
+from sqlalchemy import func, select
+
+from app.db.models import File
+from app.db.session import session_scope
+from tests.conftest import chat_rows
+
+
+def jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def upload(client, content: bytes, name: str = "train.jsonl", purpose: str = "fine-tune"):  # type: ignore[no-untyped-def]
+    return client.post("/v1/files", files={"file": (name, content)}, data={"purpose": purpose})
+
+
+def stored_nothing(settings) -> bool:  # type: ignore[no-untyped-def]
+    with session_scope(settings.sqlalchemy_url) as session:
+        rows = session.scalar(select(func.count()).select_from(File))
+    datasets = settings.artifacts_dir / "datasets"
+    leftovers = list((settings.artifacts_dir / "tmp").iterdir())
+    return rows == 0 and not (datasets.exists() and any(datasets.iterdir())) and not leftovers
+
+
+def test_upload_list_retrieve_content_delete(client):  # type: ignore[no-untyped-def]
+    content = jsonl(chat_rows(3))
+    created = upload(client, content)
+    assert created.status_code == 200, created.text
+    body = created.json()
+    assert body["object"] == "file" and body["id"].startswith("file-")
+    assert body["bytes"] == len(content) and body["filename"] == "train.jsonl"
+    assert body["purpose"] == "fine-tune" and body["status"] == "processed"
+    assert [f["id"] for f in client.get("/v1/files").json()["data"]] == [body["id"]]
+    assert client.get(f"/v1/files/{body['id']}").json() == body
+    assert client.get(f"/v1/files/{body['id']}/content").content == content
+    deleted = client.delete(f"/v1/files/{body['id']}")
+    assert deleted.json() == {"id": body["id"], "object": "file", "deleted": True}
+    assert client.get(f"/v1/files/{body['id']}").status_code == 404
+
+
+def test_invalid_line_is_refused_naming_it_and_nothing_is_stored(client, settings):  # type: ignore[no-untyped-def]
+    content = jsonl(chat_rows(2)) + b'{"messages": [{"role": "user", "content": "hi"}]}\n'
+    response = upload(client, content)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["message"].startswith("line 3:") and "assistant" in error["message"]
+    assert error["type"] == "invalid_request_error" and error["param"] == "file"
+    assert stored_nothing(settings)
+
+
+def test_not_json_is_refused(client, settings):  # type: ignore[no-untyped-def]
+    response = upload(client, jsonl(chat_rows(1)) + b"{not json\n")
+    assert response.status_code == 400 and "line 2" in response.json()["error"]["message"]
+    assert stored_nothing(settings)
+
+
+def test_wrong_purpose_and_extension(client, settings):  # type: ignore[no-untyped-def]
+    bad_purpose = upload(client, jsonl(chat_rows(1)), purpose="assistants")
+    assert bad_purpose.status_code == 400 and bad_purpose.json()["error"]["param"] == "purpose"
+    bad_name = upload(client, jsonl(chat_rows(1)), name="train.csv")
+    assert bad_name.status_code == 400 and bad_name.json()["error"]["param"] == "file"
+    assert stored_nothing(settings)
+
+
+def test_upload_over_the_cap_is_413_and_nothing_is_stored(client, settings):  # type: ignore[no-untyped-def]
+    settings.max_upload_bytes = 200
+    response = upload(client, jsonl(chat_rows(20)))
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "file_too_large"
+    assert stored_nothing(settings)
+
+
+def test_missing_purpose_names_the_field(client):  # type: ignore[no-untyped-def]
+    response = client.post("/v1/files", files={"file": ("t.jsonl", jsonl(chat_rows(1)))})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "purpose"

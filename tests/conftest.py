@@ -1,0 +1,93 @@
+"""Shared fixtures: a tiny local base model, migrated databases, an API client per org."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PG_ADMIN_URL = os.environ.get(
+    "LORAFORGE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("LORAFORGE_TEST_REDIS", "redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from app.ml.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def make_settings(data_dir: Path, model_dir: Path, **overrides):  # type: ignore[no-untyped-def]
+    from app.config import Settings
+
+    values = {
+        "data_dir": data_dir,
+        "base_models": {"tiny": str(model_dir)},
+        "sweep_interval_seconds": 0,
+        "metrics_every_steps": 1,
+        "device": "cpu",
+    }
+    return Settings(**(values | overrides))
+
+
+@pytest.fixture
+def settings(tmp_path: Path, tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    from app import migrate
+
+    settings = make_settings(tmp_path / "data", tiny_model_dir)
+    migrate.upgrade(settings)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def pg_admin() -> str:
+    import psycopg
+
+    try:
+        psycopg.connect(PG_ADMIN_URL, connect_timeout=5).close()
+    except psycopg.OperationalError as exc:  # fail, never skip: these tests exist to run on PG
+        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}")
+    return PG_ADMIN_URL
+
+
+@pytest.fixture
+def pg_database_url(pg_admin: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    import psycopg
+
+    name = f"loraforge_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = pg_admin.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    url = f"{base}/{name}"
+    yield url
+    from app.db.session import get_engine
+
+    get_engine(url).dispose()
+    with psycopg.connect(pg_admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def chat_rows(n: int = 12) -> list[dict]:
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"code for item {i}?"},
+                {"role": "assistant", "content": f"K{i}-Q"},
+            ]
+        }
+        for i in range(n)
+    ]

@@ -1,0 +1,114 @@
+"""Start the real stack as a user would: the `loraforge` CLI in child processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+
+@dataclass
+class Stack:
+    base_url: str
+    env: dict[str, str]
+    logs: Path
+
+    def key(self, org: str) -> str:
+        return cli(self.env, "keys", "create", "--org", org).strip()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cli(env: dict[str, str], *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def stack_env(data_dir: Path, model_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFORGE_")}
+    return (
+        env
+        | {
+            "LORAFORGE_DATA_DIR": str(data_dir),
+            "LORAFORGE_BASE_MODELS": f"tiny={model_dir}",
+            "LORAFORGE_METRICS_EVERY_STEPS": "1",
+            "LORAFORGE_DEVICE": "cpu",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        | extra
+    )
+
+
+@contextmanager
+def running(
+    commands: list[list[str]], env: dict[str, str], logs: Path, port: int
+) -> Iterator[Stack]:
+    """Run `loraforge` subcommands as children; stop them with SIGTERM (as Ctrl-C would)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    children = []
+    for index, command in enumerate(commands):
+        log = open(logs / f"{index}-{command[0]}.log", "w")
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "app.cli", *command],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(base_url, children, logs)
+        yield Stack(base_url=base_url, env=env, logs=logs)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+
+
+def _wait_healthy(base_url: str, children: list[subprocess.Popen], logs: Path) -> None:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if any(child.poll() is not None for child in children):
+            raise RuntimeError("a stack process exited early:\n" + tail_logs(logs))
+        try:
+            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the API did not become healthy:\n" + tail_logs(logs))
+
+
+def tail_logs(logs: Path, lines: int = 40) -> str:
+    return "\n".join(
+        f"--- {log.name}\n" + "\n".join(log.read_text().splitlines()[-lines:])
+        for log in sorted(logs.glob("*.log"))
+    )

@@ -1,0 +1,203 @@
+"""run_job against a real database and the tiny model: the worker half of the data path."""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from app import files, job_runs, jobs, tenancy
+from app.db.base import utcnow
+from app.db.models import Adapter, Checkpoint, File, Job, JobEvent
+from app.db.session import session_scope
+from app.ml.adapters import ADAPTER_WEIGHTS, file_sha256
+from app.schemas.jobs import JobCreate
+from app.storage import ArtifactStore
+from tests.conftest import chat_rows, make_settings
+from worker import run_job as run_job_module
+from worker.run_job import run_job
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def backend(request, tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]
+    from app import migrate
+
+    overrides = {}
+    if request.param == "postgres":
+        overrides["database_url"] = request.getfixturevalue("pg_database_url")
+    settings = make_settings(tmp_path / "data", tiny_model_dir, **overrides)
+    migrate.upgrade(settings)
+    return settings
+
+
+def submit(settings, *, rows=None, org="acme", **hyperparameters) -> str:  # type: ignore[no-untyped-def]
+    store = ArtifactStore(settings.artifacts_dir)
+    content = "".join(json.dumps(row) + "\n" for row in rows or chat_rows(6)).encode()
+    hp = {"n_epochs": 2, "batch_size": 3, "learning_rate": 1e-3} | hyperparameters
+    with session_scope(settings.sqlalchemy_url) as session:
+        organization = tenancy.get_or_create_organization(session, name=org)
+        row = files.create_file(
+            session,
+            organization=organization,
+            upload=io.BytesIO(content),
+            filename="t.jsonl",
+            purpose="fine-tune",
+            store=store,
+            max_bytes=10**6,
+            max_lines=1000,
+        )
+        request = JobCreate(
+            model="tiny", training_file=row.id, suffix="demo", seed=3, hyperparameters=hp
+        )
+        job = jobs.create_job(
+            session, organization=organization, request=request, base_models=settings.base_models
+        )
+        return job.id
+
+
+def load(settings, model, **where):  # type: ignore[no-untyped-def]
+    with session_scope(settings.sqlalchemy_url) as session:
+        return list(session.scalars(select(model).filter_by(**where)))
+
+
+def test_a_job_trains_publishes_and_registers(backend):  # type: ignore[no-untyped-def]
+    job_id = submit(backend)
+    assert run_job(job_id, settings=backend) == "succeeded"
+    [job] = load(backend, Job, id=job_id)
+    assert job.status == "succeeded" and job.finished_at is not None and job.error is None
+    assert job.fine_tuned_model == f"ft:tiny:acme:demo:{job_id}" and job.trained_tokens > 0
+    [adapter] = load(backend, Adapter, job_id=job_id)
+    store = ArtifactStore(backend.artifacts_dir)
+    folder = store.path(adapter.storage_key)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    assert adapter.sha256 == file_sha256(folder / ADAPTER_WEIGHTS) and adapter.status == "active"
+    assert adapter.lora_config == job.hyperparameters and adapter.size_bytes > 0
+    checkpoints = sorted(load(backend, Checkpoint, job_id=job_id), key=lambda c: c.step_number)
+    assert [c.step_number for c in checkpoints] == [2, 4]  # one per epoch, 6 examples / batch 3
+    for checkpoint in checkpoints:
+        assert (
+            checkpoint.fine_tuned_model_checkpoint
+            == f"{job.fine_tuned_model}:ckpt-step-{checkpoint.step_number}"
+        )
+        assert checkpoint.sha256 == file_sha256(
+            store.path(checkpoint.storage_key) / ADAPTER_WEIGHTS
+        )
+        assert checkpoint.metrics["train_loss"] > 0
+    metrics = [e.data for e in load(backend, JobEvent, job_id=job_id) if e.type == "metrics"]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and all(
+        m["train_loss"] > 0 for m in metrics
+    )
+    assert not any((backend.artifacts_dir / "tmp").iterdir())
+
+
+def test_a_duplicate_delivery_does_nothing(backend):  # type: ignore[no-untyped-def]
+    job_id = submit(backend)
+    assert run_job(job_id, settings=backend) == "succeeded"
+    events_before = len(load(backend, JobEvent, job_id=job_id))
+    assert run_job(job_id, settings=backend) == "skipped"
+    assert len(load(backend, JobEvent, job_id=job_id)) == events_before
+    assert len(load(backend, Adapter, job_id=job_id)) == 1
+
+
+def test_cancel_during_training_publishes_nothing(settings, monkeypatch):  # type: ignore[no-untyped-def]
+    job_id = submit(settings, n_epochs=3)
+    real_on_step = run_job_module.Progress.on_step
+
+    def cancel_at_step_two(self, report):  # type: ignore[no-untyped-def]
+        if report.step == 2:
+            with session_scope(settings.sqlalchemy_url) as session:
+                organization = tenancy.get_or_create_organization(session, name="acme")
+                assert (
+                    jobs.cancel_job(session, organization=organization, job_id=job_id).status
+                    == "running"
+                )
+        real_on_step(self, report)
+
+    monkeypatch.setattr(run_job_module.Progress, "on_step", cancel_at_step_two)
+    assert run_job(job_id, settings=settings) == "cancelled"
+    [job] = load(settings, Job, id=job_id)
+    assert job.status == "cancelled" and job.fine_tuned_model is None
+    assert load(settings, Adapter, job_id=job_id) == []
+    assert not (settings.artifacts_dir / "adapters" / job_id).exists()
+    steps = [e.data["step"] for e in load(settings, JobEvent, job_id=job_id) if e.type == "metrics"]
+    assert steps == [1]  # the step-2 check saw the flag: no later step ran
+
+
+def test_a_deleted_training_file_fails_the_job_with_an_actionable_error(settings):  # type: ignore[no-untyped-def]
+    job_id = submit(settings)
+    with session_scope(settings.sqlalchemy_url) as session:
+        session.delete(session.scalar(select(File)))
+    assert run_job(job_id, settings=settings) == "failed"
+    [job] = load(settings, Job, id=job_id)
+    assert job.status == "failed" and job.error["code"] == "file_not_found"
+    assert job.error["param"] == "training_file" and "deleted" in job.error["message"]
+
+
+def test_a_base_model_removed_from_the_allowlist_fails_the_job(settings):  # type: ignore[no-untyped-def]
+    job_id = submit(settings)
+    assert run_job(job_id, settings=settings.model_copy(update={"base_models": {}})) == "failed"
+    [job] = load(settings, Job, id=job_id)
+    assert job.error["code"] == "model_not_available" and job.error["param"] == "model"
+
+
+def test_a_live_lease_fences_out_a_second_worker_and_an_expired_one_is_taken_over(settings):  # type: ignore[no-untyped-def]
+    job_id = submit(settings)
+    with session_scope(settings.sqlalchemy_url) as session:
+        stale = job_runs.claim_job(
+            session, job_id=job_id, worker="w1", lease_seconds=60, max_attempts=3
+        )
+    assert stale.attempt == 1
+    assert run_job(job_id, settings=settings) == "skipped"
+    with session_scope(settings.sqlalchemy_url) as session:
+        session.get(Job, job_id).lease_expires_at = utcnow() - timedelta(seconds=1)
+    assert run_job(job_id, settings=settings) == "succeeded"
+    [job] = load(settings, Job, id=job_id)
+    assert job.attempt == 2
+    with (
+        session_scope(settings.sqlalchemy_url) as session,
+        pytest.raises(job_runs.RunAborted) as aborted,
+    ):
+        job_runs.renew_lease(session, claim=stale, lease_seconds=60)
+    assert aborted.value.reason == "lease_lost"
+    with session_scope(settings.sqlalchemy_url) as session, pytest.raises(job_runs.RunAborted):
+        job_runs.complete_job(
+            session, claim=stale, storage_key="x", sha256="0" * 64, size_bytes=1, trained_tokens=1
+        )
+    assert len(load(settings, Adapter, job_id=job_id)) == 1
+
+
+def test_the_sweep_requeues_lost_messages_and_dead_workers(settings):  # type: ignore[no-untyped-def]
+    queued, dead, cancelled, exhausted = (submit(settings) for _ in range(4))
+    past = utcnow() - timedelta(hours=1)
+    with session_scope(settings.sqlalchemy_url) as session:
+        session.get(Job, queued).enqueued_at = past
+        for job_id in (dead, cancelled, exhausted):
+            job = session.get(Job, job_id)
+            job.status, job.lease_expires_at, job.attempt, job.enqueued_at = (
+                "running",
+                past,
+                1,
+                utcnow(),
+            )
+        session.get(Job, cancelled).cancel_requested = True
+        session.get(Job, exhausted).attempt = 3
+    with session_scope(settings.sqlalchemy_url) as session:
+        requeued = job_runs.sweep(session, requeue_after_seconds=60, max_attempts=3)
+    assert sorted(requeued) == sorted([queued, dead])
+    status = {job.id: (job.status, job.error and job.error["code"]) for job in load(settings, Job)}
+    assert status[dead] == ("queued", None) and status[queued] == ("queued", None)
+    assert status[cancelled] == ("cancelled", None) and status[exhausted] == (
+        "failed",
+        "worker_lost",
+    )
+    with session_scope(settings.sqlalchemy_url) as session:
+        assert job_runs.sweep(session, requeue_after_seconds=60, max_attempts=3) == []
+    assert run_job(dead, settings=settings) == "succeeded"

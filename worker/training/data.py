@@ -1,0 +1,93 @@
+"""Dataset records → token ids and loss masks. Pure: no DB, no Celery.
+
+Three record shapes are supported, one per JSONL line:
+
+- chat: `{"messages": [...]}` — rendered with `render_segments`; loss only on assistant
+  replies (and not on those with `weight: 0`). Each segment is tokenized with
+  `add_special_tokens=False`, exactly as inference tokenizes `render_prompt`.
+- completion: `{"prompt": ..., "completion": ...}` — the prompt is tokenized with the
+  tokenizer's default special tokens (BOS if it adds one) and masked; the completion
+  plus EOS is trained on. Inference tokenizes completion prompts as `tokenizer(prompt)`.
+- text: `{"text": ...}` — default special tokens, plus EOS; every token is trained on.
+
+Sequences are truncated to `max_seq_length` (the tail is dropped).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.errors import InvalidFile
+from app.ml.chat import render_segments
+
+IGNORE_INDEX = -100  # label value for tokens without loss (PyTorch's cross_entropy default)
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where no loss is computed
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Parse a JSONL file into records; blank lines are skipped, errors name the line."""
+    records: list[dict] = []
+    with Path(path).open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InvalidFile(f"invalid JSON: {error.msg}", line=number) from error
+            if not isinstance(record, dict):
+                raise InvalidFile("each line must be a JSON object", line=number)
+            records.append(record)
+    return records
+
+
+def encode_record(tokenizer: Any, record: dict, *, max_seq_length: int) -> Example:
+    """Token ids and labels for one record (see the module docstring for the rules)."""
+    if "messages" in record:
+        input_ids, labels = _encode_chat(tokenizer, record["messages"])
+    elif "prompt" in record and "completion" in record:
+        input_ids, labels = _encode_completion(tokenizer, record["prompt"], record["completion"])
+    elif "text" in record:
+        input_ids = _ids(tokenizer, record["text"], special=True) + _eos(tokenizer)
+        labels = list(input_ids)
+    else:
+        raise InvalidFile("a record needs 'messages', 'prompt' and 'completion', or 'text'")
+    return Example(input_ids=input_ids[:max_seq_length], labels=labels[:max_seq_length])
+
+
+def encode_dataset(tokenizer: Any, records: list[dict], *, max_seq_length: int) -> list[Example]:
+    """Encode every record, in order (one Example per record)."""
+    return [encode_record(tokenizer, r, max_seq_length=max_seq_length) for r in records]
+
+
+def _encode_chat(tokenizer: Any, messages: list[dict]) -> tuple[list[int], list[int]]:
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for segment in render_segments(tokenizer, messages):
+        ids = _ids(tokenizer, segment.text, special=False)
+        input_ids += ids
+        labels += ids if segment.trainable else [IGNORE_INDEX] * len(ids)
+    return input_ids, labels
+
+
+def _encode_completion(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    prompt_ids = _ids(tokenizer, prompt, special=True)
+    completion_ids = _ids(tokenizer, completion, special=False) + _eos(tokenizer)
+    labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+    return prompt_ids + completion_ids, labels
+
+
+def _ids(tokenizer: Any, text: str, *, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _eos(tokenizer: Any) -> list[int]:
+    return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
