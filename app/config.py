@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     metrics_every_steps: int = 10
     lease_seconds: int = 120
     sweep_interval_seconds: int = 30
-    requeue_after_seconds: int = 60
+    requeue_after_seconds: int = 300
     max_attempts: int = 3
 
     @field_validator("base_models", mode="before")

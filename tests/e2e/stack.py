@@ -79,7 +79,7 @@ def running(
         )
     base_url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(base_url, children, logs)
+        wait_healthy(base_url, children, logs)
         yield Stack(base_url=base_url, env=env, logs=logs)
     finally:
         for child in children:
@@ -93,7 +93,7 @@ def running(
                 child.wait()
 
 
-def _wait_healthy(base_url: str, children: list[subprocess.Popen], logs: Path) -> None:
+def wait_healthy(base_url: str, children: list[subprocess.Popen], logs: Path) -> None:
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if any(child.poll() is not None for child in children):
