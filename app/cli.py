@@ -63,6 +63,36 @@ def keys_create(
     typer.echo(secret)
 
 
+@keys_cli.command("list")
+def keys_list(
+    org: Annotated[str | None, typer.Option(help="Only this organization's keys.")] = None,
+) -> None:
+    """List keys: id, organization, prefix, created, revoked (never a secret)."""
+    from app import tenancy
+    from app.db.session import session_scope
+
+    with session_scope() as session:
+        for key, name in tenancy.list_api_keys(session, organization=org):
+            revoked = key.revoked_at.isoformat() if key.revoked_at else "-"
+            typer.echo(f"{key.id}\t{name}\t{key.prefix}…\t{key.created_at.isoformat()}\t{revoked}")
+
+
+@keys_cli.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke the key KEY_ID (from `keys list`); it is refused from then on."""
+    from app import tenancy
+    from app.db.session import session_scope
+    from app.errors import NotFound
+
+    try:
+        with session_scope() as session:
+            tenancy.revoke_key(session, key_id=key_id)
+    except NotFound as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"revoked {key_id}")
+
+
 @cli.command()
 def api(host: Host = "127.0.0.1", port: Port = 8000) -> None:
     """Run the HTTP API (uvicorn)."""

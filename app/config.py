@@ -7,6 +7,7 @@ a Celery filesystem broker under the data dir, artifacts on local disk. Point
 
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -27,12 +28,26 @@ class Settings(BaseSettings):
     max_lines_per_file: int = 1_000_000
     device: str = "auto"
     max_loaded_adapters: int = 8
+    # Adapter ids ("ft:…,ft:…") loaded when the API starts and never evicted (pinned).
+    preload_adapters: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_batch_size: int = 16  # sequences per base model in one forward pass
     inference_enabled: bool = True
     metrics_every_steps: int = 10
     lease_seconds: int = 120
     sweep_interval_seconds: int = 30
     requeue_after_seconds: int = 300
     max_attempts: int = 3
+    checkpoint_retention: int = 3  # newest checkpoints kept per job (0 keeps all); issue 4
+    # Redis redelivers an unacked message after this long even while its worker still runs it;
+    # harmless (the claim fences it). Tests lower it to force duplicate deliveries.
+    broker_visibility_timeout: int = 6 * 3600
+    # Security and limits (issue 5). 0 disables a limit.
+    # Guards /v1/admin. Replaced by its sha256 as soon as it is read (see _hash_admin_key).
+    admin_key: str | None = None
+    max_line_bytes: int = 1024 * 1024  # one JSONL example
+    rate_limit_per_second: float = 100.0  # per organization, token bucket
+    rate_limit_burst: int = 500
+    max_active_jobs: int = 16  # queued + running per organization
 
     @field_validator("base_models", mode="before")
     @classmethod
@@ -47,6 +62,23 @@ class Settings(BaseSettings):
                 raise ValueError(f"LORAFORGE_BASE_MODELS entry {pair!r} is not name=path-or-hub-id")
             parsed[name.strip()] = ref.strip()
         return parsed
+
+    @field_validator("preload_adapters", mode="before")
+    @classmethod
+    def _parse_preload_adapters(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("admin_key", mode="after")
+    @classmethod
+    def _hash_admin_key(cls, value: str | None) -> str | None:
+        # Keep only the hash in memory; requests are compared hash to hash in constant time.
+        return hashlib.sha256(value.encode()).hexdigest() if value else None
+
+    @property
+    def admin_key_sha256(self) -> str | None:
+        return self.admin_key
 
     @property
     def sqlalchemy_url(self) -> str:

@@ -21,21 +21,28 @@ Rules on the bytes:
 
 * UTF-8 only. A UTF-8 byte-order mark at the start is refused (remove it); UTF-16 is refused.
 * Lines may end in ``\\r\\n`` (Windows): the ``\\r`` is JSON whitespace and is accepted.
+  This is deliberate: the JSON Lines format (jsonlines.org) allows it, since white space
+  around a JSON value is ignored, and refusing it would only make Windows users re-save
+  valid data; the bytes are stored as uploaded and the trainer parses them the same way.
+  A bare ``\\r`` as the line separator (classic Mac) is not a line break, so such a file
+  is one long line and is refused at line 1.
 * A blank line between examples is an error; blank lines at the very end are tolerated,
   and the last line need not end in a newline.
 * JSON extensions Python would accept (``NaN``, ``Infinity``) and duplicate keys are refused,
   as are strings that cannot be encoded as UTF-8 (lone ``\\udXXX`` surrogate escapes).
 
-The whole upload is size-capped by the API; there is no per-line cap here.
+The whole upload is size-capped by the API while it streams; each line is capped here
+(``max_line_bytes``, default 1 MiB), so one huge line is refused without being held whole.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from app.errors import InvalidFile
 
@@ -48,6 +55,7 @@ _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _BLANK = b" \t\r\n"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _SHOWN_CHARS = 40
+MAX_LINE_BYTES = 1024 * 1024  # default cap on one example (LORAFORGE_MAX_LINE_BYTES)
 
 
 @dataclass(frozen=True)
@@ -60,14 +68,17 @@ class _JsonRefused(ValueError):
     """Valid to Python's json module, but not something we take (NaN, duplicate keys)."""
 
 
-def validate_jsonl_file(path: Path, *, max_lines: int) -> DatasetSummary:
+def validate_jsonl_file(
+    path: Path, *, max_lines: int, max_line_bytes: int = MAX_LINE_BYTES
+) -> DatasetSummary:
     """Check every line of `path`; raise `InvalidFile` naming the first bad line (1-based).
 
-    At most `max_lines` examples are allowed. Reads in binary, one line at a time.
+    At most `max_lines` examples of at most `max_line_bytes` bytes each. Reads in binary,
+    one line at a time, never more than `max_line_bytes` + 1 bytes of a line.
     """
     examples, first_format, pending_blank = 0, "", None
     with Path(path).open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, raw in enumerate(_lines(f, max_line_bytes), start=1):
             if lineno == 1:
                 _check_file_start(raw)
             if not raw.strip(_BLANK):
@@ -92,6 +103,19 @@ def validate_jsonl_file(path: Path, *, max_lines: int) -> DatasetSummary:
     if examples == 0:
         raise InvalidFile("the file contains no examples")
     return DatasetSummary(examples=examples, format=first_format)
+
+
+def _lines(f: BinaryIO, max_line_bytes: int) -> Iterator[bytes]:
+    """The file's lines, refusing one longer than `max_line_bytes` before reading it all."""
+    lineno = 0
+    while raw := f.readline(max_line_bytes + 1):
+        lineno += 1
+        if len(raw.rstrip(b"\r\n")) > max_line_bytes:
+            raise InvalidFile(
+                f"line is longer than {max_line_bytes} bytes; split or shorten the example",
+                line=lineno,
+            )
+        yield raw
 
 
 def _check_file_start(raw: bytes) -> None:

@@ -69,3 +69,25 @@ class IntegrityFailure(LoraforgeError):
     """Stored bytes no longer match their recorded sha256; they are never served (500)."""
 
     code = "integrity_error"
+
+
+class Forbidden(LoraforgeError):
+    """A valid caller asking for something outside its scope, e.g. a tenant key on admin (403)."""
+
+    code = "forbidden"
+
+
+class RateLimited(LoraforgeError):
+    """Too many requests or too many running jobs for one organization (429, Retry-After)."""
+
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int, param: str | None = None):
+        super().__init__(message, param=param)
+        self.retry_after = max(1, retry_after)
+
+
+class IdempotencyKeyReused(InvalidRequest):
+    """An Idempotency-Key replayed with a different request body (422, as Stripe does)."""
+
+    code = "idempotency_key_reused"

@@ -9,7 +9,7 @@ from typing import BinaryIO
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.dataset_format import validate_jsonl_file
+from app.dataset_format import MAX_LINE_BYTES, validate_jsonl_file
 from app.db.models import File, Organization
 from app.errors import InvalidRequest, NotFound, PayloadTooLarge
 from app.ids import new_id
@@ -29,36 +29,80 @@ def create_file(
     store: ArtifactStore,
     max_bytes: int,
     max_lines: int,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> File:
-    """Spool the upload (refusing past `max_bytes`), validate it, then store it.
-
-    Nothing is kept when any step fails: the spool lives in a temp dir that is
-    always removed, and the row is flushed only after validation passed.
-    """
-    if purpose not in PURPOSES:
-        raise InvalidRequest(f"purpose must be 'fine-tune'; got {purpose!r}", param="purpose")
-    if not filename.lower().endswith(".jsonl"):
-        raise InvalidRequest("fine-tuning files must be .jsonl", param="file")
+    """Spool the upload (refusing past `max_bytes`), validate it, then store it."""
+    check_upload(filename=filename, purpose=purpose)
     with store.temp_dir() as tmp:
         spool = tmp / "upload.jsonl"
         size, sha256 = _spool(upload, spool, max_bytes=max_bytes)
-        summary = validate_jsonl_file(spool, max_lines=max_lines)
-        file_id = new_id("file")
-        row = File(
-            id=file_id,
-            organization_id=organization.id,
-            filename=Path(filename).name[:255],
-            purpose=purpose,
-            bytes=size,
+        return store_spooled_file(
+            session,
+            organization=organization,
+            spool=spool,
+            size=size,
             sha256=sha256,
-            storage_key=f"datasets/{file_id}.jsonl",
-            examples=summary.examples,
-            format=summary.format,
+            filename=filename,
+            purpose=purpose,
+            store=store,
+            max_lines=max_lines,
+            max_line_bytes=max_line_bytes,
         )
-        session.add(row)
-        session.flush()
-        store.publish_file(spool, row.storage_key)
+
+
+def check_upload(*, filename: str, purpose: str | None) -> None:
+    if purpose is None:
+        raise InvalidRequest("Missing required parameter: purpose", param="purpose")
+    if purpose not in PURPOSES:
+        raise InvalidRequest(f"purpose must be 'fine-tune'; got {purpose[:64]!r}", param="purpose")
+    if not filename.lower().endswith(".jsonl"):
+        raise InvalidRequest("fine-tuning files must be .jsonl", param="file")
+
+
+def store_spooled_file(
+    session: Session,
+    *,
+    organization: Organization,
+    spool: Path,
+    size: int,
+    sha256: str,
+    filename: str,
+    purpose: str,
+    store: ArtifactStore,
+    max_lines: int,
+    max_line_bytes: int = MAX_LINE_BYTES,
+) -> File:
+    """Validate a spooled upload, add its row and move it into the store.
+
+    Nothing is kept when any step fails: the caller's spool lives in a temp dir that is
+    always removed, and the row is flushed only after validation passed. The user's
+    file name is a label only: the stored path is built from the server-made id.
+    """
+    check_upload(filename=filename, purpose=purpose)
+    summary = validate_jsonl_file(spool, max_lines=max_lines, max_line_bytes=max_line_bytes)
+    file_id = new_id("file")
+    row = File(
+        id=file_id,
+        organization_id=organization.id,
+        filename=display_name(filename),
+        purpose=purpose,
+        bytes=size,
+        sha256=sha256,
+        storage_key=f"datasets/{file_id}.jsonl",
+        examples=summary.examples,
+        format=summary.format,
+    )
+    session.add(row)
+    session.flush()
+    store.publish_file(spool, row.storage_key)
     return row
+
+
+def display_name(filename: str) -> str:
+    """The label shown back to the user: last path component, no control characters."""
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if ch.isprintable())
+    return name[:255] or "upload.jsonl"
 
 
 def _spool(upload: BinaryIO, dest: Path, *, max_bytes: int) -> tuple[int, str]:
@@ -96,3 +140,36 @@ def delete_file(
     session.delete(row)
     session.flush()
     store.delete(row.storage_key)
+
+
+def create_result_file(
+    session: Session,
+    *,
+    organization_id: str,
+    content: bytes,
+    filename: str,
+    store: ArtifactStore,
+) -> File:
+    """Store a job's result file (purpose `fine-tune-results`, e.g. its metrics CSV).
+
+    The caller's transaction owns the row; when it rolls back, the caller deletes
+    `row.storage_key` from the store.
+    """
+    file_id = new_id("file")
+    row = File(
+        id=file_id,
+        organization_id=organization_id,
+        filename=filename,
+        purpose="fine-tune-results",
+        bytes=len(content),
+        sha256=hashlib.sha256(content).hexdigest(),
+        storage_key=f"results/{file_id}.csv",
+        examples=0,
+        format="csv",
+    )
+    with store.temp_dir() as tmp:
+        (tmp / "result").write_bytes(content)
+        store.publish_file(tmp / "result", row.storage_key)
+    session.add(row)
+    session.flush()
+    return row

@@ -1,25 +1,38 @@
-"""Resolving "auto" hyperparameters from the dataset size.
+"""Resolving "auto" hyperparameters from the dataset size, and checking them against the model.
 
 The resolved values are stored on the job (and shown by the API) and copied into
 the adapter's registry row, so a result always says exactly how it was trained.
+Torch-free: the API process validates `lora_target_modules` by reading the base
+model's safetensors headers (plain JSON), never by loading the model.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import struct
+from pathlib import Path
 from typing import Any
 
+from app.errors import InvalidRequest
 from app.schemas.jobs import Hyperparameters
 
 BASE_LEARNING_RATE = 2e-4  # a common LoRA default (PEFT / Axolotl examples)
+# Keys a continued job takes from the adapter it continues: the LoRA shape must match.
+LORA_SHAPE_KEYS = ("lora_r", "lora_alpha", "lora_target_modules", "use_rslora", "use_dora")
 
 
-def resolve(requested: Hyperparameters, *, n_examples: int) -> dict[str, Any]:
+def resolve(
+    requested: Hyperparameters, *, n_examples: int, seed: int, dataset_format: str | None = None
+) -> dict[str, Any]:
     """Concrete values for every knob; "auto" replaced by a size-based choice.
 
     n_epochs: about 100 passes over the examples in total, between 3 and 10 epochs.
     batch_size: a tenth of the dataset, between 1 and 8.
     learning_rate: BASE_LEARNING_RATE * multiplier unless given directly.
+    train_on_inputs: loss on everything for `text` files, on assistant / completion
+    tokens otherwise. packing: on; the worker turns it off (with a warning event) for a
+    model that does not isolate packed examples, where packing would not be exact.
     """
     n_epochs = requested.n_epochs
     if n_epochs == "auto":
@@ -37,17 +50,74 @@ def resolve(requested: Hyperparameters, *, n_examples: int) -> dict[str, Any]:
             else requested.learning_rate_multiplier
         )
         learning_rate = BASE_LEARNING_RATE * multiplier
-    return {
+    return requested.model_dump() | {
         "n_epochs": n_epochs,
         "batch_size": batch_size,
         "learning_rate_multiplier": multiplier,
         "learning_rate": learning_rate,
-        "lora_r": requested.lora_r,
         "lora_alpha": requested.lora_alpha or 2 * requested.lora_r,
-        "lora_dropout": requested.lora_dropout,
-        "lora_target_modules": requested.lora_target_modules,
-        "max_seq_length": requested.max_seq_length,
-        "warmup_ratio": requested.warmup_ratio,
-        "weight_decay": requested.weight_decay,
-        "lr_scheduler": requested.lr_scheduler,
+        "train_on_inputs": (
+            dataset_format == "text"
+            if requested.train_on_inputs == "auto"
+            else requested.train_on_inputs
+        ),
+        "packing": True if requested.packing == "auto" else requested.packing,
+        "seed": seed,
     }
+
+
+def continue_from(resolved: dict[str, Any], parent_lora_config: dict[str, Any]) -> dict[str, Any]:
+    """A continued job keeps the LoRA shape of the adapter it starts from."""
+    shape = {key: parent_lora_config[key] for key in LORA_SHAPE_KEYS if key in parent_lora_config}
+    return resolved | shape
+
+
+def check_target_modules(model_ref: str, target_modules: str | list[str]) -> None:
+    """Refuse module names the base model does not have (InvalidRequest naming the param).
+
+    Only a local directory with safetensors weights can be checked here; a hub id is
+    checked by the worker when the job starts (the job then fails naming the param).
+    """
+    if target_modules == "all-linear":
+        return
+    names = linear_module_names(Path(model_ref))
+    if names is None:
+        return
+    unknown = [m for m in target_modules if not any(_matches(n, m) for n in names)]
+    if unknown:
+        sample = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names})[:12])
+        raise InvalidRequest(
+            f"lora_target_modules {unknown} are not linear modules of the base model "
+            f"(it has: {sample})",
+            param="hyperparameters.lora_target_modules",
+            code="invalid_lora_target_modules",
+        )
+
+
+def linear_module_names(model_dir: Path) -> set[str] | None:
+    """Names of modules with a 2-D `.weight` (linear layers, embeddings); None if unknown."""
+    if not model_dir.is_dir():
+        return None
+    names: set[str] = set()
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        return None
+    for path in files:
+        for key, info in _safetensors_header(path).items():
+            if key.endswith(".weight") and len(info.get("shape", ())) == 2:
+                names.add(key[: -len(".weight")])
+    return names
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file: an 8-byte little-endian length, then JSON."""
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
+def _matches(module_name: str, target: str) -> bool:
+    """PEFT's rule: the full name, or its last dotted components, equal the target."""
+    return module_name == target or module_name.endswith("." + target)

@@ -7,6 +7,10 @@ lease was taken over changes nothing (DESIGN §4).
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -17,8 +21,11 @@ from sqlalchemy.orm import Session
 from app import registry
 from app.db.base import utcnow
 from app.db.models import Checkpoint, Job, Organization
+from app.db.session import session_scope
 from app.ids import new_id
 from app.jobs import add_event
+
+logger = logging.getLogger(__name__)
 
 
 class RunAborted(Exception):
@@ -76,6 +83,35 @@ def renew_lease(session: Session, *, claim: Claim, lease_seconds: int) -> None:
         raise RunAborted("cancelled" if still_ours else "lease_lost")
 
 
+@contextmanager
+def keep_lease(url: str, *, claim: Claim, lease_seconds: int) -> Iterator[None]:
+    """Renew the lease from a thread every lease/3 seconds while the body runs.
+
+    Steps renew it too, but loading a base model, saving a checkpoint or publishing take
+    no step and can outlast a lease; without this the sweep would re-queue a healthy run.
+    The thread dies with the process, so a killed worker still loses its lease in time.
+    """
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(lease_seconds / 3):
+            try:
+                with session_scope(url) as session:
+                    renew_lease(session, claim=claim, lease_seconds=lease_seconds)
+            except RunAborted:
+                return  # cancelled or taken over: the run's next renewal raises and stops it
+            except Exception:  # a database blip: the next beat retries, the lease has slack
+                logger.warning("lease renewal of %s failed", claim.job_id, exc_info=True)
+
+    thread = threading.Thread(target=beat, name=f"lease-{claim.job_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _owned(claim: Claim) -> tuple:
     return (Job.id == claim.job_id, Job.attempt == claim.attempt, Job.status == "running")
 
@@ -88,7 +124,15 @@ def record_checkpoint(
     metrics: dict[str, Any],
     storage_key: str,
     sha256: str,
+    state_sha256: str | None = None,
 ) -> Checkpoint:
+    # Fenced like every worker write: a stale attempt (or a cancelled run) records nothing.
+    # The row lock keeps a takeover from slipping in before the insert (PostgreSQL).
+    cancel_requested = session.scalar(
+        select(Job.cancel_requested).where(*_owned(claim)).with_for_update()
+    )
+    if cancel_requested is None or cancel_requested:
+        raise RunAborted("cancelled" if cancel_requested else "lease_lost")
     job = session.get_one(Job, claim.job_id)
     name = registry.checkpoint_name(fine_tuned_model_name(session, job), step)
     checkpoint = session.scalar(
@@ -104,6 +148,7 @@ def record_checkpoint(
         )
         session.add(checkpoint)
     checkpoint.metrics, checkpoint.storage_key, checkpoint.sha256 = metrics, storage_key, sha256
+    checkpoint.state_sha256 = state_sha256  # manifest of the resume state (worker/training)
     session.flush()
     add_event(session, job_id=job.id, message=f"Checkpoint created at step {step}")
     return checkpoint
@@ -124,6 +169,7 @@ def complete_job(
     sha256: str,
     size_bytes: int,
     trained_tokens: int,
+    result_files: list[str] | None = None,
 ) -> str:
     """Register the adapter and mark the job succeeded in the caller's one transaction."""
     job = session.get_one(Job, claim.job_id)
@@ -135,6 +181,7 @@ def complete_job(
             status="succeeded",
             fine_tuned_model=name,
             trained_tokens=trained_tokens,
+            result_files=result_files or [],
             finished_at=utcnow(),
             lease_expires_at=None,
         )

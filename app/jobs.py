@@ -8,13 +8,13 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from app import hyperparameters
+from app import hyperparameters, registry
 from app.db.base import utcnow
-from app.db.models import Checkpoint, File, Job, JobEvent, Organization
-from app.errors import InvalidRequest, InvalidState, NotFound
+from app.db.models import Adapter, Checkpoint, File, Job, JobEvent, Organization
+from app.errors import InvalidRequest, InvalidState, NotFound, RateLimited
 from app.files import get_file
 from app.ids import new_id
 from app.schemas.jobs import JobCreate
@@ -31,29 +31,37 @@ class Page:
 def create_job(
     session: Session, *, organization: Organization, request: JobCreate, base_models: dict[str, str]
 ) -> Job:
-    """Validate the request against the allowlist and the caller's files; insert `queued`."""
-    if request.model not in base_models:
-        allowed = ", ".join(sorted(base_models)) or "none configured"
-        raise InvalidRequest(
-            f"model {request.model!r} is not an allowed base model (allowed: {allowed})",
-            param="model",
-            code="model_not_available",
-        )
+    """Validate the request against the allowlist and the caller's files; insert `queued`.
+
+    `model` may be an `ft:` adapter of the caller's: the job continues training it
+    (same base model and LoRA shape; `parent_model` records which adapter).
+    """
+    base_model, parent = _base_and_parent(session, organization, request.model, base_models)
     training = _fine_tune_file(session, organization, request.training_file, "training_file")
     if request.validation_file is not None:
         _fine_tune_file(session, organization, request.validation_file, "validation_file")
+    seed = request.requested_seed()
     resolved = hyperparameters.resolve(
-        request.requested_hyperparameters(), n_examples=training.examples
+        request.requested_hyperparameters(),
+        n_examples=training.examples,
+        seed=seed if seed is not None else secrets.randbelow(2**31),
+        dataset_format=training.format,
+    )
+    if parent is not None:
+        resolved = hyperparameters.continue_from(resolved, parent.lora_config)
+    hyperparameters.check_target_modules(
+        base_models[base_model], resolved["lora_target_modules"]
     )
     job = Job(
         id=new_id("ftjob"),
         organization_id=organization.id,
-        model=request.model,
+        model=base_model,
+        parent_model=parent.id if parent is not None else None,
         training_file=request.training_file,
         validation_file=request.validation_file,
         hyperparameters=resolved,
         suffix=request.suffix,
-        seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
+        seed=resolved["seed"],
         metadata_=request.metadata,
         status="queued",
         result_files=[],
@@ -63,6 +71,30 @@ def create_job(
     session.flush()
     add_event(session, job_id=job.id, message=f"Created fine-tuning job: {job.id}")
     return job
+
+
+def _base_and_parent(
+    session: Session, organization: Organization, model: str, base_models: dict[str, str]
+) -> tuple[str, Adapter | None]:
+    """The allowlisted base model to train, and the adapter to continue (for `ft:` ids)."""
+    if model.startswith("ft:") and ":ckpt-step-" not in model:
+        try:
+            parent = registry.get_adapter(session, organization=organization, model_id=model)
+        except NotFound:
+            raise InvalidRequest(
+                f"model {model!r} does not exist", param="model", code="model_not_found"
+            ) from None
+        if parent.base_model in base_models:
+            return parent.base_model, parent
+        model = parent.base_model
+    if model not in base_models:
+        allowed = ", ".join(sorted(base_models)) or "none configured"
+        raise InvalidRequest(
+            f"model {model!r} is not an allowed base model (allowed: {allowed})",
+            param="model",
+            code="model_not_available",
+        )
+    return model, None
 
 
 def _fine_tune_file(session: Session, organization: Organization, file_id: str, param: str) -> File:
@@ -183,3 +215,24 @@ def list_checkpoints(
         query = query.where(Checkpoint.step_number < cursor.step_number)
     rows = list(session.scalars(query.order_by(Checkpoint.step_number.desc()).limit(limit + 1)))
     return Page(rows=rows[:limit], has_more=len(rows) > limit)
+
+
+def check_active_quota(session: Session, *, organization: Organization, limit: int) -> None:
+    """Refuse a new job (429) while the organization has `limit` queued or running ones.
+
+    Other organizations are not counted. Two concurrent creates may both pass on
+    PostgreSQL (a soft quota); SQLite serialises writers, so there it is exact.
+    """
+    if limit <= 0:
+        return  # disabled
+    active = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.organization_id == organization.id, Job.status.in_(["queued", "running"]))
+    )
+    if active >= limit:
+        raise RateLimited(
+            f"this organization already has {active} queued or running jobs (the limit is "
+            f"{limit}); wait for one to finish or cancel one",
+            retry_after=60,
+        )

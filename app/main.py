@@ -8,9 +8,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from sqlalchemy import text
 
+from app.api.deps import StrictQuery, engine_for
 from app.api.errors import install_error_handlers
 from app.api.limits import UploadSizeLimit
-from app.api.routes import files, inference, jobs, models
+from app.api.rate_limit import TokenBuckets
+from app.api.responses import ERROR_RESPONSES
+from app.api.routes import admin, engine, files, inference, jobs, models
 from app.config import Settings, get_settings
 from app.db.session import session_scope
 from app.sweeper import start_sweeper
@@ -23,16 +26,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
         stop = start_sweeper(settings) if settings.sweep_interval_seconds > 0 else None
+        if settings.inference_enabled and settings.preload_adapters:
+            engine_for(app, settings)  # preloaded adapters are warm before the first request
         yield
         if stop is not None:
             stop.set()
+        if app.state.engine is not None:
+            app.state.engine.close()
 
     app = FastAPI(title="loraforge", version="0.1.0", lifespan=lifespan)
     app.state.engine = None
+    app.state.rate_limiter = TokenBuckets()
     install_error_handlers(app)
     app.add_middleware(UploadSizeLimit, max_bytes=settings.max_upload_bytes)
-    for module in (files, jobs, models, inference):
-        app.include_router(module.router)
+    for module in (files, jobs, models, inference, engine, admin):
+        # Every route declares the error envelope it may answer (schema conformance).
+        app.include_router(module.router, responses=ERROR_RESPONSES, dependencies=[StrictQuery])
 
     @app.get("/health", tags=["health"])
     def health() -> dict[str, str]:

@@ -45,8 +45,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         }
     else:
         # Redelivery after visibility_timeout is harmless (the claim fences it); keep it
-        # above a typical job so duplicates stay rare.
-        config["broker_transport_options"] = {"visibility_timeout": 6 * 3600}
+        # above a typical job so duplicates stay rare. Scan for overdue messages about three
+        # times per timeout (kombu's default scans every 100 s whatever the timeout).
+        timeout = settings.broker_visibility_timeout
+        config["broker_transport_options"] = {
+            "visibility_timeout": timeout,
+            "unacked_restore_interval": max(1, min(100, timeout // 3)),
+            "unacked_restore_throttle": 1,
+        }
     return config
 
 
@@ -69,3 +75,15 @@ def enqueue_training(job_id: str) -> bool:
         logger.warning("could not enqueue job %s; the sweep will retry", job_id, exc_info=True)
         return False
     return True
+
+
+def pending_messages() -> int | None:
+    """Messages waiting in the training queue; None when the broker cannot say (or is down)."""
+    if get_settings().broker_url is None:
+        return None  # the filesystem broker: no cheap count; the sweep re-sends as before
+    try:
+        with _client().connection_for_read() as connection:
+            return int(connection.default_channel.client.llen(TRAIN_QUEUE))
+    except Exception:
+        logger.warning("could not count the training queue", exc_info=True)
+        return None

@@ -95,6 +95,12 @@ def get_checkpoint(session: Session, *, organization: Organization, model_id: st
     return checkpoint
 
 
+def find_adapters(session: Session, *, model_ids: list[str]) -> list[Adapter]:
+    """Active adapters with these ids, in any organization (server-side preloading only)."""
+    query = select(Adapter).where(Adapter.id.in_(model_ids), Adapter.status == "active")
+    return list(session.scalars(query))
+
+
 def resolve_model(
     session: Session, *, organization: Organization, model_id: str, base_models: dict[str, str]
 ) -> ModelTarget:
@@ -118,3 +124,24 @@ def delete_adapter(
     session.flush()
     store.delete(adapter.storage_key)
     return adapter
+
+
+def prune_checkpoints(session: Session, *, job_id: str, keep: int) -> list[str]:
+    """Delete all but the newest `keep` checkpoints of a job (0 keeps all).
+
+    Returns the storage keys of the removed rows: the caller deletes those files after
+    its transaction commits, so a rollback never leaves a row without its files.
+    """
+    if keep <= 0:
+        return []
+    rows = list(
+        session.scalars(
+            select(Checkpoint)
+            .where(Checkpoint.job_id == job_id)
+            .order_by(Checkpoint.step_number.desc())
+        )
+    )
+    for row in rows[keep:]:
+        session.delete(row)
+    session.flush()
+    return [row.storage_key for row in rows[keep:]]

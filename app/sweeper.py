@@ -9,24 +9,79 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+
+from sqlalchemy import func, select
 
 from app import job_runs, queue
 from app.config import Settings
+from app.db.models import Checkpoint, Job
 from app.db.session import session_scope
+from app.storage import ArtifactStore
 
 logger = logging.getLogger(__name__)
 
 
 def sweep_once(settings: Settings) -> list[str]:
+    started = time.time()
     with session_scope(settings.sqlalchemy_url) as session:
         job_ids = job_runs.sweep(
             session,
             requeue_after_seconds=settings.requeue_after_seconds,
             max_attempts=settings.max_attempts,
         )
+    if job_ids:
+        remove_unrecorded_checkpoints(settings, job_ids, older_than=started)
+        if _enough_messages_waiting(settings):
+            return []
     for job_id in job_ids:
         queue.enqueue_training(job_id)
     return job_ids
+
+
+def _enough_messages_waiting(settings: Settings) -> bool:
+    """True when the broker already holds a message for every queued job.
+
+    A queued job waiting behind a long one is not lost; re-sending it every
+    `requeue_after_seconds` would pile up copies faster than a busy worker skips them.
+    Re-send only when messages may be missing (fewer than queued jobs, e.g. after Redis
+    lost them); the worker drains the queue in order, so a job whose copy is short gets one
+    as soon as the count drops below the queued jobs.
+    """
+    pending = queue.pending_messages()
+    if pending is None:
+        return False
+    with session_scope(settings.sqlalchemy_url) as session:
+        queued = session.scalar(select(func.count()).where(Job.status == "queued"))
+    return pending >= queued
+
+
+def remove_unrecorded_checkpoints(
+    settings: Settings, job_ids: list[str], *, older_than: float
+) -> list[str]:
+    """Delete what a dead attempt left in `checkpoints/<job>/`: half-copied staging dirs
+    and checkpoints it renamed into place but never recorded (no row: never resumed from).
+
+    The jobs are queued (no attempt owns them), and only entries older than the sweep
+    are touched, so a new attempt that claimed the job since then keeps its files.
+    """
+    store = ArtifactStore(settings.artifacts_dir)
+    with session_scope(settings.sqlalchemy_url) as session:
+        recorded = set(
+            session.scalars(select(Checkpoint.storage_key).where(Checkpoint.job_id.in_(job_ids)))
+        )
+    removed = []
+    for job_id in job_ids:
+        folder = store.path(f"checkpoints/{job_id}")
+        entries = list(folder.iterdir()) if folder.is_dir() else []
+        for entry in entries:
+            key = f"checkpoints/{job_id}/{entry.name}"
+            if key not in recorded and entry.stat().st_mtime < older_than:
+                store.delete(key)
+                removed.append(key)
+    if removed:
+        logger.info("removed leftovers of dead attempts: %s", removed)
+    return removed
 
 
 def start_sweeper(settings: Settings) -> threading.Event:

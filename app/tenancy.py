@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
 from app.db.models import ApiKey, Organization
-from app.errors import InvalidRequest, Unauthorized
+from app.errors import InvalidRequest, NotFound, Unauthorized
 from app.ids import new_id, new_secret
 
 ORG_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
@@ -37,17 +37,21 @@ def get_or_create_organization(session: Session, *, name: str) -> Organization:
 
 def create_api_key(session: Session, *, organization: Organization) -> str:
     """Store a new key's hash; the plaintext is returned once and never stored."""
+    return issue_api_key(session, organization=organization)[1]
+
+
+def issue_api_key(session: Session, *, organization: Organization) -> tuple[ApiKey, str]:
+    """The new key's row and its plaintext secret (returned once, never stored)."""
     secret = new_secret()
-    session.add(
-        ApiKey(
-            id=new_id("key"),
-            organization_id=organization.id,
-            key_hash=hash_key(secret),
-            prefix=secret[:8],
-        )
+    key = ApiKey(
+        id=new_id("key"),
+        organization_id=organization.id,
+        key_hash=hash_key(secret),
+        prefix=secret[:8],
     )
+    session.add(key)
     session.flush()
-    return secret
+    return key, secret
 
 
 def authenticate(session: Session, *, secret: str) -> Organization:
@@ -65,3 +69,29 @@ def revoke_api_key(session: Session, *, organization: Organization, key_id: str)
     )
     if key is not None and key.revoked_at is None:
         key.revoked_at = utcnow()
+
+
+def list_api_keys(session: Session, *, organization: str | None = None) -> list[tuple[ApiKey, str]]:
+    """Every key (revoked ones too) with its organization's name; never a secret."""
+    query = select(ApiKey, Organization.name).join(
+        Organization, Organization.id == ApiKey.organization_id
+    )
+    if organization is not None:
+        query = query.where(Organization.name == organization)
+    rows = session.execute(query.order_by(ApiKey.created_at, ApiKey.id))
+    return [(key, name) for key, name in rows]
+
+
+def organization_name(session: Session, key: ApiKey) -> str:
+    return session.get_one(Organization, key.organization_id).name
+
+
+def revoke_key(session: Session, *, key_id: str) -> ApiKey:
+    """Revoke any organization's key (admin and CLI); idempotent."""
+    key = session.get(ApiKey, key_id)
+    if key is None:
+        raise NotFound(f"No such API key: {key_id}", param="key_id")
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.flush()
+    return key

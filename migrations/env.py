@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy import Engine, create_engine, event
 
 from app.config import get_settings
 from app.db import models  # noqa: F401  (registers the tables)
@@ -24,8 +25,30 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+def _migration_engine() -> Engine:
+    """PostgreSQL: the app's engine. SQLite: one with foreign keys OFF while migrating.
+
+    Batch mode rebuilds a table (copy, drop, rename); with foreign keys ON, dropping a
+    table that other rows reference fails. SQLite ignores the pragma inside a
+    transaction, so it is set on connect, before Alembic begins one.
+    """
+    if not url.startswith("sqlite"):
+        return get_engine(url)
+    engine = create_engine(url)
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=OFF")
+        cursor.close()
+
+    return engine
+
+
 def run_migrations_online() -> None:
-    with get_engine(url).connect() as connection:
+    with _migration_engine().connect() as connection:
         context.configure(
             connection=connection,
             target_metadata=Base.metadata,

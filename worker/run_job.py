@@ -1,7 +1,9 @@
 """One fine-tuning job, top to bottom: claim → load → train → publish → register.
 
 The training itself is `worker.training.loop.train_lora`, a pure function; this
-module wires it to the database (progress, lease, cancel) and the artifact store.
+module wires it to the database (progress, lease, cancel: worker/progress.py) and the
+artifact store. A job claimed again after its worker died (attempt > 1) resumes from
+its newest checkpoint whose files match the sha256 recorded in the database.
 """
 
 from __future__ import annotations
@@ -11,18 +13,23 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from app import job_runs
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+
+from app import files, job_runs
 from app.config import Settings, get_settings
-from app.db.models import File, Job
+from app.db.models import Adapter, Checkpoint, File, Job
 from app.db.session import session_scope
 from app.job_runs import Claim, RunAborted
-from app.jobs import add_event
 from app.ml.adapters import ADAPTER_WEIGHTS, file_sha256
 from app.storage import ArtifactStore
+from worker.progress import Progress, metrics_csv
 
 logger = logging.getLogger(__name__)
 WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
+TARGET_MODULES_PARAM = "hyperparameters.lora_target_modules"
 
 
 class JobInputError(Exception):
@@ -35,15 +42,18 @@ class JobInputError(Exception):
 
 @dataclass
 class JobInputs:
+    organization_id: str
     base_model_ref: str
     training_path: Path
     validation_path: Path | None
     hyperparameters: dict
     seed: int
+    parent_adapter: Path | None  # a verified adapter to continue training
+    checkpoints: list[tuple[Path, str, int]]  # (dir, manifest sha256, step), newest first
 
 
 def run_job(job_id: str, *, settings: Settings | None = None) -> str:
-    """Returns what happened: succeeded, failed, cancelled, lease_lost or skipped."""
+    """What happened: succeeded, failed, cancelled, lease_lost, db_unavailable or skipped."""
     settings = settings or get_settings()
     store = ArtifactStore(settings.artifacts_dir)
     with session_scope(settings.sqlalchemy_url) as session:
@@ -58,7 +68,11 @@ def run_job(job_id: str, *, settings: Settings | None = None) -> str:
         logger.info("job %s is not claimable (done, running elsewhere or cancelled)", job_id)
         return "skipped"
     try:
-        _train_and_publish(claim, settings, store)
+        # Steps renew the lease; this covers the phases without steps (loading, saving).
+        with job_runs.keep_lease(
+            settings.sqlalchemy_url, claim=claim, lease_seconds=settings.lease_seconds
+        ):
+            _train_and_publish(claim, settings, store)
         return "succeeded"
     except RunAborted as aborted:
         if aborted.reason == "cancelled":
@@ -67,6 +81,9 @@ def run_job(job_id: str, *, settings: Settings | None = None) -> str:
     except JobInputError as exc:
         _end(settings, claim, "failed", exc.error)
         return "failed"
+    except OperationalError:  # the database went away: not the job's fault, so no `failed`
+        logger.warning("job %s lost its database; the sweep re-queues it", job_id, exc_info=True)
+        return "db_unavailable"  # the lease lapses; the sweep re-queues (max_attempts bounds it)
     except Exception as exc:  # the task boundary: record the failure for the user, then stop
         logger.exception("job %s failed", job_id)
         message = f"training failed: {type(exc).__name__}: {exc}"
@@ -83,14 +100,72 @@ def _end(settings: Settings, claim: Claim, status: str, error: dict | None = Non
 
 def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -> None:
     from app.ml.loading import load_base_model, load_tokenizer
-    from worker.training.data import encode_dataset, read_jsonl
-    from worker.training.loop import TrainConfig, count_steps, train_lora
+    from worker.training.loop import train_lora
 
     inputs = _read_inputs(claim, settings, store)
+    progress = Progress(claim, settings, store)
     tokenizer = load_tokenizer(inputs.base_model_ref)
     model = load_base_model(inputs.base_model_ref, device=settings.device)
+    config = _train_config(inputs, model, settings, progress)
+    train, valid = _encode(inputs, tokenizer, config, progress)
+    resume_from = _resume_point(inputs, progress)
+    with store.temp_dir() as out:
+        result = train_lora(
+            model=model,
+            tokenizer=tokenizer,
+            train_examples=train,
+            valid_examples=valid,
+            config=config,
+            out_dir=out,
+            on_step=progress.on_step,
+            on_checkpoint=progress.on_checkpoint,
+            init_adapter=inputs.parent_adapter if resume_from is None else None,
+            resume_from=resume_from,
+        )
+        key = f"adapters/{claim.job_id}"
+        published = store.publish_dir(out, key)
+    result_key = None
+    try:
+        with session_scope(settings.sqlalchemy_url) as session:
+            csv_row = files.create_result_file(
+                session,
+                organization_id=inputs.organization_id,
+                content=metrics_csv(result.history),
+                filename=f"{claim.job_id}-metrics.csv",
+                store=store,
+            )
+            result_key = csv_row.storage_key
+            job_runs.complete_job(
+                session,
+                claim=claim,
+                storage_key=key,
+                sha256=result.sha256,
+                size_bytes=(published / ADAPTER_WEIGHTS).stat().st_size,
+                trained_tokens=result.trained_tokens,
+                result_files=[csv_row.id],
+            )
+    except RunAborted:
+        store.delete(key)  # cancelled (or taken over) at the last moment: publish nothing
+        if result_key is not None:
+            store.delete(result_key)
+        raise
+
+
+def _train_config(inputs: JobInputs, model: Any, settings: Settings, progress: Progress) -> Any:
+    """The loop's config from the job's resolved hyperparameters, checked against the model."""
+    from worker.training.loop import TrainConfig
+    from worker.training.packing import packing_is_exact
+
     hp = inputs.hyperparameters
-    config = TrainConfig(
+    _check_target_modules(model, hp["lora_target_modules"])
+    packing = hp.get("packing", True) is True and packing_is_exact(model)
+    if hp.get("packing", True) is True and not packing:
+        progress.event(
+            "Packing is off: this model does not isolate packed examples, so packing "
+            "would not be exact; training one example per sequence",
+            level="warn",
+        )
+    return TrainConfig(
         n_epochs=hp["n_epochs"],
         batch_size=hp["batch_size"],
         learning_rate=hp["learning_rate"],
@@ -103,43 +178,89 @@ def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -
         warmup_ratio=hp["warmup_ratio"],
         weight_decay=hp["weight_decay"],
         lr_scheduler=hp["lr_scheduler"],
+        gradient_accumulation_steps=hp.get("gradient_accumulation_steps", 1),
+        use_rslora=hp.get("use_rslora", False),
+        use_dora=hp.get("use_dora", False),
+        gradient_checkpointing=hp.get("gradient_checkpointing", False),
+        packing=packing,
+        eval_every_steps=settings.metrics_every_steps,
     )
-    train = encode_dataset(
-        tokenizer, read_jsonl(inputs.training_path), max_seq_length=config.max_seq_length
+
+
+def _check_target_modules(model: Any, targets: str | list[str]) -> None:
+    """Fail the job, naming the param, when a target module is not in the model."""
+    if targets == "all-linear":
+        return
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise JobInputError(
+            f"lora_target_modules {missing} are not modules of the base model",
+            code="invalid_lora_target_modules",
+            param=TARGET_MODULES_PARAM,
+        )
+
+
+def _encode(inputs: JobInputs, tokenizer: Any, config: Any, progress: Progress) -> tuple:
+    """Tokenize both files; report the dataset statistics and any truncation."""
+    from worker.training.data import encode_dataset, read_jsonl
+    from worker.training.loop import count_steps, epoch_order
+    from worker.training.packing import build_sequences
+
+    def encode(path: Path) -> list:
+        return encode_dataset(
+            tokenizer,
+            read_jsonl(path),
+            max_seq_length=config.max_seq_length,
+            # False keeps the per-shape rule (prompt tokens masked, `text` trained everywhere)
+            train_on_inputs=inputs.hyperparameters.get("train_on_inputs", "auto"),
+        )
+
+    train = encode(inputs.training_path)
+    valid = encode(inputs.validation_path) if inputs.validation_path is not None else []
+    order = epoch_order(len(train), seed=config.seed, epoch=1)
+    rows = sum(  # rows of the first epoch: packing fills each step's rows
+        len(build_sequences(train, packing=config.packing, max_len=config.max_seq_length,
+                            indices=order[i : i + config.batch_size]))
+        for i in range(0, len(order), config.batch_size)
+    )  # fmt: skip
+    stats = {
+        "examples": len(train),
+        "tokens": sum(len(e.input_ids) for e in train),
+        "sequences_per_epoch": rows,
+        "packing": config.packing,
+        "validation_examples": len(valid),
+        "total_steps": count_steps(len(train), config),
+    }
+    progress.event(
+        f"Training on {stats['examples']} examples ({stats['tokens']} tokens) in "
+        f"{rows} sequences per epoch, {stats['total_steps']} steps planned",
+        data=stats,
     )
-    valid = []
-    if inputs.validation_path is not None:
-        valid = encode_dataset(
-            tokenizer, read_jsonl(inputs.validation_path), max_seq_length=config.max_seq_length
+    truncated = sum(e.truncated for e in train) + sum(e.truncated for e in valid)
+    if truncated:
+        progress.event(
+            f"{truncated} examples were longer than max_seq_length="
+            f"{config.max_seq_length} tokens and were truncated",
+            level="warn",
+            data={"truncated_examples": truncated, "max_seq_length": config.max_seq_length},
         )
-    progress = Progress(claim, settings, store, total_steps=count_steps(len(train), config))
-    progress.announce(examples=len(train), tokens=sum(len(example.input_ids) for example in train))
-    with store.temp_dir() as out:
-        result = train_lora(
-            model=model,
-            tokenizer=tokenizer,
-            train_examples=train,
-            valid_examples=valid,
-            config=config,
-            out_dir=out,
-            on_step=progress.on_step,
-            on_epoch=progress.on_epoch,
-        )
-        key = f"adapters/{claim.job_id}"
-        published = store.publish_dir(out, key)
-    try:
-        with session_scope(settings.sqlalchemy_url) as session:
-            job_runs.complete_job(
-                session,
-                claim=claim,
-                storage_key=key,
-                sha256=result.sha256,
-                size_bytes=(published / ADAPTER_WEIGHTS).stat().st_size,
-                trained_tokens=result.trained_tokens,
-            )
-    except RunAborted:
-        store.delete(key)  # cancelled (or taken over) at the last moment: publish nothing
-        raise
+    return train, valid
+
+
+def _resume_point(inputs: JobInputs, progress: Progress) -> Path | None:
+    """The newest checkpoint whose files match their recorded sha256 (None: start over)."""
+    from worker.training.checkpoint import CheckpointError, verify_checkpoint
+
+    for folder, manifest_sha256, step in inputs.checkpoints:
+        try:
+            verify_checkpoint(folder, manifest_sha256=manifest_sha256)
+        except CheckpointError as error:
+            progress.event(f"Skipping checkpoint at step {step}: {error}", level="warn")
+            continue
+        progress.event(f"Resuming from the checkpoint at step {step}", data={"step": step})
+        return folder
+    return None
 
 
 def _read_inputs(claim: Claim, settings: Settings, store: ArtifactStore) -> JobInputs:
@@ -168,77 +289,42 @@ def _read_inputs(claim: Claim, settings: Settings, store: ArtifactStore) -> JobI
                 )
             paths[param] = store.path(row.storage_key)
         return JobInputs(
-            ref, paths["training_file"], paths.get("validation_file"), job.hyperparameters, job.seed
+            organization_id=job.organization_id,
+            base_model_ref=ref,
+            training_path=paths["training_file"],
+            validation_path=paths.get("validation_file"),
+            hyperparameters=job.hyperparameters,
+            seed=job.seed,
+            parent_adapter=_parent_adapter(session, job, store),
+            checkpoints=_checkpoints(session, job, store) if claim.attempt > 1 else [],
         )
 
 
-class Progress:
-    """The training loop's callbacks: lease + cancel check every step, metrics, checkpoints."""
-
-    def __init__(self, claim: Claim, settings: Settings, store: ArtifactStore, *, total_steps: int):
-        self.claim, self.settings, self.store, self.total_steps = (
-            claim,
-            settings,
-            store,
-            total_steps,
+def _parent_adapter(session: Any, job: Job, store: ArtifactStore) -> Path | None:
+    """The adapter a continued job starts from, checked against its recorded sha256."""
+    if job.parent_model is None:
+        return None
+    parent = session.get(Adapter, job.parent_model)
+    if parent is None or parent.status != "active":
+        raise JobInputError(
+            f"model {job.parent_model} was deleted before training started",
+            code="model_not_found",
+            param="model",
         )
+    folder = store.path(parent.storage_key)
+    if file_sha256(folder / ADAPTER_WEIGHTS) != parent.sha256:
+        raise JobInputError(
+            f"the stored files of {job.parent_model} do not match their sha256",
+            code="integrity_error",
+            param="model",
+        )
+    return folder
 
-    def announce(self, *, examples: int, tokens: int) -> None:
-        with session_scope(self.settings.sqlalchemy_url) as session:
-            job_runs.renew_lease(
-                session, claim=self.claim, lease_seconds=self.settings.lease_seconds
-            )
-            add_event(
-                session,
-                job_id=self.claim.job_id,
-                message=f"Training on {examples} examples ({tokens} tokens), "
-                f"{self.total_steps} steps planned",
-                data={"examples": examples, "tokens": tokens, "total_steps": self.total_steps},
-            )
 
-    def on_step(self, report) -> None:  # type: ignore[no-untyped-def]
-        with session_scope(self.settings.sqlalchemy_url) as session:
-            job_runs.renew_lease(
-                session, claim=self.claim, lease_seconds=self.settings.lease_seconds
-            )
-            if (
-                report.step % self.settings.metrics_every_steps == 0
-                or report.step == report.total_steps
-            ):
-                add_event(
-                    session,
-                    job_id=self.claim.job_id,
-                    type="metrics",
-                    message=f"Step {report.step}/{report.total_steps}: "
-                    f"training loss={report.train_loss:.4f}",
-                    data={
-                        "step": report.step,
-                        "total_steps": report.total_steps,
-                        "epoch": report.epoch,
-                        "train_loss": report.train_loss,
-                        "learning_rate": report.learning_rate,
-                        "trained_tokens": report.trained_tokens,
-                    },
-                )
-
-    def on_epoch(self, report) -> None:  # type: ignore[no-untyped-def]
-        key = f"checkpoints/{self.claim.job_id}/step-{report.step}"
-        self.store.publish_dir(report.adapter_dir, key)
-        metrics = {
-            "step": report.step,
-            "train_loss": report.train_loss,
-            "valid_loss": report.valid_loss,
-            "full_valid_loss": report.valid_loss,
-        }
-        with session_scope(self.settings.sqlalchemy_url) as session:
-            job_runs.renew_lease(
-                session, claim=self.claim, lease_seconds=self.settings.lease_seconds
-            )
-            job_runs.record_checkpoint(
-                session,
-                claim=self.claim,
-                step=report.step,
-                metrics=metrics,
-                storage_key=key,
-                sha256=file_sha256(self.store.path(key) / ADAPTER_WEIGHTS),
-            )
+def _checkpoints(session: Any, job: Job, store: ArtifactStore) -> list[tuple[Path, str, int]]:
+    rows = session.scalars(
+        select(Checkpoint)
+        .where(Checkpoint.job_id == job.id, Checkpoint.state_sha256.is_not(None))
+        .order_by(Checkpoint.step_number.desc())
+    )
+    return [(store.path(r.storage_key), r.state_sha256, r.step_number) for r in rows]

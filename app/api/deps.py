@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import hmac
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app import tenancy
+from app.api.rate_limit import TokenBuckets
 from app.config import Settings, get_settings
 from app.db.models import Organization
 from app.db.session import session_scope
-from app.errors import ServiceUnavailable, Unauthorized
+from app.errors import Forbidden, InvalidRequest, ServiceUnavailable, Unauthorized
 from app.storage import ArtifactStore
 
 if TYPE_CHECKING:
@@ -30,18 +33,49 @@ def get_session(settings: SettingsDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def current_organization(
-    session: SessionDep, authorization: Annotated[str | None, Header()] = None
-) -> Organization:
-    scheme, _, secret = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not secret.strip():
+# Declared as the OpenAPI security scheme; errors are ours (401 in OpenAI's envelope).
+_bearer = HTTPBearer(auto_error=False, description="An API key from `loraforge keys create`")
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def bearer_secret(credentials: HTTPAuthorizationCredentials | None) -> str:
+    secret = credentials.credentials.strip() if credentials is not None else ""
+    if not secret:
         raise Unauthorized(
             "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
         )
-    return tenancy.authenticate(session, secret=secret.strip())
+    return secret
+
+
+def current_organization(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    credentials: BearerDep,
+) -> Organization:
+    """The caller's organization; each call spends one token of its rate-limit bucket."""
+    org = tenancy.authenticate(session, secret=bearer_secret(credentials))
+    limiter: TokenBuckets = request.app.state.rate_limiter
+    limiter.take(org.id, rate=settings.rate_limit_per_second, burst=settings.rate_limit_burst)
+    return org
 
 
 OrgDep = Annotated[Organization, Depends(current_organization)]
+
+
+def require_admin(settings: SettingsDep, credentials: BearerDep) -> None:
+    """Admin routes take the admin key only (LORAFORGE_ADMIN_KEY), compared in constant time.
+
+    Settings keep only the key's sha256, so the plaintext is not held by the process.
+    A tenant key, a wrong key and an unconfigured admin key all get the same 403.
+    """
+    offered = tenancy.hash_key(bearer_secret(credentials))
+    expected = settings.admin_key_sha256
+    if expected is None or not hmac.compare_digest(offered, expected):
+        raise Forbidden("this route needs the admin key")
+
+
+AdminDep = Depends(require_admin)
 
 
 def get_store(settings: SettingsDep) -> ArtifactStore:
@@ -59,16 +93,49 @@ def get_engine(request: Request, settings: SettingsDep) -> InferenceEngine:
         raise ServiceUnavailable(
             "inference is disabled on this server (LORAFORGE_INFERENCE_ENABLED)"
         )
-    with _engine_lock:
-        if getattr(request.app.state, "engine", None) is None:
-            from app.inference.engine import InferenceEngine  # lazy: torch loads here
+    return engine_for(request.app, settings)
 
-            request.app.state.engine = InferenceEngine(
+
+def engine_for(app, settings: Settings) -> InferenceEngine:  # type: ignore[no-untyped-def]
+    """The app's engine, created once; LORAFORGE_PRELOAD_ADAPTERS start loading (pinned)."""
+    with _engine_lock:
+        if getattr(app.state, "engine", None) is None:
+            from app.inference.engine import InferenceEngine  # lazy: torch loads here
+            from app.inference.preload import preload_adapters
+
+            engine = InferenceEngine(
                 base_models=settings.base_models,
                 max_loaded_adapters=settings.max_loaded_adapters,
+                max_batch_size=settings.max_batch_size,
                 device=settings.device,
             )
-    return request.app.state.engine
+            preload_adapters(engine, settings)
+            app.state.engine = engine
+    return app.state.engine
 
 
 EngineDep = Annotated["InferenceEngine", Depends(get_engine)]
+
+
+def forbid_unknown_query(request: Request) -> None:
+    """Unknown query parameters are refused and named, like unknown body fields (DESIGN §5)."""
+    route = request.scope.get("route")
+    if route is None or not hasattr(route, "dependant"):
+        return
+    allowed = _query_names(route.dependant)
+    unknown = sorted(set(request.query_params) - allowed)
+    if unknown:
+        raise InvalidRequest(
+            f"Unrecognized request argument supplied: {unknown[0][:64]}", param=unknown[0][:64]
+        )
+
+
+def _query_names(dependant: Any) -> set[str]:
+    """The query parameters a route declares, its sub-dependencies' included."""
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+StrictQuery = Depends(forbid_unknown_query)

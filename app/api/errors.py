@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException
 
 from app import errors
@@ -20,6 +21,9 @@ STATUS = {
     errors.NotFound: 404,
     errors.InvalidState: 409,
     errors.PayloadTooLarge: 413,
+    errors.Forbidden: 403,
+    errors.IdempotencyKeyReused: 422,
+    errors.RateLimited: 429,
     errors.ServiceUnavailable: 503,
     errors.IntegrityFailure: 500,
 }
@@ -41,7 +45,11 @@ def _status_for(exc: errors.LoraforgeError) -> int:
 async def _domain_error(_: Request, exc: errors.LoraforgeError) -> JSONResponse:
     status = _status_for(exc)
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse(error_body(exc.message, type=kind, param=exc.param, code=exc.code), status)
+    headers = None
+    if isinstance(exc, errors.RateLimited):
+        kind, headers = "rate_limit_error", {"Retry-After": str(exc.retry_after)}
+    body = error_body(exc.message, type=kind, param=exc.param, code=exc.code)
+    return JSONResponse(body, status, headers=headers)
 
 
 # pydantic tags errors of union members with the member's type ("literal['auto']", "int");
@@ -100,6 +108,18 @@ async def _unsafe_model(_: Request, exc: UnsafeModelError) -> JSONResponse:
     )
 
 
+async def _database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
+    # A restart or failover of the database is the server's state, not the request's fault:
+    # answer 503 with Retry-After so clients back off and retry, never a 500.
+    logger.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+    body = error_body(
+        "The database is unavailable; retry shortly.",
+        type="server_error",
+        code="service_unavailable",
+    )
+    return JSONResponse(body, 503, headers={"Retry-After": "5"})
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse(
@@ -112,4 +132,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(UnsafeModelError, _unsafe_model)
+    app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected)

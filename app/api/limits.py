@@ -1,7 +1,7 @@
 """Refuse an oversized upload from its Content-Length, before any of the body is read.
 
-Uploads without a Content-Length (chunked) are still capped while spooling
-(`app.files._spool`); this middleware only saves receiving a body we would refuse.
+Uploads without a Content-Length (chunked) are capped while they stream
+(`app/api/multipart.py`); this middleware only saves receiving a body we would refuse.
 """
 
 from __future__ import annotations

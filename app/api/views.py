@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from app import jobs
-from app.db.models import Adapter, Checkpoint, File, Job, JobEvent
+from app.db.models import Adapter, ApiKey, Checkpoint, File, Job, JobEvent
 from app.schemas.files import FileRead
 from app.schemas.jobs import CheckpointRead, EventRead, JobError, JobRead
 from app.schemas.models import ModelRead
@@ -97,3 +97,14 @@ def checkpoint_model_view(row: Checkpoint, owner: str, base_model: str) -> Model
         job_id=row.job_id,
         sha256=row.sha256,
     )
+
+
+def api_key_view(key: ApiKey, organization: str) -> dict:
+    """The listable fields of a key: never its hash, never its secret."""
+    return {
+        "id": key.id,
+        "organization": organization,
+        "prefix": key.prefix,
+        "created_at": epoch(key.created_at),
+        "revoked_at": epoch(key.revoked_at),
+    }

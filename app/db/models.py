@@ -52,6 +52,7 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     organization_id: Mapped[str] = mapped_column(ForeignKey("organization.id"), index=True)
     model: Mapped[str] = mapped_column(String(255))  # base-model name from the allowlist
+    parent_model: Mapped[str | None] = mapped_column(String(255))  # ft: adapter continued from
     training_file: Mapped[str] = mapped_column(String(40))
     validation_file: Mapped[str | None] = mapped_column(String(40))
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)  # resolved, never "auto"
@@ -96,7 +97,8 @@ class Checkpoint(Base):
     fine_tuned_model_checkpoint: Mapped[str] = mapped_column(String(255), unique=True)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
     storage_key: Mapped[str] = mapped_column(String(255))
-    sha256: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(64))  # of the adapter weights (serving)
+    state_sha256: Mapped[str | None] = mapped_column(String(64))  # of manifest.json (resume)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -114,4 +116,21 @@ class Adapter(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     lora_config: Mapped[dict[str, Any]] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16), default="active")  # active | deleted
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class IdempotencyKey(Base):
+    """A client's Idempotency-Key, scoped per organization and endpoint (migration 0003).
+
+    A replay with the same request returns `object_id`'s current state; the hash of the
+    request tells a replay from a reuse of the key for something else.
+    """
+
+    __tablename__ = "idempotency_key"
+
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organization.id"), primary_key=True)
+    endpoint: Mapped[str] = mapped_column(String(32), primary_key=True)  # "files" | "jobs"
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    object_id: Mapped[str] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

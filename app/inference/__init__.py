@@ -1,9 +1,9 @@
-"""Inference: one frozen base model per name, LoRA adapters hot-swapped per request.
+"""Inference: one frozen base model per name, many LoRA adapters batched over it.
 
 Importing this package does not import torch; the engine loads it on first use.
 """
 
 from app.inference.engine import InferenceEngine
-from app.inference.types import AdapterIntegrityError, AdapterRef, Generation
+from app.inference.types import AdapterIntegrityError, AdapterRef, Delta, Generation
 
-__all__ = ["AdapterIntegrityError", "AdapterRef", "Generation", "InferenceEngine"]
+__all__ = ["AdapterIntegrityError", "AdapterRef", "Delta", "Generation", "InferenceEngine"]

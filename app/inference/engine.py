@@ -1,86 +1,150 @@
-"""The inference engine: base models loaded once, LoRA adapters hot-swapped per request.
+"""The inference engine: per base model, the base loaded once and one batching scheduler.
 
-Simple and serial per base model: one lock per base is held around tokenize + adapter
-switch + decode, so requests on the same base run one at a time (requests on different
-bases run in parallel). The batched engine replaces `decode` and the lock, not the API.
-torch/transformers/peft are imported lazily, so importing this module is cheap.
+Request threads (the sync API routes) validate and tokenize here, then hand the request to
+the base model's scheduler thread (`scheduler.py`) and wait on it: `generate` for a whole
+completion, `submit(...).deltas()` for streaming. Requests on every adapter of a base, and
+on the bare base, share that scheduler's forward passes. torch/transformers are imported
+lazily, so importing this module is cheap.
 """
 
 from __future__ import annotations
 
-import itertools
 import threading
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import Any
 
 from app.errors import InvalidRequest, NotFound
-from app.inference.adapter_cache import AdapterCache
-from app.inference.decoding import decode, eos_token_ids
+from app.inference.request import Request
 from app.inference.sampling import SamplingParams
 from app.inference.types import AdapterRef, Generation
 
 DEFAULT_CONTEXT_LENGTH = 2048
+DEFAULT_MAX_TOKENS = 256  # when a chat request gives no limit (capped by the context)
+MAX_LOGPROBS = 5  # OpenAI's limit for completions
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
-@dataclass
-class _Slot:
-    """One base model; everything but `lock` is only touched with `lock` held."""
+class _Base:
+    """One base model: its scheduler and a tokenizer for the request threads."""
 
-    name: str
-    ref: str
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    tokenizer: Any = None
-    cache: AdapterCache | None = None
-    eos_ids: frozenset[int] = frozenset()
+    def __init__(self, ref: str) -> None:
+        self.ref = ref
+        self.load_lock = threading.Lock()
+        self.tokenize_lock = threading.Lock()  # fast tokenizers are not safe to share
+        self.tokenizer: Any = None
+        self.scheduler: Any = None
 
 
 class InferenceEngine:
     def __init__(
-        self, *, base_models: dict[str, str], max_loaded_adapters: int = 8, device: str = "auto"
+        self,
+        *,
+        base_models: dict[str, str],
+        max_loaded_adapters: int = 8,
+        device: str = "auto",
+        max_batch_size: int = 16,
     ) -> None:
         if max_loaded_adapters < 1:
             raise ValueError("max_loaded_adapters must be at least 1")
-        self._refs = dict(base_models)
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        self._bases = {name: _Base(ref) for name, ref in base_models.items()}
         self._capacity = max_loaded_adapters
+        self._max_batch = max_batch_size
         self._device = device
-        self._slots: dict[str, _Slot] = {}
         self._context: dict[str, int] = {}
-        self._lock = threading.Lock()  # guards _slots and _context
-        self._clock = itertools.count()  # shared LRU clock across base models
+        self._deleted: set[str] = set()
+        self._lock = threading.Lock()  # guards _context and _deleted
 
-    def generate(
+    # -- requests ----------------------------------------------------------------------
+    def submit(
         self,
         *,
         base_model: str,
         adapter: AdapterRef | None,
         prompt: str | None = None,
         messages: list[dict] | None = None,
-        max_tokens: int = 16,
+        max_tokens: int | None = 16,
         temperature: float = 1.0,
         top_p: float = 1.0,
-        stop: list[str] | None = None,
+        stop: list[str] | str | None = None,
         seed: int | None = None,
-    ) -> Generation:
-        params = SamplingParams.checked(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed
-        )
+        logprobs: int | None = None,
+    ) -> Request:
+        """Validate, tokenize and queue one request; bad input raises before anything runs."""
         _check_input(prompt, messages)
-        slot = self._slot(base_model)
-        with slot.lock:
-            cache = self._loaded(slot)
-            input_ids = _tokenize(slot.tokenizer, prompt, messages)
-            self._check_fits(base_model, len(input_ids), max_tokens)
-            try:
-                with cache.use(adapter) as model:
-                    return decode(model, slot.tokenizer, input_ids, params, eos_ids=slot.eos_ids)
-            finally:
-                if cache.broken:
-                    slot.cache = None  # reload the base on the next request
+        _check_logprobs(logprobs)
+        params = SamplingParams.checked(  # max_tokens is checked once the prompt is known
+            max_tokens=1 if max_tokens is None else max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=stop,
+            seed=seed,
+        )
+        base = self._loaded(base_model)
+        if adapter is not None and self._is_deleted(adapter.id):
+            raise NotFound(
+                f"The model '{adapter.id}' does not exist", param="model", code="model_not_found"
+            )
+        with base.tokenize_lock:
+            input_ids = _tokenize(base.tokenizer, prompt, messages)
+        params = replace(params, max_tokens=self._fitted(base_model, len(input_ids), max_tokens))
+        request = Request(adapter, input_ids, params, logprobs)
+        base.scheduler.send("submit", request)
+        return request
 
+    def generate(self, **kwargs: Any) -> Generation:
+        """One whole completion (blocks until the scheduler finishes it)."""
+        return self.submit(**kwargs).result()
+
+    # -- adapters ----------------------------------------------------------------------
+    def preload(self, base_model: str, adapters: list[AdapterRef]) -> None:
+        """Load adapters and pin them (never evicted); returns once each is loaded or failed
+        (a failure is logged by nobody but shows in `stats`: loaded stays false)."""
+        base = self._loaded(base_model)
+        done = []
+        for ref in adapters:
+            done.append(threading.Event())
+            base.scheduler.send("preload", ref, done[-1])
+        for event in done:
+            event.wait(timeout=300)
+
+    def unload_adapter(self, adapter_id: str) -> None:
+        """Free a deleted adapter's weights and refuse it from now on. Idempotent.
+
+        Returns once every scheduler has taken it out (rows already running on it finish
+        first; queued requests for it are refused)."""
+        with self._lock:
+            self._deleted.add(adapter_id)
+        done = []
+        for base in self._started():
+            done.append(threading.Event())
+            base.scheduler.send("unload", adapter_id, done[-1])
+        for event in done:
+            event.wait(timeout=60)
+
+    def loaded_adapters(self) -> list[str]:
+        """Ids of resident adapters, least recently used first (per base, bases in order)."""
+        return [a for base in self._started() for a in base.scheduler.pool.lru_order()]
+
+    def stats(self, owner: str | None = None) -> dict[str, Any]:
+        """Base models' batch state and per-adapter counters (only `owner`'s adapters)."""
+        bases, adapters = [], []
+        for base in self._started():
+            bases.append(base.scheduler.load_info())
+            adapters += [s for s in base.scheduler.pool.snapshot() if s["owner"] == owner]
+        for info in bases:
+            info["loaded"] = [a for a in info["loaded"] if any(s["id"] == a for s in adapters)]
+        return {"base_models": bases, "adapters": adapters}
+
+    def close(self) -> None:
+        for base in self._started():
+            base.scheduler.stop()
+
+    # -- base models -------------------------------------------------------------------
     def context_length(self, base_model: str) -> int:
         """Max prompt + completion tokens; read from the config, without loading weights."""
-        ref = self._ref(base_model)
+        ref = self._base(base_model).ref
         with self._lock:
             known = self._context.get(base_model)
         if known is None:
@@ -91,59 +155,59 @@ class InferenceEngine:
                 self._context[base_model] = known
         return known
 
-    def unload_adapter(self, adapter_id: str) -> None:
-        """Free an adapter's weights (call after deleting it from the registry). Idempotent."""
-        with self._lock:
-            slots = list(self._slots.values())
-        for slot in slots:
-            if slot.cache is not None and slot.cache.holds(adapter_id):
-                with slot.lock:
-                    if slot.cache is not None:
-                        slot.cache.evict(adapter_id)
-
-    def loaded_adapters(self) -> list[str]:
-        """Ids of loaded adapters, least recently used first (over all base models)."""
-        with self._lock:
-            caches = [slot.cache for slot in self._slots.values() if slot.cache is not None]
-        entries = sorted(entry for cache in caches for entry in cache.snapshot())
-        return [adapter_id for _, adapter_id in entries]
-
-    def _ref(self, base_model: str) -> str:
-        ref = self._refs.get(base_model)
-        if ref is None:
+    def _base(self, base_model: str) -> _Base:
+        base = self._bases.get(base_model)
+        if base is None:
             raise NotFound(f"base model {base_model!r} is not served here", param="model")
-        return ref
+        return base
 
-    def _slot(self, base_model: str) -> _Slot:
-        ref = self._ref(base_model)
+    def _loaded(self, base_model: str) -> _Base:
+        """The base with its scheduler running; loads the weights on first use."""
+        base = self._base(base_model)
+        with base.load_lock:
+            if base.scheduler is None:
+                from app.inference.scheduler import BaseScheduler
+                from app.ml.loading import load_base_model, load_tokenizer
+
+                model = load_base_model(base.ref, device=self._device)
+                base.tokenizer = load_tokenizer(base.ref)
+                base.scheduler = BaseScheduler(
+                    base_model,
+                    model,
+                    load_tokenizer(base.ref),
+                    eos_ids=eos_token_ids(base.tokenizer, model),
+                    capacity=self._capacity,
+                    max_batch=self._max_batch,
+                )
+        return base
+
+    def _started(self) -> list[_Base]:
+        return [base for base in self._bases.values() if base.scheduler is not None]
+
+    def _is_deleted(self, adapter_id: str) -> bool:
         with self._lock:
-            slot = self._slots.get(base_model)
-            if slot is None:
-                slot = self._slots[base_model] = _Slot(base_model, ref)
-            return slot
+            return adapter_id in self._deleted
 
-    def _loaded(self, slot: _Slot) -> AdapterCache:
-        """The slot's model, loaded on first use (caller holds `slot.lock`)."""
-        if slot.cache is None:
-            from app.ml.loading import load_base_model, load_tokenizer
-
-            model = load_base_model(slot.ref, device=self._device)
-            slot.tokenizer = slot.tokenizer or load_tokenizer(slot.ref)
-            slot.eos_ids = eos_token_ids(slot.tokenizer, model)
-            with self._lock:
-                self._context.setdefault(slot.name, _context_of(model.config))
-            slot.cache = AdapterCache(model, capacity=self._capacity, clock=self._clock)
-        return slot.cache
-
-    def _check_fits(self, base_model: str, prompt_tokens: int, max_tokens: int) -> None:
+    def _fitted(self, base_model: str, prompt_tokens: int, max_tokens: int | None) -> int:
+        """max_tokens checked against the context (None: as many as fit, up to a default)."""
         limit = self.context_length(base_model)
-        if prompt_tokens + max_tokens > limit:
+        room = limit - prompt_tokens
+        if max_tokens is None:
+            if room < 1:
+                raise InvalidRequest(
+                    f"this model's context length is {limit} tokens, but the prompt has "
+                    f"{prompt_tokens}; shorten it",
+                    param="messages",
+                )
+            return min(DEFAULT_MAX_TOKENS, room)
+        if max_tokens > room:
             raise InvalidRequest(
                 f"this model's context length is {limit} tokens, but {prompt_tokens} prompt "
                 f"tokens + max_tokens {max_tokens} = {prompt_tokens + max_tokens}; "
                 "shorten the prompt or lower max_tokens",
                 param="max_tokens",
             )
+        return max_tokens
 
 
 def _check_input(prompt: str | None, messages: list[dict] | None) -> None:
@@ -156,6 +220,20 @@ def _check_input(prompt: str | None, messages: list[dict] | None) -> None:
             raise InvalidRequest("each message needs a string role", param="messages")
     elif not isinstance(prompt, str) or not prompt:
         raise InvalidRequest("prompt must be a non-empty string", param="prompt")
+
+
+def _check_logprobs(logprobs: int | None) -> None:
+    if logprobs is None:
+        return
+    if (
+        isinstance(logprobs, bool)
+        or not isinstance(logprobs, int)
+        or not (0 <= logprobs <= MAX_LOGPROBS)
+    ):
+        raise InvalidRequest(
+            f"logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {logprobs!r}",
+            param="logprobs",
+        )
 
 
 def _tokenize(tokenizer: Any, prompt: str | None, messages: list[dict] | None) -> list[int]:
@@ -180,3 +258,16 @@ def _context_of(config: Any) -> int:
             if isinstance(value, int) and value > 0:
                 return value
     return DEFAULT_CONTEXT_LENGTH
+
+
+def eos_token_ids(tokenizer: Any, model: Any) -> frozenset[int]:
+    """The tokenizer's EOS plus any its generation config lists (chat models have several)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, list | tuple):
+        ids.update(int(i) for i in configured)
+    return frozenset(ids)

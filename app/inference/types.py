@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.errors import InvalidRequest
@@ -10,15 +10,37 @@ from app.errors import InvalidRequest
 
 @dataclass(frozen=True)
 class AdapterRef:
-    """A registered adapter: its public id, its directory, and its weights' sha256.
+    """A registered adapter: its public id, its directory, its weights' sha256, its owner.
 
     `path` holds `adapter_config.json` + `adapter_model.safetensors`; `sha256` is the
     hex digest of `adapter_model.safetensors` recorded when the adapter was published.
+    `owner` (an organization id) only scopes what the visibility endpoint shows.
     """
 
     id: str
     path: Path
     sha256: str
+    owner: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model, and the most likely ones."""
+
+    token: str
+    logprob: float
+    top: dict[str, float]
+    offset: int  # where the token's text starts in the completion text
+
+
+@dataclass
+class Delta:
+    """A piece of a streamed completion: new text (held back while it may start a stop
+    string), the logprobs of the tokens that produced it, and the finish reason at the end."""
+
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
 
 
 @dataclass
@@ -28,12 +50,14 @@ class Generation:
     `text` excludes the prompt, the EOS token and anything from a matched stop string on.
     `completion_tokens` counts every token the model generated, including a final EOS
     and the tokens that spelled a matched stop string (what the model actually ran).
+    `logprobs` (when asked for) covers every generated token but a final EOS.
     """
 
     text: str
     finish_reason: str  # "stop" | "length"
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None
 
 
 class AdapterIntegrityError(InvalidRequest):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from app.schemas.common import Strict
 
@@ -15,6 +15,10 @@ StopField = (
 )
 
 
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
 class SamplingParams(Strict):
     model: Annotated[str, Field(min_length=1, max_length=255)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -22,9 +26,23 @@ class SamplingParams(Strict):
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     n: Literal[1] = 1
     stop: StopField = None
-    seed: int | None = None
-    stream: Literal[False] = False
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
     user: str | None = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(
+        cls, value: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -34,6 +52,7 @@ class SamplingParams(Strict):
 
 class CompletionRequest(SamplingParams):
     prompt: Annotated[str, Field(min_length=1)]
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
 
 
 class ChatMessage(Strict):
@@ -45,6 +64,15 @@ class ChatMessage(Strict):
 class ChatCompletionRequest(SamplingParams):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs is only allowed when logprobs is true")
+        return value
 
     @field_validator("messages")
     @classmethod
@@ -60,11 +88,20 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions logprobs: parallel lists, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    finish_reason: str
-    logprobs: Any = None
+    finish_reason: str | None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -73,7 +110,7 @@ class CompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Usage
+    usage: Usage | None = None  # a streamed chunk carries none (but the usage chunk)
 
 
 class AssistantMessage(BaseModel):
@@ -81,11 +118,46 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobEntry]
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str
-    logprobs: Any = None
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: str | None = None
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -95,3 +167,83 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+
+
+# -- GET /v1/engine/adapters: what the engine holds (app/api/routes/engine.py) --
+
+
+class EngineAdapter(BaseModel):
+    id: str
+    object: Literal["engine.adapter"] = "engine.adapter"
+    base_model: str
+    loaded: bool
+    pinned: bool
+    rank: int | None
+    bytes: int
+    hits: int
+    misses: int
+    loads: int
+    evictions: int
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    last_used: float | None
+    last_load_seconds: float | None
+
+
+class EngineBaseModel(BaseModel):
+    name: str
+    running: int
+    waiting: int
+    steps: int
+    mixed_steps: int
+    peak_batch: int
+    max_batch_size: int
+    max_loaded_adapters: int
+    loaded: list[str]  # the caller's resident adapters, least recently used first
+
+
+class EngineAdapters(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EngineAdapter]
+    base_models: list[EngineBaseModel]
+
+
+# -- building responses from the engine's results (duck-typed: no engine import here) --
+
+
+def usage_of(result) -> Usage:  # type: ignore[no-untyped-def]
+    return Usage(
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        total_tokens=result.prompt_tokens + result.completion_tokens,
+    )
+
+
+def completion_logprobs(entries) -> CompletionLogprobs | None:  # type: ignore[no-untyped-def]
+    if entries is None:
+        return None
+    return CompletionLogprobs(
+        tokens=[e.token for e in entries],
+        token_logprobs=[e.logprob for e in entries],
+        top_logprobs=[e.top for e in entries],
+        text_offset=[e.offset for e in entries],
+    )
+
+
+def chat_logprobs(entries) -> ChatLogprobs | None:  # type: ignore[no-untyped-def]
+    if entries is None:
+        return None
+
+    def top(token: str, logprob: float) -> TopLogprob:
+        return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
+
+    return ChatLogprobs(
+        content=[
+            TokenLogprobEntry(
+                **top(e.token, e.logprob).model_dump(),
+                top_logprobs=[top(t, lp) for t, lp in e.top.items()],
+            )
+            for e in entries
+        ]
+    )

@@ -30,6 +30,15 @@ class Hyperparameters(Strict):
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.0
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    gradient_accumulation_steps: Annotated[int, Field(ge=1, le=1024)] = 1
+    use_rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r) (PEFT's use_rslora)
+    use_dora: bool = False  # weight-decomposed LoRA (PEFT's use_dora)
+    gradient_checkpointing: bool = False
+    # "auto": loss on assistant / completion tokens only, on everything for `text` records.
+    train_on_inputs: Auto | bool = "auto"
+    # "auto": pack short examples into full sequences when the worker verifies it is exact.
+    packing: Auto | bool = "auto"
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
 
     @model_validator(mode="after")
     def _one_learning_rate(self) -> Hyperparameters:
@@ -73,9 +82,20 @@ class JobCreate(Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _one_seed(self) -> JobCreate:
+        hp_seed = self.requested_hyperparameters().seed
+        if hp_seed is not None and self.seed is not None and hp_seed != self.seed:
+            raise ValueError("seed and hyperparameters.seed differ; give one of them")
+        return self
+
     def requested_hyperparameters(self) -> Hyperparameters:
         nested = self.method and self.method.supervised and self.method.supervised.hyperparameters
         return nested or self.hyperparameters or Hyperparameters()
+
+    def requested_seed(self) -> int | None:
+        """The seed from the top level or from the hyperparameters (they may not differ)."""
+        return self.seed if self.seed is not None else self.requested_hyperparameters().seed
 
 
 class JobError(BaseModel):

@@ -159,3 +159,28 @@ def test_events_and_checkpoints_pages(client, training_file):  # type: ignore[no
     }
     bad_cursor = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"after": "x"})
     assert bad_cursor.status_code == 400 and bad_cursor.json()["error"]["param"] == "after"
+
+
+def test_create_answers_202_when_the_broker_is_unreachable(
+    client, settings, training_file, monkeypatch
+):  # type: ignore[no-untyped-def]
+    from app import queue
+
+    monkeypatch.setattr(queue, "enqueue_training", lambda job_id: False)  # broker down
+    response = create(client, model="tiny", training_file=training_file)
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] == "queued" and job_count(settings) == 1  # the sweep sends it
+
+
+def test_a_database_outage_answers_503_with_retry_after(client, monkeypatch):  # type: ignore[no-untyped-def]
+    from sqlalchemy.exc import OperationalError
+
+    from app import jobs
+
+    def down(*_args, **_kwargs):  # type: ignore[no-untyped-def]
+        raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+    monkeypatch.setattr(jobs, "list_jobs", down)
+    response = client.get("/v1/fine_tuning/jobs")
+    assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+    assert response.json()["error"]["code"] == "service_unavailable"

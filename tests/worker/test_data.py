@@ -153,3 +153,14 @@ def test_read_jsonl_names_the_bad_line(tmp_path: Path, bad: str) -> None:
     with pytest.raises(InvalidFile) as caught:
         read_jsonl(path)
     assert caught.value.line == 2
+
+
+def test_train_on_inputs_trains_every_token_and_truncation_is_flagged(tok) -> None:
+    record = {"prompt": "question?", "completion": "answer"}
+    masked = encode_record(tok, record, max_seq_length=64)
+    everything = encode_record(tok, record, max_seq_length=64, train_on_inputs=True)
+    assert masked.input_ids == everything.input_ids
+    assert IGNORE_INDEX in masked.labels and everything.labels == everything.input_ids
+    assert not masked.truncated
+    short = encode_record(tok, record, max_seq_length=5, train_on_inputs=False)
+    assert short.truncated and len(short.input_ids) == 5

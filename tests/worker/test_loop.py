@@ -17,9 +17,10 @@ from app.ml.adapters import (
     save_adapter,
 )
 from app.ml.loading import UnsafeModelError, load_base_model
+from worker.training.checkpoint import MANIFEST, OPTIMIZER, RNG, STATE, verify_checkpoint
 from worker.training.data import Example, encode_dataset
 from worker.training.loop import (
-    EpochReport,
+    CheckpointReport,
     StepReport,
     TrainConfig,
     count_steps,
@@ -159,7 +160,7 @@ def test_on_step_raising_stops_training_and_saves_nothing(
     base, tokenizer, examples, tmp_path
 ) -> None:
     seen: list[int] = []
-    epochs: list[EpochReport] = []
+    epochs: list[CheckpointReport] = []
     cancel = Cancelled("job cancelled")
 
     def on_step(report: StepReport) -> None:
@@ -169,49 +170,49 @@ def test_on_step_raising_stops_training_and_saves_nothing(
 
     out = tmp_path / "out"
     with pytest.raises(Cancelled) as caught:
-        train(base, tokenizer, examples, out, on_step=on_step, on_epoch=epochs.append)
+        train(base, tokenizer, examples, out, on_step=on_step, on_checkpoint=epochs.append)
     assert caught.value is cancel
     assert seen == [1, 2]
     assert epochs == []
     assert not (out / ADAPTER_WEIGHTS).exists() and not (out / ADAPTER_CONFIG).exists()
 
 
-def test_on_epoch_gets_a_loadable_snapshot_each_epoch(
+def test_on_checkpoint_gets_a_loadable_snapshot_each_epoch(
     tiny_model_dir, base, tokenizer, examples, tmp_path
 ) -> None:
     from peft import PeftModel
 
-    reports: list[EpochReport] = []
+    reports: list[CheckpointReport] = []
     snapshot_logits: list[torch.Tensor] = []
     ids = batch_of(examples[:2])
 
-    def on_epoch(report: EpochReport) -> None:
-        check_adapter_dir(report.adapter_dir)
-        assert sorted(p.name for p in report.adapter_dir.iterdir()) == [
-            ADAPTER_CONFIG,
-            ADAPTER_WEIGHTS,
-        ]
+    def on_checkpoint(report: CheckpointReport) -> None:
+        check_adapter_dir(report.checkpoint_dir)
+        assert sorted(p.name for p in report.checkpoint_dir.iterdir()) == sorted(
+            [ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, OPTIMIZER, RNG, STATE]
+        )
+        verify_checkpoint(report.checkpoint_dir, manifest_sha256=report.manifest_sha256)
         fresh = load_base_model(tiny_model_dir, device="cpu")
-        loaded = PeftModel.from_pretrained(fresh, report.adapter_dir)
+        loaded = PeftModel.from_pretrained(fresh, report.checkpoint_dir)
         with torch.no_grad():
             snapshot_logits.append(loaded(input_ids=ids).logits)
         reports.append(report)
 
-    result = train(base, tokenizer, examples, tmp_path / "out", on_epoch=on_epoch)
+    result = train(base, tokenizer, examples, tmp_path / "out", on_checkpoint=on_checkpoint)
 
     assert [r.epoch for r in reports] == [1, 2, 3, 4]
     assert [r.step for r in reports] == [3, 6, 9, 12]
     assert all(r.valid_loss is not None and math.isfinite(r.valid_loss) for r in reports)
     assert reports[-1].valid_loss == result.valid_loss
     assert reports[-1].train_loss == result.train_loss
-    assert all(not r.adapter_dir.exists() for r in reports)  # removed after each callback
+    assert all(not r.checkpoint_dir.exists() for r in reports)  # removed after each callback
     assert not torch.allclose(snapshot_logits[0], snapshot_logits[-1])  # snapshots differ
     with torch.no_grad():  # the last snapshot is the final adapter
         torch.testing.assert_close(snapshot_logits[-1], base(input_ids=ids).logits)
 
 
 def test_no_valid_examples_means_no_valid_loss(base, tokenizer, examples, tmp_path) -> None:
-    reports: list[EpochReport] = []
+    reports: list[CheckpointReport] = []
     config = TrainConfig(n_epochs=1, batch_size=4, learning_rate=1e-3)
     result = train_lora(
         model=base,
@@ -220,7 +221,7 @@ def test_no_valid_examples_means_no_valid_loss(base, tokenizer, examples, tmp_pa
         valid_examples=[],
         config=config,
         out_dir=tmp_path / "out",
-        on_epoch=reports.append,
+        on_checkpoint=reports.append,
     )
     assert result.valid_loss is None and reports[0].valid_loss is None
 

@@ -35,10 +35,11 @@ def backend(request, tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]
     return settings
 
 
-def submit(settings, *, rows=None, org="acme", **hyperparameters) -> str:  # type: ignore[no-untyped-def]
+def submit(settings, *, rows=None, org="acme", model="tiny", **hyperparameters) -> str:  # type: ignore[no-untyped-def]
     store = ArtifactStore(settings.artifacts_dir)
     content = "".join(json.dumps(row) + "\n" for row in rows or chat_rows(6)).encode()
-    hp = {"n_epochs": 2, "batch_size": 3, "learning_rate": 1e-3} | hyperparameters
+    hp = {"n_epochs": 2, "batch_size": 3, "learning_rate": 1e-3, "packing": False}
+    hp |= hyperparameters
     with session_scope(settings.sqlalchemy_url) as session:
         organization = tenancy.get_or_create_organization(session, name=org)
         row = files.create_file(
@@ -52,7 +53,7 @@ def submit(settings, *, rows=None, org="acme", **hyperparameters) -> str:  # typ
             max_lines=1000,
         )
         request = JobCreate(
-            model="tiny", training_file=row.id, suffix="demo", seed=3, hyperparameters=hp
+            model=model, training_file=row.id, suffix="demo", seed=3, hyperparameters=hp
         )
         job = jobs.create_job(
             session, organization=organization, request=request, base_models=settings.base_models

@@ -10,7 +10,11 @@ Three record shapes are supported, one per JSONL line:
   plus EOS is trained on. Inference tokenizes completion prompts as `tokenizer(prompt)`.
 - text: `{"text": ...}` — default special tokens, plus EOS; every token is trained on.
 
-Sequences are truncated to `max_seq_length` (the tail is dropped).
+`train_on_inputs=True` trains chat and completion records on every token too ("auto",
+the default, is the rule above; `text` is always trained on everywhere).
+
+Sequences are truncated to `max_seq_length` (the tail is dropped); `Example.truncated`
+says so, and the job runner reports how many were.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ IGNORE_INDEX = -100  # label value for tokens without loss (PyTorch's cross_entr
 class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where no loss is computed
+    truncated: bool = False  # the record was longer than max_seq_length
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -49,7 +54,9 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def encode_record(tokenizer: Any, record: dict, *, max_seq_length: int) -> Example:
+def encode_record(
+    tokenizer: Any, record: dict, *, max_seq_length: int, train_on_inputs: bool | str = "auto"
+) -> Example:
     """Token ids and labels for one record (see the module docstring for the rules)."""
     if "messages" in record:
         input_ids, labels = _encode_chat(tokenizer, record["messages"])
@@ -60,12 +67,27 @@ def encode_record(tokenizer: Any, record: dict, *, max_seq_length: int) -> Examp
         labels = list(input_ids)
     else:
         raise InvalidFile("a record needs 'messages', 'prompt' and 'completion', or 'text'")
-    return Example(input_ids=input_ids[:max_seq_length], labels=labels[:max_seq_length])
+    if train_on_inputs is True:
+        labels = list(input_ids)
+    return Example(
+        input_ids=input_ids[:max_seq_length],
+        labels=labels[:max_seq_length],
+        truncated=len(input_ids) > max_seq_length,
+    )
 
 
-def encode_dataset(tokenizer: Any, records: list[dict], *, max_seq_length: int) -> list[Example]:
+def encode_dataset(
+    tokenizer: Any,
+    records: list[dict],
+    *,
+    max_seq_length: int,
+    train_on_inputs: bool | str = "auto",
+) -> list[Example]:
     """Encode every record, in order (one Example per record)."""
-    return [encode_record(tokenizer, r, max_seq_length=max_seq_length) for r in records]
+    return [
+        encode_record(tokenizer, r, max_seq_length=max_seq_length, train_on_inputs=train_on_inputs)
+        for r in records
+    ]
 
 
 def _encode_chat(tokenizer: Any, messages: list[dict]) -> tuple[list[int], list[int]]:

@@ -1,41 +1,66 @@
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Form, UploadFile
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
 
 from app import files
+from app.api import idempotency
 from app.api.deps import OrgDep, SessionDep, SettingsDep, StoreDep
+from app.api.idempotency import IdempotencyHeader
+from app.api.multipart import UPLOAD_OPENAPI, Upload, receive_upload
 from app.api.views import file_view
-from app.db.session import commit
+from app.config import Settings
+from app.db.models import Organization
 from app.schemas.common import Deleted, ListPage
 from app.schemas.files import FileRead
+from app.storage import ArtifactStore
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 
-@router.post("", response_model=FileRead)
-def upload_file(
-    file: UploadFile,
-    purpose: Annotated[str, Form()],
+@router.post("", response_model=FileRead, openapi_extra=UPLOAD_OPENAPI)
+async def upload_file(
+    request: Request,
     org: OrgDep,
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
+    idempotency_key: IdempotencyHeader = None,
 ) -> FileRead:
-    row = files.create_file(
-        session,
-        organization=org,
-        upload=file.file,
-        filename=file.filename or "upload.jsonl",
-        purpose=purpose,
-        store=store,
-        max_bytes=settings.max_upload_bytes,
-        max_lines=settings.max_lines_per_file,
-    )
-    commit(session)
-    return file_view(row)
+    """Stream the body into a capped spool (413 past the cap), then validate and store."""
+    idempotency.check_key(idempotency_key)
+    with store.temp_dir() as tmp:
+        upload = await receive_upload(
+            request, tmp / "upload.jsonl", max_bytes=settings.max_upload_bytes
+        )
+        return await run_in_threadpool(
+            _store, upload, org, session, store, settings, idempotency_key
+        )
+
+
+def _store(
+    upload: Upload,
+    org: Organization,
+    session: SessionDep,
+    store: ArtifactStore,
+    settings: Settings,
+    key: str | None,
+) -> FileRead:
+    filename, purpose = upload.filename or "upload.jsonl", upload.fields.get("purpose")
+    files.check_upload(filename=filename, purpose=purpose)
+    digest = idempotency.request_sha256(upload.sha256, filename, purpose or "")
+    scope = {"organization": org, "endpoint": "files", "key": key, "digest": digest}
+    earlier = idempotency.replayed_id(session, **scope)
+    if earlier is None:
+        row = files.store_spooled_file(
+            session, organization=org, spool=upload.path, size=upload.size,
+            sha256=upload.sha256, filename=filename, purpose=purpose or "", store=store,
+            max_lines=settings.max_lines_per_file, max_line_bytes=settings.max_line_bytes,
+        )  # fmt: skip
+        undo = lambda: store.delete(row.storage_key)  # noqa: E731
+        earlier = idempotency.commit_once(session, **scope, object_id=row.id, undo=undo)
+    return file_view(files.get_file(session, organization=org, file_id=earlier))
 
 
 @router.get("", response_model=ListPage[FileRead])

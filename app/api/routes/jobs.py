@@ -2,12 +2,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
 from app import jobs, queue
+from app.api import idempotency
 from app.api.deps import OrgDep, SessionDep, SettingsDep
+from app.api.idempotency import IdempotencyHeader
 from app.api.views import checkpoint_view, event_view, job_view
-from app.db.session import commit
 from app.schemas.common import ListPage
 from app.schemas.jobs import CheckpointRead, EventRead, JobCreate, JobRead
 
@@ -15,12 +16,36 @@ router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 Limit = Annotated[int, Query(ge=1, le=100)]
 
 
-@router.post("", response_model=JobRead)
-def create_job(body: JobCreate, org: OrgDep, session: SessionDep, settings: SettingsDep) -> JobRead:
+DEFERRED = {
+    202: {
+        "model": JobRead,
+        "description": "Created; the broker is unreachable, so the "
+        "wake-up message is deferred to the sweep (the job is queued all the same)",
+    }
+}
+
+
+@router.post("", response_model=JobRead, responses=DEFERRED)
+def create_job(
+    body: JobCreate,
+    org: OrgDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    response: Response,
+    idempotency_key: IdempotencyHeader = None,
+) -> JobRead:
+    digest = idempotency.request_sha256(body.model_dump_json())
+    scope = {"organization": org, "endpoint": "jobs", "key": idempotency_key, "digest": digest}
+    earlier = idempotency.replayed_id(session, **scope)
+    if earlier is not None:  # a replay: the same job, never a second one
+        return job_view(jobs.get_job(session, organization=org, job_id=earlier))
+    jobs.check_active_quota(session, organization=org, limit=settings.max_active_jobs)
     job = jobs.create_job(session, organization=org, request=body, base_models=settings.base_models)
-    commit(session)  # the worker must find the row when the message arrives
-    queue.enqueue_training(job.id)
-    return job_view(job)
+    # Committed before enqueueing: the worker must find the row when the message arrives.
+    job_id = idempotency.commit_once(session, **scope, object_id=job.id)
+    if job_id == job.id and not queue.enqueue_training(job.id):
+        response.status_code = 202
+    return job_view(jobs.get_job(session, organization=org, job_id=job_id))
 
 
 @router.get("", response_model=ListPage[JobRead])

@@ -28,7 +28,11 @@ def list_models(org: OrgDep, session: SessionDep, settings: SettingsDep) -> List
 
 
 # Registered before the plain retrieve route: model ids may contain '/' (hub-style names).
-@router.get("/{model_id:path}/adapter", response_class=StreamingResponse)
+@router.get(
+    "/{model_id:path}/adapter",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/zip": {}}, "description": "The PEFT adapter"}},
+)
 def download_adapter(
     model_id: str, org: OrgDep, session: SessionDep, settings: SettingsDep, store: StoreDep
 ) -> StreamingResponse:
@@ -40,7 +44,9 @@ def download_adapter(
             f"{model_id!r} is a base model; only adapters can be downloaded", param="model"
         )
     folder = store.path(target.storage_key)
-    if sha256_file(folder / ADAPTER_WEIGHTS) != target.sha256:
+    weights = folder / ADAPTER_WEIGHTS
+    # Missing safetensors (say, only a pickled .bin left) is refused like a corrupt file.
+    if not weights.is_file() or sha256_file(weights) != target.sha256:
         raise IntegrityFailure(
             f"stored files of {model_id} do not match their sha256; refusing to serve them"
         )

@@ -1,0 +1,171 @@
+"""Reading one adapter from the artifact store into LoRA factors, checked on the way.
+
+The weights file is read once: its bytes are hashed (the registry's sha256 must match) and
+parsed from memory with safetensors, so what is checked is what is loaded. Only plain LoRA
+on linear layers is served; every other PEFT feature is refused by name rather than being
+silently served wrong. Runs on the loader thread: no model state is touched here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.inference.types import AdapterIntegrityError, AdapterRef
+from app.ml.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_dir
+from app.ml.loading import UnsafeModelError
+
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+# Config switches that change the math; served only at their plain-LoRA value.
+_PLAIN = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "bias": "none"}
+_ABSENT = (
+    "modules_to_save",
+    "layer_replication",
+    "target_parameters",
+    "trainable_token_indices",
+    "alora_invocation_tokens",
+)
+
+
+@dataclass
+class AdapterWeights:
+    """Factors per module name (A [r, in], B [out, r], scale), ready to install."""
+
+    ref: AdapterRef
+    modules: dict[str, tuple[Any, Any, float]]
+    nbytes: int
+
+    @property
+    def rank(self) -> int:
+        return max(int(a.shape[0]) for a, _, _ in self.modules.values())
+
+
+def read_adapter(
+    ref: AdapterRef, *, shapes: dict[str, tuple[int, int]], dtype: Any, device: Any
+) -> AdapterWeights:
+    """Verify `ref` against the registry and the base model; return its factors."""
+    from safetensors.torch import load as load_safetensors
+
+    folder = Path(ref.path)
+    data = _checked_bytes(ref, folder)
+    config = _config(ref, folder)
+    try:
+        tensors = load_safetensors(data)
+    except Exception as exc:  # a corrupt file that still matched its hash at publish time
+        raise _refused(ref, f"{ADAPTER_WEIGHTS} is not a safetensors file ({exc})") from exc
+    modules = _factors(ref, tensors, config, shapes)
+    moved = {
+        name: (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype), scale)
+        for name, (a, b, scale) in modules.items()
+    }
+    nbytes = sum(a.nbytes + b.nbytes for a, b, _ in moved.values())
+    return AdapterWeights(ref, moved, nbytes)
+
+
+def _refused(ref: AdapterRef, why: str) -> AdapterIntegrityError:
+    return AdapterIntegrityError(f"adapter {ref.id}: {why}", param="model")
+
+
+def _checked_bytes(ref: AdapterRef, folder: Path) -> bytes:
+    try:
+        check_adapter_dir(folder)
+    except UnsafeModelError as exc:
+        raise _refused(ref, str(exc)) from exc
+    # Only what PEFT could load as the adapter's weights counts; a training checkpoint's
+    # `optimizer.pt` next to them is never read here, so it does not make the folder unsafe.
+    pickled = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.suffix.lower() in PICKLE_SUFFIXES and p.name.startswith("adapter_model")
+    )
+    if pickled:
+        raise _refused(
+            ref, f"contains pickled weights ({', '.join(pickled)}); only safetensors are served"
+        )
+    data = (folder / ADAPTER_WEIGHTS).read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != ref.sha256.strip().lower():
+        raise _refused(
+            ref,
+            f"sha256 of {ADAPTER_WEIGHTS} is {actual} but the registry recorded {ref.sha256}; "
+            "the file changed after publishing, refusing to serve it",
+        )
+    return data
+
+
+def _config(ref: AdapterRef, folder: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError) as exc:
+        raise _refused(ref, f"{ADAPTER_CONFIG} is not valid JSON") from exc
+    if not isinstance(config, dict):
+        raise _refused(ref, f"{ADAPTER_CONFIG} is not a JSON object")
+    if config.get("peft_type") != "LORA":
+        raise _refused(ref, f"it is a {config.get('peft_type')!r} adapter; only LORA is served")
+    for key, plain in _PLAIN.items():
+        if config.get(key, plain) != plain:
+            raise _refused(ref, f"{key}={config[key]!r} is not served (only plain LoRA)")
+    for key in _ABSENT:
+        if config.get(key):
+            raise _refused(ref, f"{key} is not served (only plain LoRA on linear layers)")
+    return config
+
+
+def _factors(
+    ref: AdapterRef,
+    tensors: dict[str, Any],
+    config: dict[str, Any],
+    shapes: dict[str, tuple[int, int]],
+) -> dict[str, tuple[Any, Any, float]]:
+    parts: dict[str, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.match(key)
+        if match is None:
+            raise _refused(ref, f"tensor {key!r} is not a LoRA factor of a linear layer")
+        parts.setdefault(match["module"], {})[match["part"]] = tensor
+    if not parts:
+        raise _refused(ref, "it holds no LoRA factors")
+    modules = {}
+    for name, pair in parts.items():
+        a, b = pair.get("A"), pair.get("B")
+        expected = shapes.get(name)
+        if a is None or b is None or expected is None:
+            raise _refused(
+                ref,
+                f"could not be loaded onto this base model: module {name!r} "
+                + (
+                    "has no linear layer in the base"
+                    if expected is None
+                    else "lacks lora_A or lora_B"
+                ),
+            )
+        rank = int(a.shape[0])
+        if (
+            a.dim() != 2
+            or b.dim() != 2
+            or tuple(a.shape) != (rank, expected[0])
+            or tuple(b.shape) != (expected[1], rank)
+        ):
+            raise _refused(
+                ref,
+                f"could not be loaded onto this base model: {name} has factors "
+                f"{tuple(a.shape)}, {tuple(b.shape)} for a {expected} linear layer",
+            )
+        modules[name] = (a, b, _scale(config, name, rank))
+    return modules
+
+
+def _scale(config: dict[str, Any], module: str, rank: int) -> float:
+    """PEFT's scaling: alpha / r (alpha / sqrt(r) with rsLoRA); alpha_pattern by suffix."""
+    alpha = config.get("lora_alpha", 8)
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", module):
+            alpha = value
+            break
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank

@@ -1,0 +1,133 @@
+"""The KV cache of one running batch: rows left-padded to a common length, grown in place.
+
+transformers' `DynamicCache` concatenates the whole cache on every decode step (O(length)
+copies per token); here each layer owns a buffer with spare capacity and a decode step
+writes one column. Rows join after their own prefill (copied in, right-aligned) and leave
+when they finish (their row is dropped); leading columns that every row pads are trimmed
+then. A left-padded row is masked by `attention_mask()`; its position ids count only its
+real tokens, so each row decodes exactly as it would alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+_GROW = 64  # spare columns added when a buffer fills (amortises the copy)
+
+
+class _SlabLayer(DynamicLayer):
+    """One layer's keys/values in a preallocated buffer shared in shape by the batch."""
+
+    def __init__(self, owner: BatchKV) -> None:
+        super().__init__()
+        self.owner = owner
+        self.k_buf: torch.Tensor | None = None
+        self.v_buf: torch.Tensor | None = None
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ):
+        start = self.owner.length
+        end = start + key_states.shape[-2]
+        self.k_buf[:, :, start:end] = key_states
+        self.v_buf[:, :, start:end] = value_states
+        self.keys = self.k_buf[:, :, :end]
+        self.values = self.v_buf[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.owner.length
+
+    def get_mask_sizes(self, query_length: int, *args: Any) -> tuple[int, int]:
+        return self.owner.length + query_length, 0
+
+
+class BatchKV:
+    """The running batch's cache: `rows` sequences, `length` columns, `pad[i]` leading pads."""
+
+    def __init__(self, num_layers: int, device: Any) -> None:
+        self.layers = [_SlabLayer(self) for _ in range(num_layers)]
+        self.cache = Cache(layers=self.layers)
+        self.device = device
+        self.length = 0
+        self.pad = torch.zeros(0, dtype=torch.long, device=device)
+
+    @property
+    def rows(self) -> int:
+        return int(self.pad.shape[0])
+
+    def capacity(self) -> int:
+        first = self.layers[0].k_buf
+        return 0 if first is None else first.shape[2]
+
+    def attention_mask(self) -> torch.Tensor:
+        """[rows, length + 1]: 1 for real tokens (and the one being fed), 0 for padding."""
+        columns = torch.arange(self.length + 1, device=self.device)
+        return (columns[None, :] >= self.pad[:, None]).long()
+
+    def positions(self) -> torch.Tensor:
+        """[rows, 1]: the position id of the token each row feeds next."""
+        return (self.length - self.pad).unsqueeze(1)
+
+    def advance(self) -> None:
+        """Commit the column the last forward wrote; grow the buffers when they are full."""
+        self.length += 1
+        if self.length >= self.capacity():
+            self._rebuild(torch.arange(self.rows, device=self.device), [])
+
+    def keep(self, rows: list[int]) -> None:
+        """Drop every row not in `rows` (finished or cancelled sequences)."""
+        if len(rows) == self.rows:
+            return
+        self._rebuild(torch.tensor(rows, dtype=torch.long, device=self.device), [])
+
+    def join(self, prefilled: list[tuple[Cache, int]]) -> None:
+        """Append rows (a prefill's cache and the row in it), right-aligned."""
+        self._rebuild(torch.arange(self.rows, device=self.device), prefilled)
+
+    def _rebuild(self, keep: torch.Tensor, new: list[tuple[Cache, int]]) -> None:
+        old_real = self.length - self.pad[keep] if self.rows else self.pad[:0]
+        new_lengths = [cache.layers[0].keys.shape[-2] for cache, _ in new]
+        lengths = old_real.tolist() + new_lengths
+        length = max(lengths, default=0)
+        capacity = length + _GROW
+        pad = [length - n for n in lengths]
+        for index, layer in enumerate(self.layers):
+            layer.k_buf, layer.v_buf = (
+                self._moved(layer, name, keep, new, index, pad, capacity)
+                for name in ("k_buf", "v_buf")
+            )
+            layer.keys = layer.values = None
+        self.length = length
+        self.pad = torch.tensor(pad, dtype=torch.long, device=self.device)
+
+    def _moved(
+        self,
+        layer: _SlabLayer,
+        name: str,
+        keep: torch.Tensor,
+        new: list[tuple[Cache, int]],
+        index: int,
+        pad: list[int],
+        capacity: int,
+    ) -> torch.Tensor | None:
+        old = getattr(layer, name)
+        old_pad = self.pad.tolist()
+        sources = (
+            []
+            if old is None
+            else [old[row, :, old_pad[row] : self.length] for row in keep.tolist()]
+        )
+        attr = "keys" if name == "k_buf" else "values"
+        sources += [getattr(cache.layers[index], attr)[row] for cache, row in new]
+        if not sources:
+            return None
+        heads, _, dim = sources[0].shape
+        buf = sources[0].new_zeros((len(sources), heads, capacity, dim))
+        for row, (source, offset) in enumerate(zip(sources, pad, strict=True)):
+            buf[row, :, offset : offset + source.shape[1]] = source
+        return buf

@@ -1,0 +1,201 @@
+"""The adapters resident over one base model: loading, LRU eviction, pinning, counters.
+
+Owned by the base model's scheduler thread: only that thread installs or evicts, between
+forward passes, so a forward never sees an adapter half there. Reading files, checking the
+sha256 and parsing the weights happen on a separate loader thread, so loading one adapter
+never stalls the requests already running on others. `snapshot` may be called from any
+thread (it copies the counters under a lock).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from app.inference.adapter_files import AdapterWeights, read_adapter
+from app.inference.lora import Factors, LoraState, wrap_module
+from app.inference.types import AdapterRef
+
+
+@dataclass
+class AdapterStats:
+    """What the visibility endpoint shows for one adapter (kept after eviction)."""
+
+    id: str
+    base_model: str
+    owner: str | None
+    loaded: bool = False
+    pinned: bool = False
+    rank: int | None = None
+    bytes: int = 0
+    hits: int = 0  # requests that found it resident
+    misses: int = 0  # requests that had to wait for a load
+    loads: int = 0
+    evictions: int = 0
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    last_used: float | None = None  # unix time of the last request
+    last_load_seconds: float | None = None
+
+
+@dataclass
+class _Resident:
+    sha256: str
+    modules: list[str]
+    pinned: bool
+
+
+class AdapterPool:
+    def __init__(
+        self,
+        model: Any,
+        state: LoraState,
+        *,
+        base_model: str,
+        capacity: int,
+        shapes: dict[str, tuple[int, int]],
+        dtype: Any,
+        device: Any,
+        notify: Callable[[tuple], None],
+    ) -> None:
+        self.model, self.state, self.base_model = model, state, base_model
+        self.capacity = capacity
+        self._read = {"shapes": shapes, "dtype": dtype, "device": device}
+        self._notify = notify
+        self.resident: OrderedDict[str, _Resident] = OrderedDict()  # least recent first
+        self.loading: dict[str, bool] = {}  # id -> pin when loaded
+        self.doomed: set[str] = set()  # deleted: evict as soon as no row uses it
+        self._stats: dict[str, AdapterStats] = {}
+        self._order: tuple[str, ...] = ()  # `resident` keys, published for other threads
+        self._lock = threading.Lock()
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix=f"lora-load-{base_model}")
+
+    def ready(self, ref: AdapterRef) -> bool:
+        found = self.resident.get(ref.id)
+        return found is not None and found.sha256 == _sha(ref)
+
+    def load(self, ref: AdapterRef, *, pin: bool = False) -> None:
+        """Start loading `ref` on the loader thread (once); the result arrives via notify."""
+        if ref.id in self.loading:
+            self.loading[ref.id] = self.loading[ref.id] or pin
+            return
+        self.loading[ref.id] = pin
+        self._loader.submit(self._read_one, ref)
+
+    def _read_one(self, ref: AdapterRef) -> None:
+        started = time.perf_counter()
+        try:
+            result: AdapterWeights | Exception = read_adapter(ref, **self._read)
+        except Exception as exc:  # reported to the requests that wait for it
+            result = exc
+        self._notify(("loaded", ref, result, time.perf_counter() - started))
+
+    def install(self, weights: AdapterWeights, seconds: float) -> None:
+        """Make a read adapter usable by the next forward (scheduler thread, between steps)."""
+        ref = weights.ref
+        pin = self.loading.pop(ref.id, False)
+        if ref.id in self.resident:
+            pin = pin or self.resident[ref.id].pinned
+            self.evict(ref.id)
+        for name, (a, b, scale) in weights.modules.items():
+            wrap_module(self.model, name, self.state).factors[ref.id] = Factors(a, b, scale)
+        self.resident[ref.id] = _Resident(_sha(ref), list(weights.modules), pin)
+        with self._lock:
+            self._order = tuple(self.resident)
+            stats = self._stats_for(ref)
+            stats.loaded, stats.pinned, stats.rank, stats.bytes = (
+                True,
+                pin,
+                weights.rank,
+                weights.nbytes,
+            )
+            stats.loads += 1
+            stats.last_load_seconds = seconds
+
+    def evict(self, adapter_id: str) -> None:
+        """Drop an adapter's factors from every module (their memory is freed with them)."""
+        found = self.resident.pop(adapter_id, None)
+        if found is None:
+            return
+        for name in found.modules:
+            self.model.get_submodule(name).factors.pop(adapter_id, None)
+        with self._lock:
+            self._order = tuple(self.resident)
+            stats = self._stats.get(adapter_id)
+            if stats is not None:
+                stats.loaded, stats.pinned = False, False
+                stats.evictions += 1
+
+    def trim(self, busy: set[str], wanted: set[str]) -> None:
+        """Evict deleted adapters and least recently used ones past capacity.
+
+        Never evicts an adapter a running row uses (`busy`) or a pinned one; prefers the
+        ones no waiting request asks for (`wanted`). May stay over capacity until rows end.
+        """
+        if not self.doomed and len(self.resident) <= self.capacity:
+            return  # the common case, checked every scheduler iteration: O(1)
+        for adapter_id in [a for a in self.doomed if a not in busy]:
+            self.evict(adapter_id)
+            self.doomed.discard(adapter_id)
+        excess = sum(not r.pinned for r in self.resident.values()) - self.capacity
+        candidates = [a for a, r in self.resident.items() if not r.pinned and a not in busy]
+        candidates.sort(key=lambda a: a in wanted)  # stable: LRU order within each group
+        for adapter_id in candidates[: max(0, excess)]:
+            self.evict(adapter_id)
+
+    def touch(self, ref: AdapterRef, *, hit: bool) -> None:
+        """A request arrived for `ref`: count a hit or a miss."""
+        with self._lock:
+            stats = self._stats_for(ref)
+            stats.hits += hit
+            stats.misses += not hit
+
+    def used(self, ref: AdapterRef) -> None:
+        """A request starts running on `ref`: it becomes the most recently used."""
+        if ref.id in self.resident:
+            self.resident.move_to_end(ref.id)
+        with self._lock:
+            self._order = tuple(self.resident)
+            self._stats_for(ref).last_used = time.time()
+
+    def finished(self, ref: AdapterRef, prompt_tokens: int, completion_tokens: int) -> None:
+        with self._lock:
+            stats = self._stats_for(ref)
+            stats.requests += 1
+            stats.prompt_tokens += prompt_tokens
+            stats.completion_tokens += completion_tokens
+
+    def pin(self, adapter_id: str) -> None:
+        found = self.resident.get(adapter_id)
+        if found is not None:
+            found.pinned = True
+            with self._lock:
+                self._stats[adapter_id].pinned = True
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [asdict(stats) for stats in self._stats.values()]
+
+    def lru_order(self) -> list[str]:
+        """Resident adapter ids, least recently used first (safe from any thread)."""
+        with self._lock:
+            return list(self._order)
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+    def _stats_for(self, ref: AdapterRef) -> AdapterStats:
+        stats = self._stats.get(ref.id)
+        if stats is None:
+            stats = self._stats[ref.id] = AdapterStats(ref.id, self.base_model, ref.owner)
+        return stats
+
+
+def _sha(ref: AdapterRef) -> str:
+    return ref.sha256.strip().lower()

@@ -1,0 +1,382 @@
+"""One base model's scheduler: a thread that batches every request on that base.
+
+Continuous batching: between two decode steps the thread takes in messages (new requests,
+finished adapter loads, deletions), prefills the requests that can start (their adapter is
+resident, the batch has room), and appends them to the running batch; rows leave as soon as
+they finish. Each decode step is one forward pass over all running rows, whatever adapter
+each uses (`lora.Plan`), over one KV cache (`kv.BatchKV`). A request whose adapter is still
+loading waits without holding up the others.
+
+Everything here runs on the scheduler thread, except `submit`/`send`, which only enqueue.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from app.errors import NotFound
+from app.inference.kv import BatchKV
+from app.inference.lora import LoraState, Plan, linear_shapes
+from app.inference.pool import AdapterPool
+from app.inference.request import Request
+from app.inference.sampling import make_generator, pick_token
+from app.inference.text import TextTracker
+from app.inference.types import AdapterRef, Delta, Generation, TokenLogprob
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Row:
+    request: Request
+    tracker: TextTracker
+    generator: Any
+    last: int = -1  # the token the next decode step feeds
+    produced: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    pending: list[TokenLogprob] = field(default_factory=list)  # not yet streamed
+
+
+class _Stop(Exception):
+    pass
+
+
+class BaseScheduler:
+    def __init__(
+        self,
+        name: str,
+        model: Any,
+        tokenizer: Any,
+        *,
+        eos_ids: frozenset[int],
+        capacity: int,
+        max_batch: int,
+    ) -> None:
+        self.name, self.model, self.tokenizer, self.eos_ids = name, model, tokenizer, eos_ids
+        self.max_batch = max_batch
+        self.device = next(model.parameters()).device
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.state = LoraState()
+        self.pool = AdapterPool(
+            model,
+            self.state,
+            base_model=name,
+            capacity=capacity,
+            shapes=linear_shapes(model),
+            dtype=next(model.parameters()).dtype,
+            device=self.device,
+            notify=self.inbox.put,
+        )
+        config = getattr(model.config, "text_config", None) or model.config
+        self.kv = BatchKV(config.num_hidden_layers, self.device)
+        self.waiting: deque[Request] = deque()
+        self.rows: list[_Row] = []
+        self.deleted: set[str] = set()
+        self._preloads: dict[str, list[threading.Event]] = {}  # id -> preload() callers
+        self.steps = 0  # decode steps
+        self.mixed_steps = 0  # decode steps whose rows span more than one model
+        self.peak_batch = 0
+        self._plan: Plan | None = None
+        self._cache_arg, self._extra = _forward_options(model)
+        self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
+        self._thread.start()
+
+    # -- called from request threads: enqueue only ------------------------------------
+    def send(self, *message: Any) -> None:
+        self.inbox.put(message)
+
+    def stop(self) -> None:
+        self.send("stop")
+        self._thread.join(timeout=30)
+        self.pool.close()
+
+    def load_info(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "running": len(self.rows),
+            "waiting": len(self.waiting),
+            "steps": self.steps,
+            "mixed_steps": self.mixed_steps,
+            "peak_batch": self.peak_batch,
+            "max_batch_size": self.max_batch,
+            "max_loaded_adapters": self.pool.capacity,
+            "loaded": self.pool.lru_order(),
+        }
+
+    # -- the loop --------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            try:
+                self._drain(block=not self.rows and not self._startable())
+                self._admit()
+                if self.rows:
+                    self._step()
+                self._trim()
+            except _Stop:
+                return
+            except Exception as exc:  # never let the thread die: fail what was running
+                logger.exception("inference step failed on %s", self.name)
+                for row in self.rows:
+                    row.request.events.put(exc)
+                self.rows, self._plan = [], None
+                self.kv.keep([])
+
+    def _startable(self) -> bool:
+        return len(self.rows) < self.max_batch and any(
+            r.adapter is None or self.pool.ready(r.adapter) for r in self.waiting
+        )
+
+    def _drain(self, *, block: bool) -> None:
+        try:
+            message = self.inbox.get() if block else self.inbox.get_nowait()
+            while True:
+                self._handle(*message)
+                message = self.inbox.get_nowait()
+        except queue.Empty:
+            return
+
+    def _handle(self, kind: str, *args: Any) -> None:
+        if kind == "submit":
+            self._accept(args[0])
+        elif kind == "loaded":
+            self._loaded(*args)
+        elif kind == "unload":
+            self._unload(args[0])
+            args[1].set()
+        elif kind == "preload":
+            ref, done = args
+            if self.pool.ready(ref):
+                self.pool.pin(ref.id)
+            elif ref.id not in self.deleted:
+                self.pool.load(ref, pin=True)
+                self._preloads.setdefault(ref.id, []).append(done)
+                return
+            done.set()
+        elif kind == "stop":
+            raise _Stop
+
+    def _accept(self, request: Request) -> None:
+        ref = request.adapter
+        if ref is not None:
+            if ref.id in self.deleted:
+                request.events.put(_gone(ref.id))
+                return
+            hit = self.pool.ready(ref)
+            self.pool.touch(ref, hit=hit)
+            if not hit:
+                self.pool.load(ref)
+        self.waiting.append(request)
+
+    def _loaded(self, ref: AdapterRef, result: Any, seconds: float) -> None:
+        waiters = self._preloads.pop(ref.id, [])
+        if isinstance(result, Exception) or ref.id in self.deleted:
+            self.pool.loading.pop(ref.id, None)
+            error = result if isinstance(result, Exception) else _gone(ref.id)
+            if waiters:
+                logger.warning("preloading %s failed: %s", ref.id, error)
+            self._fail_waiting(ref.id, error)
+        else:
+            self.pool.install(result, seconds)
+            self._trim()  # make room now, so the cache never holds more than it must
+        for done in waiters:
+            done.set()
+
+    def _trim(self) -> None:
+        busy = {row.request.key for row in self.rows}
+        self.pool.trim(busy, {request.key for request in self.waiting})
+
+    def _unload(self, adapter_id: str) -> None:
+        self.deleted.add(adapter_id)
+        self.pool.doomed.add(adapter_id)
+        self._fail_waiting(adapter_id, _gone(adapter_id))
+        self._trim()  # evicted now unless a running row still uses it
+
+    def _fail_waiting(self, adapter_id: str, error: Exception) -> None:
+        for request in [r for r in self.waiting if r.key == adapter_id]:
+            self.waiting.remove(request)
+            request.events.put(error)
+
+    # -- admission: prefill new requests, then join the batch --------------------------
+    def _admit(self) -> None:
+        room = self.max_batch - len(self.rows)
+        chosen: list[Request] = []
+        for request in list(self.waiting):
+            if len(chosen) >= room:
+                break
+            if request.cancelled:
+                self.waiting.remove(request)
+            elif request.adapter is None or self.pool.ready(request.adapter):
+                self.waiting.remove(request)
+                chosen.append(request)
+            elif request.key not in self.pool.loading:  # evicted while it waited
+                self.pool.load(request.adapter)
+        # Same-length prompts prefill together: one forward, no padding, so every row is
+        # computed exactly as it would be alone.
+        by_length: dict[int, list[Request]] = {}
+        for request in chosen:
+            by_length.setdefault(len(request.input_ids), []).append(request)
+        joined, caches = [], []
+        for group in by_length.values():
+            try:
+                live, cache = self._prefill(group)
+            except Exception as exc:  # these requests only
+                logger.exception("prefill failed on %s", self.name)
+                for request in group:
+                    request.events.put(exc)
+                continue
+            for index, row in live:
+                joined.append(row)
+                caches.append((cache, index))
+        if caches:
+            try:
+                self.kv.join(caches)
+            except Exception as exc:  # e.g. out of memory: these rows never started
+                for row in joined:
+                    row.request.events.put(exc)
+                raise
+            self.rows.extend(joined)
+
+    def _prefill(self, group: list[Request]) -> tuple[list[tuple[int, _Row]], Any]:
+        """Prefill same-length prompts; (index in the group, row) of those not yet done."""
+        for request in group:
+            if request.adapter is not None:
+                self.pool.used(request.adapter)
+        self.state.plan = Plan(tuple(request.key for request in group))
+        ids = torch.tensor([r.input_ids for r in group], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, use_cache=True, **self._extra)
+        rows = [
+            _Row(
+                request,
+                TextTracker(self.tokenizer, request.params.stop, self.eos_ids),
+                None if request.params.greedy else make_generator(request.params.seed, self.device),
+            )
+            for request in group
+        ]
+        logits = out.logits[:, -1]
+        tokens = self._choose(rows, logits)
+        live = [
+            (index, row)
+            for index, (row, token) in enumerate(zip(rows, tokens, strict=True))
+            if not self._advance(row, token, logits[index])
+        ]
+        return live, getattr(out, self._cache_arg)
+
+    # -- one decode step over the whole batch -------------------------------------------
+    def _step(self) -> None:
+        keys = tuple(row.request.key for row in self.rows)
+        if self._plan is None or self._plan.row_keys != keys:
+            self._plan = Plan(keys)
+        self.peak_batch = max(self.peak_batch, len(keys))
+        self.mixed_steps += len(set(keys)) > 1
+        self.state.plan = self._plan
+        ids = torch.tensor([[row.last] for row in self.rows], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=ids,
+                attention_mask=self.kv.attention_mask(),
+                position_ids=self.kv.positions(),
+                use_cache=True,
+                **{self._cache_arg: self.kv.cache},
+                **self._extra,
+            )
+        self.kv.advance()
+        self.steps += 1
+        logits = out.logits[:, -1]
+        tokens = self._choose(self.rows, logits)
+        keep = [
+            index
+            for index, (row, token) in enumerate(zip(self.rows, tokens, strict=True))
+            if not row.request.cancelled and not self._advance(row, token, logits[index])
+        ]
+        if len(keep) != len(self.rows):
+            self.kv.keep(keep)
+            self.rows = [self.rows[index] for index in keep]
+
+    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """Next token per row: one argmax for all greedy rows, seeded sampling for the rest."""
+        greedy = [i for i, row in enumerate(rows) if row.request.params.greedy]
+        tokens = [0] * len(rows)
+        if greedy:
+            picked = (
+                logits[greedy].argmax(dim=-1).tolist()
+                if len(greedy) < len(rows)
+                else logits.argmax(dim=-1).tolist()
+            )
+            for index, token in zip(greedy, picked, strict=True):
+                tokens[index] = token
+        for index, row in enumerate(rows):
+            if not row.request.params.greedy:
+                tokens[index] = pick_token(logits[index], row.request.params, row.generator)
+        return tokens
+
+    def _advance(self, row: _Row, token: int, logits: torch.Tensor) -> bool:
+        """Record one generated token for `row`; stream what became visible. True = done."""
+        request, tracker = row.request, row.tracker
+        row.produced += 1
+        row.last = token
+        if request.logprobs is not None and token not in self.eos_ids:
+            entry = self._logprob(logits, token, len(tracker.text), request.logprobs)
+            row.logprobs.append(entry)
+            row.pending.append(entry)
+        piece = tracker.push(token)
+        if tracker.finish_reason is None and row.produced >= request.params.max_tokens:
+            piece += tracker.finish("length")
+        done = tracker.finish_reason is not None
+        if piece or done:  # the last delta always carries the finish reason
+            request.events.put(Delta(piece, row.pending, tracker.finish_reason if done else None))
+            row.pending = []
+        if done:
+            self._complete(row)
+        return done
+
+    def _complete(self, row: _Row) -> None:
+        request = row.request
+        prompt = len(request.input_ids)
+        if request.adapter is not None:
+            self.pool.finished(request.adapter, prompt, row.produced)
+        request.events.put(
+            Generation(
+                row.tracker.text,
+                row.tracker.finish_reason or "length",
+                prompt,
+                row.produced,
+                row.logprobs if request.logprobs is not None else None,
+            )
+        )
+
+    def _logprob(self, logits: torch.Tensor, token: int, offset: int, top: int) -> TokenLogprob:
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        alternatives: dict[str, float] = {}
+        if top:
+            values, ids = torch.topk(logprobs, top)
+            for value, other in zip(values.tolist(), ids.tolist(), strict=True):
+                alternatives.setdefault(self.tokenizer.decode([other]), value)
+        return TokenLogprob(
+            self.tokenizer.decode([token]), float(logprobs[token]), alternatives, offset
+        )
+
+
+def _gone(adapter_id: str) -> NotFound:
+    return NotFound(
+        f"The model '{adapter_id}' does not exist", param="model", code="model_not_found"
+    )
+
+
+def _forward_options(model: Any) -> tuple[str, dict[str, Any]]:
+    """The KV-cache argument's name (transformers 5 renamed `past_key_values` to `cache`)
+    and `logits_to_keep=1` where supported (skips the prompt-long logits at prefill)."""
+    try:
+        names = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        names = {}
+    cache_arg = "cache" if "cache" in names else "past_key_values"
+    return cache_arg, ({"logits_to_keep": 1} if "logits_to_keep" in names else {})

@@ -1,0 +1,285 @@
+"""/v1/completions, /v1/chat/completions (JSON and SSE) and /v1/engine/adapters, in process.
+
+Adapters are published the way a finished job publishes them: PEFT files in the artifact
+store and one registry row, owned by the caller's organization.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+from app import registry, tenancy  # noqa: E402
+from app.db.models import Job  # noqa: E402
+from app.db.session import session_scope  # noqa: E402
+from app.ids import new_id  # noqa: E402
+from app.ml.adapters import save_adapter  # noqa: E402
+from app.ml.loading import load_base_model  # noqa: E402
+from app.storage import ArtifactStore  # noqa: E402
+
+PROMPT = "The quick brown fox"
+
+
+def publish_adapter(
+    settings, model_dir: Path, *, org: str, suffix: str, seed: int, rank: int = 4
+) -> str:  # type: ignore[no-untyped-def]
+    """Write a random-B LoRA for the tiny base into the store and register it; its id."""
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(
+        load_base_model(model_dir, device="cpu"),
+        peft.LoraConfig(
+            r=rank,
+            lora_alpha=2 * rank,
+            init_lora_weights=False,
+            target_modules=["q_proj", "v_proj"],
+        ),
+    )
+    store = ArtifactStore(settings.artifacts_dir)
+    with session_scope(settings.sqlalchemy_url) as session:
+        organization = tenancy.get_or_create_organization(session, name=org)
+        job = Job(
+            id=new_id("ftjob"),
+            organization_id=organization.id,
+            model="tiny",
+            training_file="file-x",
+            hyperparameters={},
+            seed=seed,
+            status="succeeded",
+        )
+        session.add(job)
+        session.flush()
+        key = f"adapters/{job.id}"
+        with store.temp_dir() as tmp:
+            sha = save_adapter(model, tmp)
+            store.publish_dir(tmp, key)
+        adapter_id = registry.adapter_name(
+            base_model="tiny", organization=org, suffix=suffix, job_id=job.id
+        )
+        registry.register_adapter(
+            session,
+            adapter_id=adapter_id,
+            organization_id=organization.id,
+            base_model="tiny",
+            job_id=job.id,
+            storage_key=key,
+            sha256=sha,
+            size_bytes=1,
+            lora_config={"r": rank},
+        )
+        job.fine_tuned_model = adapter_id
+    return adapter_id
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def adapter(settings, tiny_model_dir) -> str:  # type: ignore[no-untyped-def]
+    return publish_adapter(settings, tiny_model_dir, org="acme", suffix="one", seed=1)
+
+
+def sse(response) -> list[dict | str]:  # type: ignore[no-untyped-def]
+    """The events of an SSE body: parsed JSON, or the literal '[DONE]'."""
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = []
+    for block in response.text.split("\n\n"):
+        if block.strip():
+            assert block.startswith("data: "), block
+            payload = block[len("data: ") :]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def complete(client, **body):  # type: ignore[no-untyped-def]
+    return client.post("/v1/completions", json={"prompt": PROMPT, "temperature": 0} | body)
+
+
+def test_completion_json_and_stream_agree(client, adapter):  # type: ignore[no-untyped-def]
+    whole = complete(client, model=adapter, max_tokens=12)
+    assert whole.status_code == 200, whole.text
+    body = whole.json()
+    assert body["object"] == "text_completion" and body["model"] == adapter
+    assert body["usage"]["prompt_tokens"] == len(PROMPT)
+    assert (
+        body["usage"]["total_tokens"]
+        == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    )
+    events = sse(
+        complete(
+            client,
+            model=adapter,
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert events[-1] == "[DONE]"
+    chunks, usage = events[:-2], events[-2]
+    assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == body["choices"][0]["text"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == body["choices"][0][
+        "finish_reason"
+    ]
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert usage["choices"] == [] and usage["usage"] == body["usage"]
+
+
+def test_chat_stream_starts_with_the_role_and_matches_json(client, adapter):  # type: ignore[no-untyped-def]
+    body = {
+        "model": adapter,
+        "messages": [{"role": "user", "content": "hi"}],
+        "temperature": 0,
+        "max_tokens": 10,
+    }
+    whole = client.post("/v1/chat/completions", json=body).json()
+    events = sse(client.post("/v1/chat/completions", json=body | {"stream": True}))
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["object"] == "chat.completion.chunk"
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text == whole["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+
+
+def test_completion_logprobs(client, adapter):  # type: ignore[no-untyped-def]
+    body = complete(client, model=adapter, max_tokens=8, logprobs=3).json()
+    choice = choice_of(body)
+    logprobs = choice["logprobs"]
+    assert "".join(logprobs["tokens"]) == choice["text"]
+    assert (
+        len(logprobs["tokens"])
+        == len(logprobs["token_logprobs"])
+        == len(logprobs["top_logprobs"])
+        == len(logprobs["text_offset"])
+    )
+    assert all(lp <= 0 for lp in logprobs["token_logprobs"])
+    for token, lp, top in zip(
+        logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True
+    ):
+        assert 1 <= len(top) <= 3
+        assert max(top.values()) == pytest.approx(lp)  # greedy: the chosen one is the top
+        assert top.get(token) == pytest.approx(lp)
+    offsets = logprobs["text_offset"]
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    assert choice_of(complete(client, model=adapter, max_tokens=8).json())["logprobs"] is None
+
+
+def choice_of(body: dict) -> dict:
+    return body["choices"][0]
+
+
+def test_stop_and_seed(client):  # type: ignore[no-untyped-def]
+    full = choice_of(complete(client, model="tiny", max_tokens=20).json())["text"]
+    stop = full[5:7]
+    cut = choice_of(complete(client, model="tiny", max_tokens=20, stop=[stop, "zzzz"]).json())
+    assert (cut["text"], cut["finish_reason"]) == (full[: full.find(stop)], "stop")
+    streamed = sse(complete(client, model="tiny", max_tokens=20, stop=stop, stream=True))
+    assert "".join(c["choices"][0]["text"] for c in streamed[:-1]) == cut["text"]
+
+    def sampled(seed: int) -> str:
+        body = {"temperature": 1.0, "seed": seed, "max_tokens": 16}
+        return choice_of(complete(client, model="tiny", **body).json())["text"]
+
+    assert sampled(3) == sampled(3)
+    assert sampled(3) != sampled(4)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"max_tokens": 2000}, "max_tokens"),  # past the 1024-token context
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"logprobs": 6}, "logprobs"),
+        ({"n": 2}, "n"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"stream": True, "max_tokens": 2000}, "max_tokens"),
+        ({"prompt": ""}, "prompt"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"best_of": 2}, "best_of"),
+    ],
+)
+def test_bad_completion_requests_name_the_field(client, adapter, body, param):  # type: ignore[no-untyped-def]
+    response = complete(client, model=adapter, **body)
+    assert response.status_code == 400, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.json()["error"]["param"] == param
+    assert client.get("/v1/engine/adapters").json()["data"] == []  # nothing ran or loaded
+
+
+def test_bad_chat_requests_name_the_field(client, adapter):  # type: ignore[no-untyped-def]
+    base = {"model": adapter, "messages": [{"role": "user", "content": "hi"}]}
+    for extra, param in [
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"max_completion_tokens": 5000}, "max_tokens"),
+        ({"messages": []}, "messages"),
+        ({"stream": True, "max_tokens": 5000}, "max_tokens"),
+    ]:
+        response = client.post("/v1/chat/completions", json=base | extra)
+        assert response.status_code == 400, (extra, response.text)
+        assert response.json()["error"]["param"] == param, extra
+    assert client.get("/v1/engine/adapters").json()["data"] == []
+
+
+def test_unknown_or_foreign_model_is_404_even_when_streaming(client, other_client, adapter):  # type: ignore[no-untyped-def]
+    for caller, model in [(client, "ft:tiny:acme::ftjob-nope"), (other_client, adapter)]:
+        for stream in (False, True):
+            response = complete(caller, model=model, stream=stream)
+            assert response.status_code == 404, response.text
+            assert response.json()["error"]["param"] == "model"
+
+
+def test_visibility_counts_per_adapter_and_shows_only_the_callers(  # type: ignore[no-untyped-def]
+    client, other_client, adapter, settings, tiny_model_dir
+):
+    theirs = publish_adapter(settings, tiny_model_dir, org="globex", suffix="two", seed=2)
+    first = complete(client, model=adapter, max_tokens=4).json()
+    second = complete(client, model=adapter, max_tokens=6).json()
+    assert complete(other_client, model=theirs, max_tokens=3).status_code == 200
+    view = client.get("/v1/engine/adapters").json()
+    (mine,) = view["data"]
+    assert mine["id"] == adapter and mine["loaded"] and not mine["pinned"]
+    assert (mine["misses"], mine["hits"], mine["requests"], mine["loads"]) == (1, 1, 2, 1)
+    assert mine["prompt_tokens"] == 2 * len(PROMPT)
+    assert mine["completion_tokens"] == sum(
+        b["usage"]["completion_tokens"] for b in (first, second)
+    )
+    assert mine["rank"] == 4 and mine["bytes"] > 0 and mine["last_used"] is not None
+    assert view["base_models"][0]["loaded"] == [adapter]
+    assert [a["id"] for a in other_client.get("/v1/engine/adapters").json()["data"]] == [theirs]
+
+
+def test_delete_unloads_then_refuses(client, adapter):  # type: ignore[no-untyped-def]
+    assert complete(client, model=adapter, max_tokens=2).status_code == 200
+    assert client.delete(f"/v1/models/{adapter}").status_code == 200
+    (entry,) = client.get("/v1/engine/adapters").json()["data"]
+    assert entry["loaded"] is False and entry["evictions"] == 1
+    assert client.get("/v1/engine/adapters").json()["base_models"][0]["loaded"] == []
+    for stream in (False, True):
+        assert complete(client, model=adapter, stream=stream).status_code == 404
+
+
+def test_tampered_adapter_is_refused_before_any_stream(client, adapter, settings):  # type: ignore[no-untyped-def]
+    with session_scope(settings.sqlalchemy_url) as session:
+        row = registry.find_adapters(session, model_ids=[adapter])[0]
+        weights = ArtifactStore(settings.artifacts_dir).path(row.storage_key)
+    blob = weights / "adapter_model.safetensors"
+    blob.write_bytes(blob.read_bytes()[:-1] + b"\x00")
+    for stream in (False, True):
+        response = complete(client, model=adapter, stream=stream)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["code"] == "adapter_integrity"
+    assert [a["loaded"] for a in client.get("/v1/engine/adapters").json()["data"]] == [False]

@@ -1,0 +1,48 @@
+"""Fixtures for fault tests: a private Redis and the real stack on PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.harness import ChaosStack, PostgresCluster, RedisServer
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def make_stack(tmp_path, tiny_model_dir, pg_database_url, redis_server) -> Iterator[Callable]:  # type: ignore[no-untyped-def]
+    """Build a migrated stack (API started, logged in); workers are added by the test."""
+    from app import migrate
+    from app.config import Settings
+
+    stacks: list[ChaosStack] = []
+
+    def make(db_url: str | None = None, **env: str) -> ChaosStack:
+        db_url = db_url or pg_database_url
+        migrate.upgrade(Settings(data_dir=tmp_path / "data", database_url=db_url))
+        stack = ChaosStack(tmp_path, tiny_model_dir, db_url, redis_server, **env)
+        stacks.append(stack)
+        stack.start_api()
+        stack.login()
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.stop()
+
+
+@pytest.fixture
+def pg_cluster() -> Iterator[PostgresCluster]:
+    cluster = PostgresCluster()
+    cluster.start()
+    yield cluster
+    cluster.stop()

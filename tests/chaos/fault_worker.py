@@ -1,0 +1,106 @@
+"""The Celery app of a chaos worker: the real one, plus a journal of what it did.
+
+`celery -A tests.chaos.fault_worker worker …` imports this in the master, so the
+wrappers below are inherited by every forked child. Nothing here changes what the
+worker decides; it records deliveries and optimizer steps (after the lease renewal
+succeeded, i.e. while the attempt held the job) to an append-only JSONL file, and can
+slow steps down (`LORAFORGE_CHAOS_STEP_SLEEP`) so kills land mid-training, and
+checkpoint writes (`LORAFORGE_CHAOS_SAVE_SLEEP`: a pause after the loop writes the
+files and between the files published) so kills land mid-write.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import worker.tasks
+from app import storage
+from worker import run_job as run_job_module
+from worker.celery_app import celery_app
+from worker.training import loop
+
+JOURNAL = os.environ.get("LORAFORGE_CHAOS_JOURNAL")
+STEP_SLEEP = float(os.environ.get("LORAFORGE_CHAOS_STEP_SLEEP", "0"))
+SAVE_SLEEP = float(os.environ.get("LORAFORGE_CHAOS_SAVE_SLEEP", "0"))
+
+__all__ = ["celery_app"]
+
+
+def record(kind: str, **fields: Any) -> None:
+    if not JOURNAL:
+        return
+    line = json.dumps({"kind": kind, "pid": os.getpid(), "t": time.time(), **fields}) + "\n"
+    # One short O_APPEND write per line: lines from several processes never interleave.
+    fd = os.open(JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+_real_run_job = worker.tasks.run_job
+_real_on_step = run_job_module.Progress.on_step
+
+
+@functools.wraps(_real_run_job)
+def _journaled_run_job(job_id: str) -> str:
+    record("delivery", job=job_id)
+    result = _real_run_job(job_id)
+    record("result", job=job_id, result=result)
+    return result
+
+
+def _journaled_on_step(self, report) -> None:  # type: ignore[no-untyped-def]
+    _real_on_step(self, report)  # renews the lease: raises if this attempt lost the job
+    record("step", job=self.claim.job_id, attempt=self.claim.attempt, step=report.step)
+    if STEP_SLEEP:
+        time.sleep(STEP_SLEEP)
+
+
+def _journaled_save(out_dir, **kwargs):  # type: ignore[no-untyped-def]
+    """The loop's checkpoint write, journaled, and slowed to a disk's pace when asked."""
+    record("save_begin", dir=str(out_dir))
+    digest = _real_save(out_dir, **kwargs)
+    if SAVE_SLEEP:
+        time.sleep(SAVE_SLEEP)
+    return digest
+
+
+def _slow_copytree(src, dst, **kwargs):  # type: ignore[no-untyped-def]
+    """publish_dir's copy into its staging dir, one file at a time with a pause between."""
+
+    def copy(a, b):  # type: ignore[no-untyped-def]
+        shutil.copy2(a, b)
+        time.sleep(SAVE_SLEEP)
+
+    return shutil.copytree(src, dst, copy_function=copy, **kwargs)
+
+
+def _journaled_on_checkpoint(self, report) -> None:  # type: ignore[no-untyped-def]
+    _real_on_checkpoint(self, report)  # publish, then record in the database
+    record("save_end", job=self.claim.job_id, attempt=self.claim.attempt, step=report.step)
+
+
+worker.tasks.run_job = _journaled_run_job
+run_job_module.Progress.on_step = _journaled_on_step
+_real_save = loop.save_checkpoint
+loop.save_checkpoint = _journaled_save
+_real_on_checkpoint = run_job_module.Progress.on_checkpoint
+run_job_module.Progress.on_checkpoint = _journaled_on_checkpoint
+if SAVE_SLEEP:
+    storage.shutil = SimpleNamespace(copytree=_slow_copytree, rmtree=shutil.rmtree)
+
+if os.environ.get("LORAFORGE_CHAOS_PRELOAD", "1") == "1":
+    # Import the ML stack once in the master, so each forked child starts in a fraction of
+    # a second instead of re-importing it (2 cores: ~5 s a job). No tensor op runs here, so
+    # no thread pool exists yet at fork time. The production worker imports lazily in the
+    # child; the e2e tests cover that path.
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401

@@ -1,0 +1,371 @@
+"""Real processes for fault tests: a private Redis, the API (uvicorn + sweeper), workers.
+
+Nothing shared is ever killed: Redis runs on a free port of its own (no persistence, so
+a restart loses every message), workers and the API are children of the test, and the
+database is the test's own PostgreSQL database (`pg_database_url`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+from sqlalchemy import select
+
+from app.db.models import Adapter, Job
+from app.db.session import session_scope
+from tests.e2e.stack import free_port, stack_env, tail_logs, wait_healthy
+
+REPO = Path(__file__).resolve().parents[2]
+FULL = os.environ.get("LORAFORGE_CHAOS_FULL") == "1"
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, logs: Path | None = None):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.05)
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what}" + ("\n" + tail_logs(logs) if logs else "")
+    )
+
+
+class RedisServer:
+    """redis-server on a free loopback port, no RDB, no AOF: a kill loses all messages."""
+
+    def __init__(self, workdir: Path):
+        self.workdir, self.port, self.proc = workdir, free_port(), None
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import redis
+
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=open(self.workdir / "redis.log", "a"),
+            stderr=subprocess.STDOUT,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        wait_until(lambda: _pings(client), 20, "redis to answer PING")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()  # SIGKILL: nothing is saved
+            self.proc.wait()
+
+
+def _pings(client) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
+
+
+class Worker:
+    """One `celery worker -c 1` (prefork, a fresh child per job) with the chaos journal."""
+
+    def __init__(self, env: dict[str, str], logs: Path, name: str):
+        self.env, self.logs, self.name, self.proc = env, logs, name, None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        log = open(self.logs / f"worker-{self.name}-{self.starts}.log", "w")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "tests.chaos.fault_worker",
+                "worker",
+                "-c",
+                "1",
+                "-Q",
+                "training",
+                "--pool=prefork",
+                "--loglevel=INFO",
+                "-n",
+                f"{self.name}@%h",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+            cwd=REPO,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children()
+        except psutil.NoSuchProcess:
+            return []
+
+    def kill_child(self) -> int:
+        [child] = wait_until(self.children, 30, "the worker's pool child")
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+        return child.pid
+
+    def kill_master(self) -> None:
+        """SIGKILL the master; its pool child gets SIGKILL too (billiard sets PDEATHSIG)."""
+        children = self.children()
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+        psutil.wait_procs(children, timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        children = self.children()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        for child in psutil.wait_procs(children, timeout=10)[1]:
+            child.kill()
+
+
+class ChaosStack:
+    """The API (with its sweeper) and N workers over Redis + PostgreSQL, on short timers."""
+
+    def __init__(self, tmp: Path, model_dir: Path, db_url: str, redis: RedisServer, **env: str):
+        self.tmp, self.db_url, self.redis = tmp, db_url, redis
+        self.logs = tmp / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.journal_path = tmp / "journal.jsonl"
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        timers = {
+            "LORAFORGE_LEASE_SECONDS": "3",
+            "LORAFORGE_SWEEP_INTERVAL_SECONDS": "1",
+            "LORAFORGE_REQUEUE_AFTER_SECONDS": "4",
+            "LORAFORGE_MAX_ATTEMPTS": "5",
+            "LORAFORGE_MAX_ACTIVE_JOBS": "0",
+            "LORAFORGE_RATE_LIMIT_PER_SECOND": "0",
+            "LORAFORGE_INFERENCE_ENABLED": "false",
+        }
+        self.env = stack_env(
+            tmp / "data",
+            model_dir,
+            LORAFORGE_DATABASE_URL=db_url,
+            LORAFORGE_BROKER_URL=redis.url,
+            LORAFORGE_CHAOS_JOURNAL=str(self.journal_path),
+            PYTHONPATH=str(REPO),
+            **(timers | env),
+        )
+        self.api: subprocess.Popen | None = None
+        self.workers: list[Worker] = []
+        self.http = httpx.Client(base_url=self.base_url, timeout=30)
+
+    # -- processes -------------------------------------------------------------------------
+    def start_api(self) -> None:
+        log = open(self.logs / "api.log", "a")
+        self.api = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "api", "--port", str(self.port)],
+            cwd=REPO,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_healthy(self.base_url, [self.api], self.logs)
+
+    def add_worker(self, name: str) -> Worker:
+        worker = Worker(self.env, self.logs, name)
+        worker.start()
+        self.workers.append(worker)
+        return worker
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        if self.api and self.api.poll() is None:
+            self.api.send_signal(signal.SIGTERM)
+            try:
+                self.api.wait(30)
+            except subprocess.TimeoutExpired:
+                self.api.kill()
+        self.http.close()
+
+    # -- the API, as a client --------------------------------------------------------------
+    def login(self, org: str = "acme") -> None:
+        from app import tenancy
+
+        with session_scope(self.db_url) as session:
+            organization = tenancy.get_or_create_organization(session, name=org)
+            key = tenancy.create_api_key(session, organization=organization)
+        self.http.headers["Authorization"] = f"Bearer {key}"
+
+    def upload(self, rows: list[dict]) -> str:
+        content = "".join(json.dumps(row) + "\n" for row in rows).encode()
+        response = self.http.post(
+            "/v1/files", files={"file": ("train.jsonl", content)}, data={"purpose": "fine-tune"}
+        )
+        assert response.status_code == 200, response.text
+        return response.json()["id"]
+
+    def create_job(self, file_id: str, **hyperparameters: Any) -> httpx.Response:
+        # no packing: one example per sequence, so a job's step count is known in advance
+        hyperparameters = {"packing": False} | hyperparameters
+        body = {
+            "model": "tiny",
+            "training_file": file_id,
+            "suffix": "chaos",
+            "seed": 7,
+            "hyperparameters": hyperparameters,
+        }
+        return self.http.post("/v1/fine_tuning/jobs", json=body)
+
+    def submit(self, file_id: str, n: int, **hyperparameters: Any) -> list[str]:
+        ids = []
+        for _ in range(n):
+            response = self.create_job(file_id, **hyperparameters)
+            assert response.status_code == 200, response.text
+            ids.append(response.json()["id"])
+        return ids
+
+    # -- the database and the journal: what really happened --------------------------------
+    def jobs(self, ids: Iterable[str]) -> dict[str, Job]:
+        with session_scope(self.db_url) as session:
+            return {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(ids)))}
+
+    def jobs_of_org(self) -> list[str]:
+        """Every job id in the database (each test has a database of its own)."""
+        with session_scope(self.db_url) as session:
+            return list(session.scalars(select(Job.id)))
+
+    def adapters(self, ids: Iterable[str]) -> list[Adapter]:
+        with session_scope(self.db_url) as session:
+            return list(session.scalars(select(Adapter).where(Adapter.job_id.in_(list(ids)))))
+
+    def wait_terminal(self, ids: list[str], timeout: float) -> dict[str, Job]:
+        def done() -> dict[str, Job] | None:
+            jobs = self.jobs(ids)
+            return jobs if all(job.status in TERMINAL for job in jobs.values()) else None
+
+        return wait_until(done, timeout, f"{len(ids)} jobs to finish", self.logs)
+
+    def journal(self, kind: str | None = None) -> list[dict]:
+        if not self.journal_path.exists():
+            return []
+        lines = [json.loads(line) for line in self.journal_path.read_text().splitlines()]
+        return [line for line in lines if kind is None or line["kind"] == kind]
+
+    def last_step(self, job_id: str) -> int:
+        steps = [e["step"] for e in self.journal("step") if e["job"] == job_id]
+        return max(steps, default=0)
+
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster (initdb + pg_ctl) on a free port, for restarts.
+
+    The shared server on 5432 is never touched. PostgreSQL refuses to run as root, so
+    when the tests run as root the cluster belongs to the `postgres` user.
+    """
+
+    def __init__(self) -> None:
+        import glob
+        import shutil
+        import tempfile
+
+        [self.bin] = sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1:]
+        self.dir = Path(tempfile.mkdtemp(prefix="loraforge-pg-"))
+        self.port = free_port()
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_user:
+            shutil.chown(self.dir, "postgres", "postgres")
+        self._run(
+            "initdb",
+            "-D",
+            str(self.dir / "data"),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        )
+
+    def _run(self, tool: str, *args: str) -> None:
+        subprocess.run(
+            [*self.as_user, f"{self.bin}/{tool}", *args],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+    def _ctl(self, action: str, *extra: str) -> None:
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(
+            "pg_ctl",
+            action,
+            "-D",
+            str(self.dir / "data"),
+            "-w",
+            "-t",
+            "60",
+            "-l",
+            str(self.dir / "server.log"),
+            "-o",
+            options,
+            *extra,
+        )
+
+    def start(self) -> None:
+        self._ctl("start")
+
+    def restart(self, down_seconds: float) -> None:
+        """`pg_ctl stop -m fast` (every connection is cut), stay down a while, start again."""
+        self._ctl("stop", "-m", "fast")
+        time.sleep(down_seconds)
+        self.start()
+
+    def stop(self) -> None:
+        import shutil
+
+        try:
+            self._ctl("stop", "-m", "immediate")
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def create_database(self, name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(
+            f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True
+        ) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"

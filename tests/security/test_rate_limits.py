@@ -1,0 +1,61 @@
+"""Per-organization request rate limit and active-job quota: 429 + Retry-After, others untouched."""
+
+from __future__ import annotations
+
+from app.api.rate_limit import TokenBuckets
+from tests.api.test_files import jsonl, upload
+from tests.api.test_jobs import job_count
+from tests.conftest import chat_rows
+
+
+class FrozenClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_rate_limit_refuses_the_noisy_organization_only(app, client, other_client, settings):  # type: ignore[no-untyped-def]
+    clock = FrozenClock()
+    app.state.rate_limiter = TokenBuckets(clock=clock)
+    settings.rate_limit_per_second, settings.rate_limit_burst = 20.0, 20
+    noisy, quiet = [], []
+    for _ in range(100):  # 100 requests within one (frozen) second against 20 req/s
+        noisy.append(client.get("/v1/fine_tuning/jobs"))
+        if len(quiet) < 15:
+            quiet.append(other_client.get("/v1/files"))
+    refused = [r for r in noisy if r.status_code == 429]
+    assert len(refused) == 80 and all(r.status_code == 200 for r in noisy[:20])
+    for response in refused:
+        assert int(response.headers["Retry-After"]) >= 1
+        error = response.json()["error"]
+        assert error["type"] == "rate_limit_error" and error["code"] == "rate_limit_exceeded"
+    assert [r.status_code for r in quiet] == [200] * 15  # the other organization is untouched
+    clock.now += 1.0  # one second later the bucket has 20 tokens again
+    assert client.get("/v1/fine_tuning/jobs").status_code == 200
+
+
+def test_rate_limit_zero_disables_it(app, client, settings):  # type: ignore[no-untyped-def]
+    app.state.rate_limiter = TokenBuckets(clock=FrozenClock())
+    settings.rate_limit_per_second, settings.rate_limit_burst = 0, 1
+    assert {client.get("/v1/files").status_code for _ in range(30)} == {200}
+
+
+def test_active_job_quota_is_per_organization(client, other_client, settings):  # type: ignore[no-untyped-def]
+    settings.max_active_jobs = 2
+    mine = upload(client, jsonl(chat_rows(5))).json()["id"]
+    theirs = upload(other_client, jsonl(chat_rows(5))).json()["id"]
+    body = {"model": "tiny", "training_file": mine}
+    first = [client.post("/v1/fine_tuning/jobs", json=body) for _ in range(2)]
+    assert [r.status_code for r in first] == [200, 200]
+    third = client.post("/v1/fine_tuning/jobs", json=body)
+    assert third.status_code == 429 and int(third.headers["Retry-After"]) >= 1
+    assert "2 queued or running jobs" in third.json()["error"]["message"]
+    assert job_count(settings) == 2  # nothing stored for the refused one
+    other = other_client.post(
+        "/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": theirs}
+    )
+    assert other.status_code == 200
+    client.post(f"/v1/fine_tuning/jobs/{first[0].json()['id']}/cancel")
+    assert client.post("/v1/fine_tuning/jobs", json=body).status_code == 200  # a slot freed

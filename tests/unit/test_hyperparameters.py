@@ -1,0 +1,87 @@
+"""Hyperparameters: schema bounds, "auto" resolution, continuing an adapter, target modules."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from app.errors import InvalidRequest
+from app.hyperparameters import (
+    check_target_modules,
+    continue_from,
+    linear_module_names,
+    resolve,
+)
+from app.schemas.jobs import Hyperparameters, JobCreate
+
+
+def test_resolve_fills_every_knob_and_keeps_the_seed() -> None:
+    resolved = resolve(
+        Hyperparameters(lora_r=4, use_dora=True), n_examples=200, seed=9, dataset_format="chat"
+    )
+    assert resolved["n_epochs"] == 3 and resolved["batch_size"] == 8
+    assert resolved["lora_alpha"] == 8 and resolved["learning_rate"] == pytest.approx(2e-4)
+    assert resolved["use_dora"] is True and resolved["seed"] == 9
+    assert resolved["gradient_accumulation_steps"] == 1 and resolved["packing"] is True
+    assert resolved["train_on_inputs"] is False and resolved["gradient_checkpointing"] is False
+    assert "auto" not in resolved.values()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "expected"), [("text", True), ("chat", False), ("completion", False)]
+)
+def test_train_on_inputs_auto_follows_the_dataset_format(fmt, expected) -> None:  # type: ignore[no-untyped-def]
+    resolved = resolve(Hyperparameters(), n_examples=10, seed=1, dataset_format=fmt)
+    assert resolved["train_on_inputs"] is expected
+    explicit = resolve(Hyperparameters(train_on_inputs=True), n_examples=10, seed=1)
+    assert explicit["train_on_inputs"] is True
+
+
+def test_continue_from_keeps_the_parent_lora_shape() -> None:
+    resolved = resolve(Hyperparameters(lora_r=4), n_examples=10, seed=1)
+    parent = {"lora_r": 16, "lora_alpha": 32, "lora_target_modules": ["q_proj"], "n_epochs": 9}
+    merged = continue_from(resolved, parent)
+    assert merged["lora_r"] == 16 and merged["lora_target_modules"] == ["q_proj"]
+    assert merged["n_epochs"] == resolved["n_epochs"]  # training knobs stay the new job's
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"),
+        ({"use_dora": "sometimes"}, "use_dora"),
+        ({"packing": "maybe"}, "packing"),
+        ({"train_on_inputs": "maybe"}, "train_on_inputs"),
+        ({"seed": -1}, "seed"),
+        ({"lora_target_modules": ["q_proj; rm -rf"]}, "lora_target_modules"),
+        ({"gradient_checkpoint": True}, "gradient_checkpoint"),
+    ],
+)
+def test_bad_hyperparameters_are_refused_naming_the_field(body, field) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValidationError) as caught:
+        Hyperparameters.model_validate(body)
+    assert field in str(caught.value)
+
+
+def test_two_different_seeds_are_refused() -> None:
+    with pytest.raises(ValidationError, match="seed"):
+        JobCreate(model="m", training_file="f", seed=1, hyperparameters={"seed": 2})
+    assert (
+        JobCreate(model="m", training_file="f", hyperparameters={"seed": 2}).requested_seed() == 2
+    )
+
+
+def test_target_modules_are_checked_against_the_model_files(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    names = linear_module_names(tiny_model_dir)
+    assert "model.layers.0.self_attn.q_proj" in names
+    check_target_modules(str(tiny_model_dir), ["q_proj", "v_proj"])
+    check_target_modules(str(tiny_model_dir), "all-linear")
+    with pytest.raises(InvalidRequest) as caught:
+        check_target_modules(str(tiny_model_dir), ["q_proj", "qkv_proj"])
+    assert caught.value.param == "hyperparameters.lora_target_modules"
+    assert "qkv_proj" in caught.value.message and "q_proj" in caught.value.message
+
+
+def test_a_hub_id_is_left_for_the_worker_to_check(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    assert linear_module_names(tmp_path / "not-here") is None
+    check_target_modules("org/some-hub-model", ["anything"])  # checked when the job starts

@@ -1,0 +1,217 @@
+"""run_job with the training engine's features: resume after a dead worker, result file,
+continued training, retention, checkpoint download, dataset events, target modules.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import zipfile
+from datetime import timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+from safetensors.torch import load_file
+
+from app import tenancy
+from app.db.base import utcnow
+from app.db.models import Adapter, Checkpoint, File, Job, JobEvent
+from app.db.session import session_scope
+from app.errors import InvalidRequest
+from app.ml.adapters import ADAPTER_WEIGHTS
+from app.storage import ArtifactStore
+from tests.conftest import make_settings
+from tests.worker.test_run_job import load, submit
+from worker import run_job as run_job_module
+from worker.run_job import run_job
+
+pytestmark = pytest.mark.slow
+
+
+class WorkerDied(BaseException):
+    """Escapes run_job's `except Exception` like a killed process: nothing is recorded."""
+
+
+def die_at(monkeypatch, step: int) -> None:  # type: ignore[no-untyped-def]
+    real = run_job_module.Progress.on_step
+
+    def on_step(self, report):  # type: ignore[no-untyped-def]
+        if report.step == step:
+            raise WorkerDied
+        real(self, report)
+
+    monkeypatch.setattr(run_job_module.Progress, "on_step", on_step)
+
+
+def expire_lease(settings, job_id: str) -> None:  # type: ignore[no-untyped-def]
+    with session_scope(settings.sqlalchemy_url) as session:
+        session.get(Job, job_id).lease_expires_at = utcnow() - timedelta(seconds=1)
+
+
+def weights(settings, job_id: str) -> dict:  # type: ignore[no-untyped-def]
+    [adapter] = load(settings, Adapter, job_id=job_id)
+    return load_file(
+        ArtifactStore(settings.artifacts_dir).path(adapter.storage_key) / ADAPTER_WEIGHTS
+    )
+
+
+def messages(settings, job_id: str) -> list[JobEvent]:  # type: ignore[no-untyped-def]
+    return load(settings, JobEvent, job_id=job_id)
+
+
+def test_a_job_whose_worker_died_resumes_exactly_from_its_checkpoint(settings, monkeypatch):  # type: ignore[no-untyped-def]
+    hp = {"n_epochs": 3, "lora_dropout": 0.1}
+    reference = submit(settings, **hp)
+    assert run_job(reference, settings=settings) == "succeeded"
+    job_id = submit(settings, **hp)  # same seed, data and hyperparameters
+    die_at(monkeypatch, 3)  # epoch 2 of 3; the checkpoint at step 2 is complete
+    with pytest.raises(WorkerDied):
+        run_job(job_id, settings=settings)
+    monkeypatch.undo()
+    expire_lease(settings, job_id)
+    assert run_job(job_id, settings=settings) == "succeeded"
+
+    events = [e.message for e in messages(settings, job_id)]
+    assert "Resuming from the checkpoint at step 2" in events
+    steps = [e.data["step"] for e in messages(settings, job_id) if e.type == "metrics"]
+    assert steps == [1, 2, 3, 4, 5, 6]  # attempt 1: 1-2, attempt 2: 3-6 (3 never reported)
+    a, b = weights(settings, reference), weights(settings, job_id)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def test_a_tampered_checkpoint_is_not_resumed_from(settings, monkeypatch):  # type: ignore[no-untyped-def]
+    job_id = submit(settings, n_epochs=3)
+    die_at(monkeypatch, 3)
+    with pytest.raises(WorkerDied):
+        run_job(job_id, settings=settings)
+    monkeypatch.undo()
+    [checkpoint] = load(settings, Checkpoint, job_id=job_id)
+    state = (
+        ArtifactStore(settings.artifacts_dir).path(checkpoint.storage_key) / "trainer_state.json"
+    )
+    state.write_text(state.read_text().replace('"next_batch": 0', '"next_batch": 1'))
+    expire_lease(settings, job_id)
+    assert run_job(job_id, settings=settings) == "succeeded"
+    events = messages(settings, job_id)
+    assert any("Skipping checkpoint at step 2" in e.message and e.level == "warn" for e in events)
+    assert not any(e.message.startswith("Resuming") for e in events)
+    steps = [e.data["step"] for e in events if e.type == "metrics"]
+    assert steps == [1, 2, 1, 2, 3, 4, 5, 6]  # started over
+
+
+def test_metrics_csv_is_a_downloadable_result_file(settings):  # type: ignore[no-untyped-def]
+    job_id = submit(settings)
+    assert run_job(job_id, settings=settings) == "succeeded"
+    [job] = load(settings, Job, id=job_id)
+    [file_id] = job.result_files
+    [row] = load(settings, File, id=file_id)
+    assert row.purpose == "fine-tune-results" and row.organization_id == job.organization_id
+    client = api_client(settings)
+    response = client.get(f"/v1/files/{file_id}/content")
+    assert response.status_code == 200
+    table = list(csv.DictReader(io.StringIO(response.text)))
+    assert [r["step"] for r in table] == ["1", "2", "3", "4"]
+    assert set(table[0]) == {
+        "step",
+        "train_loss",
+        "valid_loss",
+        "learning_rate",
+        "tokens_per_second",
+    }
+    assert all(float(r["train_loss"]) > 0 and float(r["tokens_per_second"]) > 0 for r in table)
+    assert client.get(f"/v1/files/{file_id}").json()["purpose"] == "fine-tune-results"
+
+
+def api_client(settings) -> TestClient:  # type: ignore[no-untyped-def]
+    from app.config import get_settings
+    from app.main import create_app
+
+    application = create_app(settings)
+    application.dependency_overrides[get_settings] = lambda: settings
+    with session_scope(settings.sqlalchemy_url) as session:
+        organization = tenancy.get_or_create_organization(session, name="acme")
+        key = tenancy.create_api_key(session, organization=organization)
+    client = TestClient(application)
+    client.headers["Authorization"] = f"Bearer {key}"
+    return client
+
+
+def test_checkpoints_are_downloadable_and_old_ones_pruned(tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]
+    from app import migrate
+
+    settings = make_settings(tmp_path / "data", tiny_model_dir, checkpoint_retention=2)
+    migrate.upgrade(settings)
+    job_id = submit(settings, n_epochs=3)
+    assert run_job(job_id, settings=settings) == "succeeded"
+    kept = sorted(c.step_number for c in load(settings, Checkpoint, job_id=job_id))
+    assert kept == [4, 6]
+    assert not (settings.artifacts_dir / "checkpoints" / job_id / "step-2").exists()
+    [job] = load(settings, Job, id=job_id)
+    client = api_client(settings)
+    response = client.get(f"/v1/models/{job.fine_tuned_model}:ckpt-step-4/adapter")
+    assert response.status_code == 200
+    names = zipfile.ZipFile(io.BytesIO(response.content)).namelist()
+    assert sorted(names) == ["adapter_config.json", "adapter_model.safetensors"]
+    gone = client.get(f"/v1/models/{job.fine_tuned_model}:ckpt-step-2/adapter")
+    assert gone.status_code == 404
+
+
+def test_continue_training_from_an_adapter(settings):  # type: ignore[no-untyped-def]
+    first = submit(settings, lora_r=4)
+    assert run_job(first, settings=settings) == "succeeded"
+    [parent] = load(settings, Job, id=first)
+    second = submit(settings, model=parent.fine_tuned_model, lora_r=16)
+    [job] = load(settings, Job, id=second)
+    assert job.model == "tiny" and job.parent_model == parent.fine_tuned_model
+    assert job.hyperparameters["lora_r"] == 4  # the parent's LoRA shape is kept
+    assert run_job(second, settings=settings) == "succeeded"
+    loss = {
+        j: next(e.data["train_loss"] for e in messages(settings, j) if e.type == "metrics")
+        for j in (first, second)
+    }
+    assert loss[second] < loss[first]  # starts where the parent left off
+
+
+def test_continuing_an_unknown_adapter_is_refused_and_nothing_stored(settings):  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidRequest) as caught:
+        submit(settings, model="ft:tiny:acme:demo:ftjob-nope")
+    assert caught.value.param == "model"
+    assert load(settings, Job) == []
+
+
+def test_unknown_target_modules_are_refused_at_creation(settings):  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidRequest) as caught:
+        submit(settings, lora_target_modules=["q_proj", "attn_qkv"])
+    assert caught.value.param == "hyperparameters.lora_target_modules"
+    assert load(settings, Job) == []
+
+
+def test_unknown_target_modules_fail_the_job_when_only_the_worker_can_check(settings):  # type: ignore[no-untyped-def]
+    job_id = submit(settings, lora_target_modules=["q_proj"])
+    with session_scope(settings.sqlalchemy_url) as session:  # e.g. a hub model: unchecked before
+        session.get(Job, job_id).hyperparameters = session.get(Job, job_id).hyperparameters | {
+            "lora_target_modules": ["attn_qkv"]
+        }
+    assert run_job(job_id, settings=settings) == "failed"
+    [job] = load(settings, Job, id=job_id)
+    assert job.error["param"] == "hyperparameters.lora_target_modules"
+    assert "attn_qkv" in job.error["message"] and load(settings, Adapter) == []
+
+
+def test_dataset_statistics_truncation_and_packing_are_reported(settings):  # type: ignore[no-untyped-def]
+    rows = [{"text": "y" * n} for n in (10, 20, 90, 12, 8, 15)]  # one longer than 64 tokens
+    job_id = submit(settings, rows=rows, max_seq_length=64, packing="auto", batch_size=3)
+    assert run_job(job_id, settings=settings) == "succeeded"
+    events = messages(settings, job_id)
+    [stats] = [
+        e.data for e in events if e.data and "total_steps" in e.data and "examples" in e.data
+    ]
+    assert stats["examples"] == 6 and stats["packing"] is True
+    assert stats["total_steps"] == 4  # 2 epochs of 2 steps: packing keeps 3 examples a step
+    # the long one's step: it alone + its two short neighbours in one row; the other step:
+    # its three short examples (at most 50 tokens) in one row. 3 rows, whatever the order.
+    assert stats["sequences_per_epoch"] == 3
+    [warning] = [e for e in events if e.data and "truncated_examples" in e.data]
+    assert warning.level == "warn" and warning.data["truncated_examples"] == 1
+    steps = [e.data for e in events if e.type == "metrics"]
+    assert len(steps) == stats["total_steps"]

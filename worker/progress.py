@@ -1,0 +1,108 @@
+"""The training loop's callbacks, wired to the database and the artifact store.
+
+Every step renews the lease and checks for cancellation (one conditional UPDATE,
+`job_runs.renew_lease`, which raises `RunAborted`); every `metrics_every_steps` a
+`metrics` event. Every checkpoint is published atomically to
+`checkpoints/{job_id}/step-N`, recorded (callable as `ft:…:ckpt-step-N`), and the
+oldest beyond `checkpoint_retention` are pruned.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+from app import job_runs, registry
+from app.config import Settings
+from app.db.session import session_scope
+from app.job_runs import Claim
+from app.jobs import add_event
+from app.ml.adapters import ADAPTER_WEIGHTS, file_sha256
+from app.storage import ArtifactStore
+
+CSV_COLUMNS = ("step", "train_loss", "valid_loss", "learning_rate", "tokens_per_second")
+
+
+class Progress:
+    """Callbacks for `train_lora`: lease + cancel check every step, metrics, checkpoints."""
+
+    def __init__(self, claim: Claim, settings: Settings, store: ArtifactStore):
+        self.claim, self.settings, self.store = claim, settings, store
+
+    def event(self, message: str, *, level: str = "info", data: dict | None = None) -> None:
+        """An event in its own transaction, renewing the lease (raises when the run must stop)."""
+        with session_scope(self.settings.sqlalchemy_url) as session:
+            job_runs.renew_lease(
+                session, claim=self.claim, lease_seconds=self.settings.lease_seconds
+            )
+            add_event(session, job_id=self.claim.job_id, message=message, level=level, data=data)
+
+    def on_step(self, report: Any) -> None:
+        with session_scope(self.settings.sqlalchemy_url) as session:
+            job_runs.renew_lease(
+                session, claim=self.claim, lease_seconds=self.settings.lease_seconds
+            )
+            every = self.settings.metrics_every_steps
+            if report.step % every == 0 or report.step == report.total_steps:
+                add_event(
+                    session,
+                    job_id=self.claim.job_id,
+                    type="metrics",
+                    message=_step_message(report),
+                    data={
+                        "step": report.step,
+                        "total_steps": report.total_steps,
+                        "epoch": report.epoch,
+                        "train_loss": report.train_loss,
+                        "valid_loss": report.valid_loss,
+                        "learning_rate": report.learning_rate,
+                        "trained_tokens": report.trained_tokens,
+                        "tokens_per_second": report.tokens_per_second,
+                    },
+                )
+
+    def on_checkpoint(self, report: Any) -> None:
+        key = f"checkpoints/{self.claim.job_id}/step-{report.step}"
+        self.store.publish_dir(report.checkpoint_dir, key)
+        metrics = {
+            "step": report.step,
+            "train_loss": report.train_loss,
+            "valid_loss": report.valid_loss,
+            "full_valid_loss": report.valid_loss,
+        }
+        with session_scope(self.settings.sqlalchemy_url) as session:
+            job_runs.renew_lease(
+                session, claim=self.claim, lease_seconds=self.settings.lease_seconds
+            )
+            job_runs.record_checkpoint(
+                session,
+                claim=self.claim,
+                step=report.step,
+                metrics=metrics,
+                storage_key=key,
+                sha256=file_sha256(self.store.path(key) / ADAPTER_WEIGHTS),
+                state_sha256=report.manifest_sha256,
+            )
+            pruned = registry.prune_checkpoints(
+                session, job_id=self.claim.job_id, keep=self.settings.checkpoint_retention
+            )
+        for old in pruned:  # rows are gone (committed): now their files may go
+            self.store.delete(old)
+
+
+def _step_message(report: Any) -> str:
+    message = f"Step {report.step}/{report.total_steps}: training loss={report.train_loss:.4f}"
+    if report.valid_loss is not None:
+        message += f", validation loss={report.valid_loss:.4f}"
+    return message
+
+
+def metrics_csv(history: list[dict[str, Any]]) -> bytes:
+    """The result file: one row per optimizer step (OpenAI-style `step,train_loss,…`)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_COLUMNS})
+    return buffer.getvalue().encode()
