@@ -26,18 +26,9 @@ PROMPT = "The quick brown fox"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """A tiny model gains nothing from intra-op threads; on a busy machine they cost 20x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("base"))
+def base_dir(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir
 
 
 def _make_adapter(base_dir: Path, out: Path, *, seed: int, r: int, targets) -> Path:

@@ -18,7 +18,6 @@ peft = pytest.importorskip("peft")
 from app.inference import AdapterRef, InferenceEngine  # noqa: E402
 from app.ml.adapters import file_sha256  # noqa: E402
 from app.ml.loading import load_base_model, load_tokenizer  # noqa: E402
-from app.ml.tiny_model import build_tiny_model  # noqa: E402
 
 MAX_TOKENS = 10
 # (rank, targets): three ranks and three target sets, so one batch mixes all of them.
@@ -46,17 +45,9 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("batch-base"))
+def base_dir(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

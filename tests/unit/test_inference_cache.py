@@ -20,22 +20,13 @@ from app.inference import pool as pool_module  # noqa: E402
 from app.inference.text import TextTracker  # noqa: E402
 from app.ml.adapters import file_sha256  # noqa: E402
 from app.ml.loading import load_base_model, load_tokenizer  # noqa: E402
-from app.ml.tiny_model import build_tiny_model  # noqa: E402
 
 PROMPT = "Once upon a time"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("cache-base"))
+def base_dir(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir
 
 
 def make_adapter(base_dir: Path, out: Path, *, seed: int, **config) -> AdapterRef:  # type: ignore[no-untyped-def]
