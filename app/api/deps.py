@@ -15,7 +15,7 @@ from app import tenancy
 from app.api.rate_limit import TokenBuckets
 from app.config import Settings, get_settings
 from app.db.models import Organization
-from app.db.session import session_scope
+from app.db.session import read_session_scope, session_scope
 from app.errors import Forbidden, InvalidRequest, ServiceUnavailable, Unauthorized
 from app.storage import ArtifactStore
 
@@ -31,6 +31,16 @@ def get_session(settings: SettingsDep) -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_read_session(settings: SettingsDep) -> Iterator[Session]:
+    with read_session_scope(settings.sqlalchemy_url) as session:
+        yield session
+
+
+# Routes that only read (GETs, inference, authentication) take this one: on SQLite it never
+# waits for the write lock, so reads do not queue behind each other or behind a worker.
+ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 
 
 # Declared as the OpenAPI security scheme; errors are ours (401 in OpenAI's envelope).
@@ -49,7 +59,7 @@ def bearer_secret(credentials: HTTPAuthorizationCredentials | None) -> str:
 
 def current_organization(
     request: Request,
-    session: SessionDep,
+    session: ReadSessionDep,
     settings: SettingsDep,
     credentials: BearerDep,
 ) -> Organization:

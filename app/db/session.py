@@ -17,7 +17,7 @@ def get_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "begin", _sqlite_begin_immediate)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
@@ -32,15 +32,31 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
     cursor.close()
 
 
-def _sqlite_begin_immediate(connection) -> None:  # type: ignore[no-untyped-def]
-    # BEGIN IMMEDIATE takes the write lock up front, so two processes racing on a
-    # conditional UPDATE serialise instead of failing with "database is locked".
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+def _sqlite_begin(connection) -> None:  # type: ignore[no-untyped-def]
+    # A writer's BEGIN IMMEDIATE takes the write lock up front, so two processes racing on a
+    # conditional UPDATE serialise instead of failing with "database is locked". A read
+    # session begins deferred: under WAL it reads a snapshot and never queues behind the
+    # write lock (or behind other readers, which IMMEDIATE would serialise).
+    read_only = connection.get_execution_options().get(_READ_ONLY, False)
+    connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+_READ_ONLY = "loraforge_read_only"
 
 
 @lru_cache(maxsize=8)
-def _factory(url: str) -> sessionmaker[Session]:
-    return sessionmaker(bind=get_engine(url), expire_on_commit=False)
+def _factory(url: str, read_only: bool = False) -> sessionmaker[Session]:
+    engine = get_engine(url)
+    if not read_only:
+        return sessionmaker(bind=engine, expire_on_commit=False)
+    factory = sessionmaker(bind=engine.execution_options(**{_READ_ONLY: True}))
+    event.listen(factory, "before_flush", _refuse_writes)
+    return factory
+
+
+def _refuse_writes(session, _context, _instances) -> None:  # type: ignore[no-untyped-def]
+    if session.new or session.dirty or session.deleted:
+        raise RuntimeError("a read-only session was asked to write; use session_scope")
 
 
 def new_session(url: str | None = None) -> Session:
@@ -57,6 +73,16 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
     except BaseException:
         session.rollback()
         raise
+    finally:
+        session.close()
+
+
+@contextmanager
+def read_session_scope(url: str | None = None) -> Iterator[Session]:
+    """Reads only (a write raises): never takes SQLite's write lock; rolled back at the end."""
+    session = _factory(url or get_settings().sqlalchemy_url, read_only=True)()
+    try:
+        yield session
     finally:
         session.close()
 

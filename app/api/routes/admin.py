@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel
 
 from app import tenancy
-from app.api.deps import AdminDep, SessionDep
+from app.api.deps import AdminDep, ReadSessionDep, SessionDep
 from app.api.views import api_key_view
 from app.db.session import commit
 from app.schemas.common import ListPage
@@ -40,7 +40,7 @@ def create_key(organization: OrgName, session: SessionDep) -> ApiKeyCreated:
 
 @router.get("/keys", response_model=ListPage[ApiKeyRead])
 def list_keys(
-    session: SessionDep, organization: Annotated[str | None, Query(max_length=64)] = None
+    session: ReadSessionDep, organization: Annotated[str | None, Query(max_length=64)] = None
 ) -> ListPage[ApiKeyRead]:
     rows = tenancy.list_api_keys(session, organization=organization)
     return ListPage(data=[ApiKeyRead(**api_key_view(key, name)) for key, name in rows])

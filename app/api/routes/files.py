@@ -6,7 +6,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app import files
 from app.api import idempotency
-from app.api.deps import OrgDep, SessionDep, SettingsDep, StoreDep
+from app.api.deps import OrgDep, ReadSessionDep, SessionDep, SettingsDep, StoreDep
 from app.api.idempotency import IdempotencyHeader
 from app.api.multipart import UPLOAD_OPENAPI, Upload, receive_upload
 from app.api.views import file_view
@@ -64,17 +64,19 @@ def _store(
 
 
 @router.get("", response_model=ListPage[FileRead])
-def list_files(org: OrgDep, session: SessionDep) -> ListPage[FileRead]:
+def list_files(org: OrgDep, session: ReadSessionDep) -> ListPage[FileRead]:
     return ListPage(data=[file_view(row) for row in files.list_files(session, organization=org)])
 
 
 @router.get("/{file_id}", response_model=FileRead)
-def retrieve_file(file_id: str, org: OrgDep, session: SessionDep) -> FileRead:
+def retrieve_file(file_id: str, org: OrgDep, session: ReadSessionDep) -> FileRead:
     return file_view(files.get_file(session, organization=org, file_id=file_id))
 
 
 @router.get("/{file_id}/content")
-def file_content(file_id: str, org: OrgDep, session: SessionDep, store: StoreDep) -> FileResponse:
+def file_content(
+    file_id: str, org: OrgDep, session: ReadSessionDep, store: StoreDep
+) -> FileResponse:
     row = files.get_file(session, organization=org, file_id=file_id)
     return FileResponse(store.path(row.storage_key), media_type="application/jsonl")
 

@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from app import registry
-from app.api.deps import EngineDep, OrgDep, SessionDep, SettingsDep, StoreDep
+from app.api.deps import EngineDep, OrgDep, ReadSessionDep, SettingsDep, StoreDep
 from app.ids import new_id
 from app.schemas.inference import (
     AssistantMessage,
@@ -96,7 +96,7 @@ def _sse(request, chunks: Callable[[Iterator], Iterator[BaseModel]]) -> Streamin
 def create_completion(
     body: CompletionRequest,
     org: OrgDep,
-    session: SessionDep,
+    session: ReadSessionDep,
     settings: SettingsDep,
     store: StoreDep,
     engine: EngineDep,
@@ -139,7 +139,7 @@ def _completion_chunks(head, request, deltas, body) -> Iterator[CompletionRespon
 def create_chat_completion(
     body: ChatCompletionRequest,
     org: OrgDep,
-    session: SessionDep,
+    session: ReadSessionDep,
     settings: SettingsDep,
     store: StoreDep,
     engine: EngineDep,

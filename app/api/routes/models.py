@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from app import registry
-from app.api.deps import OrgDep, SessionDep, SettingsDep, StoreDep
+from app.api.deps import OrgDep, ReadSessionDep, SessionDep, SettingsDep, StoreDep
 from app.api.views import adapter_view, base_model_view, checkpoint_model_view
 from app.errors import IntegrityFailure, InvalidRequest
 from app.ml.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -19,7 +19,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 @router.get("", response_model=ListPage[ModelRead])
-def list_models(org: OrgDep, session: SessionDep, settings: SettingsDep) -> ListPage[ModelRead]:
+def list_models(org: OrgDep, session: ReadSessionDep, settings: SettingsDep) -> ListPage[ModelRead]:
     bases = [base_model_view(name) for name in settings.base_models]
     adapters = [
         adapter_view(row, org.name) for row in registry.list_adapters(session, organization=org)
@@ -34,7 +34,7 @@ def list_models(org: OrgDep, session: SessionDep, settings: SettingsDep) -> List
     responses={200: {"content": {"application/zip": {}}, "description": "The PEFT adapter"}},
 )
 def download_adapter(
-    model_id: str, org: OrgDep, session: SessionDep, settings: SettingsDep, store: StoreDep
+    model_id: str, org: OrgDep, session: ReadSessionDep, settings: SettingsDep, store: StoreDep
 ) -> StreamingResponse:
     target = registry.resolve_model(
         session, organization=org, model_id=model_id, base_models=settings.base_models
@@ -67,7 +67,7 @@ def download_adapter(
 
 @router.get("/{model_id:path}", response_model=ModelRead)
 def retrieve_model(
-    model_id: str, org: OrgDep, session: SessionDep, settings: SettingsDep
+    model_id: str, org: OrgDep, session: ReadSessionDep, settings: SettingsDep
 ) -> ModelRead:
     target = registry.resolve_model(
         session, organization=org, model_id=model_id, base_models=settings.base_models
