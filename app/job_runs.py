@@ -170,8 +170,14 @@ def complete_job(
     size_bytes: int,
     trained_tokens: int,
     result_files: list[str] | None = None,
+    applied: dict[str, Any] | None = None,
 ) -> str:
-    """Register the adapter and mark the job succeeded in the caller's one transaction."""
+    """Register the adapter and mark the job succeeded in the caller's one transaction.
+
+    `applied`: settings the worker decided at run time (e.g. `packing`, off where the model
+    does not isolate packed examples); they override the job's values in the adapter's
+    recorded `lora_config`, so the registry says how the adapter was really trained.
+    """
     job = session.get_one(Job, claim.job_id)
     name = fine_tuned_model_name(session, job)
     done = session.execute(
@@ -199,7 +205,7 @@ def complete_job(
         storage_key=storage_key,
         sha256=sha256,
         size_bytes=size_bytes,
-        lora_config=job.hyperparameters,
+        lora_config={**job.hyperparameters, **(applied or {})},
     )
     add_event(session, job_id=job.id, message=f"New fine-tuned model created: {name}")
     add_event(session, job_id=job.id, message="The job has successfully completed")

@@ -31,13 +31,28 @@ class ArtifactStore:
         return path
 
     @contextmanager
-    def temp_dir(self) -> Iterator[Path]:
-        """A scratch directory on the same filesystem, so publishing is a rename."""
-        path = Path(tempfile.mkdtemp(dir=self.root / "tmp"))
+    def temp_dir(self, owner: str | None = None) -> Iterator[Path]:
+        """A scratch directory on the same filesystem, so publishing is a rename.
+
+        With an `owner` (a job id) it lives under `tmp/<owner>/`, so what a killed
+        process left there can be found and removed (`remove_scratch`, the sweep).
+        """
+        parent = self.scratch_root(owner) if owner is not None else self.root / "tmp"
+        path = Path(tempfile.mkdtemp(dir=parent))
         try:
             yield path
         finally:
             shutil.rmtree(path, ignore_errors=True)
+
+    def scratch_root(self, owner: str) -> Path:
+        """`tmp/<owner>/`, created: the folder all scratch of `owner` (a job id) goes into."""
+        path = self.path(_scratch_key(owner))
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def remove_scratch(self, owner: str) -> None:
+        """Delete `tmp/<owner>/` and everything in it (missing is fine)."""
+        self.delete(_scratch_key(owner))
 
     def publish_file(self, src: Path, key: str) -> Path:
         dest = self.path(key)
@@ -65,6 +80,12 @@ class ArtifactStore:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+
+
+def _scratch_key(owner: str) -> str:
+    if not owner or owner in {".", ".."} or "/" in owner or "\\" in owner:
+        raise ValueError(f"not a scratch owner: {owner!r}")
+    return f"tmp/{owner}"
 
 
 def sha256_file(path: Path) -> str:

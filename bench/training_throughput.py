@@ -6,7 +6,9 @@ One process run, variants interleaved round by round, medians and ratios printed
 - MFU: training FLOP/s (LoRA 4N per token, full 6N; N = non-embedding params, attention
   FLOPs ignored) as a share of the fp32 matmul rate measured in this same run;
 - peak RSS: each of ours-packed, ours-unpacked and HF in a fresh child process
-  (peak RSS only grows within a process, so it cannot be interleaved).
+  (peak RSS only grows within a process, so it cannot be interleaved); `--rss-runs`
+  children per variant, interleaved, median (glibc's allocator moves one run's peak by
+  about +-150 MB, more than the difference between the variants).
 
 Model: random-init Llama, hidden 512, 8 layers, 8 heads, MLP 1536 (about 27M params),
 fp32 on CPU; data: `text` records of uniformly random length 16-512 tokens. Tokens/s
@@ -91,6 +93,7 @@ def run_hf(examples: list) -> float:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from app.ml.loading import load_base_model
+    from worker.training.loop import epoch_order
 
     step_tokens: list[int] = []
     stamps: list[tuple[float, int]] = []
@@ -116,13 +119,17 @@ def run_hf(examples: list) -> float:
         load_base_model(MODEL_DIR, device="cpu"),
         LoraConfig(task_type="CAUSAL_LM", r=RANK, lora_alpha=2 * RANK, target_modules="all-linear"),
     )
-    rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+    # our epoch's example order, read sequentially: both sides train on identical batches
+    # (same padding, same peak width), so tokens/s and memory compare like for like
+    order = epoch_order(len(examples), seed=SEED, epoch=1)
+    rows = [{"input_ids": examples[i].input_ids, "labels": examples[i].labels} for i in order]
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=BATCH, num_train_epochs=1,
             learning_rate=LR, optim="adamw_torch", logging_steps=10_000, save_strategy="no",
             report_to=[], seed=SEED, use_cpu=True, disable_tqdm=True,
             remove_unused_columns=False, dataloader_num_workers=0,
+            train_sampling_strategy="sequential",
         )  # fmt: skip
         Trainer(model=model, args=args, train_dataset=rows, data_collator=collate,
                 callbacks=[Clock()]).train()  # fmt: skip
@@ -199,11 +206,22 @@ def peak_rss(variant: str, n_examples: int, threads: int) -> float:
     return json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
 
 
+def median_peak_rss(n_examples: int, threads: int, runs: int) -> dict[str, float]:
+    peaks: dict[str, list[float]] = {"packed": [], "unpacked": [], "hf": []}
+    for _ in range(runs):
+        for variant in peaks:
+            peaks[variant].append(peak_rss(variant, n_examples, threads))
+    print("peak RSS MB per run: " + "; ".join(
+        f"{k} {', '.join(f'{v:.0f}' for v in vs)}" for k, vs in peaks.items()))  # fmt: skip
+    return {k: statistics.median(v) for k, v in peaks.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--examples", type=int, default=24)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rss-runs", type=int, default=3)
     parser.add_argument("--child", choices=["packed", "unpacked", "hf"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -224,7 +242,7 @@ def main() -> None:
         peaks.append(matmul_peak())
         line = ", ".join(f"{k} {v[-1]:.0f} tok/s" for k, v in results.items())
         print(f"round {round_ + 1}: {line}", flush=True)
-    rss = {v: peak_rss(v, args.examples, args.threads) for v in ("packed", "unpacked", "hf")}
+    rss = median_peak_rss(args.examples, args.threads, args.rss_runs)
     med = {k: statistics.median(v) for k, v in results.items()}
     peak = statistics.median(peaks)
     real = sum(len(e.input_ids) for e in examples)
@@ -234,8 +252,8 @@ def main() -> None:
     for k, v in med.items():
         print(f"median tokens/s {k:9s} {v:9.1f}")
     print(f"median matmul peak  {peak / 1e9:.1f} GFLOP/s (fp32 1024^3)")
-    print(f"peak RSS MB: ours packed {rss['packed']:.0f}, ours unpacked {rss['unpacked']:.0f}, "
-          f"HF {rss['hf']:.0f}")  # fmt: skip
+    print(f"median peak RSS MB: ours packed {rss['packed']:.0f}, "
+          f"ours unpacked {rss['unpacked']:.0f}, HF {rss['hf']:.0f}")  # fmt: skip
     print(f"ratio ours packed / HF tokens/s:    {med['packed'] / med['hf']:.2f}  (target >= 1.5)")
     print(
         f"ratio ours unpacked / HF tokens/s:  {med['unpacked'] / med['hf']:.2f}  (target >= 0.95)"

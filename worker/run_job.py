@@ -23,6 +23,7 @@ from app.config import Settings, get_settings
 from app.db.models import Adapter, Checkpoint, File, Job
 from app.db.session import session_scope
 from app.job_runs import Claim, RunAborted
+from app.jobs import TERMINAL
 from app.ml.adapters import ADAPTER_WEIGHTS, file_sha256
 from app.storage import ArtifactStore
 from worker.progress import Progress, metrics_csv
@@ -53,9 +54,33 @@ class JobInputs:
 
 
 def run_job(job_id: str, *, settings: Settings | None = None) -> str:
-    """What happened: succeeded, failed, cancelled, lease_lost, db_unavailable or skipped."""
+    """What happened: succeeded, failed, cancelled, lease_lost, db_unavailable or skipped.
+
+    All scratch of the attempt lives in `tmp/<job_id>/` of the store; once the job is
+    terminal, that folder goes (what a killed attempt left there included).
+    """
     settings = settings or get_settings()
     store = ArtifactStore(settings.artifacts_dir)
+    outcome = _run(job_id, settings, store)
+    if outcome in TERMINAL:
+        _remove_scratch(settings, store, job_id)
+    return outcome
+
+
+def _remove_scratch(settings: Settings, store: ArtifactStore, job_id: str) -> None:
+    """Best effort, never changing the job. Only when the database says terminal (which
+    absorbs): a `failed` whose conditional end found the job re-queued to a newer attempt
+    must leave that attempt's scratch alone."""
+    try:
+        with session_scope(settings.sqlalchemy_url) as session:
+            status = session.scalar(select(Job.status).where(Job.id == job_id))
+        if status in TERMINAL:
+            store.remove_scratch(job_id)
+    except Exception:
+        logger.warning("could not remove the scratch of job %s", job_id, exc_info=True)
+
+
+def _run(job_id: str, settings: Settings, store: ArtifactStore) -> str:
     with session_scope(settings.sqlalchemy_url) as session:
         claim = job_runs.claim_job(
             session,
@@ -109,7 +134,7 @@ def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -
     config = _train_config(inputs, model, settings, progress)
     train, valid = _encode(inputs, tokenizer, config, progress)
     resume_from = _resume_point(inputs, progress)
-    with store.temp_dir() as out:
+    with store.temp_dir(owner=claim.job_id) as out:
         result = train_lora(
             model=model,
             tokenizer=tokenizer,
@@ -121,6 +146,7 @@ def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -
             on_checkpoint=progress.on_checkpoint,
             init_adapter=inputs.parent_adapter if resume_from is None else None,
             resume_from=resume_from,
+            scratch_dir=store.scratch_root(claim.job_id),
         )
         key = f"adapters/{claim.job_id}"
         published = store.publish_dir(out, key)
@@ -143,6 +169,7 @@ def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -
                 size_bytes=(published / ADAPTER_WEIGHTS).stat().st_size,
                 trained_tokens=result.trained_tokens,
                 result_files=[csv_row.id],
+                applied={"packing": config.packing},  # what ran, not what was asked
             )
     except RunAborted:
         store.delete(key)  # cancelled (or taken over) at the last moment: publish nothing

@@ -165,6 +165,9 @@ class ChaosStack:
         self.logs = tmp / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.journal_path = tmp / "journal.jsonl"
+        # the processes' system temp dir, private to the test, so what they leave there shows
+        self.system_tmp = tmp / "system-tmp"
+        self.system_tmp.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         timers = {
@@ -183,6 +186,7 @@ class ChaosStack:
             LORAFORGE_BROKER_URL=redis.url,
             LORAFORGE_CHAOS_JOURNAL=str(self.journal_path),
             PYTHONPATH=str(REPO),
+            TMPDIR=str(self.system_tmp),
             **(timers | env),
         )
         self.api: subprocess.Popen | None = None

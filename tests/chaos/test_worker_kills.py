@@ -8,8 +8,11 @@ sweep can recover the job). Every job must resume from its last recorded checkpo
 losing at most one checkpoint interval, with one attempt running at a time.
 
 Fault 3: the kill lands while a checkpoint is being written (the files into scratch,
-the copy into the store's staging dir, the rename, the database row). A checkpoint
-the database does not record with a matching manifest is never resumed from.
+the copy into the store's staging dir, the rename, the database row), alternately the
+first and the second write of the run. A checkpoint the database does not record with a
+matching manifest is never resumed from; a kill inside the second write resumes from the
+first. Nothing the dead attempts left (scratch under `tmp/<job>/`, staging dirs,
+unrecorded checkpoints) outlives the run.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import random
 import statistics
 import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -116,8 +120,12 @@ def _seconds(values: list[float]) -> str:
     return f"median {statistics.median(values):.1f}s, max {max(values):.1f}s"
 
 
-SMALL = {"n_epochs": 2, "batch_size": 2}  # 8 examples: 8 steps, checkpoints at 4 and 8
-N_SAVE_KILLS = int(os.environ.get("LORAFORGE_CHAOS_SAVE_KILLS", 50 if FULL else 1))
+# 8 examples, batch 2: 4 steps an epoch, 12 steps; run_job sets no checkpoint_every_steps,
+# so checkpoints come at the epoch ends 4, 8, 12: the second write is not the final one
+SMALL = {"n_epochs": 3, "batch_size": 2}
+SMALL_STEPS, CHECKPOINTS = 12, [4, 8, 12]
+# alternately inside the first and the second write (CI: one of each)
+N_SAVE_KILLS = int(os.environ.get("LORAFORGE_CHAOS_SAVE_KILLS", 50 if FULL else 2))
 SAVE_SLEEP = 0.25  # after the loop's write, and between the files copied into the store
 
 
@@ -130,40 +138,75 @@ def test_a_kill_while_a_checkpoint_is_written_never_resumes_from_half_a_checkpoi
     rng = random.Random(11)
     ids, inside, resumed = [], 0, []
     for trial in range(N_SAVE_KILLS):
+        nth = 1 + trial % 2  # the first or the second checkpoint write of the attempt
+        master = (trial % 2) != (trial // 2 % 2)  # each write is hit by both kinds of kill
         [job_id] = stack.submit(file_id, 1, **SMALL)
         ids.append(job_id)
         pid = wait_until(lambda j=job_id: _training_pid(stack, j), 120, "training", stack.logs)
-        began = wait_until(lambda p=pid: _save_began(stack, p), 120, "a checkpoint write")
-        # the write takes ~6 pauses (scratch, 5 files copied) plus the rename and the row
-        time.sleep(max(0.0, began + rng.uniform(0, 7 * SAVE_SLEEP) - time.time()))
-        if trial % 2 == 0:
-            worker.kill_child()
-        else:
+        began = wait_until(
+            lambda p=pid, n=nth: _save_began(stack, p, n), 120, f"checkpoint write {nth}"
+        )
+        # The write: the loop's files into scratch and a pause, then 6 files copied into the
+        # store's staging dir with a pause after each, the rename, the row. A kill aimed at
+        # the first write may land anywhere in it (or just after); one aimed at the second
+        # lands before its copy ends, so the run must go back to the first checkpoint.
+        window = (7 if nth == 1 else 5.5) * SAVE_SLEEP
+        time.sleep(max(0.0, began + rng.uniform(0, window) - time.time()))
+        if master:
             worker.kill_master()
             worker.start()
-        finished = any(e["job"] == job_id for e in stack.journal("save_end"))
+        else:
+            worker.kill_child()
+        target = CHECKPOINTS[nth - 1]
+        finished = any(
+            e["job"] == job_id and e["step"] == target for e in stack.journal("save_end")
+        )
         inside += not finished
-        checkpoint = max(recorded_steps(stack, job_id), default=0)
+        recorded = recorded_steps(stack, job_id)  # what the database held when it died
+        checkpoint = max(recorded, default=0)
+        scratch = _scratch(stack, job_id)  # what the dead attempt left in tmp/<job>
+        wait_until(
+            lambda j=job_id: any(e["attempt"] > 1 for e in steps_of(stack, j)),
+            120,
+            "the resumed attempt's first step",
+            stack.logs,
+        )
+        # the sweep re-queued the job and removed the dead attempt's scratch before any
+        # new attempt could claim it
+        assert scratch and not any(path.exists() for path in scratch)
         stack.wait_terminal([job_id], 120)
         resumed.append(resumed_from(stack, job_id))
         assert resumed[-1] == ([checkpoint] if checkpoint else [])
+        if nth == 2:  # the first checkpoint was complete: never from scratch or half of 8
+            assert CHECKPOINTS[0] in recorded and resumed[-1] in ([4], [8])
         print(
-            f"save kill {trial}: inside the write {not finished}, recorded {checkpoint}, "
-            f"resumed from {resumed[-1]}",
+            f"save kill {trial} ({'master' if master else 'child'}, write {nth}): inside the "
+            f"write {not finished}, recorded {recorded}, resumed from {resumed[-1]}, "
+            f"dead attempt's scratch swept: {[p.name for p in scratch]}",
             flush=True,
         )
 
     jobs = stack.jobs(ids)
-    leftovers = _leftovers(stack, ids)
+    leftovers = _settled_leftovers(stack, ids, timeout=30)
+    from_4, from_8 = sum(r == [4] for r in resumed), sum(r == [8] for r in resumed)
     print(
         f"\ncheckpoint kills: {len(ids)} trials, {inside} killed inside the write; "
         f"{sum(j.status == 'succeeded' for j in jobs.values())} succeeded with no manual step; "
-        f"resumed from step 4: {sum(r == [4] for r in resumed)}, from scratch: "
-        f"{sum(r == [] for r in resumed)}; leftovers in checkpoints/: {leftovers}"
+        f"resumed from step 4: {from_4}, from step 8: {from_8}, from scratch: "
+        f"{sum(r == [] for r in resumed)}; leftovers (checkpoints/, tmp/, $TMPDIR): {leftovers}"
     )
     assert all(job.status == "succeeded" for job in jobs.values())
     assert sorted(a.job_id for a in stack.adapters(ids)) == sorted(ids)
-    assert leftovers == []  # the sweep removed staging dirs and unrecorded checkpoints
+    for job_id in ids:  # the resumed attempt rewrote what the dead one lost
+        assert recorded_steps(stack, job_id) == CHECKPOINTS
+        assert sorted({e["step"] for e in steps_of(stack, job_id)}) == list(
+            range(1, SMALL_STEPS + 1)
+        )
+    if len(ids) >= 2:  # a kill inside the second write resumes from the first checkpoint
+        assert from_4 >= 1
+    # the sweep removed staging dirs, unrecorded checkpoints and the dead attempts' scratch;
+    # the worker removed its job's scratch when the job ended
+    assert leftovers == []
     assert_never_two_attempts_at_once(stack)
 
 
@@ -172,21 +215,45 @@ def _training_pid(stack, job_id: str) -> int | None:  # type: ignore[no-untyped-
     return steps[0] if steps else None
 
 
-def _save_began(stack, pid: int) -> float | None:  # type: ignore[no-untyped-def]
-    return next((e["t"] for e in stack.journal("save_begin") if e["pid"] == pid), None)
+def _save_began(stack, pid: int, nth: int = 1) -> float | None:  # type: ignore[no-untyped-def]
+    """When the process `pid` began its `nth` checkpoint write (None: not yet)."""
+    began = [e["t"] for e in stack.journal("save_begin") if e["pid"] == pid]
+    return began[nth - 1] if len(began) >= nth else None
+
+
+def _artifacts(stack) -> Path:  # type: ignore[no-untyped-def]
+    return stack.tmp / "data" / "artifacts"
+
+
+def _scratch(stack, job_id: str) -> list[Path]:  # type: ignore[no-untyped-def]
+    folder = _artifacts(stack) / "tmp" / job_id
+    return sorted(folder.iterdir()) if folder.is_dir() else []
 
 
 def _leftovers(stack, ids: list[str]) -> list[str]:  # type: ignore[no-untyped-def]
-    """Entries under checkpoints/<job>/ that no checkpoint row points at."""
+    """What nobody would clean up: entries under checkpoints/<job>/ that no checkpoint row
+    points at, anything under tmp/<job>/, and checkpoint scratch in the system temp dir."""
     with session_scope(stack.db_url) as session:
         recorded = set(
             session.scalars(select(Checkpoint.storage_key).where(Checkpoint.job_id.in_(ids)))
         )
-    root = stack.tmp / "data" / "artifacts"
-    return [
+    root = _artifacts(stack)
+    found = [
         str(entry.relative_to(root))
         for job_id in ids
         if (root / "checkpoints" / job_id).is_dir()
         for entry in (root / "checkpoints" / job_id).iterdir()
         if str(entry.relative_to(root)) not in recorded
     ]
+    found += [str(entry.relative_to(root)) for job_id in ids for entry in _scratch(stack, job_id)]
+    found += [f"$TMPDIR/{p.name}" for p in stack.system_tmp.glob("loraforge-ckpt-*")]
+    return found
+
+
+def _settled_leftovers(stack, ids: list[str], *, timeout: float) -> list[str]:  # type: ignore[no-untyped-def]
+    """The leftovers once cleanup had `timeout` seconds (a job's scratch goes just after
+    its terminal state is committed)."""
+    deadline = time.monotonic() + timeout
+    while (found := _leftovers(stack, ids)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found

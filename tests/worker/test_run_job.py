@@ -202,3 +202,20 @@ def test_the_sweep_requeues_lost_messages_and_dead_workers(settings):  # type: i
     with session_scope(settings.sqlalchemy_url) as session:
         assert job_runs.sweep(session, requeue_after_seconds=60, max_attempts=3) == []
     assert run_job(dead, settings=settings) == "succeeded"
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_the_adapter_records_whether_packing_ran(backend, monkeypatch, exact):  # type: ignore[no-untyped-def]
+    import worker.training.packing
+
+    monkeypatch.setattr(worker.training.packing, "packing_is_exact", lambda model: exact)
+    job_id = submit(backend, packing=True)
+    assert run_job(job_id, settings=backend) == "succeeded"
+    [job] = load(backend, Job, id=job_id)
+    [adapter] = load(backend, Adapter, job_id=job_id)
+    assert job.hyperparameters["packing"] is True  # what was asked
+    assert adapter.lora_config == {**job.hyperparameters, "packing": exact}  # what ran
+    if exact:
+        return
+    events = [e.message for e in load(backend, JobEvent, job_id=job_id)]
+    assert any(message.startswith("Packing is off") for message in events)

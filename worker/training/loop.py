@@ -121,11 +121,14 @@ def train_lora(
     on_checkpoint: Callable[[CheckpointReport], None] = _ignore,
     init_adapter: Path | None = None,
     resume_from: Path | None = None,
+    scratch_dir: Path | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on `model` (a frozen base) and save it to `out_dir`.
 
     init_adapter: a PEFT adapter to continue training (its LoRA shape is kept).
     resume_from: a verified checkpoint directory of this same run to resume from.
+    scratch_dir: where checkpoints are written before `on_checkpoint` publishes them
+    (the job runner gives the job's own folder in the store; None: the system temp dir).
     """
     import torch
 
@@ -152,7 +155,7 @@ def train_lora(
         )
 
     def checkpoint(epoch: int, train_loss: float, valid_loss: float | None) -> None:
-        with tempfile.TemporaryDirectory(prefix="loraforge-ckpt-") as folder:
+        with tempfile.TemporaryDirectory(prefix="loraforge-ckpt-", dir=scratch_dir) as folder:
             digest = save_checkpoint(
                 Path(folder),
                 peft_model=peft_model,
