@@ -132,7 +132,7 @@ def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -
     tokenizer = load_tokenizer(inputs.base_model_ref)
     model = load_base_model(inputs.base_model_ref, device=settings.device)
     config = _train_config(inputs, model, settings, progress)
-    train, valid = _encode(inputs, tokenizer, config, progress)
+    train, valid = _encode(inputs, tokenizer, model, config, progress)
     resume_from = _resume_point(inputs, progress)
     with store.temp_dir(owner=claim.job_id) as out:
         result = train_lora(
@@ -182,11 +182,15 @@ def _train_config(inputs: JobInputs, model: Any, settings: Settings, progress: P
     """The loop's config from the job's resolved hyperparameters, checked against the model."""
     from worker.training.loop import TrainConfig
     from worker.training.packing import packing_is_exact
+    from worker.training.segment_attention import use_segment_attention
 
     hp = inputs.hyperparameters
     _check_target_modules(model, hp["lora_target_modules"])
-    packing = hp.get("packing", True) is True and packing_is_exact(model)
-    if hp.get("packing", True) is True and not packing:
+    wanted = hp.get("packing", True) is True
+    if wanted:  # first, so that the check below covers the attention that will train
+        use_segment_attention(model)
+    packing = wanted and packing_is_exact(model)
+    if wanted and not packing:
         progress.event(
             "Packing is off: this model does not isolate packed examples, so packing "
             "would not be exact; training one example per sequence",
@@ -228,11 +232,13 @@ def _check_target_modules(model: Any, targets: str | list[str]) -> None:
         )
 
 
-def _encode(inputs: JobInputs, tokenizer: Any, config: Any, progress: Progress) -> tuple:
+def _encode(
+    inputs: JobInputs, tokenizer: Any, model: Any, config: Any, progress: Progress
+) -> tuple:
     """Tokenize both files; report the dataset statistics and any truncation."""
     from worker.training.data import encode_dataset, read_jsonl
     from worker.training.loop import count_steps, epoch_order
-    from worker.training.packing import build_sequences
+    from worker.training.packing import build_sequences, row_length
 
     def encode(path: Path) -> list:
         return encode_dataset(
@@ -247,7 +253,8 @@ def _encode(inputs: JobInputs, tokenizer: Any, config: Any, progress: Progress) 
     valid = encode(inputs.validation_path) if inputs.validation_path is not None else []
     order = epoch_order(len(train), seed=config.seed, epoch=1)
     rows = sum(  # rows of the first epoch: packing fills each step's rows
-        len(build_sequences(train, packing=config.packing, max_len=config.max_seq_length,
+        len(build_sequences(train, packing=config.packing,
+                            max_len=row_length(model, config.max_seq_length),
                             indices=order[i : i + config.batch_size]))
         for i in range(0, len(order), config.batch_size)
     )  # fmt: skip

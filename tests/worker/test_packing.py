@@ -100,3 +100,50 @@ def test_training_packed_equals_training_unpacked(tiny_model_dir, examples, toke
     # float sums run in another order in packed rows; Adam's normalisation lifts that
     # ~1e-7 gradient noise to ~1e-5 in the weights after 6 steps at lr 3e-3
     assert max(float((plain_w[k] - packed_w[k]).abs().max()) for k in plain_w) < 1e-4
+
+
+def test_segment_attention_is_exact_and_packs_a_micro_batch_into_one_row(
+    tiny_model_dir, examples, tokenizer
+) -> None:  # type: ignore[no-untyped-def]
+    """Causal attention per example: a packed row's losses are those of its examples run
+    alone, with the whole batch in one unpadded row."""
+    from worker.training.packing import row_length
+    from worker.training.segment_attention import NAME, use_segment_attention
+
+    model = load_base_model(tiny_model_dir, device="cpu")
+    assert row_length(model, 64) == 64  # stock sdpa: rows bounded by the [W, W] mask
+    assert use_segment_attention(model) and model.config._attn_implementation == NAME
+    assert packing_is_exact(model) and row_length(model, 64) is None
+    [row] = build_sequences(examples, packing=True, max_len=None)
+    assert row.example_ids == list(range(len(examples)))
+    batch = collate([row], tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits
+    packed_sum, packed_count = _token_loss(logits, batch["labels"])
+    alone = mean_loss(model, examples, batch_size=3, pad_token_id=tokenizer.pad_token_id)
+    assert float(packed_sum) / packed_count == pytest.approx(alone, rel=1e-5)
+
+
+def test_segment_attention_leaves_masked_and_cached_calls_to_sdpa(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    """A padded batch with an attention mask, and generation with a KV cache, are unchanged."""
+    from worker.training.segment_attention import use_segment_attention
+
+    model = load_base_model(tiny_model_dir, device="cpu").eval()
+    ids = torch.tensor([[5, 9, 11, 3, 7], [0, 0, 4, 8, 6]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            generated = model.generate(
+                input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=4, do_sample=False
+            )
+        return logits, generated
+
+    before = run()
+    assert use_segment_attention(model)
+    after = run()
+    assert torch.allclose(before[0], after[0], atol=1e-6)
+    assert torch.equal(before[1], after[1])

@@ -29,7 +29,8 @@ from typing import Any
 from app.ml.adapters import save_adapter
 from worker.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from worker.training.data import IGNORE_INDEX, Example
-from worker.training.packing import Sequence, build_sequences, collate
+from worker.training.packing import Sequence, build_sequences, collate, row_length
+from worker.training.segment_attention import use_segment_attention
 
 MAX_GRAD_NORM = 1.0  # gradient clipping, as transformers' Trainer does by default
 LR_SCHEDULERS = ("linear", "cosine", "constant")
@@ -138,6 +139,9 @@ def train_lora(
     # The global RNG drives LoRA init and dropout; the data order has its own (seed, epoch)
     # generator, so the same seed gives the identical adapter, resumed or not.
     torch.manual_seed(config.seed)
+    if config.packing:  # one unpadded row per micro-batch where the model allows it
+        use_segment_attention(model)
+    packed_len = row_length(model, config.max_seq_length)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     peft_model = _wrap(model, config, init_adapter)
@@ -191,7 +195,7 @@ def train_lora(
             # a step trains on exactly the examples it would unpacked: same loss, less padding
             group = [
                 build_sequences(train_examples, packing=config.packing,
-                                max_len=config.max_seq_length, indices=b)
+                                max_len=packed_len, indices=b)
                 for b in batches[state.next_batch :][:accumulate]
             ]  # fmt: skip
             n_labels = sum(_label_count(r) for micro in group for r in micro)

@@ -9,6 +9,11 @@ attention mask and no KV cache are given (so every training forward passes
 that (logits of a packed row equal those of its examples run alone) before a job
 turns packing on; models that ignore `position_ids` keep one example per row.
 
+Under segment attention (`segment_attention.py`: causal attention per example, no mask)
+a row's cost no longer grows with its width squared, so each micro-batch becomes one row
+with no padding at all; otherwise rows hold up to `max_seq_length` tokens (the mask is
+[W, W]). `row_length` makes that choice for the loop and the job's statistics.
+
 Rows are right-padded to the widest row of their batch; padding positions also
 restart at 0, so padding is a separate segment nobody attends to, and its labels
 are IGNORE_INDEX. Unpacked rows keep one increasing position range, so the mask is
@@ -34,16 +39,31 @@ class Sequence:
     example_ids: list[int]  # indices into the example list, in row order
 
 
+def row_length(model: Any, max_seq_length: int) -> int | None:
+    """The longest packed row for `model`: None (no limit: one row per micro-batch) where it
+    runs segment attention, else `max_seq_length`."""
+    from worker.training.segment_attention import NAME
+
+    return None if model.config._attn_implementation == NAME else max_seq_length
+
+
 def build_sequences(
-    examples: list[Example], *, packing: bool, max_len: int, indices: list[int] | None = None
+    examples: list[Example],
+    *,
+    packing: bool,
+    max_len: int | None,
+    indices: list[int] | None = None,
 ) -> list[Sequence]:
     """Rows for `examples[i] for i in indices` (default: all), in that order.
 
-    One row per example, or (packing) best-fit-decreasing bins of up to `max_len` tokens.
+    One row per example, or (packing) best-fit-decreasing bins of up to `max_len` tokens
+    (`max_len` None: all of them in one row).
     """
     chosen = list(range(len(examples))) if indices is None else list(indices)
     if not packing:
         return [_row([i], examples) for i in chosen]
+    if max_len is None:
+        return [_row(chosen, examples)] if chosen else []
     rank = {i: k for k, i in enumerate(chosen)}
     order = sorted(chosen, key=lambda i: (-len(examples[i].input_ids), rank[i]))
     bins: list[list[int]] = []
