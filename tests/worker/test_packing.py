@@ -42,6 +42,10 @@ def test_packed_loss_equals_unpacked_loss(tiny_model_dir, examples, tokenizer) -
     model = load_base_model(tiny_model_dir, device="cpu")
     assert packing_is_exact(model)
     rows = build_sequences(examples, packing=True, max_len=64)
+    assert_packed_loss_is_the_loss_alone(model, rows, examples, tokenizer)
+
+
+def assert_packed_loss_is_the_loss_alone(model, rows, examples, tokenizer) -> None:  # type: ignore[no-untyped-def]
     batch = collate(rows, tokenizer.pad_token_id, torch.device("cpu"))
     with torch.no_grad():
         logits = model(
@@ -116,14 +120,7 @@ def test_segment_attention_is_exact_and_packs_a_micro_batch_into_one_row(
     assert packing_is_exact(model) and row_length(model, 64) is None
     [row] = build_sequences(examples, packing=True, max_len=None)
     assert row.example_ids == list(range(len(examples)))
-    batch = collate([row], tokenizer.pad_token_id, torch.device("cpu"))
-    with torch.no_grad():
-        logits = model(
-            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
-        ).logits
-    packed_sum, packed_count = _token_loss(logits, batch["labels"])
-    alone = mean_loss(model, examples, batch_size=3, pad_token_id=tokenizer.pad_token_id)
-    assert float(packed_sum) / packed_count == pytest.approx(alone, rel=1e-5)
+    assert_packed_loss_is_the_loss_alone(model, [row], examples, tokenizer)
 
 
 def test_segment_attention_leaves_masked_and_cached_calls_to_sdpa(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
