@@ -92,6 +92,11 @@ def _run(job_id: str, settings: Settings, store: ArtifactStore) -> str:
     if claim is None:
         logger.info("job %s is not claimable (done, running elsewhere or cancelled)", job_id)
         return "skipped"
+    if claim.attempt > 1:
+        # Whatever is in tmp/<job>/ belongs to earlier attempts, fenced off by this claim.
+        # The sweep removes it when it re-queues the job, but a redelivered message can take
+        # over an expired lease before the sweep runs.
+        store.remove_scratch(job_id)
     try:
         # Steps renew the lease; this covers the phases without steps (loading, saving).
         with job_runs.keep_lease(

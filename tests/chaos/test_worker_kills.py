@@ -152,6 +152,9 @@ def test_a_kill_while_a_checkpoint_is_written_never_resumes_from_half_a_checkpoi
         # lands before its copy ends, so the run must go back to the first checkpoint.
         window = (7 if nth == 1 else 5.5) * SAVE_SLEEP
         time.sleep(max(0.0, began + rng.uniform(0, window) - time.time()))
+        # listed just before the kill as well: the lease (3 s) may lapse and the sweep clean
+        # up before the listing after the kill runs
+        scratch = _scratch(stack, job_id)
         if master:
             worker.kill_master()
             worker.start()
@@ -164,7 +167,7 @@ def test_a_kill_while_a_checkpoint_is_written_never_resumes_from_half_a_checkpoi
         inside += not finished
         recorded = recorded_steps(stack, job_id)  # what the database held when it died
         checkpoint = max(recorded, default=0)
-        scratch = _scratch(stack, job_id)  # what the dead attempt left in tmp/<job>
+        scratch = sorted({*scratch, *_scratch(stack, job_id)})  # what the dead attempt left
         wait_until(
             lambda j=job_id: any(e["attempt"] > 1 for e in steps_of(stack, j)),
             120,

@@ -182,3 +182,27 @@ def test_the_loop_writes_checkpoints_in_the_scratch_dir_it_is_given(tmp_path, ti
         )
         assert [p.parent for p in seen] == [scratch_dir or Path(parent)]
         assert not seen[0].exists()  # removed after the callback
+
+
+@pytest.mark.slow
+def test_an_attempt_taking_over_an_expired_lease_first_removes_the_dead_attempts_scratch(
+    settings, monkeypatch
+):  # type: ignore[no-untyped-def]
+    """A redelivered message may claim the job before the sweep re-queues it."""
+    store = ArtifactStore(settings.artifacts_dir)
+    job_id = submit(settings)
+    claim(settings, job_id)  # attempt 1, then killed: its lease lapses, no sweep runs
+    scratch(store.scratch_root(job_id), "loraforge-ckpt-dead", "tmpdeadout")
+    expire_lease(settings, job_id)
+    seen: list[list[str]] = []
+    real = run_job_module.Progress.on_checkpoint
+
+    def on_checkpoint(self, report):  # type: ignore[no-untyped-def]
+        seen.append(tree(store.path(f"tmp/{job_id}")))
+        real(self, report)
+
+    monkeypatch.setattr(run_job_module.Progress, "on_checkpoint", on_checkpoint)
+    assert run_job(job_id, settings=settings) == "succeeded"
+    assert status(settings, job_id) == "succeeded" and seen
+    assert all("loraforge-ckpt-dead" not in entry and "tmpdeadout" not in entry
+               for entries in seen for entry in entries)  # fmt: skip
