@@ -15,10 +15,9 @@ from sqlalchemy import func, select
 
 from app import job_runs, queue
 from app.config import Settings
-from app.db.models import Checkpoint, Job
+from app.db.models import Job
 from app.db.session import read_session_scope, session_scope
-from app.jobs import TERMINAL
-from app.storage import ArtifactStore
+from app.leftovers import remove_dead_attempts_leftovers, remove_scratch_of_ended_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ def sweep_once(settings: Settings) -> list[str]:
             max_attempts=settings.max_attempts,
         )
     if job_ids:
-        remove_unrecorded_checkpoints(settings, job_ids, older_than=started)
+        remove_dead_attempts_leftovers(settings, job_ids, older_than=started)
         if _enough_messages_waiting(settings):
             return []
     for job_id in job_ids:
@@ -59,68 +58,6 @@ def _enough_messages_waiting(settings: Settings) -> bool:
     with read_session_scope(settings.sqlalchemy_url) as session:
         queued = session.scalar(select(func.count()).where(Job.status == "queued"))
     return pending >= queued
-
-
-def remove_unrecorded_checkpoints(
-    settings: Settings, job_ids: list[str], *, older_than: float
-) -> list[str]:
-    """Delete what a dead attempt left in `checkpoints/<job>/` and `tmp/<job>/`: its
-    scratch (checkpoints half-written by the loop, the adapter's out dir), half-copied
-    staging dirs, and checkpoints it renamed into place but never recorded (no row:
-    never resumed from).
-
-    The jobs are queued (no attempt owns them), and only entries older than the sweep
-    are touched, so a new attempt that claimed the job since then keeps its files.
-    """
-    store = ArtifactStore(settings.artifacts_dir)
-    with read_session_scope(settings.sqlalchemy_url) as session:
-        recorded = set(
-            session.scalars(select(Checkpoint.storage_key).where(Checkpoint.job_id.in_(job_ids)))
-        )
-    removed = []
-    for job_id in job_ids:
-        for folder in (f"checkpoints/{job_id}", f"tmp/{job_id}"):
-            for key, mtime in _entries(store, folder):
-                if key not in recorded and mtime < older_than:
-                    store.delete(key)
-                    removed.append(key)
-    if removed:
-        logger.info("removed leftovers of dead attempts: %s", removed)
-    return removed
-
-
-def _entries(store: ArtifactStore, folder: str) -> list[tuple[str, float]]:
-    """(key, mtime) of each entry of `folder` in the store; one that vanished is skipped."""
-    entries = []
-    try:
-        children = list(store.path(folder).iterdir())
-    except FileNotFoundError:
-        return []
-    for entry in children:
-        try:
-            entries.append((f"{folder}/{entry.name}", entry.stat().st_mtime))
-        except FileNotFoundError:  # removed since the listing
-            continue
-    return entries
-
-
-def remove_scratch_of_ended_jobs(settings: Settings) -> list[str]:
-    """Delete `tmp/<job>/` of terminal jobs: those the sweep itself ended (cancelled or
-    out of attempts while their worker was dead), or whose worker failed to clean up.
-    Terminal states absorb, so no attempt will ever write there again."""
-    store = ArtifactStore(settings.artifacts_dir)
-    owners = [p.name for p in (store.root / "tmp").iterdir() if p.name.startswith("ftjob-")]
-    if not owners:
-        return []
-    with read_session_scope(settings.sqlalchemy_url) as session:
-        ended = list(
-            session.scalars(select(Job.id).where(Job.id.in_(owners), Job.status.in_(TERMINAL)))
-        )
-    for job_id in ended:
-        store.remove_scratch(job_id)
-    if ended:
-        logger.info("removed the scratch of finished jobs: %s", ended)
-    return ended
 
 
 def start_sweeper(settings: Settings) -> threading.Event:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from app.db.models import Adapter, Checkpoint, File, Job
 from app.db.session import session_scope
 from app.job_runs import Claim, RunAborted
 from app.jobs import TERMINAL
+from app.leftovers import remove_dead_attempts_leftovers
 from app.ml.adapters import ADAPTER_WEIGHTS, file_sha256
 from app.storage import ArtifactStore
 from worker.progress import Progress, metrics_csv
@@ -93,10 +95,9 @@ def _run(job_id: str, settings: Settings, store: ArtifactStore) -> str:
         logger.info("job %s is not claimable (done, running elsewhere or cancelled)", job_id)
         return "skipped"
     if claim.attempt > 1:
-        # Whatever is in tmp/<job>/ belongs to earlier attempts, fenced off by this claim.
-        # The sweep removes it when it re-queues the job, but a redelivered message can take
-        # over an expired lease before the sweep runs.
-        store.remove_scratch(job_id)
+        # What earlier attempts left (fenced off by this claim): the sweep removes it when
+        # it re-queues the job, but a redelivered message can take over a lapsed lease first.
+        remove_dead_attempts_leftovers(settings, [job_id], older_than=time.time())
     try:
         # Steps renew the lease; this covers the phases without steps (loading, saving).
         with job_runs.keep_lease(

@@ -193,16 +193,17 @@ def test_an_attempt_taking_over_an_expired_lease_first_removes_the_dead_attempts
     job_id = submit(settings)
     claim(settings, job_id)  # attempt 1, then killed: its lease lapses, no sweep runs
     scratch(store.scratch_root(job_id), "loraforge-ckpt-dead", "tmpdeadout")
+    scratch(store.path(f"checkpoints/{job_id}"), ".staging-dead")  # a half-copied publish
     expire_lease(settings, job_id)
     seen: list[list[str]] = []
     real = run_job_module.Progress.on_checkpoint
 
     def on_checkpoint(self, report):  # type: ignore[no-untyped-def]
-        seen.append(tree(store.path(f"tmp/{job_id}")))
+        seen.append(tree(store.path(f"tmp/{job_id}")) + tree(store.path("checkpoints")))
         real(self, report)
 
     monkeypatch.setattr(run_job_module.Progress, "on_checkpoint", on_checkpoint)
     assert run_job(job_id, settings=settings) == "succeeded"
     assert status(settings, job_id) == "succeeded" and seen
-    assert all("loraforge-ckpt-dead" not in entry and "tmpdeadout" not in entry
-               for entries in seen for entry in entries)  # fmt: skip
+    dead = {"loraforge-ckpt-dead", "tmpdeadout", ".staging-dead"}
+    assert not dead & {part for entries in seen for entry in entries for part in Path(entry).parts}
