@@ -124,23 +124,26 @@ def test_segment_attention_is_exact_and_packs_a_micro_batch_into_one_row(
 
 
 def test_segment_attention_leaves_masked_and_cached_calls_to_sdpa(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
-    """A padded batch with an attention mask, and generation with a KV cache, are unchanged."""
+    """A padded batch with an attention mask, a batch with no position ids, and generation
+    with a KV cache are unchanged."""
     from worker.training.segment_attention import use_segment_attention
 
     model = load_base_model(tiny_model_dir, device="cpu").eval()
     ids = torch.tensor([[5, 9, 11, 3, 7], [0, 0, 4, 8, 6]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
 
-    def run() -> tuple[torch.Tensor, torch.Tensor]:
+    def run() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask).logits
+            plain = model(input_ids=ids).logits  # no mask, [1, W] position ids for both rows
             generated = model.generate(
                 input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=4, do_sample=False
             )
-        return logits, generated
+        return logits, plain, generated
 
     before = run()
     assert use_segment_attention(model)
     after = run()
     assert torch.allclose(before[0], after[0], atol=1e-6)
-    assert torch.equal(before[1], after[1])
+    assert torch.allclose(before[1], after[1], atol=1e-6)
+    assert torch.equal(before[2], after[2])

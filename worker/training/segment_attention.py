@@ -86,7 +86,14 @@ def segment_attention(
 
     positions = kwargs.get("position_ids")
     segments = _segments(positions) if attention_mask is None and positions is not None else None
-    if segments is None or query.shape[2] != key.shape[2] or query.shape[2] != positions.shape[1]:
+    if segments is not None and len(segments) == 1:  # [1, W] position ids serve every row
+        segments = segments * query.shape[0]
+    if (
+        segments is None
+        or len(segments) != query.shape[0]
+        or query.shape[2] != key.shape[2]
+        or query.shape[2] != positions.shape[1]
+    ):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
