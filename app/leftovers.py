@@ -66,17 +66,20 @@ def _entries(store: ArtifactStore, folder: str) -> list[tuple[str, float]]:
     return entries
 
 
-def remove_scratch_of_ended_jobs(settings: Settings) -> list[str]:
-    """Delete `tmp/<job>/` of terminal jobs: those the sweep itself ended (cancelled or
-    out of attempts while their worker was dead), or whose worker failed to clean up.
-    Terminal states absorb, so no attempt will ever write there again."""
+def remove_scratch_of_ended_jobs(settings: Settings, job_ids: list[str] | None = None) -> list[str]:
+    """Delete `tmp/<job>/` of those of `job_ids` (default: every job with scratch) that are
+    terminal: a job its worker just finished, one the sweep itself ended (cancelled or out of
+    attempts while its worker was dead), or one whose worker failed to clean up. Terminal
+    states absorb, so no attempt will ever write there again; a job that is not terminal
+    (e.g. re-queued to a newer attempt) keeps its scratch."""
     store = ArtifactStore(settings.artifacts_dir)
-    owners = [p.name for p in (store.root / "tmp").iterdir() if p.name.startswith("ftjob-")]
-    if not owners:
+    if job_ids is None:
+        job_ids = [p.name for p in (store.root / "tmp").iterdir() if p.name.startswith("ftjob-")]
+    if not job_ids:
         return []
     with read_session_scope(settings.sqlalchemy_url) as session:
         ended = list(
-            session.scalars(select(Job.id).where(Job.id.in_(owners), Job.status.in_(TERMINAL)))
+            session.scalars(select(Job.id).where(Job.id.in_(job_ids), Job.status.in_(TERMINAL)))
         )
     for job_id in ended:
         store.remove_scratch(job_id)

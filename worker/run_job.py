@@ -25,7 +25,7 @@ from app.db.models import Adapter, Checkpoint, File, Job
 from app.db.session import session_scope
 from app.job_runs import Claim, RunAborted
 from app.jobs import TERMINAL
-from app.leftovers import remove_dead_attempts_leftovers
+from app.leftovers import remove_dead_attempts_leftovers, remove_scratch_of_ended_jobs
 from app.ml.adapters import ADAPTER_WEIGHTS, file_sha256
 from app.storage import ArtifactStore
 from worker.progress import Progress, metrics_csv
@@ -65,19 +65,16 @@ def run_job(job_id: str, *, settings: Settings | None = None) -> str:
     store = ArtifactStore(settings.artifacts_dir)
     outcome = _run(job_id, settings, store)
     if outcome in TERMINAL:
-        _remove_scratch(settings, store, job_id)
+        _remove_scratch(settings, job_id)
     return outcome
 
 
-def _remove_scratch(settings: Settings, store: ArtifactStore, job_id: str) -> None:
-    """Best effort, never changing the job. Only when the database says terminal (which
-    absorbs): a `failed` whose conditional end found the job re-queued to a newer attempt
-    must leave that attempt's scratch alone."""
+def _remove_scratch(settings: Settings, job_id: str) -> None:
+    """Best effort, never changing the job; only once the database says it is terminal (a
+    `failed` whose conditional end found the job re-queued to a newer attempt must leave
+    that attempt's scratch alone)."""
     try:
-        with session_scope(settings.sqlalchemy_url) as session:
-            status = session.scalar(select(Job.status).where(Job.id == job_id))
-        if status in TERMINAL:
-            store.remove_scratch(job_id)
+        remove_scratch_of_ended_jobs(settings, [job_id])
     except Exception:
         logger.warning("could not remove the scratch of job %s", job_id, exc_info=True)
 
