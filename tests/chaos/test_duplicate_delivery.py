@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from app.db.models import JobEvent
 from app.db.session import session_scope
-from tests.chaos.harness import FULL
+from tests.chaos.harness import FULL, wait_until
 from tests.conftest import chat_rows
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.postgres]
@@ -34,6 +34,13 @@ def test_a_redelivered_job_is_trained_once(make_stack):  # type: ignore[no-untyp
         stack.wait_terminal(ids[-1:], 120)
     jobs = stack.jobs(ids)
 
+    def winners() -> list[dict] | None:
+        # The task journals its result after run_job returns, which is after the database
+        # says succeeded (run_job still removes its scratch): wait for the line.
+        won = [r for r in stack.journal("result") if r["result"] == "succeeded"]
+        return won if {r["job"] for r in won} >= set(ids) else None
+
+    wait_until(winners, 60, "each winning attempt's result in the journal", stack.logs)
     deliveries = stack.journal("delivery")
     results = stack.journal("result")
     for job_id in ids:
