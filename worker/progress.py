@@ -4,7 +4,7 @@ Every step renews the lease and checks for cancellation (one conditional UPDATE,
 `job_runs.renew_lease`, which raises `RunAborted`); every `metrics_every_steps` a
 `metrics` event. Every checkpoint is published atomically to
 `checkpoints/{job_id}/step-N`, recorded (callable as `ft:…:ckpt-step-N`), and the
-oldest beyond `checkpoint_retention` are pruned.
+oldest beyond `checkpoint_retention` are pruned (their rows say so; files go after commit).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import csv
 import io
 from typing import Any
 
-from app import job_runs, registry
+from app import job_runs
 from app.config import Settings
 from app.db.session import session_scope
 from app.job_runs import Claim
@@ -75,7 +75,7 @@ class Progress:
             job_runs.renew_lease(
                 session, claim=self.claim, lease_seconds=self.settings.lease_seconds
             )
-            job_runs.record_checkpoint(
+            pruned = job_runs.record_checkpoint(
                 session,
                 claim=self.claim,
                 step=report.step,
@@ -83,9 +83,7 @@ class Progress:
                 storage_key=key,
                 sha256=file_sha256(self.store.path(key) / ADAPTER_WEIGHTS),
                 state_sha256=report.manifest_sha256,
-            )
-            pruned = registry.prune_checkpoints(
-                session, job_id=self.claim.job_id, keep=self.settings.checkpoint_retention
+                keep=self.settings.checkpoint_retention,
             )
         for old in pruned:  # rows are gone (committed): now their files may go
             self.store.delete(old)

@@ -361,7 +361,11 @@ def _parent_adapter(session: Any, job: Job, store: ArtifactStore) -> Path | None
 def _checkpoints(session: Any, job: Job, store: ArtifactStore) -> list[tuple[Path, str, int]]:
     rows = session.scalars(
         select(Checkpoint)
-        .where(Checkpoint.job_id == job.id, Checkpoint.state_sha256.is_not(None))
+        .where(
+            Checkpoint.job_id == job.id,
+            Checkpoint.status == "active",
+            Checkpoint.state_sha256.is_not(None),
+        )
         .order_by(Checkpoint.step_number.desc())
     )
     return [(store.path(r.storage_key), r.state_sha256, r.step_number) for r in rows]
