@@ -65,14 +65,15 @@ def list_adapters(session: Session, *, organization: Organization) -> list[Adapt
     return list(session.scalars(query.order_by(Adapter.created_at.desc())))
 
 
-def get_adapter(session: Session, *, organization: Organization, model_id: str) -> Adapter:
-    adapter = session.scalar(
-        select(Adapter).where(
-            Adapter.id == model_id,
-            Adapter.organization_id == organization.id,
-            Adapter.status == "active",
-        )
+def get_adapter(
+    session: Session, *, organization: Organization, model_id: str, for_update: bool = False
+) -> Adapter:
+    query = select(Adapter).where(
+        Adapter.id == model_id,
+        Adapter.organization_id == organization.id,
+        Adapter.status == "active",
     )
+    adapter = session.scalar(query.with_for_update() if for_update else query)
     if adapter is None:
         raise NotFound(
             f"The model '{model_id}' does not exist", param="model", code="model_not_found"
@@ -80,14 +81,15 @@ def get_adapter(session: Session, *, organization: Organization, model_id: str) 
     return adapter
 
 
-def get_checkpoint(session: Session, *, organization: Organization, model_id: str) -> Checkpoint:
+def get_checkpoint(
+    session: Session, *, organization: Organization, model_id: str, for_update: bool = False
+) -> Checkpoint:
     """An active checkpoint; a pruned one is refused saying so (not "does not exist")."""
-    checkpoint = session.scalar(
-        select(Checkpoint).where(
-            Checkpoint.fine_tuned_model_checkpoint == model_id,
-            Checkpoint.organization_id == organization.id,
-        )
+    query = select(Checkpoint).where(
+        Checkpoint.fine_tuned_model_checkpoint == model_id,
+        Checkpoint.organization_id == organization.id,
     )
+    checkpoint = session.scalar(query.with_for_update() if for_update else query)
     if checkpoint is None:
         raise NotFound(
             f"The model '{model_id}' does not exist", param="model", code="model_not_found"
@@ -134,16 +136,21 @@ class Removed:
 
 
 def delete_model(session: Session, *, organization: Organization, model_id: str) -> Removed:
-    """Delete an adapter with all its checkpoints, or one checkpoint (files: see Removed)."""
+    """Delete an adapter with all its checkpoints, or one checkpoint (files: see Removed).
+
+    Rows are locked first (PostgreSQL), so concurrent deletes of the model or of one of
+    its checkpoints wait for each other and the later one finds nothing (404).
+    """
     if ":ckpt-step-" in model_id:
         return _delete_checkpoint(session, organization=organization, model_id=model_id)
-    adapter = get_adapter(session, organization=organization, model_id=model_id)
+    adapter = get_adapter(session, organization=organization, model_id=model_id, for_update=True)
     adapter.status = "deleted"
     rows = list(
         session.scalars(
             select(Checkpoint)
             .where(Checkpoint.job_id == adapter.job_id)
             .order_by(Checkpoint.fine_tuned_model_checkpoint)
+            .with_for_update()
         )
     )
     for row in rows:  # pruned ones too: nothing of the model is left to name
@@ -160,7 +167,9 @@ def delete_model(session: Session, *, organization: Organization, model_id: str)
 def _delete_checkpoint(session: Session, *, organization: Organization, model_id: str) -> Removed:
     from app.jobs import TERMINAL  # here: app.jobs imports this module
 
-    checkpoint = get_checkpoint(session, organization=organization, model_id=model_id)
+    checkpoint = get_checkpoint(
+        session, organization=organization, model_id=model_id, for_update=True
+    )
     status = session.scalar(select(Job.status).where(Job.id == checkpoint.job_id))
     if status not in TERMINAL:
         # its worker may resume from it or prune it at any moment

@@ -145,3 +145,55 @@ def test_a_running_jobs_checkpoint_is_not_deleted_under_it(  # type: ignore[no-u
     assert "running" in response.json()["error"]["message"]
     assert client.get(f"/v1/models/{first}").status_code == 200
     assert stored(settings, first)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("second", ["the model", "its checkpoint"])
+def test_concurrent_deletes_wait_for_each_other_postgres(  # type: ignore[no-untyped-def]
+    tmp_path, tiny_model_dir, pg_database_url, second
+):
+    """The later delete waits on the row lock and then finds nothing: 404, never a 500."""
+    import threading
+    import time
+
+    from sqlalchemy import text
+
+    from app import migrate, tenancy
+    from app.errors import NotFound
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path / "pg", tiny_model_dir, database_url=pg_database_url)
+    migrate.upgrade(settings)
+    model = publish_adapter(settings, tiny_model_dir, org="acme", suffix="race", seed=1)
+    checkpoint = publish_checkpoint(settings, tiny_model_dir, model, step=2, seed=2)
+    url = settings.sqlalchemy_url
+    with session_scope(url) as session:
+        org = tenancy.get_or_create_organization(session, name="acme")
+    outcome: dict[str, str] = {}
+
+    def delete_later() -> None:
+        target = model if second == "the model" else checkpoint
+        try:
+            with session_scope(url) as session:
+                registry.delete_model(session, organization=org, model_id=target)
+            outcome["second"] = "deleted"
+        except NotFound:
+            outcome["second"] = "404"
+
+    with session_scope(url) as session:  # the first delete, held open until B waits on it
+        removed = registry.delete_model(session, organization=org, model_id=model)
+        waiter = threading.Thread(target=delete_later)
+        waiter.start()
+        deadline = time.monotonic() + 30
+        with session_scope(url) as probe:
+            while time.monotonic() < deadline and not probe.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+            ):
+                probe.rollback()
+                time.sleep(0.05)
+    waiter.join(timeout=30)
+    assert outcome == {"second": "404"}
+    assert removed.checkpoints == [checkpoint]
