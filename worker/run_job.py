@@ -128,7 +128,7 @@ def _end(settings: Settings, claim: Claim, status: str, error: dict | None = Non
 
 def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -> None:
     from app.ml.loading import load_base_model, load_tokenizer
-    from worker.training.loop import train_lora
+    from worker.training.loop import count_steps, train_lora
 
     inputs = _read_inputs(claim, settings, store)
     progress = Progress(claim, settings, store)
@@ -136,7 +136,7 @@ def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -
     model = load_base_model(inputs.base_model_ref, device=settings.device)
     config = _train_config(inputs, model, settings, progress)
     train, valid = _encode(inputs, tokenizer, model, config, progress)
-    _announce_checkpoints(len(train), config, settings, progress)
+    progress.announce_checkpoints(count_steps(len(train), config), config.n_checkpoints)
     resume_from = _resume_point(inputs, progress)
     with store.temp_dir(owner=claim.job_id) as out:
         result = train_lora(
@@ -222,31 +222,6 @@ def _train_config(inputs: JobInputs, model: Any, settings: Settings, progress: P
         # absent on jobs created before it existed: one per epoch, as they were written
         n_checkpoints=hp.get("n_checkpoints", hp["n_epochs"]),
     )
-
-
-def _announce_checkpoints(
-    n_examples: int, config: Any, settings: Settings, progress: Progress
-) -> None:
-    """Say when checkpoints will be written and how many are kept (retention)."""
-    from worker.training.checkpoint import checkpoint_steps
-    from worker.training.loop import count_steps
-
-    total = count_steps(n_examples, config)
-    steps = checkpoint_steps(total, config.n_checkpoints)
-    keep = settings.checkpoint_retention
-    kept = "all are kept" if keep <= 0 or keep >= len(steps) else f"the newest {keep} are kept"
-    progress.event(
-        f"{len(steps)} checkpoint{'s' * (len(steps) > 1)} planned, at step "
-        f"{', '.join(map(str, steps))}; {kept} (LORAFORGE_CHECKPOINT_RETENTION)",
-        data={"checkpoint_steps": steps, "checkpoint_retention": keep},
-    )
-    if config.n_checkpoints > total:
-        progress.event(
-            f"n_checkpoints={config.n_checkpoints} is more than the {total} optimizer steps; "
-            "writing one checkpoint per step",
-            level="warn",
-            data={"n_checkpoints": config.n_checkpoints, "total_steps": total},
-        )
 
 
 def _check_target_modules(model: Any, targets: str | list[str]) -> None:

@@ -150,7 +150,10 @@ def test_checkpoints_are_downloadable_and_old_ones_pruned(tmp_path, tiny_model_d
     ]  # fmt: skip
     for step in (2, 3):
         assert not (settings.artifacts_dir / "checkpoints" / job_id / f"step-{step}").exists()
-    notes = [e.data for e in messages(settings, job_id) if e.message.startswith("Checkpoint")]
+    events = messages(settings, job_id)
+    [plan] = [e for e in events if "checkpoints planned" in e.message]
+    assert plan.data == {"checkpoint_steps": [2, 3, 5, 6], "checkpoint_retention": 2}
+    notes = [e.data for e in events if e.message.startswith("Checkpoint")]
     assert [n["step"] for n in notes] == [2, 3, 5, 6]
     assert [n.get("pruned_steps") for n in notes] == [None, None, [2], [3]]
     [job] = load(settings, Job, id=job_id)
