@@ -158,10 +158,10 @@ def record_checkpoint(
     message, data = f"Checkpoint created at step {step}", {"step": step}
     if pruned:
         steps = sorted(row.step_number for row in pruned)
+        listed = f"step{'s' * (len(steps) > 1)} {', '.join(map(str, steps))}"
         message += (
-            f"; pruned by retention: step{'s' * (len(steps) > 1)} {', '.join(map(str, steps))} "
-            f"(the newest {keep} "
-            "checkpoints of a job are kept, LORAFORGE_CHECKPOINT_RETENTION)"
+            f"; pruned by retention: {listed} (a job keeps its newest {keep} checkpoints, "
+            "LORAFORGE_CHECKPOINT_RETENTION)"
         )
         data |= {"pruned_steps": steps, "checkpoint_retention": keep}
     add_event(session, job_id=job.id, message=message, data=data)

@@ -105,7 +105,7 @@ class Progress:
                 state_sha256=report.manifest_sha256,
                 keep=self.settings.checkpoint_retention,
             )
-        for old in pruned:  # rows are gone (committed): now their files may go
+        for old in pruned:  # their rows say pruned (committed): now the files may go
             self.store.delete(old)
 
 
