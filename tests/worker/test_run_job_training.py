@@ -153,9 +153,13 @@ def test_checkpoints_are_downloadable_and_old_ones_pruned(tmp_path, tiny_model_d
     events = messages(settings, job_id)
     [plan] = [e for e in events if "checkpoints planned" in e.message]
     assert plan.data == {"checkpoint_steps": [2, 3, 5, 6], "checkpoint_retention": 2}
-    notes = [e.data for e in events if e.message.startswith("Checkpoint")]
-    assert [n["step"] for n in notes] == [2, 3, 5, 6]
-    assert [n.get("pruned_steps") for n in notes] == [None, None, [2], [3]]
+    notes = [e for e in events if e.message.startswith("Checkpoint")]
+    assert [n.data["step"] for n in notes] == [2, 3, 5, 6]
+    assert [n.data.get("pruned_steps") for n in notes] == [None, None, [2], [3]]
+    assert notes[3].message == (
+        "Checkpoint created at step 6; pruned by retention: step 3 (a job keeps its newest 2 "
+        "checkpoints, LORAFORGE_CHECKPOINT_RETENTION)"
+    )
     [job] = load(settings, Job, id=job_id)
     client = api_client(settings)
     listed = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
