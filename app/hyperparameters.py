@@ -33,6 +33,7 @@ def resolve(
     train_on_inputs: loss on everything for `text` files, on assistant / completion
     tokens otherwise. packing: on; the worker turns it off (with a warning event) for a
     model that does not isolate packed examples, where packing would not be exact.
+    n_checkpoints: one per epoch.
     """
     n_epochs = requested.n_epochs
     if n_epochs == "auto":
@@ -62,6 +63,7 @@ def resolve(
             else requested.train_on_inputs
         ),
         "packing": True if requested.packing == "auto" else requested.packing,
+        "n_checkpoints": n_epochs if requested.n_checkpoints == "auto" else requested.n_checkpoints,
         "seed": seed,
     }
 

@@ -125,7 +125,10 @@ def record_checkpoint(
     storage_key: str,
     sha256: str,
     state_sha256: str | None = None,
-) -> Checkpoint:
+    keep: int = 0,
+) -> list[str]:
+    """Record a checkpoint, then prune all but the job's newest `keep` (0 keeps all); one
+    event says both. Returns the pruned storage keys: delete them after the commit."""
     # Fenced like every worker write: a stale attempt (or a cancelled run) records nothing.
     # The row lock keeps a takeover from slipping in before the insert (PostgreSQL).
     cancel_requested = session.scalar(
@@ -149,9 +152,20 @@ def record_checkpoint(
         session.add(checkpoint)
     checkpoint.metrics, checkpoint.storage_key, checkpoint.sha256 = metrics, storage_key, sha256
     checkpoint.state_sha256 = state_sha256  # manifest of the resume state (worker/training)
+    checkpoint.status = "active"  # a restarted attempt may write a pruned step again
     session.flush()
-    add_event(session, job_id=job.id, message=f"Checkpoint created at step {step}")
-    return checkpoint
+    pruned = registry.prune_checkpoints(session, job_id=job.id, keep=keep)
+    message, data = f"Checkpoint created at step {step}", {"step": step}
+    if pruned:
+        steps = sorted(row.step_number for row in pruned)
+        listed = f"step{'s' * (len(steps) > 1)} {', '.join(map(str, steps))}"
+        message += (
+            f"; pruned by retention: {listed} (a job keeps its newest {keep} checkpoints, "
+            "LORAFORGE_CHECKPOINT_RETENTION)"
+        )
+        data |= {"pruned_steps": steps, "checkpoint_retention": keep}
+    add_event(session, job_id=job.id, message=message, data=data)
+    return [row.storage_key for row in pruned]
 
 
 def fine_tuned_model_name(session: Session, job: Job) -> str:

@@ -205,7 +205,7 @@ def list_checkpoints(
     session: Session, *, organization: Organization, job_id: str, after: str | None, limit: int
 ) -> Page:
     job = get_job(session, organization=organization, job_id=job_id)
-    query = select(Checkpoint).where(Checkpoint.job_id == job.id)
+    query = select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.status == "active")
     if after is not None:
         cursor = session.scalar(query.where(Checkpoint.id == after))
         if cursor is None:

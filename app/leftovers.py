@@ -36,8 +36,12 @@ def remove_dead_attempts_leftovers(
     """
     store = ArtifactStore(settings.artifacts_dir)
     with read_session_scope(settings.sqlalchemy_url) as session:
-        recorded = set(
-            session.scalars(select(Checkpoint.storage_key).where(Checkpoint.job_id.in_(job_ids)))
+        recorded = set(  # a pruned row's files were due to go after its commit: not kept
+            session.scalars(
+                select(Checkpoint.storage_key).where(
+                    Checkpoint.job_id.in_(job_ids), Checkpoint.status == "active"
+                )
+            )
         )
     removed = []
     for job_id in job_ids:

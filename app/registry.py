@@ -8,9 +8,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db.models import Adapter, Checkpoint, Organization
-from app.errors import NotFound
-from app.storage import ArtifactStore
+from app.db.models import Adapter, Checkpoint, Job, Organization
+from app.errors import InvalidState, NotFound
 
 
 @dataclass(frozen=True)
@@ -66,14 +65,15 @@ def list_adapters(session: Session, *, organization: Organization) -> list[Adapt
     return list(session.scalars(query.order_by(Adapter.created_at.desc())))
 
 
-def get_adapter(session: Session, *, organization: Organization, model_id: str) -> Adapter:
-    adapter = session.scalar(
-        select(Adapter).where(
-            Adapter.id == model_id,
-            Adapter.organization_id == organization.id,
-            Adapter.status == "active",
-        )
+def get_adapter(
+    session: Session, *, organization: Organization, model_id: str, for_update: bool = False
+) -> Adapter:
+    query = select(Adapter).where(
+        Adapter.id == model_id,
+        Adapter.organization_id == organization.id,
+        Adapter.status == "active",
     )
+    adapter = session.scalar(query.with_for_update() if for_update else query)
     if adapter is None:
         raise NotFound(
             f"The model '{model_id}' does not exist", param="model", code="model_not_found"
@@ -81,16 +81,26 @@ def get_adapter(session: Session, *, organization: Organization, model_id: str) 
     return adapter
 
 
-def get_checkpoint(session: Session, *, organization: Organization, model_id: str) -> Checkpoint:
-    checkpoint = session.scalar(
-        select(Checkpoint).where(
-            Checkpoint.fine_tuned_model_checkpoint == model_id,
-            Checkpoint.organization_id == organization.id,
-        )
+def get_checkpoint(
+    session: Session, *, organization: Organization, model_id: str, for_update: bool = False
+) -> Checkpoint:
+    """An active checkpoint; a pruned one is refused saying so (not "does not exist")."""
+    query = select(Checkpoint).where(
+        Checkpoint.fine_tuned_model_checkpoint == model_id,
+        Checkpoint.organization_id == organization.id,
     )
+    checkpoint = session.scalar(query.with_for_update() if for_update else query)
     if checkpoint is None:
         raise NotFound(
             f"The model '{model_id}' does not exist", param="model", code="model_not_found"
+        )
+    if checkpoint.status == "pruned":
+        raise NotFound(
+            f"The checkpoint '{model_id}' was pruned by retention: the server keeps only the "
+            "newest checkpoints of each job (LORAFORGE_CHECKPOINT_RETENTION). "
+            f"GET /v1/fine_tuning/jobs/{checkpoint.job_id}/checkpoints lists those kept",
+            param="model",
+            code="checkpoint_pruned",
         )
     return checkpoint
 
@@ -115,33 +125,81 @@ def resolve_model(
     return ModelTarget(adapter.base_model, adapter.id, adapter.storage_key, adapter.sha256)
 
 
-def delete_adapter(
-    session: Session, *, organization: Organization, model_id: str, store: ArtifactStore
-) -> Adapter:
-    """Mark the adapter deleted (it can no longer be called) and remove its files."""
-    adapter = get_adapter(session, organization=organization, model_id=model_id)
+@dataclass(frozen=True)
+class Removed:
+    """What a model delete removed. The rows are gone once the caller commits; then it
+    unloads `model_ids` from the inference engine and deletes `storage_keys`."""
+
+    model_ids: list[str]  # the model and every checkpoint that was callable
+    storage_keys: list[str]
+    checkpoints: list[str]  # the checkpoint ids deleted with a model (none for a checkpoint)
+
+
+def delete_model(session: Session, *, organization: Organization, model_id: str) -> Removed:
+    """Delete an adapter with all its checkpoints, or one checkpoint (files: see Removed).
+
+    Rows are locked first (PostgreSQL), so concurrent deletes of the model or of one of
+    its checkpoints wait for each other and the later one finds nothing (404).
+    """
+    if ":ckpt-step-" in model_id:
+        return _delete_checkpoint(session, organization=organization, model_id=model_id)
+    adapter = get_adapter(session, organization=organization, model_id=model_id, for_update=True)
     adapter.status = "deleted"
+    rows = list(
+        session.scalars(
+            select(Checkpoint)
+            .where(Checkpoint.job_id == adapter.job_id)
+            .order_by(Checkpoint.fine_tuned_model_checkpoint)
+            .with_for_update()
+        )
+    )
+    for row in rows:  # pruned ones too: nothing of the model is left to name
+        session.delete(row)
     session.flush()
-    store.delete(adapter.storage_key)
-    return adapter
+    names = [row.fine_tuned_model_checkpoint for row in rows if row.status == "active"]
+    return Removed(
+        model_ids=[adapter.id, *names],
+        storage_keys=[adapter.storage_key, *(row.storage_key for row in rows)],
+        checkpoints=names,
+    )
 
 
-def prune_checkpoints(session: Session, *, job_id: str, keep: int) -> list[str]:
-    """Delete all but the newest `keep` checkpoints of a job (0 keeps all).
+def _delete_checkpoint(session: Session, *, organization: Organization, model_id: str) -> Removed:
+    from app.jobs import TERMINAL  # here: app.jobs imports this module
 
-    Returns the storage keys of the removed rows: the caller deletes those files after
-    its transaction commits, so a rollback never leaves a row without its files.
+    checkpoint = get_checkpoint(
+        session, organization=organization, model_id=model_id, for_update=True
+    )
+    status = session.scalar(select(Job.status).where(Job.id == checkpoint.job_id))
+    if status not in TERMINAL:
+        # its worker may resume from it or prune it at any moment
+        raise InvalidState(
+            f"'{model_id}' belongs to job {checkpoint.job_id}, which is {status}: its "
+            "checkpoints can be deleted once it has ended (or cancel it first)",
+            param="model",
+        )
+    session.delete(checkpoint)
+    session.flush()
+    return Removed(model_ids=[model_id], storage_keys=[checkpoint.storage_key], checkpoints=[])
+
+
+def prune_checkpoints(session: Session, *, job_id: str, keep: int) -> list[Checkpoint]:
+    """Mark all but the newest `keep` active checkpoints of a job pruned (0 keeps all).
+
+    Returns the pruned rows: the caller deletes their files after its transaction
+    commits, so a rollback never leaves a row without its files. The rows stay (status
+    `pruned`), so asking for one says it was pruned rather than that it never existed.
     """
     if keep <= 0:
         return []
     rows = list(
         session.scalars(
             select(Checkpoint)
-            .where(Checkpoint.job_id == job_id)
+            .where(Checkpoint.job_id == job_id, Checkpoint.status == "active")
             .order_by(Checkpoint.step_number.desc())
         )
     )
     for row in rows[keep:]:
-        session.delete(row)
+        row.status = "pruned"
     session.flush()
-    return [row.storage_key for row in rows[keep:]]
+    return rows[keep:]

@@ -4,7 +4,7 @@ Every step renews the lease and checks for cancellation (one conditional UPDATE,
 `job_runs.renew_lease`, which raises `RunAborted`); every `metrics_every_steps` a
 `metrics` event. Every checkpoint is published atomically to
 `checkpoints/{job_id}/step-N`, recorded (callable as `ft:…:ckpt-step-N`), and the
-oldest beyond `checkpoint_retention` are pruned.
+oldest beyond `checkpoint_retention` are pruned (their rows say so; files go after commit).
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import csv
 import io
 from typing import Any
 
-from app import job_runs, registry
+from app import job_runs
 from app.config import Settings
 from app.db.session import session_scope
 from app.job_runs import Claim
 from app.jobs import add_event
 from app.ml.adapters import ADAPTER_WEIGHTS, file_sha256
 from app.storage import ArtifactStore
+from worker.training.checkpoint import checkpoint_steps
 
 CSV_COLUMNS = ("step", "train_loss", "valid_loss", "learning_rate", "tokens_per_second")
 
@@ -37,6 +38,25 @@ class Progress:
                 session, claim=self.claim, lease_seconds=self.settings.lease_seconds
             )
             add_event(session, job_id=self.claim.job_id, message=message, level=level, data=data)
+
+    def announce_checkpoints(self, total_steps: int, n_checkpoints: int) -> None:
+        """An event: at which steps checkpoints will be written, and how many are kept."""
+        steps = checkpoint_steps(total_steps, n_checkpoints)
+        keep = self.settings.checkpoint_retention
+        kept = "all are kept" if keep <= 0 or keep >= len(steps) else f"the newest {keep} are kept"
+        shown = steps if len(steps) <= 6 else [*steps[:3], "…", steps[-1]]
+        self.event(
+            f"{len(steps)} checkpoint{'s' * (len(steps) > 1)} planned, at step "
+            f"{', '.join(map(str, shown))}; {kept} (LORAFORGE_CHECKPOINT_RETENTION)",
+            data={"checkpoint_steps": steps, "checkpoint_retention": keep},
+        )
+        if n_checkpoints > total_steps:
+            self.event(
+                f"n_checkpoints={n_checkpoints} is more than the {total_steps} optimizer "
+                "steps; writing one checkpoint per step",
+                level="warn",
+                data={"n_checkpoints": n_checkpoints, "total_steps": total_steps},
+            )
 
     def on_step(self, report: Any) -> None:
         with session_scope(self.settings.sqlalchemy_url) as session:
@@ -75,7 +95,7 @@ class Progress:
             job_runs.renew_lease(
                 session, claim=self.claim, lease_seconds=self.settings.lease_seconds
             )
-            job_runs.record_checkpoint(
+            pruned = job_runs.record_checkpoint(
                 session,
                 claim=self.claim,
                 step=report.step,
@@ -83,11 +103,9 @@ class Progress:
                 storage_key=key,
                 sha256=file_sha256(self.store.path(key) / ADAPTER_WEIGHTS),
                 state_sha256=report.manifest_sha256,
+                keep=self.settings.checkpoint_retention,
             )
-            pruned = registry.prune_checkpoints(
-                session, job_id=self.claim.job_id, keep=self.settings.checkpoint_retention
-            )
-        for old in pruned:  # rows are gone (committed): now their files may go
+        for old in pruned:  # their rows say pruned (committed): now the files may go
             self.store.delete(old)
 
 

@@ -128,7 +128,7 @@ def _end(settings: Settings, claim: Claim, status: str, error: dict | None = Non
 
 def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -> None:
     from app.ml.loading import load_base_model, load_tokenizer
-    from worker.training.loop import train_lora
+    from worker.training.loop import count_steps, train_lora
 
     inputs = _read_inputs(claim, settings, store)
     progress = Progress(claim, settings, store)
@@ -136,6 +136,7 @@ def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -
     model = load_base_model(inputs.base_model_ref, device=settings.device)
     config = _train_config(inputs, model, settings, progress)
     train, valid = _encode(inputs, tokenizer, model, config, progress)
+    progress.announce_checkpoints(count_steps(len(train), config), config.n_checkpoints)
     resume_from = _resume_point(inputs, progress)
     with store.temp_dir(owner=claim.job_id) as out:
         result = train_lora(
@@ -218,6 +219,8 @@ def _train_config(inputs: JobInputs, model: Any, settings: Settings, progress: P
         gradient_checkpointing=hp.get("gradient_checkpointing", False),
         packing=packing,
         eval_every_steps=settings.metrics_every_steps,
+        # absent on jobs created before it existed: one per epoch, as they were written
+        n_checkpoints=hp.get("n_checkpoints", hp["n_epochs"]),
     )
 
 
@@ -361,7 +364,11 @@ def _parent_adapter(session: Any, job: Job, store: ArtifactStore) -> Path | None
 def _checkpoints(session: Any, job: Job, store: ArtifactStore) -> list[tuple[Path, str, int]]:
     rows = session.scalars(
         select(Checkpoint)
-        .where(Checkpoint.job_id == job.id, Checkpoint.state_sha256.is_not(None))
+        .where(
+            Checkpoint.job_id == job.id,
+            Checkpoint.status == "active",
+            Checkpoint.state_sha256.is_not(None),
+        )
         .order_by(Checkpoint.step_number.desc())
     )
     return [(store.path(r.storage_key), r.state_sha256, r.step_number) for r in rows]

@@ -99,6 +99,8 @@ class Checkpoint(Base):
     storage_key: Mapped[str] = mapped_column(String(255))
     sha256: Mapped[str] = mapped_column(String(64))  # of the adapter weights (serving)
     state_sha256: Mapped[str | None] = mapped_column(String(64))  # of manifest.json (resume)
+    # active | pruned (by LORAFORGE_CHECKPOINT_RETENTION: files gone, the row says why)
+    status: Mapped[str] = mapped_column(String(16), default="active", server_default="active")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

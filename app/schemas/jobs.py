@@ -39,6 +39,9 @@ class Hyperparameters(Strict):
     # "auto": pack short examples into full sequences when the worker verifies it is exact.
     packing: Auto | bool = "auto"
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    # Together's name: checkpoints written, evenly spaced over the steps, the last at the
+    # end (at most one per step). "auto": one per epoch (n_epochs).
+    n_checkpoints: Auto | Annotated[int, Field(ge=1, le=100)] = "auto"
 
     @model_validator(mode="after")
     def _one_learning_rate(self) -> Hyperparameters:

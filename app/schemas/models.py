@@ -4,6 +4,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from app.schemas.common import Deleted
+
 
 class ModelRead(BaseModel):
     id: str
@@ -17,3 +19,10 @@ class ModelRead(BaseModel):
     sha256: str | None = None
     size_bytes: int | None = None
     lora_config: dict[str, Any] | None = None
+
+
+class ModelDeleted(Deleted):
+    """OpenAI's delete response, plus the checkpoint ids deleted with a fine-tuned model."""
+
+    object: Literal["model"] = "model"
+    deleted_checkpoints: list[str] = []

@@ -25,12 +25,10 @@ from app.storage import ArtifactStore  # noqa: E402
 PROMPT = "The quick brown fox"
 
 
-def publish_adapter(
-    settings, model_dir: Path, *, org: str, suffix: str, seed: int, rank: int = 4
-) -> str:  # type: ignore[no-untyped-def]
-    """Write a random-B LoRA for the tiny base into the store and register it; its id."""
+def random_lora(model_dir: Path, *, seed: int, rank: int = 4):  # type: ignore[no-untyped-def]
+    """A PEFT model over the tiny base with random (non-zero) LoRA factors."""
     torch.manual_seed(seed)
-    model = peft.get_peft_model(
+    return peft.get_peft_model(
         load_base_model(model_dir, device="cpu"),
         peft.LoraConfig(
             r=rank,
@@ -39,6 +37,13 @@ def publish_adapter(
             target_modules=["q_proj", "v_proj"],
         ),
     )
+
+
+def publish_adapter(
+    settings, model_dir: Path, *, org: str, suffix: str, seed: int, rank: int = 4
+) -> str:  # type: ignore[no-untyped-def]
+    """Write a random-B LoRA for the tiny base into the store and register it; its id."""
+    model = random_lora(model_dir, seed=seed, rank=rank)
     store = ArtifactStore(settings.artifacts_dir)
     with session_scope(settings.sqlalchemy_url) as session:
         organization = tenancy.get_or_create_organization(session, name=org)

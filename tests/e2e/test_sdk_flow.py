@@ -139,7 +139,8 @@ def test_sdk_flow_end_to_end(stack, tmp_path, tiny_model_dir):  # type: ignore[n
         assert sorted(bundle.namelist()) == ["adapter_config.json", "adapter_model.safetensors"]
         bundle.extractall(adapter_dir)
     weights = (adapter_dir / "adapter_model.safetensors").read_bytes()
-    assert archive.headers["X-Adapter-SHA256"] == hashlib.sha256(weights).hexdigest()
+    assert archive.headers["X-Adapter-SHA256"] == hashlib.sha256(archive.content).hexdigest()
+    assert archive.headers["X-Adapter-Weights-SHA256"] == hashlib.sha256(weights).hexdigest()
     from peft import PeftModel
 
     from app.ml.chat import render_prompt
@@ -229,10 +230,14 @@ def test_sdk_flow_end_to_end(stack, tmp_path, tiny_model_dir):  # type: ignore[n
     )
     assert ckpt.choices[0].finish_reason in ("stop", "length")
 
-    # delete: the adapter can no longer be called
-    assert client.models.delete(job.fine_tuned_model).deleted is True
-    with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(
-            model=job.fine_tuned_model, messages=[{"role": "user", "content": question}]
-        )
+    # delete: neither the adapter nor any of its checkpoints can be called any more
+    deleted = client.models.delete(job.fine_tuned_model)
+    assert deleted.deleted is True
+    kept = sorted(c.fine_tuned_model_checkpoint for c in checkpoints)
+    assert deleted.model_extra["deleted_checkpoints"] == kept
+    for model in (job.fine_tuned_model, *kept):
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": question}]
+            )
     assert job.fine_tuned_model not in {m.id for m in client.models.list().data}

@@ -39,7 +39,7 @@ CONFIG = TrainConfig(
 )
 
 
-FULL_RUNS: dict[int, tuple[list[StepReport], Path]] = {}
+FULL_RUNS: dict[tuple[int, int | None], tuple[list[StepReport], Path]] = {}
 pytestmark = pytest.mark.slow
 
 
@@ -98,12 +98,13 @@ def run(
 
 
 @pytest.mark.parametrize(
-    ("where", "every", "stop_at_step", "stop_after_checkpoint", "resume_step"),
+    ("where", "every", "n_checkpoints", "stop_at_step", "stop_after_checkpoint", "resume_step"),
     [
-        ("mid-epoch", 0, 6, None, 4),
-        ("at an epoch boundary", 0, None, 8, 8),
-        ("late", 0, 11, None, 8),
-        ("mid-epoch checkpoint", 3, 8, None, 6),
+        ("mid-epoch", 0, None, 6, None, 4),
+        ("at an epoch boundary", 0, None, None, 8, 8),
+        ("late", 0, None, 11, None, 8),
+        ("mid-epoch checkpoint", 3, None, 8, None, 6),
+        ("n_checkpoints=5: steps 3, 5, 8, 10, 12", 0, 5, 7, None, 5),
     ],
 )
 def test_resume_replays_the_uninterrupted_run(  # type: ignore[no-untyped-def]
@@ -114,15 +115,18 @@ def test_resume_replays_the_uninterrupted_run(  # type: ignore[no-untyped-def]
     tmp_path_factory,
     where,
     every,
+    n_checkpoints,
     stop_at_step,
     stop_after_checkpoint,
     resume_step,
 ) -> None:
-    config = TrainConfig(**{**CONFIG.__dict__, "checkpoint_every_steps": every})
-    if every not in FULL_RUNS:  # the uninterrupted run, once per checkpoint cadence
-        out = tmp_path_factory.mktemp(f"full-{every}") / "full"
-        FULL_RUNS[every] = (run(tiny_model_dir, tokenizer, examples, out, config)[0], out)
-    full, full_dir = FULL_RUNS[every]
+    cadence = {"checkpoint_every_steps": every, "n_checkpoints": n_checkpoints}
+    config = TrainConfig(**{**CONFIG.__dict__, **cadence})
+    if (every, n_checkpoints) not in FULL_RUNS:  # the uninterrupted run, once per cadence
+        out = tmp_path_factory.mktemp(f"full-{every}-{n_checkpoints}") / "full"
+        full_run = run(tiny_model_dir, tokenizer, examples, out, config)
+        FULL_RUNS[every, n_checkpoints] = (full_run[0], out)
+    full, full_dir = FULL_RUNS[every, n_checkpoints]
     assert len(full) == 12
     _, kept = run(
         tiny_model_dir,
@@ -134,6 +138,8 @@ def test_resume_replays_the_uninterrupted_run(  # type: ignore[no-untyped-def]
         stop_after_checkpoint=stop_after_checkpoint,
     )
     assert not (tmp_path / "cut" / ADAPTER_WEIGHTS).exists(), where
+    if n_checkpoints:
+        assert sorted(kept) == [3, 5], where  # written where the schedule says, no more
     last = kept[max(kept)]
     assert max(kept) == resume_step, where
     verify_checkpoint(last, manifest_sha256=(last / "sha").read_text())

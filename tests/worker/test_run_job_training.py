@@ -137,23 +137,48 @@ def api_client(settings) -> TestClient:  # type: ignore[no-untyped-def]
 
 
 def test_checkpoints_are_downloadable_and_old_ones_pruned(tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]
+    """n_checkpoints=4 over 6 steps (3 epochs of 2): steps 2, 3, 5, 6; retention keeps 2."""
     from app import migrate
 
     settings = make_settings(tmp_path / "data", tiny_model_dir, checkpoint_retention=2)
     migrate.upgrade(settings)
-    job_id = submit(settings, n_epochs=3)
+    job_id = submit(settings, n_epochs=3, n_checkpoints=4)
     assert run_job(job_id, settings=settings) == "succeeded"
-    kept = sorted(c.step_number for c in load(settings, Checkpoint, job_id=job_id))
-    assert kept == [4, 6]
-    assert not (settings.artifacts_dir / "checkpoints" / job_id / "step-2").exists()
+    rows = load(settings, Checkpoint, job_id=job_id)
+    assert sorted((c.step_number, c.status) for c in rows) == [
+        (2, "pruned"), (3, "pruned"), (5, "active"), (6, "active"),
+    ]  # fmt: skip
+    for step in (2, 3):
+        assert not (settings.artifacts_dir / "checkpoints" / job_id / f"step-{step}").exists()
+    events = messages(settings, job_id)
+    [plan] = [e for e in events if "checkpoints planned" in e.message]
+    assert plan.data == {"checkpoint_steps": [2, 3, 5, 6], "checkpoint_retention": 2}
+    notes = [e for e in events if e.message.startswith("Checkpoint")]
+    assert [n.data["step"] for n in notes] == [2, 3, 5, 6]
+    assert [n.data.get("pruned_steps") for n in notes] == [None, None, [2], [3]]
+    assert notes[3].message == (
+        "Checkpoint created at step 6; pruned by retention: step 3 (a job keeps its newest 2 "
+        "checkpoints, LORAFORGE_CHECKPOINT_RETENTION)"
+    )
     [job] = load(settings, Job, id=job_id)
     client = api_client(settings)
-    response = client.get(f"/v1/models/{job.fine_tuned_model}:ckpt-step-4/adapter")
+    listed = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
+    assert [c["step_number"] for c in listed] == [6, 5]
+    response = client.get(f"/v1/models/{job.fine_tuned_model}:ckpt-step-5/adapter")
     assert response.status_code == 200
     names = zipfile.ZipFile(io.BytesIO(response.content)).namelist()
     assert sorted(names) == ["adapter_config.json", "adapter_model.safetensors"]
-    gone = client.get(f"/v1/models/{job.fine_tuned_model}:ckpt-step-2/adapter")
-    assert gone.status_code == 404
+    pruned = f"{job.fine_tuned_model}:ckpt-step-3"
+    for gone in (
+        client.get(f"/v1/models/{pruned}/adapter"),
+        client.get(f"/v1/models/{pruned}"),
+        client.post("/v1/completions", json={"model": pruned, "prompt": "x", "max_tokens": 1}),
+    ):
+        assert gone.status_code == 404
+        error = gone.json()["error"]
+        assert error["code"] == "checkpoint_pruned" and error["param"] == "model"
+        assert "pruned by retention" in error["message"]
+        assert "LORAFORGE_CHECKPOINT_RETENTION" in error["message"]
 
 
 def test_continue_training_from_an_adapter(settings):  # type: ignore[no-untyped-def]

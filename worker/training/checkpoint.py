@@ -37,6 +37,14 @@ class CheckpointError(ValueError):
     """A checkpoint is incomplete or does not match its recorded sha256."""
 
 
+def checkpoint_steps(total_steps: int, n_checkpoints: int) -> list[int]:
+    """The steps that end with a checkpoint: `n_checkpoints` evenly spaced, the last at the
+    end, at most one per step. n_epochs of them fall exactly on the epoch ends (every
+    epoch has the same number of steps): the default, one per epoch."""
+    n = min(n_checkpoints, total_steps)
+    return [-(-k * total_steps // n) for k in range(1, n + 1)]  # ceil(k * total / n)
+
+
 @dataclass
 class TrainerState:
     """Where training stands after `step` optimizer steps (JSON-serialisable)."""

@@ -27,7 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from app.ml.adapters import save_adapter
-from worker.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from worker.training.checkpoint import (
+    TrainerState,
+    checkpoint_steps,
+    load_checkpoint,
+    save_checkpoint,
+)
 from worker.training.data import IGNORE_INDEX, Example
 from worker.training.packing import Sequence, build_sequences, collate, row_length
 from worker.training.segment_attention import use_segment_attention
@@ -56,7 +61,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     packing: bool = False  # the job runner turns it on where packing_is_exact says so
     eval_every_steps: int = 0  # valid_loss on one validation batch every N steps (0: never)
-    checkpoint_every_steps: int = 0  # extra checkpoints every N steps (0: at epoch ends only)
+    checkpoint_every_steps: int = 0  # extra checkpoints every N steps (0: none)
+    n_checkpoints: int | None = None  # evenly spaced, the last at the end (None: per epoch)
 
 
 @dataclass
@@ -148,6 +154,7 @@ def train_lora(
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     total_steps = count_steps(len(train_examples), config)
+    scheduled = set(checkpoint_steps(total_steps, config.n_checkpoints or config.n_epochs))
     warmup_steps = math.ceil(config.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, total_steps, warmup_steps, config.lr_scheduler)
@@ -250,7 +257,7 @@ def train_lora(
             state.history.append(_history_row(report))
             on_step(report)
 
-            # end of epoch: roll the position over; then checkpoint (epoch ends, every N)
+            # end of epoch: roll the position over; then checkpoint (scheduled, every N)
             epoch, epoch_loss = state.epoch, state.epoch_loss_sum / max(state.epoch_label_count, 1)
             epoch_end = state.next_batch >= len(batches)
             if epoch_end:
@@ -258,7 +265,7 @@ def train_lora(
                 state.epoch, state.next_batch = state.epoch + 1, 0
                 state.epoch_loss_sum, state.epoch_label_count = 0.0, 0
             every = config.checkpoint_every_steps
-            if epoch_end or (every and state.step % every == 0):
+            if state.step in scheduled or (every and state.step % every == 0):
                 valid_loss = _full_valid_loss(peft_model, valid_examples, config, pad_id)
                 checkpoint(epoch, epoch_loss, valid_loss)
             if epoch_end:

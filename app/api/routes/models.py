@@ -1,18 +1,17 @@
 from __future__ import annotations
 
-import zipfile
-from tempfile import SpooledTemporaryFile
-
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from app import registry
+from app.adapter_download import adapter_archive, public_base_name
 from app.api.deps import OrgDep, ReadSessionDep, SessionDep, SettingsDep, StoreDep
 from app.api.views import adapter_view, base_model_view, checkpoint_model_view
+from app.db.session import commit
 from app.errors import IntegrityFailure, InvalidRequest
-from app.ml.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from app.schemas.common import Deleted, ListPage
-from app.schemas.models import ModelRead
+from app.ml.adapters import ADAPTER_WEIGHTS
+from app.schemas.common import ListPage
+from app.schemas.models import ModelDeleted, ModelRead
 from app.storage import sha256_file
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -50,18 +49,18 @@ def download_adapter(
         raise IntegrityFailure(
             f"stored files of {model_id} do not match their sha256; refusing to serve them"
         )
-    archive = SpooledTemporaryFile(max_size=64 << 20)
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as bundle:
-        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-            bundle.write(folder / name, arcname=name)
-    archive.seek(0)
+    base = public_base_name(target.base_model, settings.base_models.get(target.base_model))
+    archive = adapter_archive(folder, base_model=base)
     filename = model_id.replace(":", "_").replace("/", "_") + ".zip"
     headers = {
-        "X-Adapter-SHA256": target.sha256,
+        "X-Adapter-SHA256": archive.sha256,  # of the body: what the client received
+        "X-Adapter-Weights-SHA256": target.sha256,  # of adapter_model.safetensors inside
+        "Content-Length": str(archive.size),
         "Content-Disposition": f'attachment; filename="{filename}"',
     }
+    body = archive.body
     return StreamingResponse(
-        iter(lambda: archive.read(1 << 20), b""), media_type="application/zip", headers=headers
+        iter(lambda: body.read(1 << 20), b""), media_type="application/zip", headers=headers
     )
 
 
@@ -82,7 +81,7 @@ def retrieve_model(
     )
 
 
-@router.delete("/{model_id:path}", response_model=Deleted)
+@router.delete("/{model_id:path}", response_model=ModelDeleted)
 def delete_model(
     model_id: str,
     request: Request,
@@ -90,13 +89,17 @@ def delete_model(
     session: SessionDep,
     settings: SettingsDep,
     store: StoreDep,
-) -> Deleted:
+) -> ModelDeleted:
+    """A fine-tuned model with all its checkpoints, or one checkpoint of an ended job."""
     if model_id in settings.base_models:
         raise InvalidRequest(
             "base models cannot be deleted; only fine-tuned adapters", param="model"
         )
-    registry.delete_adapter(session, organization=org, model_id=model_id, store=store)
+    removed = registry.delete_model(session, organization=org, model_id=model_id)
+    commit(session)  # no row names them any more: now nothing can load them again
     engine = getattr(request.app.state, "engine", None)
-    if engine is not None:
-        engine.unload_adapter(model_id)
-    return Deleted(id=model_id, object="model")
+    for gone in removed.model_ids if engine is not None else []:
+        engine.unload_adapter(gone)  # returns once no scheduler holds it
+    for key in removed.storage_keys:
+        store.delete(key)
+    return ModelDeleted(id=model_id, deleted_checkpoints=removed.checkpoints)
