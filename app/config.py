@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     rate_limit_per_second: float = 100.0  # per organization, token bucket
     rate_limit_burst: int = 500
     max_active_jobs: int = 16  # queued + running per organization
+    # Issue 14. Fair claims: running jobs per organization a worker may start (0: no cap).
+    max_running_jobs_per_org: int = 0
+    # A run that was cancelled or fenced off and has not stopped after this long is killed.
+    stop_grace_seconds: float = 10.0
 
     @field_validator("base_models", mode="before")
     @classmethod

@@ -1,7 +1,9 @@
 """The training loop's callbacks, wired to the database and the artifact store.
 
 Every step renews the lease and checks for cancellation (one conditional UPDATE,
-`job_runs.renew_lease`, which raises `RunAborted`); every `metrics_every_steps` a
+`job_runs.renew_lease`, which raises `RunAborted`); every micro-batch checks them with a
+read (`job_runs.check_run`), so a long gradient accumulation stops at the next
+micro-batch, not at the end of its step; every `metrics_every_steps` a
 `metrics` event. Every checkpoint is published atomically to
 `checkpoints/{job_id}/step-N`, recorded (callable as `ft:…:ckpt-step-N`), and the
 oldest beyond `checkpoint_retention` are pruned.
@@ -15,7 +17,7 @@ from typing import Any
 
 from app import job_runs, registry
 from app.config import Settings
-from app.db.session import session_scope
+from app.db.session import read_session_scope, session_scope
 from app.job_runs import Claim
 from app.jobs import add_event
 from app.ml.adapters import ADAPTER_WEIGHTS, file_sha256
@@ -37,6 +39,10 @@ class Progress:
                 session, claim=self.claim, lease_seconds=self.settings.lease_seconds
             )
             add_event(session, job_id=self.claim.job_id, message=message, level=level, data=data)
+
+    def on_micro_batch(self) -> None:
+        with read_session_scope(self.settings.sqlalchemy_url) as session:
+            job_runs.check_run(session, claim=self.claim)
 
     def on_step(self, report: Any) -> None:
         with session_scope(self.settings.sqlalchemy_url) as session:
