@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import multiprocessing
 import os
 import signal
 import sys
 import time
+from multiprocessing import Pipe
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 
 from app import job_runs
 from app.config import Settings, get_settings
@@ -62,18 +61,9 @@ def _claim_next(settings: Settings) -> Claim | None:
 
 def run_claimed(claim: Claim, settings: Settings) -> str:
     """Run a claimed job in a child process; its outcome, or why the child was stopped."""
-    get_engine(settings.sqlalchemy_url).dispose()  # the child must not share our connections
-    context = multiprocessing.get_context("fork")  # inherits the loaded code: starts at once
-    receive, send = context.Pipe(duplex=False)
-    child = context.Process(
-        target=_child_main,
-        args=(claim, settings, send, os.getpid()),
-        name=f"loraforge-job-{claim.job_id}",
-    )
-    child.start()
-    send.close()
+    child = _Child.fork(claim, settings)
     stopped_for = _supervise(child, claim, settings)
-    outcome = _received(receive)
+    outcome = child.outcome()
     if outcome is None and stopped_for == "cancelled":
         end(settings, claim, "cancelled")  # the child was killed: its compute has stopped
     elif outcome is None:
@@ -82,9 +72,61 @@ def run_claimed(claim: Claim, settings: Settings) -> str:
     return outcome or stopped_for or "worker_lost"  # worker_lost: the sweep re-queues it
 
 
-def _child_main(claim: Claim, settings: Settings, send: Connection, parent: int) -> None:
-    _die_with(parent)
-    send.send(execute(claim, settings))
+class _Child:
+    """A forked process running one job (`os.fork`: Celery's pool processes are daemonic,
+    and multiprocessing refuses children to those). It inherits the loaded code, so it
+    starts at once; it sends its outcome through a pipe and leaves with `os._exit`."""
+
+    def __init__(self, pid: int, receive: Connection):
+        self.pid, self.receive, self.exitcode = pid, receive, None
+
+    @classmethod
+    def fork(cls, claim: Claim, settings: Settings) -> _Child:
+        get_engine(settings.sqlalchemy_url).dispose()  # it must not share our connections
+        receive, send = Pipe(duplex=False)
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into the caller's code
+            code = 1
+            try:
+                receive.close()
+                _die_with(parent)
+                send.send(execute(claim, settings))
+                code = 0
+            except BaseException:
+                logger.exception("the process of job %s failed", claim.job_id)
+            finally:
+                os._exit(code)
+        send.close()
+        return cls(pid, receive)
+
+    def wait(self, timeout: float) -> bool:
+        """True once the child has exited (and is reaped), within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.exitcode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere
+                pid, status = self.pid, 0
+            if pid:
+                self.exitcode = os.waitstatus_to_exitcode(status)
+            elif time.monotonic() >= deadline:
+                return False
+            else:
+                time.sleep(0.05)
+        return True
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+
+    def outcome(self) -> str | None:
+        """What the child sent before it exited; None when it was killed or crashed first."""
+        try:
+            return self.receive.recv() if self.receive.poll() else None
+        except EOFError:
+            return None
+        finally:
+            self.receive.close()
 
 
 def _die_with(parent: int) -> None:
@@ -95,20 +137,18 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _supervise(child: BaseProcess, claim: Claim, settings: Settings) -> str | None:
+def _supervise(child: _Child, claim: Claim, settings: Settings) -> str | None:
     """Hold the lease until the child exits; kill it `stop_grace_seconds` after its run had
     to stop (cancelled or fenced off) if it is still running. Returns that reason."""
     reason, deadline = None, None
-    while child.exitcode is None:
+    poll = min(POLL_SECONDS, settings.lease_seconds / 3)
+    while not child.wait(poll):
         state = _hold(claim, settings)
         if state is not None and deadline is None:
             reason, deadline = state, time.monotonic() + settings.stop_grace_seconds
         if deadline is not None and time.monotonic() >= deadline:
-            logger.warning(
-                "job %s: its process did not stop (%s); killing it", claim.job_id, reason
-            )
+            logger.warning("job %s: its process did not stop (%s); kill it", claim.job_id, reason)
             child.kill()
-        child.join(min(POLL_SECONDS, settings.lease_seconds / 3))
     return reason
 
 
@@ -119,13 +159,3 @@ def _hold(claim: Claim, settings: Settings) -> str | None:
     except Exception:  # a database blip: the next poll retries; the lease has slack
         logger.warning("could not hold the lease of job %s", claim.job_id, exc_info=True)
         return None
-
-
-def _received(receive: Connection) -> str | None:
-    """What the child sent before it exited; None when it was killed or crashed first."""
-    try:
-        return receive.recv() if receive.poll() else None
-    except EOFError:
-        return None
-    finally:
-        receive.close()
