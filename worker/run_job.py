@@ -27,6 +27,7 @@ from app.job_runs import Claim, RunAborted
 from app.jobs import TERMINAL
 from app.leftovers import remove_dead_attempts_leftovers, remove_scratch_of_ended_jobs
 from app.ml.adapters import ADAPTER_WEIGHTS, file_sha256
+from app.model_config import context_of
 from app.storage import ArtifactStore
 from worker.progress import Progress, metrics_csv
 
@@ -196,6 +197,7 @@ def _train_config(inputs: JobInputs, model: Any, settings: Settings, progress: P
 
     hp = inputs.hyperparameters
     _check_target_modules(model, hp["lora_target_modules"])
+    _check_context(model, hp["max_seq_length"])
     wanted = hp.get("packing", True) is True
     if wanted:  # first, so that the check below covers the attention that will train
         use_segment_attention(model)
@@ -239,6 +241,19 @@ def _check_target_modules(model: Any, targets: str | list[str]) -> None:
             f"lora_target_modules {missing} are not modules of the base model",
             code="invalid_lora_target_modules",
             param=TARGET_MODULES_PARAM,
+        )
+
+
+def _check_context(model: Any, max_seq_length: int) -> None:
+    """Fail the job when max_seq_length passes the model's context (the API checks local
+    models at creation; a hub model is known only now)."""
+    context = context_of(model.config.to_dict())
+    if context is not None and max_seq_length > context:
+        raise JobInputError(
+            f"max_seq_length {max_seq_length} is longer than the base model's context "
+            f"({context} positions)",
+            code="max_seq_length_too_long",
+            param="hyperparameters.max_seq_length",
         )
 
 
