@@ -123,3 +123,35 @@ def test_a_child_that_ignores_a_cancel_is_killed_and_counts_as_active_until_then
     assert status_while_computing == "running"
     assert not Path(f"/proc/{pid}").exists()  # killed, and reaped
     assert rows(settings, job_id)[job_id].status == "cancelled"
+
+
+def claim_next(settings, cap: int = 0, worker: str = "w") -> job_runs.Claim | None:  # type: ignore[no-untyped-def]
+    with session_scope(settings.sqlalchemy_url) as session:
+        return job_runs.claim_next(
+            session, worker=worker, lease_seconds=60, max_attempts=3, max_running_per_org=cap
+        )
+
+
+def test_an_organization_at_its_running_cap_waits_and_is_taken_when_one_ends(backend):  # type: ignore[no-untyped-def]  # noqa: F811
+    first, second = submit(backend, org="a"), submit(backend, org="a")
+    other = submit(backend, org="b")
+    running = claim_next(backend, cap=1)
+    assert running.job_id == first
+    assert claim_next(backend, cap=1).job_id == other  # a is at its cap
+    assert claim_next(backend, cap=1) is None  # a's second waits, though it is queued
+    with session_scope(backend.sqlalchemy_url) as session:
+        job_runs.end_run(session, claim=running, status="failed")
+    assert claim_next(backend, cap=1).job_id == second
+
+
+def test_concurrent_claims_take_each_job_once_and_keep_the_cap(backend):  # type: ignore[no-untyped-def]  # noqa: F811
+    from concurrent.futures import ThreadPoolExecutor
+
+    backlog = [submit(backend, org="a") for _ in range(3)]
+    others = [submit(backend, org="b") for _ in range(3)]
+    with ThreadPoolExecutor(8) as pool:
+        claims = [c for c in pool.map(lambda i: claim_next(backend, 2, f"w{i}"), range(8)) if c]
+    taken = [claim.job_id for claim in claims]
+    assert len(taken) == len(set(taken)) == 4  # two per organization: the cap held
+    assert set(taken) == {*backlog[:2], *others[:2]}  # the oldest of each
+    assert {job.attempt for job in rows(backend, *taken).values()} == {1}
