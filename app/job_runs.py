@@ -74,6 +74,9 @@ def claim_job(
     return Claim(job_id, attempt)
 
 
+CLAIM_LOCK = 0x6C6F7261  # pg_advisory_xact_lock key of claims ("lora")
+
+
 def claim_next(
     session: Session,
     *,
@@ -82,7 +85,7 @@ def claim_next(
     max_attempts: int,
     max_running_per_org: int = 0,
 ) -> Claim | None:
-    """Take the next job by the fair policy (DESIGN: fairness); None when nothing is claimable.
+    """Take the next job by the fair policy; None when nothing is claimable.
 
     A message only wakes a worker: whichever job it names, the worker takes the oldest
     claimable job of the organization with the fewest running jobs (ties: the organization
@@ -103,9 +106,6 @@ def claim_next(
         lease_seconds=lease_seconds,
         max_attempts=max_attempts,
     )
-
-
-CLAIM_LOCK = 0x6C6F7261  # pg_advisory_xact_lock key of claims ("lora")
 
 
 def _next_candidate(now: Any, max_attempts: int, cap: int) -> Any:
