@@ -155,3 +155,25 @@ def test_concurrent_claims_take_each_job_once_and_keep_the_cap(backend):  # type
     assert len(taken) == len(set(taken)) == 4  # two per organization: the cap held
     assert set(taken) == {*backlog[:2], *others[:2]}  # the oldest of each
     assert {job.attempt for job in rows(backend, *taken).values()} == {1}
+
+
+def test_the_supervisors_heartbeat_keeps_a_cancelled_run_active_until_it_stops(backend):  # type: ignore[no-untyped-def]  # noqa: F811
+    from datetime import timedelta
+
+    job_id = submit(backend)
+    held = claim_next(backend)
+    with session_scope(backend.sqlalchemy_url) as session:
+        assert job_runs.hold_lease(session, claim=held, lease_seconds=60) is None
+    assert cancel(backend, job_id) == "running"
+    with session_scope(backend.sqlalchemy_url) as session:  # its lease had lapsed
+        session.get_one(Job, job_id).lease_expires_at = job_runs.utcnow() - timedelta(seconds=1)
+    with session_scope(backend.sqlalchemy_url) as session:
+        assert job_runs.hold_lease(session, claim=held, lease_seconds=60) == "cancelled"
+    with session_scope(backend.sqlalchemy_url) as session:
+        assert job_runs.sweep(session, requeue_after_seconds=3600, max_attempts=3) == []
+        assert session.get_one(Job, job_id).status == "running"  # still computing: active
+        with pytest.raises(job_runs.RunAborted, match="cancelled"):
+            job_runs.check_run(session, claim=held)  # the child's check stops it
+    stale = job_runs.Claim(job_id, held.attempt - 1)
+    with session_scope(backend.sqlalchemy_url) as session:
+        assert job_runs.hold_lease(session, claim=stale, lease_seconds=60) == "lease_lost"
