@@ -165,6 +165,19 @@ def test_a_deleted_training_file_fails_the_job_with_an_actionable_error(settings
     assert job.error["param"] == "training_file" and "deleted" in job.error["message"]
 
 
+def test_a_max_seq_length_past_the_models_context_fails_the_job_naming_it(settings):  # type: ignore[no-untyped-def]
+    """The API refuses it for a local model; a hub model's context is known only here."""
+    job_id = submit(settings)
+    with session_scope(settings.sqlalchemy_url) as session:
+        job = session.get_one(Job, job_id)
+        job.hyperparameters = job.hyperparameters | {"max_seq_length": 4096}
+    assert run_job(job_id, settings=settings) == "failed"
+    [job] = load(settings, Job, id=job_id)
+    assert job.error["code"] == "max_seq_length_too_long"
+    assert job.error["param"] == "hyperparameters.max_seq_length"
+    assert "1024 positions" in job.error["message"]
+
+
 def test_a_base_model_removed_from_the_allowlist_fails_the_job(settings):  # type: ignore[no-untyped-def]
     job_id = submit(settings)
     assert run_job(job_id, settings=settings.model_copy(update={"base_models": {}})) == "failed"
