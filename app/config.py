@@ -48,6 +48,14 @@ class Settings(BaseSettings):
     rate_limit_per_second: float = 100.0  # per organization, token bucket
     rate_limit_burst: int = 500
     max_active_jobs: int = 16  # queued + running per organization
+    # Issue 14. Fair claims: running jobs per organization a worker may start (0: no cap).
+    max_running_jobs_per_org: int = 0
+    # A run that was cancelled or fenced off and has not stopped after this long is killed.
+    stop_grace_seconds: float = 10.0
+    # Bounds on one job's work (app/work_limits.py) and on an organization's stored files.
+    max_tokens_per_step: int = 1 << 20  # batch_size * gradient_accumulation * max_seq_length
+    max_examples_per_job: int = 10_000_000  # n_epochs * training examples
+    max_stored_bytes_per_org: int = 10 << 30  # bytes of files; 413 past it
 
     @field_validator("base_models", mode="before")
     @classmethod

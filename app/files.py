@@ -6,7 +6,7 @@ import hashlib
 from pathlib import Path
 from typing import BinaryIO
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.dataset_format import MAX_LINE_BYTES, validate_jsonl_file
@@ -71,15 +71,19 @@ def store_spooled_file(
     store: ArtifactStore,
     max_lines: int,
     max_line_bytes: int = MAX_LINE_BYTES,
+    max_stored_bytes: int = 0,
 ) -> File:
     """Validate a spooled upload, add its row and move it into the store.
 
     Nothing is kept when any step fails: the caller's spool lives in a temp dir that is
     always removed, and the row is flushed only after validation passed. The user's
     file name is a label only: the stored path is built from the server-made id.
+    `max_stored_bytes`: the organization's storage quota (0: none), held until commit.
     """
     check_upload(filename=filename, purpose=purpose)
     summary = validate_jsonl_file(spool, max_lines=max_lines, max_line_bytes=max_line_bytes)
+    if max_stored_bytes:
+        check_storage_quota(session, organization=organization, adding=size, limit=max_stored_bytes)
     file_id = new_id("file")
     row = File(
         id=file_id,
@@ -96,6 +100,32 @@ def store_spooled_file(
     session.flush()
     store.publish_file(spool, row.storage_key)
     return row
+
+
+def check_storage_quota(
+    session: Session, *, organization: Organization, adding: int, limit: int
+) -> None:
+    """Refuse (413) a file that would take the organization's stored bytes past `limit`.
+
+    The organization's row is locked first (PostgreSQL; SQLite's writer lock serialises
+    the whole transaction), so concurrent uploads are counted one after the other and
+    the quota holds until the caller commits its row.
+    """
+    session.execute(
+        select(Organization.id).where(Organization.id == organization.id).with_for_update()
+    )
+    used = session.scalar(
+        select(func.coalesce(func.sum(File.bytes), 0)).where(
+            File.organization_id == organization.id
+        )
+    )
+    if used + adding > limit:
+        raise PayloadTooLarge(
+            f"this organization's files take {used} bytes; {adding} more would pass its "
+            f"storage quota of {limit} bytes. Delete files to make room",
+            param="file",
+            code="storage_quota_exceeded",
+        )
 
 
 def display_name(filename: str) -> str:

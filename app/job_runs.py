@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app import registry
@@ -42,20 +42,23 @@ class Claim:
     attempt: int
 
 
+def _claimable(now: Any, max_attempts: int) -> tuple:
+    """Queued, or running on a lapsed lease (its worker died); never a cancelled one."""
+    return (
+        or_(Job.status == "queued", and_(Job.status == "running", Job.lease_expires_at < now)),
+        Job.cancel_requested.is_(False),
+        Job.attempt < max_attempts,
+    )
+
+
 def claim_job(
     session: Session, *, job_id: str, worker: str, lease_seconds: int, max_attempts: int
 ) -> Claim | None:
     """Take the job with one conditional UPDATE; None when someone else has it or it is done."""
     now = utcnow()
-    claimable = or_(
-        Job.status == "queued",
-        and_(Job.status == "running", Job.lease_expires_at < now),
-    )
     result = session.execute(
         update(Job)
-        .where(
-            Job.id == job_id, claimable, Job.cancel_requested.is_(False), Job.attempt < max_attempts
-        )
+        .where(Job.id == job_id, *_claimable(now, max_attempts))
         .values(
             status="running",
             attempt=Job.attempt + 1,
@@ -71,6 +74,69 @@ def claim_job(
     return Claim(job_id, attempt)
 
 
+CLAIM_LOCK = 0x6C6F7261  # pg_advisory_xact_lock key of claims ("lora")
+
+
+def claim_next(
+    session: Session,
+    *,
+    worker: str,
+    lease_seconds: int,
+    max_attempts: int,
+    max_running_per_org: int = 0,
+) -> Claim | None:
+    """Take the next job by the fair policy; None when nothing is claimable.
+
+    A message only wakes a worker: whichever job it names, the worker takes the oldest
+    claimable job of the organization with the fewest running jobs (ties: the organization
+    that started a job least recently), skipping organizations at `max_running_per_org`
+    (0: no cap). `claim_job`'s conditional UPDATE stays the fence.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        # Claims are serialised (as SQLite's writer lock does), so the running counts the
+        # policy and the cap read are exact; it is held for milliseconds, until commit.
+        session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK)))
+    job_id = session.scalar(_next_candidate(utcnow(), max_attempts, max_running_per_org))
+    if job_id is None:
+        return None
+    return claim_job(
+        session,
+        job_id=job_id,
+        worker=worker,
+        lease_seconds=lease_seconds,
+        max_attempts=max_attempts,
+    )
+
+
+def _next_candidate(now: Any, max_attempts: int, cap: int) -> Any:
+    live = and_(Job.status == "running", Job.lease_expires_at >= now)
+    waiting = select(Job.organization_id).where(*_claimable(now, max_attempts))
+    per_org = (
+        select(
+            Job.organization_id.label("org"),
+            func.sum(case((live, 1), else_=0)).label("running"),
+            func.max(Job.started_at).label("last_start"),
+        )
+        .where(Job.organization_id.in_(waiting))
+        .group_by(Job.organization_id)
+        .subquery()
+    )
+    query = (
+        select(Job.id)
+        .join(per_org, per_org.c.org == Job.organization_id)
+        .where(*_claimable(now, max_attempts))
+        .order_by(
+            per_org.c.running,
+            per_org.c.last_start.asc().nulls_first(),
+            Job.created_at,
+            Job.id,
+        )
+        .limit(1)
+        .with_for_update(of=Job, skip_locked=True)  # PostgreSQL; SQLite has its writer lock
+    )
+    return query.where(per_org.c.running < cap) if cap > 0 else query
+
+
 def renew_lease(session: Session, *, claim: Claim, lease_seconds: int) -> None:
     """Heartbeat and cancel check in one statement; raises RunAborted when the run must stop."""
     renewed = session.execute(
@@ -81,6 +147,34 @@ def renew_lease(session: Session, *, claim: Claim, lease_seconds: int) -> None:
     if renewed != 1:
         still_ours = session.scalar(select(Job.id).where(*_owned(claim)))
         raise RunAborted("cancelled" if still_ours else "lease_lost")
+
+
+def hold_lease(session: Session, *, claim: Claim, lease_seconds: int) -> str | None:
+    """The supervising process's heartbeat: why the run must stop, or None.
+
+    Unlike `renew_lease` it keeps extending a cancelled run's lease: the job stays
+    `running` (and counts as active) until its process has really stopped, so the sweep
+    never marks it `cancelled` while it still computes.
+    """
+    held = session.execute(
+        update(Job)
+        .where(*_owned(claim))
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        .returning(Job.cancel_requested)
+    ).scalar_one_or_none()
+    if held is None:
+        return "lease_lost"
+    return "cancelled" if held else None
+
+
+def check_run(session: Session, *, claim: Claim) -> None:
+    """The check between micro-batches (a read, no lock): raises RunAborted when the run was
+    cancelled, taken over, or its lease lapsed (another attempt may take it at any time)."""
+    cancel_requested = session.scalar(
+        select(Job.cancel_requested).where(*_owned(claim), Job.lease_expires_at >= utcnow())
+    )
+    if cancel_requested is None or cancel_requested:
+        raise RunAborted("cancelled" if cancel_requested else "lease_lost")
 
 
 @contextmanager

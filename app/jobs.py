@@ -18,6 +18,7 @@ from app.errors import InvalidRequest, InvalidState, NotFound, RateLimited
 from app.files import get_file
 from app.ids import new_id
 from app.schemas.jobs import JobCreate
+from app.work_limits import WorkLimits, check_job_work
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -29,7 +30,12 @@ class Page:
 
 
 def create_job(
-    session: Session, *, organization: Organization, request: JobCreate, base_models: dict[str, str]
+    session: Session,
+    *,
+    organization: Organization,
+    request: JobCreate,
+    base_models: dict[str, str],
+    limits: WorkLimits | None = None,
 ) -> Job:
     """Validate the request against the allowlist and the caller's files; insert `queued`.
 
@@ -50,6 +56,13 @@ def create_job(
     if parent is not None:
         resolved = hyperparameters.continue_from(resolved, parent.lora_config)
     hyperparameters.check_target_modules(base_models[base_model], resolved["lora_target_modules"])
+    check_job_work(
+        resolved,
+        n_examples=training.examples,
+        base_model=base_model,
+        model_ref=base_models[base_model],
+        limits=limits or WorkLimits(),
+    )
     job = Job(
         id=new_id("ftjob"),
         organization_id=organization.id,

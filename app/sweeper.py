@@ -49,8 +49,8 @@ def _enough_messages_waiting(settings: Settings) -> bool:
     A queued job waiting behind a long one is not lost; re-sending it every
     `requeue_after_seconds` would pile up copies faster than a busy worker skips them.
     Re-send only when messages may be missing (fewer than queued jobs, e.g. after Redis
-    lost them); the worker drains the queue in order, so a job whose copy is short gets one
-    as soon as the count drops below the queued jobs.
+    lost them). A message is a wake-up for whichever job the fair policy picks, not for
+    the job it names, so one waiting message per queued job is enough.
     """
     pending = queue.pending_messages()
     if pending is None:

@@ -6,6 +6,6 @@ from app.config import get_settings
 from app.queue import make_celery
 
 celery_app = make_celery(get_settings())
-# A fresh child process per job gives each job a clean CUDA context and frees all memory.
-celery_app.conf.worker_max_tasks_per_child = 1
+# The pool process is resident (a stale message costs it milliseconds); each job runs in
+# a fresh child of it (worker/supervisor.py): a clean CUDA context, all memory freed.
 celery_app.conf.include = ["worker.tasks"]

@@ -1,7 +1,9 @@
 """The training loop's callbacks, wired to the database and the artifact store.
 
 Every step renews the lease and checks for cancellation (one conditional UPDATE,
-`job_runs.renew_lease`, which raises `RunAborted`); every `metrics_every_steps` a
+`job_runs.renew_lease`, which raises `RunAborted`); every micro-batch checks them with a
+read (`job_runs.check_run`), so a long gradient accumulation stops at the next
+micro-batch, not at the end of its step; every `metrics_every_steps` a
 `metrics` event. Every checkpoint is published atomically to
 `checkpoints/{job_id}/step-N`, recorded (callable as `ft:…:ckpt-step-N`), and the
 oldest beyond `checkpoint_retention` are pruned (their rows say so; files go after commit).
@@ -15,7 +17,7 @@ from typing import Any
 
 from app import job_runs
 from app.config import Settings
-from app.db.session import session_scope
+from app.db.session import read_session_scope, session_scope
 from app.job_runs import Claim
 from app.jobs import add_event
 from app.ml.adapters import ADAPTER_WEIGHTS, file_sha256
@@ -57,6 +59,10 @@ class Progress:
                 level="warn",
                 data={"n_checkpoints": n_checkpoints, "total_steps": total_steps},
             )
+
+    def on_micro_batch(self) -> None:
+        with read_session_scope(self.settings.sqlalchemy_url) as session:
+            job_runs.check_run(session, claim=self.claim)
 
     def on_step(self, report: Any) -> None:
         with session_scope(self.settings.sqlalchemy_url) as session:

@@ -27,6 +27,7 @@ from app.job_runs import Claim, RunAborted
 from app.jobs import TERMINAL
 from app.leftovers import remove_dead_attempts_leftovers, remove_scratch_of_ended_jobs
 from app.ml.adapters import ADAPTER_WEIGHTS, file_sha256
+from app.model_config import context_of
 from app.storage import ArtifactStore
 from worker.progress import Progress, metrics_csv
 
@@ -56,30 +57,14 @@ class JobInputs:
 
 
 def run_job(job_id: str, *, settings: Settings | None = None) -> str:
-    """What happened: succeeded, failed, cancelled, lease_lost, db_unavailable or skipped.
+    """Claim `job_id` and run it in this process: succeeded, failed, cancelled, lease_lost,
+    db_unavailable or skipped. The worker itself claims by the fair policy and runs each
+    job in a child it supervises (worker/supervisor.py); this is the in-process path.
 
     All scratch of the attempt lives in `tmp/<job_id>/` of the store; once the job is
     terminal, that folder goes (what a killed attempt left there included).
     """
     settings = settings or get_settings()
-    store = ArtifactStore(settings.artifacts_dir)
-    outcome = _run(job_id, settings, store)
-    if outcome in TERMINAL:
-        _remove_scratch(settings, job_id)
-    return outcome
-
-
-def _remove_scratch(settings: Settings, job_id: str) -> None:
-    """Best effort, never changing the job; only once the database says it is terminal (a
-    `failed` whose conditional end found the job re-queued to a newer attempt must leave
-    that attempt's scratch alone)."""
-    try:
-        remove_scratch_of_ended_jobs(settings, [job_id])
-    except Exception:
-        logger.warning("could not remove the scratch of job %s", job_id, exc_info=True)
-
-
-def _run(job_id: str, settings: Settings, store: ArtifactStore) -> str:
     with session_scope(settings.sqlalchemy_url) as session:
         claim = job_runs.claim_job(
             session,
@@ -91,37 +76,59 @@ def _run(job_id: str, settings: Settings, store: ArtifactStore) -> str:
     if claim is None:
         logger.info("job %s is not claimable (done, running elsewhere or cancelled)", job_id)
         return "skipped"
+    # Steps renew the lease; this covers the phases without steps (loading, saving).
+    with job_runs.keep_lease(
+        settings.sqlalchemy_url, claim=claim, lease_seconds=settings.lease_seconds
+    ):
+        outcome = execute(claim, settings)
+    if outcome in TERMINAL:
+        remove_scratch(settings, claim.job_id)
+    return outcome
+
+
+def remove_scratch(settings: Settings, job_id: str) -> None:
+    """Best effort, never changing the job; only once the database says it is terminal (a
+    `failed` whose conditional end found the job re-queued to a newer attempt must leave
+    that attempt's scratch alone)."""
+    try:
+        remove_scratch_of_ended_jobs(settings, [job_id])
+    except Exception:
+        logger.warning("could not remove the scratch of job %s", job_id, exc_info=True)
+
+
+def execute(claim: Claim, settings: Settings) -> str:
+    """Run a claimed job to its end: succeeded, failed, cancelled, lease_lost or
+    db_unavailable. The caller holds the lease between steps and removes the scratch."""
+    store = ArtifactStore(settings.artifacts_dir)
     if claim.attempt > 1:
         # What earlier attempts left (fenced off by this claim): the sweep removes it when
         # it re-queues the job, but a redelivered message can take over a lapsed lease first.
-        remove_dead_attempts_leftovers(settings, [job_id], older_than=time.time())
+        remove_dead_attempts_leftovers(settings, [claim.job_id], older_than=time.time())
     try:
-        # Steps renew the lease; this covers the phases without steps (loading, saving).
-        with job_runs.keep_lease(
-            settings.sqlalchemy_url, claim=claim, lease_seconds=settings.lease_seconds
-        ):
-            _train_and_publish(claim, settings, store)
+        _train_and_publish(claim, settings, store)
         return "succeeded"
     except RunAborted as aborted:
         if aborted.reason == "cancelled":
-            _end(settings, claim, "cancelled")
+            end(settings, claim, "cancelled")
         return aborted.reason
     except JobInputError as exc:
-        _end(settings, claim, "failed", exc.error)
+        end(settings, claim, "failed", exc.error)
         return "failed"
     except OperationalError:  # the database went away: not the job's fault, so no `failed`
-        logger.warning("job %s lost its database; the sweep re-queues it", job_id, exc_info=True)
+        logger.warning(
+            "job %s lost its database; the sweep re-queues it", claim.job_id, exc_info=True
+        )
         return "db_unavailable"  # the lease lapses; the sweep re-queues (max_attempts bounds it)
     except Exception as exc:  # the task boundary: record the failure for the user, then stop
-        logger.exception("job %s failed", job_id)
+        logger.exception("job %s failed", claim.job_id)
         message = f"training failed: {type(exc).__name__}: {exc}"
-        _end(
+        end(
             settings, claim, "failed", {"code": "training_error", "message": message, "param": None}
         )
         return "failed"
 
 
-def _end(settings: Settings, claim: Claim, status: str, error: dict | None = None) -> None:
+def end(settings: Settings, claim: Claim, status: str, error: dict | None = None) -> None:
     with session_scope(settings.sqlalchemy_url) as session:
         job_runs.end_run(session, claim=claim, status=status, error=error)
 
@@ -148,6 +155,7 @@ def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -
             out_dir=out,
             on_step=progress.on_step,
             on_checkpoint=progress.on_checkpoint,
+            on_micro_batch=progress.on_micro_batch,
             init_adapter=inputs.parent_adapter if resume_from is None else None,
             resume_from=resume_from,
             scratch_dir=store.scratch_root(claim.job_id),
@@ -190,6 +198,7 @@ def _train_config(inputs: JobInputs, model: Any, settings: Settings, progress: P
 
     hp = inputs.hyperparameters
     _check_target_modules(model, hp["lora_target_modules"])
+    _check_context(model, hp["max_seq_length"])
     wanted = hp.get("packing", True) is True
     if wanted:  # first, so that the check below covers the attention that will train
         use_segment_attention(model)
@@ -235,6 +244,19 @@ def _check_target_modules(model: Any, targets: str | list[str]) -> None:
             f"lora_target_modules {missing} are not modules of the base model",
             code="invalid_lora_target_modules",
             param=TARGET_MODULES_PARAM,
+        )
+
+
+def _check_context(model: Any, max_seq_length: int) -> None:
+    """Fail the job when max_seq_length passes the model's context (the API checks local
+    models at creation; a hub model is known only now)."""
+    context = context_of(model.config.to_dict())
+    if context is not None and max_seq_length > context:
+        raise JobInputError(
+            f"max_seq_length {max_seq_length} is longer than the base model's context "
+            f"({context} positions)",
+            code="max_seq_length_too_long",
+            param="hyperparameters.max_seq_length",
         )
 
 

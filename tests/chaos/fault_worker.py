@@ -1,9 +1,11 @@
 """The Celery app of a chaos worker: the real one, plus a journal of what it did.
 
 `celery -A tests.chaos.fault_worker worker …` imports this in the master, so the
-wrappers below are inherited by every forked child. Nothing here changes what the
-worker decides; it records deliveries and optimizer steps (after the lease renewal
-succeeded, i.e. while the attempt held the job) to an append-only JSONL file, and can
+wrappers below are inherited by every forked process (the pool process, and each job's
+child of it). Nothing here changes what the worker decides; it records deliveries (and
+`skipped` when one claimed nothing), each claimed job's outcome, and optimizer steps
+(after the lease renewal succeeded, i.e. while the attempt held the job; `ppid` is the
+pool process that claimed it) to an append-only JSONL file, and can
 slow steps down (`LORAFORGE_CHAOS_STEP_SLEEP`) so kills land mid-training, and
 checkpoint writes (`LORAFORGE_CHAOS_SAVE_SLEEP`: a pause after the loop writes the
 files and between the files published) so kills land mid-write.
@@ -22,6 +24,7 @@ from typing import Any
 import worker.tasks
 from app import storage
 from worker import run_job as run_job_module
+from worker import supervisor
 from worker.celery_app import celery_app
 from worker.training import loop
 
@@ -44,21 +47,36 @@ def record(kind: str, **fields: Any) -> None:
         os.close(fd)
 
 
-_real_run_job = worker.tasks.run_job
+_real_wake = worker.tasks.wake
+_real_run_claimed = supervisor.run_claimed
 _real_on_step = run_job_module.Progress.on_step
 
 
-@functools.wraps(_real_run_job)
-def _journaled_run_job(job_id: str) -> str:
+@functools.wraps(_real_wake)
+def _journaled_wake(job_id: str) -> list[str]:
     record("delivery", job=job_id)
-    result = _real_run_job(job_id)
-    record("result", job=job_id, result=result)
+    ran = _real_wake(job_id)
+    if not ran:
+        record("result", job=job_id, result="skipped")
+    return ran
+
+
+@functools.wraps(_real_run_claimed)
+def _journaled_run_claimed(claim, settings) -> str:  # type: ignore[no-untyped-def]
+    result = _real_run_claimed(claim, settings)
+    record("result", job=claim.job_id, result=result)
     return result
 
 
 def _journaled_on_step(self, report) -> None:  # type: ignore[no-untyped-def]
     _real_on_step(self, report)  # renews the lease: raises if this attempt lost the job
-    record("step", job=self.claim.job_id, attempt=self.claim.attempt, step=report.step)
+    record(
+        "step",
+        job=self.claim.job_id,
+        attempt=self.claim.attempt,
+        step=report.step,
+        ppid=os.getppid(),
+    )
     if STEP_SLEEP:
         time.sleep(STEP_SLEEP)
 
@@ -87,7 +105,8 @@ def _journaled_on_checkpoint(self, report) -> None:  # type: ignore[no-untyped-d
     record("save_end", job=self.claim.job_id, attempt=self.claim.attempt, step=report.step)
 
 
-worker.tasks.run_job = _journaled_run_job
+worker.tasks.wake = _journaled_wake
+supervisor.run_claimed = _journaled_run_claimed
 run_job_module.Progress.on_step = _journaled_on_step
 _real_save = loop.save_checkpoint
 loop.save_checkpoint = _journaled_save

@@ -89,7 +89,8 @@ def _pings(client) -> bool:  # type: ignore[no-untyped-def]
 
 
 class Worker:
-    """One `celery worker -c 1` (prefork, a fresh child per job) with the chaos journal."""
+    """One `celery worker -c 1` (prefork: a resident pool process that forks a child per
+    job, worker/supervisor.py) with the chaos journal."""
 
     def __init__(self, env: dict[str, str], logs: Path, name: str):
         self.env, self.logs, self.name, self.proc = env, logs, name, None
@@ -131,6 +132,7 @@ class Worker:
             return []
 
     def kill_child(self) -> int:
+        """SIGKILL the pool process; the job's child dies with it (it sets PDEATHSIG)."""
         [child] = wait_until(self.children, 30, "the worker's pool child")
         child.send_signal(signal.SIGKILL)
         child.wait(30)

@@ -35,8 +35,8 @@ def test_a_redelivered_job_is_trained_once(make_stack):  # type: ignore[no-untyp
     jobs = stack.jobs(ids)
 
     def winners() -> list[dict] | None:
-        # The task journals its result after run_job returns, which is after the database
-        # says succeeded (run_job still removes its scratch): wait for the line.
+        # The supervisor journals a job's result after its child ends, which is after the
+        # database says succeeded (it still removes the scratch): wait for the line.
         won = [r for r in stack.journal("result") if r["result"] == "succeeded"]
         return won if {r["job"] for r in won} >= set(ids) else None
 
@@ -53,7 +53,8 @@ def test_a_redelivered_job_is_trained_once(make_stack):  # type: ignore[no-untyp
         assert outcomes == ["skipped"] * len(outcomes)  # every copy did nothing
         steps = [(e["attempt"], e["step"]) for e in stack.journal("step") if e["job"] == job_id]
         assert steps == [(1, step) for step in range(1, STEPS + 1)]  # one attempt, each step once
-        assert {e["pid"] for e in stack.journal("step") if e["job"] == job_id} == {won["pid"]}
+        # every step in the winner's child: the process that claimed the job ran it
+        assert {e["ppid"] for e in stack.journal("step") if e["job"] == job_id} == {won["pid"]}
     counts = [sum(d["job"] == job_id for d in deliveries) for job_id in ids]
     print(
         f"\nduplicate delivery: deliveries per job {counts}, results "

@@ -133,7 +133,7 @@ def test_the_sweep_resends_a_waiting_job_only_when_its_message_may_be_lost(
     settings, monkeypatch, pending, resent
 ):  # type: ignore[no-untyped-def]
     """A job queued behind a long one is not lost; copies must not pile up faster than a
-    busy worker skips them (each skip costs a fresh child process)."""
+    busy worker skips them."""
     from app import queue, sweeper
 
     sent: list[str] = []

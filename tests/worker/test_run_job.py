@@ -132,6 +132,29 @@ def test_cancel_during_training_publishes_nothing(settings, monkeypatch):  # typ
     assert steps == [1]  # the step-2 check saw the flag: no later step ran
 
 
+def test_cancel_in_a_long_accumulation_stops_at_the_next_micro_batch(settings, monkeypatch):  # type: ignore[no-untyped-def]
+    """One optimizer step is the whole epoch (6 examples, batch 1, accumulation 6): a cancel
+    during its second micro-batch must not wait for the step to end (issue 14, finding 6)."""
+    from worker.training import loop
+
+    job_id = submit(settings, n_epochs=1, batch_size=1, gradient_accumulation_steps=6)
+    micro_batches, real_collate = [], loop.collate
+
+    def cancel_in_the_second(*args, **kwargs):  # type: ignore[no-untyped-def]
+        micro_batches.append(1)
+        if len(micro_batches) == 2:
+            with session_scope(settings.sqlalchemy_url) as session:
+                organization = tenancy.get_or_create_organization(session, name="acme")
+                jobs.cancel_job(session, organization=organization, job_id=job_id)
+        return real_collate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "collate", cancel_in_the_second)
+    assert run_job(job_id, settings=settings) == "cancelled"
+    assert len(micro_batches) == 2  # the check before the third forward saw the flag
+    assert [e for e in load(settings, JobEvent, job_id=job_id) if e.type == "metrics"] == []
+    assert load(settings, Job, id=job_id)[0].status == "cancelled"
+
+
 def test_a_deleted_training_file_fails_the_job_with_an_actionable_error(settings):  # type: ignore[no-untyped-def]
     job_id = submit(settings)
     with session_scope(settings.sqlalchemy_url) as session:
@@ -140,6 +163,19 @@ def test_a_deleted_training_file_fails_the_job_with_an_actionable_error(settings
     [job] = load(settings, Job, id=job_id)
     assert job.status == "failed" and job.error["code"] == "file_not_found"
     assert job.error["param"] == "training_file" and "deleted" in job.error["message"]
+
+
+def test_a_max_seq_length_past_the_models_context_fails_the_job_naming_it(settings):  # type: ignore[no-untyped-def]
+    """The API refuses it for a local model; a hub model's context is known only here."""
+    job_id = submit(settings)
+    with session_scope(settings.sqlalchemy_url) as session:
+        job = session.get_one(Job, job_id)
+        job.hyperparameters = job.hyperparameters | {"max_seq_length": 4096}
+    assert run_job(job_id, settings=settings) == "failed"
+    [job] = load(settings, Job, id=job_id)
+    assert job.error["code"] == "max_seq_length_too_long"
+    assert job.error["param"] == "hyperparameters.max_seq_length"
+    assert "1024 positions" in job.error["message"]
 
 
 def test_a_base_model_removed_from_the_allowlist_fails_the_job(settings):  # type: ignore[no-untyped-def]

@@ -1,8 +1,9 @@
 """The LoRA training loop: one linear function, setup → train → save (nanoGPT / torchtune).
 
-Pure: no DB, no Celery. The caller (the job runner) reports progress and checks for
-cancellation in `on_step`; an exception raised there stops training, propagates
-unchanged, and nothing is written to `out_dir`.
+Pure: no DB, no Celery. The caller (the job runner) reports progress in `on_step` and
+checks for cancellation there and in `on_micro_batch` (before every forward pass: one
+optimizer step may accumulate many micro-batches); an exception raised in either stops
+training, propagates unchanged, and nothing is written to `out_dir`.
 
 Exact resume: the data order of epoch e is a pure function of (seed, e), and a
 checkpoint (worker/training/checkpoint.py) stores adapter, optimizer, scheduler, RNG
@@ -102,6 +103,10 @@ def _ignore(_report: Any) -> None:
     return None
 
 
+def _nothing() -> None:
+    return None
+
+
 def count_steps(n_examples: int, config: TrainConfig) -> int:
     """Optimizer steps `train_lora` takes: packing or not, a step is the same examples."""
     batches = math.ceil(n_examples / config.batch_size)
@@ -126,6 +131,7 @@ def train_lora(
     out_dir: Path,
     on_step: Callable[[StepReport], None] = _ignore,
     on_checkpoint: Callable[[CheckpointReport], None] = _ignore,
+    on_micro_batch: Callable[[], None] = _nothing,
     init_adapter: Path | None = None,
     resume_from: Path | None = None,
     scratch_dir: Path | None = None,
@@ -208,6 +214,7 @@ def train_lora(
             n_labels = sum(_label_count(r) for micro in group for r in micro)
             loss_sum, real_tokens = 0.0, 0
             for micro in group:
+                on_micro_batch()  # may raise: a cancel must not wait for the whole step
                 batch = collate(micro, pad_id, device)
                 with _autocast(device):
                     logits = peft_model(

@@ -57,6 +57,7 @@ def _store(
             session, organization=org, spool=upload.path, size=upload.size,
             sha256=upload.sha256, filename=filename, purpose=purpose or "", store=store,
             max_lines=settings.max_lines_per_file, max_line_bytes=settings.max_line_bytes,
+            max_stored_bytes=settings.max_stored_bytes_per_org,
         )  # fmt: skip
         undo = lambda: store.delete(row.storage_key)  # noqa: E731
         earlier = idempotency.commit_once(session, **scope, object_id=row.id, undo=undo)

@@ -11,6 +11,7 @@ from app.api.idempotency import IdempotencyHeader
 from app.api.views import checkpoint_view, event_view, job_view
 from app.schemas.common import ListPage
 from app.schemas.jobs import CheckpointRead, EventRead, JobCreate, JobRead
+from app.work_limits import WorkLimits
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 Limit = Annotated[int, Query(ge=1, le=100)]
@@ -40,7 +41,13 @@ def create_job(
     if earlier is not None:  # a replay: the same job, never a second one
         return job_view(jobs.get_job(session, organization=org, job_id=earlier))
     jobs.check_active_quota(session, organization=org, limit=settings.max_active_jobs)
-    job = jobs.create_job(session, organization=org, request=body, base_models=settings.base_models)
+    job = jobs.create_job(
+        session,
+        organization=org,
+        request=body,
+        base_models=settings.base_models,
+        limits=WorkLimits.of(settings),
+    )
     # Committed before enqueueing: the worker must find the row when the message arrives.
     job_id = idempotency.commit_once(session, **scope, object_id=job.id)
     if job_id == job.id and not queue.enqueue_training(job.id):

@@ -1,0 +1,63 @@
+"""Bounds on the work one fine-tuning job may ask for, checked when it is created.
+
+Without them one request could hold a GPU for an unbounded time: one optimizer step of
+batch 256 * accumulation 1024 * 65536 tokens is a whole epoch that no cancel interrupts
+between steps, and n_epochs * examples sets how many steps there are. Each is refused
+with a 400 naming the field and the limit; 0 disables a limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from app.config import Settings
+from app.errors import InvalidRequest
+from app.model_config import context_length
+
+
+@dataclass(frozen=True)
+class WorkLimits:
+    max_tokens_per_step: int = 0  # batch_size * gradient_accumulation_steps * max_seq_length
+    max_examples_per_job: int = 0  # n_epochs * training examples
+
+    @classmethod
+    def of(cls, settings: Settings) -> WorkLimits:
+        return cls(settings.max_tokens_per_step, settings.max_examples_per_job)
+
+
+def check_job_work(
+    resolved: dict[str, Any],
+    *,
+    n_examples: int,
+    base_model: str,
+    model_ref: str,
+    limits: WorkLimits,
+) -> None:
+    """Refuse (InvalidRequest naming the field) a job whose work exceeds a bound."""
+    max_seq_length = resolved["max_seq_length"]
+    context = context_length(model_ref)
+    if context is not None and max_seq_length > context:
+        raise InvalidRequest(
+            f"max_seq_length {max_seq_length} is longer than the context of base model "
+            f"{base_model!r} ({context} positions)",
+            param="hyperparameters.max_seq_length",
+            code="max_seq_length_too_long",
+        )
+    per_step = resolved["batch_size"] * resolved["gradient_accumulation_steps"] * max_seq_length
+    if limits.max_tokens_per_step and per_step > limits.max_tokens_per_step:
+        raise InvalidRequest(
+            f"batch_size * gradient_accumulation_steps * max_seq_length is {per_step} tokens "
+            f"per optimizer step; this server allows at most {limits.max_tokens_per_step}",
+            param="hyperparameters",  # a product of three fields; the message names them
+            code="too_many_tokens_per_step",
+        )
+    examples = resolved["n_epochs"] * n_examples
+    if limits.max_examples_per_job and examples > limits.max_examples_per_job:
+        raise InvalidRequest(
+            f"n_epochs * training examples is {resolved['n_epochs']} * {n_examples} = "
+            f"{examples} examples to train; this server allows at most "
+            f"{limits.max_examples_per_job} per job",
+            param="hyperparameters.n_epochs",
+            code="too_many_examples",
+        )
