@@ -86,9 +86,14 @@ def _base_and_parent(
             return parent.base_model, parent
         model = parent.base_model
     if model not in base_models:
-        allowed = ", ".join(sorted(base_models)) or "none configured"
+        allowed = (
+            f"allowed: {', '.join(sorted(base_models))}"
+            if base_models
+            else "this server has none: set LORAFORGE_BASE_MODELS=name=path-or-hub-id,… "
+            "where it runs"
+        )
         raise InvalidRequest(
-            f"model {model!r} is not an allowed base model (allowed: {allowed})",
+            f"model {model!r} is not an allowed base model ({allowed})",
             param="model",
             code="model_not_available",
         )

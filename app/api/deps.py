@@ -12,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app import tenancy
+from app.api.errors import unrecognized_arguments
 from app.api.rate_limit import TokenBuckets
 from app.config import Settings, get_settings
 from app.db.models import Organization
@@ -135,9 +136,8 @@ def forbid_unknown_query(request: Request) -> None:
     allowed = _query_names(route.dependant)
     unknown = sorted(set(request.query_params) - allowed)
     if unknown:
-        raise InvalidRequest(
-            f"Unrecognized request argument supplied: {unknown[0][:64]}", param=unknown[0][:64]
-        )
+        names = [name[:64] for name in unknown]
+        raise InvalidRequest(unrecognized_arguments(names), param=names[0])
 
 
 def _query_names(dependant: Any) -> set[str]:
