@@ -129,7 +129,7 @@ EngineDep = Annotated["InferenceEngine", Depends(get_engine)]
 
 
 def forbid_unknown_query(request: Request) -> None:
-    """Unknown query parameters are refused and named, like unknown body fields (DESIGN §5)."""
+    """Unknown query parameters are refused and named, like body fields (docs/design.md §3)."""
     route = request.scope.get("route")
     if route is None or not hasattr(route, "dependant"):
         return
