@@ -36,7 +36,7 @@ DataDir = Annotated[
     ),
 ]
 FIRST_RUN_OR_ELSEWHERE = (
-    "\n  First run? Create it: `loraforge db upgrade` (`loraforge up` migrates by itself)."
+    "\n  New install or older schema: run `loraforge db upgrade` (`loraforge up` migrates itself)."
     "\n  Does your server keep its data elsewhere? Point at it: `loraforge --data-dir DIR ...`"
     " or LORAFORGE_DATA_DIR=DIR (LORAFORGE_DATABASE_URL for PostgreSQL)."
 )

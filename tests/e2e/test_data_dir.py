@@ -57,7 +57,7 @@ def test_keys_before_any_database_says_which_and_how(home, tmp_path: Path) -> No
         assert result.returncode == 2 and result.stdout == ""
         assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) < 10
         assert f"there is no loraforge database at {data_dir / 'loraforge.db'}" in result.stderr
-        assert "`loraforge db upgrade`" in result.stderr and "--data-dir" in result.stderr
+        assert "run `loraforge db upgrade`" in result.stderr and "--data-dir" in result.stderr
     assert not data_dir.exists()  # refusing created nothing
 
 
