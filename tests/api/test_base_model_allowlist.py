@@ -124,3 +124,26 @@ def test_offline_environment_is_read_by_a_fresh_process(tmp_path, tiny_model_dir
     assert result.returncode == 0, result.stderr
     assert '"hub"' in result.stdout and "HF_HUB_OFFLINE" in result.stdout
     assert '"tiny"' not in result.stdout
+
+
+@pytest.mark.usefixtures("enqueued", "no_hub")
+def test_preloading_adapters_of_an_unloadable_base_keeps_the_api_up(
+    settings, tiny_model_dir, tmp_path, caplog
+):  # type: ignore[no-untyped-def]
+    from tests.api.test_inference_api import publish_adapter
+
+    adapter = publish_adapter(settings, tiny_model_dir, org="acme", suffix="s", seed=1)
+    broken = settings.model_copy(
+        update={"base_models": {"tiny": str(tmp_path / "moved")}, "preload_adapters": [adapter]}
+    )
+    app = create_app(broken)
+    app.dependency_overrides[get_settings] = lambda: broken
+    with caplog.at_level(logging.WARNING), TestClient(app) as client:
+        assert client.get("/health").status_code == 200
+        client.headers["Authorization"] = f"Bearer {api_key(broken, 'acme')}"
+        response = client.post(
+            "/v1/completions", json={"model": adapter, "prompt": "hi", "max_tokens": 2}
+        )
+    assert response.status_code == 503, response.text
+    assert "base model 'tiny' cannot be loaded" in response.json()["error"]["message"]
+    assert any("moved is not a directory" in r.getMessage() for r in caplog.records)
