@@ -22,7 +22,7 @@ import logging
 from functools import lru_cache
 from pathlib import Path
 
-from app.errors import ServiceUnavailable
+from app.errors import LoraforgeError, ServiceUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def explain(name: str, ref: str, reason: str) -> str:
 
 
 def require_loadable(
-    base_models: dict[str, str], name: str, *, error: type[Exception] = BaseModelUnavailable
+    base_models: dict[str, str], name: str, *, error: type[LoraforgeError] = BaseModelUnavailable
 ) -> None:
     """Raise `error` (503 by default; job creation passes InvalidRequest) naming the reason."""
     ref = base_models.get(name)
