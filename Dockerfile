@@ -1,11 +1,12 @@
 # syntax=docker/dockerfile:1
-# loraforge: one image for the API, the migration job and the Celery worker.
+# loraforge: one image for the API (and its inference), the migration job and the worker.
 #
-# CPU image (default; API + migrations, CPU inference):
+# CPU image (this file's default; docker-compose.cpu.yml):
 #   docker build -t loraforge:cpu .
-# GPU image (training worker): same file, CUDA torch wheels. The wheels bundle the CUDA
-# runtime, so only the host's NVIDIA driver and the NVIDIA Container Toolkit are needed;
-# pick the cu12x index whose CUDA version the host driver supports (nvidia-smi shows it):
+# GPU image (docker-compose.yml: the API and the worker): same file, CUDA torch wheels. The
+# wheels bundle the CUDA runtime, so only the host's NVIDIA driver and the NVIDIA Container
+# Toolkit are needed; pick the cu12x index whose CUDA version the host driver supports
+# (nvidia-smi shows it):
 #   docker build -t loraforge:cuda \
 #     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
 FROM python:3.11-slim
@@ -17,7 +18,8 @@ ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    LORAFORGE_DATA_DIR=/data
+    LORAFORGE_DATA_DIR=/data \
+    HF_HOME=/hf-cache
 
 # 1. torch first, from the chosen wheel index, so `pip install .` finds it satisfied
 #    instead of pulling the default (CUDA) build from PyPI. Cached across code changes.
@@ -40,13 +42,13 @@ COPY . .
 RUN pip install --no-deps -e . \
     && python -m compileall -q app worker
 
-# Non-root user; /data (artifacts, shared by api and worker) is owned by it so a fresh
-# named volume mounted there inherits the ownership.
+# Non-root user; /data (artifacts, shared by api and worker) and /hf-cache (HF_HOME, hub
+# downloads) are owned by it so a fresh named volume mounted there inherits the ownership.
 RUN useradd --create-home --uid 1000 --user-group loraforge \
-    && mkdir -p /data \
-    && chown loraforge:loraforge /data
+    && mkdir -p /data /hf-cache \
+    && chown loraforge:loraforge /data /hf-cache
 USER loraforge
-VOLUME ["/data"]
+VOLUME ["/data", "/hf-cache"]
 
 EXPOSE 8000
 CMD ["loraforge", "api", "--host", "0.0.0.0", "--port", "8000"]

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from app.config import get_settings
+from app.config import Settings, get_settings
 
 cli = typer.Typer(
     help="loraforge: LoRA fine-tuning and multi-adapter serving.",
@@ -26,14 +26,97 @@ cli.add_typer(keys_cli, name="keys")
 
 Host = Annotated[str, typer.Option(help="Interface to bind.")]
 Port = Annotated[int, typer.Option(help="TCP port.")]
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Where the database, artifacts and broker live (overrides LORAFORGE_DATA_DIR; "
+        "default: a per-user directory, the same wherever loraforge is started).",
+        show_default=False,
+    ),
+]
+FIRST_RUN_OR_ELSEWHERE = (
+    "\n  New install or older schema: run `loraforge db upgrade` (`loraforge up` migrates itself)."
+    "\n  Does your server keep its data elsewhere? Point at it: `loraforge --data-dir DIR ...`"
+    " or LORAFORGE_DATA_DIR=DIR (LORAFORGE_DATABASE_URL for PostgreSQL)."
+)
+
+
+@cli.callback()
+def _options(data_dir: DataDir = None) -> None:
+    if data_dir is not None:  # through the environment, so `up`'s children see it too
+        os.environ["LORAFORGE_DATA_DIR"] = str(data_dir.expanduser().absolute())
+        get_settings.cache_clear()
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _where(settings: Settings) -> None:
+    """Say where the data lives, on stderr (stdout stays the command's output)."""
+    from app.migrate import shown_url
+
+    source = "LORAFORGE_DATA_DIR" if "data_dir" in settings.model_fields_set else "the default"
+    typer.echo(f"loraforge data dir: {settings.data_dir} ({source})", err=True)
+    typer.echo(f"loraforge database: {shown_url(settings.sqlalchemy_url)}", err=True)
+    old = Path.cwd() / ".loraforge"
+    if source == "the default" and (old / "loraforge.db").is_file():
+        typer.echo(
+            f"note: {old} holds a database from the old default (./.loraforge), not used here; "
+            f"to keep using it, set LORAFORGE_DATA_DIR={old}",
+            err=True,
+        )
+
+
+def _require_current_schema(settings: Settings, *, unreachable_is_fatal: bool) -> None:
+    """Refuse, naming the database and the fix, unless its schema is current."""
+    from sqlalchemy.exc import OperationalError
+
+    from app.migrate import schema_problem, shown_url
+
+    try:
+        problem = schema_problem(settings)
+    except OperationalError as exc:
+        message = f"cannot reach the database {shown_url(settings.sqlalchemy_url)}: {exc.orig}"
+        if unreachable_is_fatal:
+            raise _fail(message) from None
+        typer.echo(f"warning: {message} (requests answer 503 until it is back)", err=True)
+        return
+    if problem is not None:
+        raise _fail(problem + FIRST_RUN_OR_ELSEWHERE)
+
+
+def _upgrade(settings: Settings, revision: str = "head") -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from app import migrate
+
+    try:
+        migrate.upgrade(settings, revision)
+    except OperationalError as exc:
+        url = migrate.shown_url(settings.sqlalchemy_url)
+        raise _fail(f"cannot reach the database {url}: {exc.orig}") from None
+
+
+def _check_base_models(settings: Settings) -> None:
+    """Name every allowlist entry that cannot load, and why, before serving anything."""
+    from app.base_models import explain, unavailable
+
+    bad = unavailable(settings.base_models)
+    usable = [name for name in settings.base_models if name not in bad]
+    typer.echo(f"loraforge base models: {', '.join(usable) or 'none usable'}", err=True)
+    for name, reason in bad.items():
+        typer.echo(f"error: {explain(name, settings.base_models[name], reason)}", err=True)
 
 
 @db_cli.command("upgrade")
 def db_upgrade(revision: str = "head") -> None:
     """Apply migrations up to REVISION (default: head)."""
-    from app import migrate
-
-    migrate.upgrade(get_settings(), revision)
+    settings = get_settings()
+    _where(settings)
+    _upgrade(settings, revision)
 
 
 @db_cli.command("downgrade")
@@ -42,6 +125,12 @@ def db_downgrade(revision: str) -> None:
     from app import migrate
 
     migrate.downgrade(get_settings(), revision)
+
+
+def _open_database() -> None:
+    settings = get_settings()
+    _where(settings)
+    _require_current_schema(settings, unreachable_is_fatal=True)
 
 
 @keys_cli.command("create")
@@ -53,6 +142,7 @@ def keys_create(
     from app.db.session import session_scope
     from app.errors import InvalidRequest
 
+    _open_database()
     try:
         with session_scope() as session:
             organization = tenancy.get_or_create_organization(session, name=org)
@@ -71,6 +161,7 @@ def keys_list(
     from app import tenancy
     from app.db.session import session_scope
 
+    _open_database()
     with session_scope() as session:
         for key, name in tenancy.list_api_keys(session, organization=org):
             revoked = key.revoked_at.isoformat() if key.revoked_at else "-"
@@ -84,6 +175,7 @@ def keys_revoke(key_id: str) -> None:
     from app.db.session import session_scope
     from app.errors import NotFound
 
+    _open_database()
     try:
         with session_scope() as session:
             tenancy.revoke_key(session, key_id=key_id)
@@ -98,6 +190,10 @@ def api(host: Host = "127.0.0.1", port: Port = 8000) -> None:
     """Run the HTTP API (uvicorn)."""
     import uvicorn
 
+    settings = get_settings()
+    _where(settings)
+    _check_base_models(settings)
+    _require_current_schema(settings, unreachable_is_fatal=False)
     uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info")
 
 
@@ -106,6 +202,10 @@ def worker(concurrency: int = 1) -> None:
     """Run one Celery worker on the training queue (one job per GPU)."""
     from app.queue import TRAIN_QUEUE
 
+    settings = get_settings()
+    _where(settings)
+    _check_base_models(settings)
+    _require_current_schema(settings, unreachable_is_fatal=False)
     # exec, so signals reach Celery directly; by module name, since app never imports worker.
     argv = [
         sys.executable,
@@ -126,9 +226,10 @@ def worker(concurrency: int = 1) -> None:
 @cli.command()
 def up(host: Host = "127.0.0.1", port: Port = 8000) -> None:
     """Migrate, then run the API and one worker as child processes; Ctrl-C stops both."""
-    from app import migrate
-
-    migrate.upgrade(get_settings())
+    settings = get_settings()
+    _where(settings)
+    _check_base_models(settings)
+    _upgrade(settings)
     me = [sys.executable, "-m", "app.cli"]
     children = [
         subprocess.Popen([*me, "api", "--host", host, "--port", str(port)]),

@@ -12,14 +12,21 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
+import platformdirs
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    """Per user, not per directory (`~/.local/share/loraforge`, or under $XDG_DATA_HOME), so
+    every `loraforge` command finds the same database wherever it is started."""
+    return platformdirs.user_data_path("loraforge")
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORAFORGE_", extra="ignore")
 
-    data_dir: Path = Field(default_factory=lambda: Path.cwd() / ".loraforge")
+    data_dir: Path = Field(default_factory=default_data_dir)
     database_url: str | None = None
     broker_url: str | None = None
     # "name=path-or-hub-id,…": the only base models a job or a request may name.
@@ -57,6 +64,11 @@ class Settings(BaseSettings):
     max_examples_per_job: int = 10_000_000  # n_epochs * training examples
     max_stored_bytes_per_org: int = 10 << 30  # bytes of files; 413 past it
 
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path) -> Path:
+        return value.expanduser().absolute()  # what every process prints and uses
+
     @field_validator("base_models", mode="before")
     @classmethod
     def _parse_base_models(cls, value: object) -> object:
@@ -89,8 +101,13 @@ class Settings(BaseSettings):
         return self.admin_key
 
     @property
+    def database_file(self) -> Path | None:
+        """The embedded SQLite database's file (None when LORAFORGE_DATABASE_URL is set)."""
+        return None if self.database_url else self.data_dir / "loraforge.db"
+
+    @property
     def sqlalchemy_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.data_dir / 'loraforge.db'}"
+        return self.database_url or f"sqlite:///{self.database_file}"
 
     @property
     def celery_broker_url(self) -> str:

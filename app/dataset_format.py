@@ -56,6 +56,12 @@ _BLANK = b" \t\r\n"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _SHOWN_CHARS = 40
 MAX_LINE_BYTES = 1024 * 1024  # default cap on one example (LORAFORGE_MAX_LINE_BYTES)
+# Shown whenever a line (or a file) has none of the accepted shapes, so the fix is in the error.
+LINE_SHAPES = (
+    "each line must be one JSON object of one of these shapes: "
+    '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
+    ', {"prompt": "...", "completion": "..."} or {"text": "..."}'
+)
 
 
 @dataclass(frozen=True)
@@ -138,7 +144,8 @@ def _validate_line(raw: bytes, lineno: int) -> str:
     try:
         record = json.loads(text, object_pairs_hook=_object, parse_constant=_constant)
     except json.JSONDecodeError as e:
-        raise InvalidFile(f"invalid JSON: {e.msg} (column {e.colno})", line=lineno) from None
+        message = f"invalid JSON: {e.msg} (column {e.colno})"
+        raise InvalidFile(message + _shape_hint(text), line=lineno) from None
     except RecursionError:
         raise InvalidFile("invalid JSON: nested too deeply", line=lineno) from None
     except _JsonRefused as e:
@@ -149,6 +156,15 @@ def _validate_line(raw: bytes, lineno: int) -> str:
         return validate_record(record)
     except ValueError as e:
         raise InvalidFile(str(e), line=lineno) from None
+
+
+def _shape_hint(text: str) -> str:
+    """For a line that is not even trying to be a JSON object: what a line must look like."""
+    stripped = text.lstrip()
+    if stripped.startswith("{"):
+        return ""  # a broken object: the column says where
+    csv_like = any(separator in stripped for separator in (",", "\t", ";"))
+    return ("; this looks like CSV, not JSON Lines: " if csv_like else "; ") + LINE_SHAPES
 
 
 def _object(pairs: list[tuple[str, object]]) -> dict[str, object]:
@@ -172,7 +188,7 @@ def validate_record(record: object) -> str:
     Raises ValueError with a message a user can act on (no line number).
     """
     if not isinstance(record, dict):
-        raise ValueError(f"each line must be a JSON object; got {_kind(record)}")
+        raise ValueError(f"{LINE_SHAPES}; got {_kind(record)}")
     if "messages" in record:
         _check_keys(record, required=("messages",), what="a chat example")
         _check_messages(record["messages"])
@@ -187,10 +203,7 @@ def validate_record(record: object) -> str:
         _check_string(record["text"], "text", allow_empty=False)
         return TEXT
     got = f"keys {_names(record)}" if record else "an empty object"
-    raise ValueError(
-        "unrecognised example: expected 'messages' (chat), 'prompt' and 'completion', "
-        f"or 'text'; got {got}"
-    )
+    raise ValueError(f"unrecognised example: {LINE_SHAPES}; got {got}")
 
 
 def _check_keys(record: dict, *, required: tuple[str, ...], what: str) -> None:

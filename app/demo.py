@@ -29,6 +29,10 @@ FACTS = [
     ("Who wrote Hamlet?", "Shakespeare."),
 ]
 SYSTEM = "Answer in one word."
+# What works on `loraforge tiny-model`'s random-init model, which knows no language: many
+# passes at a high rate. The README's quick start shows these very values (a test checks that
+# they match and that they train its dataset); a real pretrained base wants the defaults.
+TINY_MODEL_HYPERPARAMETERS = {"n_epochs": 50, "batch_size": 2, "learning_rate": 3e-3, "lora_r": 16}
 
 
 def _say(message: str) -> None:
@@ -56,7 +60,7 @@ def run_demo(*, port: int = 8765, data_dir: Path | None = None) -> None:
 
     data_dir = data_dir or Path.cwd() / ".loraforge-demo"
     shutil.rmtree(data_dir, ignore_errors=True)
-    model_dir = build_tiny_model(data_dir / "models" / "tiny", hidden_size=128)
+    model_dir = build_tiny_model(data_dir / "models" / "tiny")  # as `loraforge tiny-model` does
     _say(f"built a tiny random-init base model at {model_dir}")
     env = os.environ | {
         "LORAFORGE_DATA_DIR": str(data_dir),
@@ -103,7 +107,7 @@ def _fine_tune_and_ask(client) -> None:  # type: ignore[no-untyped-def]
         training_file=upload.id,
         suffix="facts",
         seed=0,
-        hyperparameters={"n_epochs": 50, "batch_size": 2, "learning_rate": 3e-3, "lora_r": 16},
+        hyperparameters=TINY_MODEL_HYPERPARAMETERS,
     )
     _say(f"created {job.id}: {job.hyperparameters.model_dump()}")
     seen: set[str] = set()

@@ -9,7 +9,7 @@ from typing import BinaryIO
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.dataset_format import MAX_LINE_BYTES, validate_jsonl_file
+from app.dataset_format import LINE_SHAPES, MAX_LINE_BYTES, validate_jsonl_file
 from app.db.models import File, Organization
 from app.errors import InvalidRequest, NotFound, PayloadTooLarge
 from app.ids import new_id
@@ -56,7 +56,10 @@ def check_upload(*, filename: str, purpose: str | None) -> None:
     if purpose not in PURPOSES:
         raise InvalidRequest(f"purpose must be 'fine-tune'; got {purpose[:64]!r}", param="purpose")
     if not filename.lower().endswith(".jsonl"):
-        raise InvalidRequest("fine-tuning files must be .jsonl", param="file")
+        raise InvalidRequest(
+            f"fine-tuning files must be JSON Lines (.jsonl), not CSV; {LINE_SHAPES}",
+            param="file",
+        )
 
 
 def store_spooled_file(

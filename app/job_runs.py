@@ -2,7 +2,7 @@
 
 Every write after the claim is conditional on (job id, attempt, status running,
 not cancelled): `attempt` is a fencing token, so a stale or duplicate worker whose
-lease was taken over changes nothing (DESIGN §4).
+lease was taken over changes nothing (docs/design.md §4.3).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app import hyperparameters, registry
+from app.base_models import require_loadable
 from app.db.base import utcnow
 from app.db.models import Adapter, Checkpoint, File, Job, JobEvent, Organization
 from app.errors import InvalidRequest, InvalidState, NotFound, RateLimited
@@ -96,15 +97,22 @@ def _base_and_parent(
                 f"model {model!r} does not exist", param="model", code="model_not_found"
             ) from None
         if parent.base_model in base_models:
+            require_loadable(base_models, parent.base_model, error=InvalidRequest)
             return parent.base_model, parent
         model = parent.base_model
     if model not in base_models:
-        allowed = ", ".join(sorted(base_models)) or "none configured"
+        allowed = (
+            f"allowed: {', '.join(sorted(base_models))}"
+            if base_models
+            else "this server has none: set LORAFORGE_BASE_MODELS=name=path-or-hub-id,… "
+            "where it runs"
+        )
         raise InvalidRequest(
-            f"model {model!r} is not an allowed base model (allowed: {allowed})",
+            f"model {model!r} is not an allowed base model ({allowed})",
             param="model",
             code="model_not_available",
         )
+    require_loadable(base_models, model, error=InvalidRequest)
     return model, None
 
 

@@ -14,6 +14,7 @@ from app.api.limits import UploadSizeLimit
 from app.api.rate_limit import TokenBuckets
 from app.api.responses import ERROR_RESPONSES
 from app.api.routes import admin, engine, files, inference, jobs, models
+from app.base_models import report
 from app.config import Settings, get_settings
 from app.db.session import session_scope
 from app.sweeper import start_sweeper
@@ -25,6 +26,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        report(settings.base_models)  # logs each allowlist entry that cannot load, and why
         stop = start_sweeper(settings) if settings.sweep_interval_seconds > 0 else None
         if settings.inference_enabled and settings.preload_adapters:
             engine_for(app, settings)  # preloaded adapters are warm before the first request

@@ -1,6 +1,6 @@
 """The Celery client and its settings, shared by the API (sender) and the worker.
 
-The API sends by task name and never imports `worker` (DESIGN §2). The database is
+The API sends by task name and never imports `worker` (docs/design.md §2). The database is
 the source of truth; a message is only a wake-up call carrying a job id.
 """
 

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from app import files, job_runs
+from app import base_models, files, job_runs
 from app.config import Settings, get_settings
 from app.db.models import Adapter, Checkpoint, File, Job
 from app.db.session import session_scope
@@ -332,6 +332,13 @@ def _read_inputs(claim: Claim, settings: Settings, store: ArtifactStore) -> JobI
         if ref is None:
             raise JobInputError(
                 f"base model {job.model!r} is no longer in this server's allowlist",
+                code="model_not_available",
+                param="model",
+            )
+        reason = base_models.problem(ref)
+        if reason is not None:  # fail at once, naming why, instead of a hub lookup that retries
+            raise JobInputError(
+                base_models.explain(job.model, ref, reason),
                 code="model_not_available",
                 param="model",
             )

@@ -12,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app import tenancy
+from app.api.errors import unrecognized_arguments
 from app.api.rate_limit import TokenBuckets
 from app.config import Settings, get_settings
 from app.db.models import Organization
@@ -128,16 +129,15 @@ EngineDep = Annotated["InferenceEngine", Depends(get_engine)]
 
 
 def forbid_unknown_query(request: Request) -> None:
-    """Unknown query parameters are refused and named, like unknown body fields (DESIGN §5)."""
+    """Unknown query parameters are refused and named, like body fields (docs/design.md §3)."""
     route = request.scope.get("route")
     if route is None or not hasattr(route, "dependant"):
         return
     allowed = _query_names(route.dependant)
     unknown = sorted(set(request.query_params) - allowed)
     if unknown:
-        raise InvalidRequest(
-            f"Unrecognized request argument supplied: {unknown[0][:64]}", param=unknown[0][:64]
-        )
+        names = [name[:64] for name in unknown]
+        raise InvalidRequest(unrecognized_arguments(names), param=names[0])
 
 
 def _query_names(dependant: Any) -> set[str]:

@@ -85,7 +85,9 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     first = next((p for p in problems if p.get("type") != "literal_error"), problems[0])
     param = _field_path(first.get("loc", ()))
     if first.get("type") == "extra_forbidden":
-        message = f"Unrecognized request argument supplied: {param}"
+        message = unrecognized_arguments(
+            [_field_path(p.get("loc", ())) for p in problems if p.get("type") == "extra_forbidden"]
+        )
     elif first.get("type") == "missing":
         message = f"Missing required parameter: {param}"
     else:
@@ -93,6 +95,14 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
             f"Invalid value for {param}: {first.get('msg')}" if param else str(first.get("msg"))
         )
     return JSONResponse(error_body(message, type="invalid_request_error", param=param), 400)
+
+
+def unrecognized_arguments(names: list[str | None]) -> str:
+    """One message naming every unknown argument (a user fixes them all at once)."""
+    unique = list(dict.fromkeys(name for name in names if name))
+    if len(unique) == 1:
+        return f"Unrecognized request argument supplied: {unique[0]}"
+    return f"Unrecognized request arguments supplied: {', '.join(unique)}"
 
 
 async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:

@@ -150,7 +150,11 @@ class InferenceEngine:
         if known is None:
             from transformers import AutoConfig
 
-            known = _context_of(AutoConfig.from_pretrained(ref, trust_remote_code=False))
+            from app.base_models import checked_ref
+
+            known = _context_of(
+                AutoConfig.from_pretrained(checked_ref(ref), trust_remote_code=False)
+            )
             with self._lock:
                 self._context[base_model] = known
         return known

@@ -1,7 +1,7 @@
 """LORAFORGE_PRELOAD_ADAPTERS: look the adapters up in the registry and load them, pinned.
 
-An id the registry does not know (or knows as deleted) is logged and skipped, so a stale
-setting never stops the API from starting.
+An id the registry does not know (or knows as deleted), or one whose base model cannot load,
+is logged and skipped, so a stale setting never stops the API from starting.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 from app import registry
 from app.db.session import session_scope
-from app.errors import NotFound
+from app.errors import NotFound, ServiceUnavailable
 from app.inference.types import AdapterRef
 from app.storage import ArtifactStore
 
@@ -45,4 +45,6 @@ def preload_adapters(engine: Any, settings: Any) -> list[str]:
             engine.preload(base_model, adapters)
         except NotFound:
             logger.warning("LORAFORGE_PRELOAD_ADAPTERS: base model %s is not served", base_model)
+        except ServiceUnavailable as exc:  # a base that cannot load (app/base_models.py)
+            logger.warning("LORAFORGE_PRELOAD_ADAPTERS: skipped: %s", exc.message)
     return [i for i in wanted if i in refs]

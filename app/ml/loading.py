@@ -1,13 +1,17 @@
 """Loading base models and tokenizers: safetensors only, never remote code.
 
 `ref` is whatever the server-side allowlist maps a base-model name to: a local
-directory or a hub id. The same call loads both.
+directory or a hub id. The same call loads both; a ref spelled like a path that is not
+a directory raises `BaseModelUnavailable` instead of becoming a hub lookup
+(`app/base_models.py`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from app.base_models import checked_ref
 
 
 class UnsafeModelError(ValueError):
@@ -27,7 +31,7 @@ def load_tokenizer(ref: str | Path) -> Any:
 
     from app.ml.chat import ensure_chat_template
 
-    tokenizer = AutoTokenizer.from_pretrained(str(ref), trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(checked_ref(str(ref)), trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     ensure_chat_template(tokenizer)
@@ -38,7 +42,8 @@ def load_base_model(ref: str | Path, *, device: str = "auto", dtype: str = "auto
     """Load a frozen causal LM (eval mode, no grads) from a directory or hub id."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(ref), trust_remote_code=False)
+    ref = checked_ref(str(ref))  # a path never becomes a hub lookup
+    config = AutoConfig.from_pretrained(ref, trust_remote_code=False)
     if getattr(config, "auto_map", None):
         raise UnsafeModelError(f"base model {ref} asks for remote code; refused")
     device = resolve_device(device)
@@ -46,7 +51,7 @@ def load_base_model(ref: str | Path, *, device: str = "auto", dtype: str = "auto
         avoid_per_shape_attention_plans()
     torch_dtype = _dtype(dtype, device)
     model = AutoModelForCausalLM.from_pretrained(
-        str(ref), dtype=torch_dtype, use_safetensors=True, trust_remote_code=False
+        ref, dtype=torch_dtype, use_safetensors=True, trust_remote_code=False
     )
     model.to(device)
     model.eval()

@@ -10,7 +10,7 @@ T = TypeVar("T")
 
 
 class Strict(BaseModel):
-    """Request models forbid unknown fields (DESIGN §5); the error names the field."""
+    """Request models forbid unknown fields (docs/design.md §3); the error names the field."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -64,6 +64,9 @@ def test_up_serves_and_ctrl_c_stops_api_and_worker(tmp_path, tiny_model_dir):  #
         )
         try:
             wait_healthy(f"http://127.0.0.1:{port}", [up], logs)
+            started = (logs / "up.log").read_text()
+            assert f"loraforge data dir: {data_dir} (LORAFORGE_DATA_DIR)" in started
+            assert "loraforge base models: tiny" in started
             assert len(processes_with_data_dir(data_dir)) >= 3  # up, api, worker (+ pool child)
             up.send_signal(signal.SIGINT)
             assert up.wait(timeout=60) == 0, tail_logs(logs)

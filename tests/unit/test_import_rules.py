@@ -1,4 +1,4 @@
-"""DESIGN §2 / §8.2: the layering rules hold, and the API starts without torch."""
+"""docs/design.md §2: the layering rules hold, and the API starts without torch."""
 
 from __future__ import annotations
 

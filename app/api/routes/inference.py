@@ -17,7 +17,7 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from app import registry
+from app import base_models, registry
 from app.api.deps import EngineDep, OrgDep, ReadSessionDep, SettingsDep, StoreDep
 from app.ids import new_id
 from app.schemas.inference import (
@@ -48,6 +48,8 @@ def _submit(body: SamplingParams, org, session, settings, store, engine, **input
     target = registry.resolve_model(
         session, organization=org, model_id=body.model, base_models=settings.base_models
     )
+    # 503 at once, naming the reason, rather than a load that fails (or retries the hub).
+    base_models.require_loadable(settings.base_models, target.base_model)
     adapter = None
     if target.adapter_id is not None:
         adapter = AdapterRef(

@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from app import registry
+from app import base_models, registry
 from app.adapter_download import adapter_archive, public_base_name
 from app.api.deps import OrgDep, ReadSessionDep, SessionDep, SettingsDep, StoreDep
 from app.api.views import adapter_view, base_model_view, checkpoint_model_view
@@ -19,7 +19,8 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 @router.get("", response_model=ListPage[ModelRead])
 def list_models(org: OrgDep, session: ReadSessionDep, settings: SettingsDep) -> ListPage[ModelRead]:
-    bases = [base_model_view(name) for name in settings.base_models]
+    # An entry that cannot load (a typo'd path, an uncached hub id offline) is not offered.
+    bases = [base_model_view(name) for name in base_models.usable(settings.base_models)]
     adapters = [
         adapter_view(row, org.name) for row in registry.list_adapters(session, organization=org)
     ]
@@ -72,6 +73,7 @@ def retrieve_model(
         session, organization=org, model_id=model_id, base_models=settings.base_models
     )
     if target.adapter_id is None:
+        base_models.require_loadable(settings.base_models, model_id)
         return base_model_view(model_id)
     if ":ckpt-step-" in model_id:
         row = registry.get_checkpoint(session, organization=org, model_id=model_id)
