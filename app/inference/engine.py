@@ -15,12 +15,11 @@ from typing import Any
 
 from app.errors import InvalidRequest, NotFound
 from app.inference.request import Request
-from app.inference.sampling import SamplingParams
+from app.inference.sampling import MAX_LOGPROBS, SamplingParams
 from app.inference.types import AdapterRef, Generation
 
 DEFAULT_CONTEXT_LENGTH = 2048
 DEFAULT_MAX_TOKENS = 256  # when a chat request gives no limit (capped by the context)
-MAX_LOGPROBS = 5  # OpenAI's limit for completions
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 

@@ -224,6 +224,7 @@ def test_bad_chat_requests_name_the_field(client, adapter):  # type: ignore[no-u
     base = {"model": adapter, "messages": [{"role": "user", "content": "hi"}]}
     for extra, param in [
         ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 20}, "top_logprobs"),  # one bound, in the schema
         ({"max_completion_tokens": 5000}, "max_tokens"),
         ({"messages": []}, "messages"),
         ({"stream": True, "max_tokens": 5000}, "max_tokens"),
