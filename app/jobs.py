@@ -99,7 +99,7 @@ def _base_and_parent(
 
 def _fine_tune_file(session: Session, organization: Organization, file_id: str, param: str) -> File:
     try:
-        row = get_file(session, organization=organization, file_id=file_id)
+        row = get_file(session, organization=organization, file_id=file_id, lock="share")
     except NotFound:
         raise InvalidRequest(
             f"file {file_id!r} does not exist", param=param, code="file_not_found"
