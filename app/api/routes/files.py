@@ -60,7 +60,8 @@ def _store(
         )  # fmt: skip
         undo = lambda: store.delete(row.storage_key)  # noqa: E731
         earlier = idempotency.commit_once(session, **scope, object_id=row.id, undo=undo)
-    return file_view(files.get_file(session, organization=org, file_id=earlier))
+    fetch = lambda file_id: files.get_file(session, organization=org, file_id=file_id)  # noqa: E731
+    return file_view(idempotency.current(fetch, earlier, kind="file"))
 
 
 @router.get("", response_model=ListPage[FileRead])
