@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from app.errors import InvalidRequest, NotFound
+from app.inference.fallback import Fallbacks
 from app.inference.request import Request
 from app.inference.sampling import MAX_LOGPROBS, SamplingParams
 from app.inference.types import AdapterRef, Generation
@@ -32,6 +33,7 @@ class _Base:
         self.tokenize_lock = threading.Lock()  # fast tokenizers are not safe to share
         self.tokenizer: Any = None
         self.scheduler: Any = None
+        self.shapes: dict[str, tuple[int, int]] = {}  # linear layers the batch can adapt
 
 
 class InferenceEngine:
@@ -54,6 +56,7 @@ class InferenceEngine:
         self._context: dict[str, int] = {}
         self._deleted: set[str] = set()
         self._lock = threading.Lock()  # guards _context and _deleted
+        self._fallbacks = Fallbacks(capacity=max_loaded_adapters, max_batch=max_batch_size)
 
     # -- requests ----------------------------------------------------------------------
     def submit(
@@ -88,8 +91,13 @@ class InferenceEngine:
         with base.tokenize_lock:
             input_ids = _tokenize(base.tokenizer, prompt, messages)
         params = replace(params, max_tokens=self._fitted(base_model, len(input_ids), max_tokens))
+        scheduler = base.scheduler
+        if adapter is not None and self._fallbacks.reason(adapter, base.shapes) is not None:
+            # The batch cannot apply this adapter: its own PEFT scheduler runs it, where it is
+            # the whole model (so the request names no adapter there).
+            scheduler, adapter = self._fallbacks.scheduler(base_model, base, adapter), None
         request = Request(adapter, input_ids, params, logprobs)
-        base.scheduler.send("submit", request)
+        scheduler.send("submit", request)
         return request
 
     def generate(self, **kwargs: Any) -> Generation:
@@ -115,6 +123,7 @@ class InferenceEngine:
         first; queued requests for it are refused)."""
         with self._lock:
             self._deleted.add(adapter_id)
+        self._fallbacks.unload(adapter_id)
         done = []
         for base in self._started():
             done.append(threading.Event())
@@ -137,6 +146,7 @@ class InferenceEngine:
         return {"base_models": bases, "adapters": adapters}
 
     def close(self) -> None:
+        self._fallbacks.close()
         for base in self._started():
             base.scheduler.stop()
 
@@ -165,6 +175,7 @@ class InferenceEngine:
         base = self._base(base_model)
         with base.load_lock:
             if base.scheduler is None:
+                from app.inference.lora import linear_shapes
                 from app.inference.scheduler import BaseScheduler
                 from app.ml.loading import load_base_model, load_tokenizer
 
@@ -178,6 +189,7 @@ class InferenceEngine:
                     capacity=self._capacity,
                     max_batch=self._max_batch,
                 )
+                base.shapes = linear_shapes(model)
         return base
 
     def _started(self) -> list[_Base]:
