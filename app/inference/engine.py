@@ -9,6 +9,7 @@ lazily, so importing this module is cheap.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import replace
 from typing import Any
@@ -19,6 +20,7 @@ from app.inference.request import Request
 from app.inference.sampling import MAX_LOGPROBS, SamplingParams
 from app.inference.types import AdapterRef, Generation
 
+logger = logging.getLogger(__name__)
 DEFAULT_CONTEXT_LENGTH = 2048
 DEFAULT_MAX_TOKENS = 256  # when a chat request gives no limit (capped by the context)
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
@@ -111,10 +113,19 @@ class InferenceEngine:
         base = self._loaded(base_model)
         done = []
         for ref in adapters:
+            if self._fallbacks.reason(ref, base.shapes) is not None:
+                self._preload_fallback(base_model, base, ref)  # warm, though not pinned
+                continue
             done.append(threading.Event())
             base.scheduler.send("preload", ref, done[-1])
         for event in done:
             event.wait(timeout=300)
+
+    def _preload_fallback(self, base_model: str, base: _Base, ref: AdapterRef) -> None:
+        try:
+            self._fallbacks.scheduler(base_model, base, ref)
+        except Exception:  # like a batched preload: the adapter stays unloaded, others go on
+            logger.warning("preloading %s on the PEFT fallback failed", ref.id, exc_info=True)
 
     def unload_adapter(self, adapter_id: str) -> None:
         """Free a deleted adapter's weights and refuse it from now on. Idempotent.
