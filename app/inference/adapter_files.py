@@ -88,7 +88,7 @@ def batch_refusal(ref: AdapterRef, shapes: dict[str, tuple[int, int]]) -> str | 
         config = json.loads((folder / ADAPTER_CONFIG).read_text())
         with safe_open(str(folder / ADAPTER_WEIGHTS), "pt") as weights:
             names = list(weights.keys())
-    except Exception:
+    except Exception:  # unreadable: the batched load refuses it, naming the problem
         return None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         return None

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from typing import Any
 
 from app.errors import NotFound
-from app.inference.adapter_files import read_peft_adapter
+from app.inference.adapter_files import batch_refusal, read_peft_adapter
 from app.inference.types import AdapterIntegrityError, AdapterRef
 
 logger = logging.getLogger(__name__)
@@ -69,18 +69,17 @@ class Fallbacks:
         self.capacity, self.max_batch = capacity, max_batch
         self._schedulers: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._reasons: dict[tuple[str, str], str | None] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held while a view loads: fallback requests only wait
+        self._reasons_lock = threading.Lock()  # every adapter request routes through this one
 
     def reason(self, ref: AdapterRef, shapes: dict[str, tuple[int, int]]) -> str | None:
         """Why `ref` needs the fallback (None: the batch serves it); cached per sha256."""
-        from app.inference.adapter_files import batch_refusal
-
         key = (ref.id, ref.sha256)
-        with self._lock:
+        with self._reasons_lock:
             if key in self._reasons:
                 return self._reasons[key]
         found = batch_refusal(ref, shapes)
-        with self._lock:
+        with self._reasons_lock:
             self._reasons[key] = found
         return found
 
