@@ -117,3 +117,13 @@ def test_the_fallback_checks_the_sha256_and_refuses_foreign_tensors(base_dir, fa
         assert config["use_dora"] is True
     finally:
         engine.close()
+
+
+def test_preloading_a_fallback_adapter_starts_its_scheduler(base_dir, fallbacks, caplog):  # noqa: F811
+    engine = new_engine(base_dir)
+    try:
+        engine.preload("tiny", [fallbacks["embed"]])
+        assert "failed" not in caplog.text
+        assert greedy(engine, fallbacks["embed"], 4) == reference(base_dir, fallbacks["embed"], 4)
+    finally:
+        engine.close()
