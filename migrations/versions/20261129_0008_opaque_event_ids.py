@@ -19,8 +19,8 @@ down_revision = "0003"
 branch_labels = None
 depends_on = None
 
-# 24 random characters after the prefix, as app.ids.new_id makes them (hex here: the
-# alphabet differs, the length and the unpredictability do not matter to readers).
+# 24 random hex characters after the prefix for the rows stored so far (new rows get
+# app.ids.new_id's alphanumerics); to a reader both are equally opaque.
 _RANDOM = {
     "postgresql": "substr(md5(random()::text || clock_timestamp()::text || seq::text), 1, 24)",
     "sqlite": "lower(hex(randomblob(12)))",
