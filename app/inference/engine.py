@@ -93,13 +93,14 @@ class InferenceEngine:
         with base.tokenize_lock:
             input_ids = _tokenize(base.tokenizer, prompt, messages)
         params = replace(params, max_tokens=self._fitted(base_model, len(input_ids), max_tokens))
-        scheduler = base.scheduler
         if adapter is not None and self._fallbacks.reason(adapter, base.shapes) is not None:
             # The batch cannot apply this adapter: its own PEFT scheduler runs it, where it is
             # the whole model (so the request names no adapter there).
-            scheduler, adapter = self._fallbacks.scheduler(base_model, base, adapter), None
+            request = Request(None, input_ids, params, logprobs)
+            self._fallbacks.submit(base_model, base, adapter, request)
+            return request
         request = Request(adapter, input_ids, params, logprobs)
-        scheduler.send("submit", request)
+        base.scheduler.send("submit", request)
         return request
 
     def generate(self, **kwargs: Any) -> Generation:
@@ -123,7 +124,7 @@ class InferenceEngine:
 
     def _preload_fallback(self, base_model: str, base: _Base, ref: AdapterRef) -> None:
         try:
-            self._fallbacks.scheduler(base_model, base, ref)
+            self._fallbacks.warm(base_model, base, ref)
         except Exception:  # like a batched preload: the adapter stays unloaded, others go on
             logger.warning("preloading %s on the PEFT fallback failed", ref.id, exc_info=True)
 

@@ -17,7 +17,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-from app.errors import NotFound
+from app.errors import NotFound, ServiceUnavailable
 from app.inference.adapter_files import batch_refusal, read_peft_adapter
 from app.inference.types import AdapterIntegrityError, AdapterRef
 
@@ -83,32 +83,43 @@ class Fallbacks:
             self._reasons[key] = found
         return found
 
-    def scheduler(self, base_name: str, base: Any, ref: AdapterRef) -> Any:
-        """The running scheduler of `ref` (started on first use: loads on this thread)."""
+    def submit(self, base_name: str, base: Any, ref: AdapterRef, request: Any) -> None:
+        """Hand `request` to `ref`'s scheduler (started on first use: loads on this thread).
+
+        Sent under the lock, so a scheduler is never retired between being chosen and
+        receiving the request: retiring waits for what it has received.
+        """
+        with self._lock:
+            self._scheduler(base_name, base, ref).send("submit", request)
+
+    def warm(self, base_name: str, base: Any, ref: AdapterRef) -> None:
+        with self._lock:
+            self._scheduler(base_name, base, ref)
+
+    def _scheduler(self, base_name: str, base: Any, ref: AdapterRef) -> Any:
         from app.inference.scheduler import BaseScheduler
         from app.ml.loading import load_tokenizer
 
         key = (ref.id, ref.sha256)
-        with self._lock:
-            found = self._schedulers.get(key)
-            if found is not None:
-                self._schedulers.move_to_end(key)
-                return found
-            model = base.scheduler.model
-            started = BaseScheduler(
-                f"{base_name}+{ref.id}",
-                peft_view(model, ref),
-                load_tokenizer(base.ref),
-                eos_ids=base.scheduler.eos_ids,
-                capacity=1,
-                max_batch=self.max_batch,
-            )
-            logger.info("serving %s with the PEFT fallback", ref.id)
-            self._schedulers[key] = started
-            while len(self._schedulers) > self.capacity:
-                _, oldest = self._schedulers.popitem(last=False)
-                _retire(oldest, NotFound("this adapter was unloaded; retry", param="model"))
-            return started
+        found = self._schedulers.get(key)
+        if found is not None:
+            self._schedulers.move_to_end(key)
+            return found
+        model = base.scheduler.model
+        started = BaseScheduler(
+            f"{base_name}+{ref.id}",
+            peft_view(model, ref),
+            load_tokenizer(base.ref),
+            eos_ids=base.scheduler.eos_ids,
+            capacity=1,
+            max_batch=self.max_batch,
+        )
+        logger.info("serving %s with the PEFT fallback", ref.id)
+        self._schedulers[key] = started
+        while len(self._schedulers) > self.capacity:
+            _, oldest = self._schedulers.popitem(last=False)
+            _retire(oldest, ServiceUnavailable("the adapter was unloaded for another; retry"))
+        return started
 
     def unload(self, adapter_id: str) -> None:
         with self._lock:

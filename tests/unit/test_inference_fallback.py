@@ -127,3 +127,13 @@ def test_preloading_a_fallback_adapter_starts_its_scheduler(base_dir, fallbacks,
         assert greedy(engine, fallbacks["embed"], 4) == reference(base_dir, fallbacks["embed"], 4)
     finally:
         engine.close()
+
+
+def test_fallback_schedulers_are_retired_least_recently_used_and_come_back(base_dir, fallbacks):  # noqa: F811
+    engine = new_engine(base_dir, capacity=1)
+    try:
+        dora, embed = fallbacks["dora"], fallbacks["embed"]
+        for ref in (dora, embed, dora):  # each load retires the other's scheduler
+            assert greedy(engine, ref, 4) == reference(base_dir, ref, 4), ref.id
+    finally:
+        engine.close()
