@@ -8,6 +8,7 @@ a Celery filesystem broker under the data dir, artifacts on local disk. Point
 from __future__ import annotations
 
 import hashlib
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -51,6 +52,11 @@ class Settings(BaseSettings):
     # Security and limits (issue 5). 0 disables a limit.
     # Guards /v1/admin. Replaced by its sha256 as soon as it is read (see _hash_admin_key).
     admin_key: str | None = None
+    # The admin key given as its sha256 (64 hex digits); what the process and its children
+    # keep once LORAFORGE_ADMIN_KEY has been read (see get_settings).
+    admin_key_hash: str | None = Field(
+        default=None, validation_alias="LORAFORGE_ADMIN_KEY_SHA256", pattern=r"^[0-9a-f]{64}$"
+    )
     max_line_bytes: int = 1024 * 1024  # one JSONL example
     rate_limit_per_second: float = 100.0  # per organization, token bucket
     rate_limit_burst: int = 500
@@ -98,7 +104,7 @@ class Settings(BaseSettings):
 
     @property
     def admin_key_sha256(self) -> str | None:
-        return self.admin_key
+        return self.admin_key or self.admin_key_hash
 
     @property
     def database_file(self) -> Path | None:
@@ -124,4 +130,16 @@ class Settings(BaseSettings):
 
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    settings = Settings()
+    _forget_admin_key(settings)
+    return settings
+
+
+def _forget_admin_key(settings: Settings) -> None:
+    """Take the admin key's plaintext out of the process environment once it is read.
+
+    Only its sha256 stays there (LORAFORGE_ADMIN_KEY_SHA256), for a later re-read and for
+    the children `loraforge up` spawns, which inherit the environment.
+    """
+    if os.environ.pop("LORAFORGE_ADMIN_KEY", None) is not None and settings.admin_key:
+        os.environ["LORAFORGE_ADMIN_KEY_SHA256"] = settings.admin_key

@@ -6,6 +6,8 @@ OpenAI error fields a client can act on: `param` (the field at fault) and `code`
 
 from __future__ import annotations
 
+import re
+
 
 class LoraforgeError(Exception):
     code: str = "error"
@@ -91,3 +93,22 @@ class IdempotencyKeyReused(InvalidRequest):
     """An Idempotency-Key replayed with a different request body (422, as Stripe does)."""
 
     code = "idempotency_key_reused"
+
+
+# An absolute filesystem path: "/" + at least one more character, not inside a word or a URL
+# ("and/or", "http://…", "meta-llama/Llama" are not paths), not an API route of ours.
+_SERVER_PATH = re.compile(r"(?<![\w:/.~-])/(?!v1/|health\b)[^\s'\"`,;()\[\]{}<>|]+")
+
+
+def without_server_paths(text: str) -> str:
+    """`text` with every absolute path cut to its last component (`…/file-x.jsonl`).
+
+    Messages built from exceptions (an OSError, a library's refusal) name where the server
+    keeps things; users see what failed, never the layout of the server's disks.
+    """
+    return _SERVER_PATH.sub(lambda m: "…/" + m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
+
+
+def public_message(exc: BaseException) -> str:
+    """What a user may read of an unexpected exception: its type and its scrubbed text."""
+    return f"{type(exc).__name__}: {without_server_paths(str(exc))}"

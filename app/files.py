@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from app.dataset_format import LINE_SHAPES, MAX_LINE_BYTES, validate_jsonl_file
-from app.db.models import File, Organization
-from app.errors import InvalidRequest, NotFound, PayloadTooLarge
+from app.db.models import File, Job, Organization
+from app.errors import InvalidRequest, InvalidState, NotFound, PayloadTooLarge
 from app.ids import new_id
 from app.storage import ArtifactStore
 
 PURPOSES = {"fine-tune"}
+ACTIVE = ("queued", "running")  # job states that still read their files
+Lock = Literal["share", "update"] | None
 CHUNK = 1 << 20
 
 
@@ -152,10 +154,15 @@ def _spool(upload: BinaryIO, dest: Path, *, max_bytes: int) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def get_file(session: Session, *, organization: Organization, file_id: str) -> File:
-    row = session.scalar(
-        select(File).where(File.id == file_id, File.organization_id == organization.id)
-    )
+def get_file(
+    session: Session, *, organization: Organization, file_id: str, lock: Lock = None
+) -> File:
+    """The caller's file. `lock`: "share" while a job is created on it, "update" to delete it;
+    the two exclude each other on PostgreSQL (SQLite's writers are serialised anyway)."""
+    query = select(File).where(File.id == file_id, File.organization_id == organization.id)
+    if lock is not None:
+        query = query.with_for_update(read=lock == "share")
+    row = session.scalar(query)
     if row is None:
         raise NotFound(f"No such File object: {file_id}", param="file_id")
     return row
@@ -169,10 +176,33 @@ def list_files(session: Session, *, organization: Organization) -> list[File]:
 def delete_file(
     session: Session, *, organization: Organization, file_id: str, store: ArtifactStore
 ) -> None:
-    row = get_file(session, organization=organization, file_id=file_id)
+    """Delete a file no queued or running job reads (409 naming them otherwise).
+
+    The row is locked first, so a job being created on it either commits before (and is
+    seen here) or finds the file gone; a job never starts on a file deleted under it.
+    """
+    row = get_file(session, organization=organization, file_id=file_id, lock="update")
+    users = jobs_using(session, row)
+    if users:
+        raise InvalidState(
+            f"file {file_id} is in use by {len(users)} queued or running fine-tuning "
+            f"job(s): {', '.join(users[:5])}; cancel them or wait until they end",
+            param="file_id",
+            code="file_in_use",
+        )
     session.delete(row)
     session.flush()
     store.delete(row.storage_key)
+
+
+def jobs_using(session: Session, row: File) -> list[str]:
+    """Ids of the queued or running jobs that train or validate on `row`, oldest first."""
+    query = select(Job.id).where(
+        Job.organization_id == row.organization_id,
+        Job.status.in_(ACTIVE),
+        or_(Job.training_file == row.id, Job.validation_file == row.id),
+    )
+    return list(session.scalars(query.order_by(Job.created_at, Job.id)))
 
 
 def create_result_file(

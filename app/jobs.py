@@ -5,6 +5,7 @@ The worker side (claim, lease, completion) is in `app/job_runs.py`.
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from app.schemas.jobs import JobCreate
 from app.work_limits import WorkLimits, check_job_work
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
+EVENT_ID = re.compile(r"^ftevent-[A-Za-z0-9]{1,32}$")
 
 
 @dataclass
@@ -118,7 +120,7 @@ def _base_and_parent(
 
 def _fine_tune_file(session: Session, organization: Organization, file_id: str, param: str) -> File:
     try:
-        row = get_file(session, organization=organization, file_id=file_id)
+        row = get_file(session, organization=organization, file_id=file_id, lock="share")
     except NotFound:
         raise InvalidRequest(
             f"file {file_id!r} does not exist", param=param, code="file_not_found"
@@ -200,26 +202,32 @@ def add_event(
 def list_events(
     session: Session, *, organization: Organization, job_id: str, after: str | None, limit: int
 ) -> Page:
-    """Newest first, like OpenAI; `after` is an event id (`ftevent-N`)."""
+    """Newest first, like OpenAI; `after` is the id of the last event of the previous page."""
     job = get_job(session, organization=organization, job_id=job_id)
     query = select(JobEvent).where(JobEvent.job_id == job.id)
     if after is not None:
-        query = query.where(JobEvent.seq < _event_seq(after))
+        query = query.where(JobEvent.seq < _event_seq(session, job.id, after))
     rows = list(session.scalars(query.order_by(JobEvent.seq.desc()).limit(limit + 1)))
     return Page(rows=rows[:limit], has_more=len(rows) > limit)
 
 
 def event_id(event: JobEvent) -> str:
-    return f"ftevent-{event.seq}"
+    return event.public_id
 
 
-def _event_seq(event_id_: str) -> int:
-    prefix, _, number = event_id_.partition("ftevent-")
-    if prefix or not number.isdigit():
+def _event_seq(session: Session, job_id: str, event_id_: str) -> int:
+    """Where a page starts: the internal order of the job's event `event_id_` (never shown)."""
+    if not EVENT_ID.match(event_id_):
         raise InvalidRequest(
-            f"after must be an event id like 'ftevent-12'; got {event_id_!r}", param="after"
+            f"after must be an event id like 'ftevent-…' from this job; got {event_id_[:80]!r}",
+            param="after",
         )
-    return int(number)
+    seq = session.scalar(
+        select(JobEvent.seq).where(JobEvent.job_id == job_id, JobEvent.public_id == event_id_)
+    )
+    if seq is None:
+        raise NotFound(f"No such event of job {job_id}: {event_id_}", param="after")
+    return seq
 
 
 def list_checkpoints(

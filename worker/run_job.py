@@ -23,6 +23,7 @@ from app import base_models, files, job_runs
 from app.config import Settings, get_settings
 from app.db.models import Adapter, Checkpoint, File, Job
 from app.db.session import session_scope
+from app.errors import public_message
 from app.job_runs import Claim, RunAborted
 from app.jobs import TERMINAL
 from app.leftovers import remove_dead_attempts_leftovers, remove_scratch_of_ended_jobs
@@ -121,7 +122,7 @@ def execute(claim: Claim, settings: Settings) -> str:
         return "db_unavailable"  # the lease lapses; the sweep re-queues (max_attempts bounds it)
     except Exception as exc:  # the task boundary: record the failure for the user, then stop
         logger.exception("job %s failed", claim.job_id)
-        message = f"training failed: {type(exc).__name__}: {exc}"
+        message = f"training failed: {public_message(exc)}"  # the log has the paths
         end(
             settings, claim, "failed", {"code": "training_error", "message": message, "param": None}
         )
@@ -350,7 +351,11 @@ def _read_inputs(claim: Claim, settings: Settings, store: ArtifactStore) -> JobI
             if file_id is None:
                 continue
             row = session.get(File, file_id)
-            if row is None or row.organization_id != job.organization_id:
+            if (
+                row is None
+                or row.organization_id != job.organization_id
+                or not store.path(row.storage_key).is_file()
+            ):
                 raise JobInputError(
                     f"{param} {file_id} was deleted before training started",
                     code="file_not_found",

@@ -48,7 +48,8 @@ async def _domain_error(_: Request, exc: errors.LoraforgeError) -> JSONResponse:
     headers = None
     if isinstance(exc, errors.RateLimited):
         kind, headers = "rate_limit_error", {"Retry-After": str(exc.retry_after)}
-    body = error_body(exc.message, type=kind, param=exc.param, code=exc.code)
+    message = errors.without_server_paths(exc.message)  # some wrap a library's or OS's text
+    body = error_body(message, type=kind, param=exc.param, code=exc.code)
     return JSONResponse(body, status, headers=headers)
 
 
@@ -114,7 +115,10 @@ async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
 
 async def _unsafe_model(_: Request, exc: UnsafeModelError) -> JSONResponse:
     return JSONResponse(
-        error_body(str(exc), type="invalid_request_error", code="unsafe_model"), 400
+        error_body(
+            errors.without_server_paths(str(exc)), type="invalid_request_error", code="unsafe_model"
+        ),
+        400,
     )
 
 

@@ -2,7 +2,8 @@
 
 A key is scoped to (organization, endpoint): another organization's identical key is a
 different key. A replay with the same request returns the object the first request
-created (its current state), never a second one. The same key with a different request
+created (its current state; 409 `idempotent_object_deleted` once it has been deleted),
+never a second one. The same key with a different request
 is refused with 422 `idempotency_key_reused` (Stripe's and the IETF draft's choice). The
 key row is written in the same transaction as the object, so a key never points at
 nothing; two concurrent first requests race on the primary key and the loser replays.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Header
 from sqlalchemy.exc import IntegrityError
@@ -21,11 +22,12 @@ from sqlalchemy.orm import Session
 
 from app.db.models import IdempotencyKey, Organization
 from app.db.session import commit
-from app.errors import IdempotencyKeyReused, InvalidRequest
+from app.errors import IdempotencyKeyReused, InvalidRequest, InvalidState, NotFound
 
 KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,255}$")  # visible ASCII, as HTTP headers carry
 
 IdempotencyHeader = Annotated[str | None, Header(alias="Idempotency-Key")]
+T = TypeVar("T")
 
 
 def request_sha256(*parts: str) -> str:
@@ -98,3 +100,20 @@ def commit_once(
             raise
         return winner
     return object_id
+
+
+def current(fetch: Callable[[str], T], object_id: str, *, kind: str) -> T:
+    """The object created under the key, as it is now; 409 if it has since been deleted.
+
+    A replay must not answer 404 as if the request had named a missing object: it names
+    nothing, and creating a second object would break the key's promise.
+    """
+    try:
+        return fetch(object_id)
+    except NotFound:
+        raise InvalidState(
+            f"the {kind} {object_id} created with this Idempotency-Key has been deleted; "
+            "send a new key to create another",
+            param="Idempotency-Key",
+            code="idempotent_object_deleted",
+        ) from None

@@ -9,6 +9,7 @@ from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, St
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db.base import Base, utcnow
+from app.ids import new_id
 
 
 class Organization(Base):
@@ -79,6 +80,11 @@ class JobEvent(Base):
     __tablename__ = "job_event"
 
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # The id clients see and page by (migration 0008): random, so that it does not count
+    # every tenant's events the way the global `seq` does. `seq` stays internal (order).
+    public_id: Mapped[str] = mapped_column(
+        String(40), unique=True, default=lambda: new_id("ftevent")
+    )
     job_id: Mapped[str] = mapped_column(ForeignKey("fine_tuning_job.id"), index=True)
     level: Mapped[str] = mapped_column(String(8), default="info")
     type: Mapped[str] = mapped_column(String(16), default="message")

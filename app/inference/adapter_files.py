@@ -2,8 +2,9 @@
 
 The weights file is read once: its bytes are hashed (the registry's sha256 must match) and
 parsed from memory with safetensors, so what is checked is what is loaded. Only plain LoRA
-on linear layers is served; every other PEFT feature is refused by name rather than being
-silently served wrong. Runs on the loader thread: no model state is touched here.
+on linear layers is batched; every other PEFT feature is refused by name rather than being
+silently served wrong (`batch_refusal` sends such adapters to the PEFT fallback, which reads
+them with `read_peft_adapter`). Runs on the loader thread: no model state is touched here.
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ from app.ml.loading import UnsafeModelError
 
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+# Every weight name PEFT gives an adapter of the LoRA family (what the PEFT fallback loads).
+# Nothing else is ever loaded: a base weight's name would overwrite the shared base model.
+_PEFT_KEY = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A"
+    r"|lora_embedding_B|lora_magnitude_vector|trainable_tokens_delta)$"
+)
 # Config switches that change the math; served only at their plain-LoRA value.
 _PLAIN = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "bias": "none"}
 _ABSENT = (
@@ -68,6 +75,56 @@ def read_adapter(
     return AdapterWeights(ref, moved, nbytes)
 
 
+def batch_refusal(ref: AdapterRef, shapes: dict[str, tuple[int, int]]) -> str | None:
+    """Why the batched engine cannot apply `ref` (DoRA, LoRA on an embedding, …), or None.
+
+    Reads only the config and the weights file's header; an adapter that cannot even be
+    read that far returns None, so the batched load reports what is wrong with it.
+    """
+    from safetensors import safe_open
+
+    folder = Path(ref.path)
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+        with safe_open(str(folder / ADAPTER_WEIGHTS), "pt") as weights:
+            names = list(weights.keys())
+    except Exception:  # unreadable: the batched load refuses it, naming the problem
+        return None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        return None
+    for key, plain in _PLAIN.items():
+        if config.get(key, plain) != plain:
+            return f"{key}={config[key]!r}"
+    for key in _ABSENT:
+        if config.get(key):
+            return f"{key} is set"
+    for name in names:
+        match = _KEY.match(name)
+        if match is None or match["module"] not in shapes:
+            return f"tensor {name!r} is not a LoRA factor of a linear layer"
+    return None
+
+
+def read_peft_adapter(ref: AdapterRef) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Config and weights of `ref` for the PEFT fallback, checked like `read_adapter`:
+    the registry's sha256 on the very bytes parsed, and LoRA-family weight names only."""
+    from safetensors.torch import load as load_safetensors
+
+    folder = Path(ref.path)
+    data = _checked_bytes(ref, folder)
+    config = _lora_config(ref, folder)
+    try:
+        tensors = load_safetensors(data)
+    except Exception as exc:  # a corrupt file that still matched its hash at publish time
+        raise _refused(ref, f"{ADAPTER_WEIGHTS} is not a safetensors file ({exc})") from exc
+    foreign = sorted(name for name in tensors if not _PEFT_KEY.match(name))
+    if foreign:
+        raise _refused(ref, f"tensor {foreign[0]!r} is not an adapter weight")
+    if not tensors:
+        raise _refused(ref, "it holds no adapter weights")
+    return config, tensors
+
+
 def _refused(ref: AdapterRef, why: str) -> AdapterIntegrityError:
     return AdapterIntegrityError(f"adapter {ref.id}: {why}", param="model")
 
@@ -99,7 +156,7 @@ def _checked_bytes(ref: AdapterRef, folder: Path) -> bytes:
     return data
 
 
-def _config(ref: AdapterRef, folder: Path) -> dict[str, Any]:
+def _lora_config(ref: AdapterRef, folder: Path) -> dict[str, Any]:
     try:
         config = json.loads((folder / ADAPTER_CONFIG).read_text())
     except (OSError, ValueError) as exc:
@@ -108,6 +165,12 @@ def _config(ref: AdapterRef, folder: Path) -> dict[str, Any]:
         raise _refused(ref, f"{ADAPTER_CONFIG} is not a JSON object")
     if config.get("peft_type") != "LORA":
         raise _refused(ref, f"it is a {config.get('peft_type')!r} adapter; only LORA is served")
+    return config
+
+
+def _config(ref: AdapterRef, folder: Path) -> dict[str, Any]:
+    """The config of a plain LoRA (what the batch applies); others go to the fallback."""
+    config = _lora_config(ref, folder)
     for key, plain in _PLAIN.items():
         if config.get(key, plain) != plain:
             raise _refused(ref, f"{key}={config[key]!r} is not served (only plain LoRA)")

@@ -9,19 +9,21 @@ lazily, so importing this module is cheap.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import replace
 from typing import Any
 
 from app.errors import InvalidRequest, NotFound
+from app.inference.fallback import Fallbacks
 from app.inference.request import Request
-from app.inference.sampling import SamplingParams
+from app.inference.sampling import MAX_LOGPROBS, SamplingParams
 from app.inference.types import AdapterRef, Generation
 from app.model_config import CONTEXT_KEYS as _CONTEXT_KEYS
 
+logger = logging.getLogger(__name__)
 DEFAULT_CONTEXT_LENGTH = 2048
 DEFAULT_MAX_TOKENS = 256  # when a chat request gives no limit (capped by the context)
-MAX_LOGPROBS = 5  # OpenAI's limit for completions
 
 
 class _Base:
@@ -33,6 +35,7 @@ class _Base:
         self.tokenize_lock = threading.Lock()  # fast tokenizers are not safe to share
         self.tokenizer: Any = None
         self.scheduler: Any = None
+        self.shapes: dict[str, tuple[int, int]] = {}  # linear layers the batch can adapt
 
 
 class InferenceEngine:
@@ -55,6 +58,7 @@ class InferenceEngine:
         self._context: dict[str, int] = {}
         self._deleted: set[str] = set()
         self._lock = threading.Lock()  # guards _context and _deleted
+        self._fallbacks = Fallbacks(capacity=max_loaded_adapters, max_batch=max_batch_size)
 
     # -- requests ----------------------------------------------------------------------
     def submit(
@@ -89,6 +93,12 @@ class InferenceEngine:
         with base.tokenize_lock:
             input_ids = _tokenize(base.tokenizer, prompt, messages)
         params = replace(params, max_tokens=self._fitted(base_model, len(input_ids), max_tokens))
+        if adapter is not None and self._fallbacks.reason(adapter, base.shapes) is not None:
+            # The batch cannot apply this adapter: its own PEFT scheduler runs it, where it is
+            # the whole model (so the request names no adapter there).
+            request = Request(None, input_ids, params, logprobs)
+            self._fallbacks.submit(base_model, base, adapter, request)
+            return request
         request = Request(adapter, input_ids, params, logprobs)
         base.scheduler.send("submit", request)
         return request
@@ -104,10 +114,19 @@ class InferenceEngine:
         base = self._loaded(base_model)
         done = []
         for ref in adapters:
+            if self._fallbacks.reason(ref, base.shapes) is not None:
+                self._preload_fallback(base_model, base, ref)  # warm, though not pinned
+                continue
             done.append(threading.Event())
             base.scheduler.send("preload", ref, done[-1])
         for event in done:
             event.wait(timeout=300)
+
+    def _preload_fallback(self, base_model: str, base: _Base, ref: AdapterRef) -> None:
+        try:
+            self._fallbacks.warm(base_model, base, ref)
+        except Exception:  # like a batched preload: the adapter stays unloaded, others go on
+            logger.warning("preloading %s on the PEFT fallback failed", ref.id, exc_info=True)
 
     def unload_adapter(self, adapter_id: str) -> None:
         """Free a deleted adapter's weights and refuse it from now on. Idempotent.
@@ -116,6 +135,7 @@ class InferenceEngine:
         first; queued requests for it are refused)."""
         with self._lock:
             self._deleted.add(adapter_id)
+        self._fallbacks.unload(adapter_id)
         done = []
         for base in self._started():
             done.append(threading.Event())
@@ -138,6 +158,7 @@ class InferenceEngine:
         return {"base_models": bases, "adapters": adapters}
 
     def close(self) -> None:
+        self._fallbacks.close()
         for base in self._started():
             base.scheduler.stop()
 
@@ -170,6 +191,7 @@ class InferenceEngine:
         base = self._base(base_model)
         with base.load_lock:
             if base.scheduler is None:
+                from app.inference.lora import linear_shapes
                 from app.inference.scheduler import BaseScheduler
                 from app.ml.loading import load_base_model, load_tokenizer
 
@@ -183,6 +205,7 @@ class InferenceEngine:
                     capacity=self._capacity,
                     max_batch=self._max_batch,
                 )
+                base.shapes = linear_shapes(model)
         return base
 
     def _started(self) -> list[_Base]:

@@ -9,6 +9,10 @@ from typing import Any
 
 from app.errors import InvalidRequest
 
+# Alternatives per token for `logprobs` (completions) and `top_logprobs` (chat): OpenAI's
+# completions limit. The request schemas use this bound, so nothing past it gets this far.
+MAX_LOGPROBS = 5
+
 
 @dataclass(frozen=True)
 class SamplingParams:

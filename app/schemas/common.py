@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Generic, Literal, TypeVar
+from typing import Annotated, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
+
+from app.ids import check_id, check_text
 
 T = TypeVar("T")
+
+# Every id a client sends (path and query parameters, body fields) and every piece of user
+# text goes through one of these two gates (app/ids.py): bad ones answer 400 naming the field.
+Id = Annotated[str, AfterValidator(check_id)]
+Text = Annotated[str, AfterValidator(check_text)]
 
 
 class Strict(BaseModel):

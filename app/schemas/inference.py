@@ -6,11 +6,12 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
-from app.schemas.common import Strict
+from app.inference.sampling import MAX_LOGPROBS
+from app.schemas.common import Id, Strict, Text
 
 StopField = (
-    Annotated[str, Field(min_length=1)]
-    | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)]
+    Annotated[Text, Field(min_length=1)]
+    | Annotated[list[Annotated[Text, Field(min_length=1)]], Field(max_length=4)]
     | None
 )
 
@@ -20,7 +21,7 @@ class StreamOptions(Strict):
 
 
 class SamplingParams(Strict):
-    model: Annotated[str, Field(min_length=1, max_length=255)]
+    model: Id
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
@@ -29,7 +30,7 @@ class SamplingParams(Strict):
     seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
 
     @field_validator("stream_options")
     @classmethod
@@ -51,21 +52,21 @@ class SamplingParams(Strict):
 
 
 class CompletionRequest(SamplingParams):
-    prompt: Annotated[str, Field(min_length=1)]
-    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    prompt: Annotated[Text, Field(min_length=1)]
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
 
 
 class ChatMessage(Strict):
     role: Literal["system", "user", "assistant"]
-    content: str
-    name: str | None = None
+    content: Text
+    name: Text | None = None
 
 
 class ChatCompletionRequest(SamplingParams):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
 
     @field_validator("top_logprobs")
     @classmethod

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from app.schemas.common import Strict
+from app.schemas.common import Id, Strict, Text
 
 Auto = Literal["auto"]
 Suffix = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,40}$")]
@@ -60,16 +60,16 @@ class Method(Strict):
 
 
 class JobCreate(Strict):
-    model: Annotated[str, Field(min_length=1, max_length=255)]
-    training_file: Annotated[str, Field(min_length=1, max_length=64)]
-    validation_file: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    model: Id
+    training_file: Annotated[Id, Field(max_length=64)]
+    validation_file: Annotated[Id, Field(max_length=64)] | None = None
     hyperparameters: Hyperparameters | None = None
     method: Method | None = None
     suffix: Suffix | None = None
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
     metadata: (
         Annotated[
-            dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+            dict[Annotated[Text, Field(max_length=64)], Annotated[Text, Field(max_length=512)]],
             Field(max_length=16),
         ]
         | None

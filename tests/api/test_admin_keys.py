@@ -53,6 +53,36 @@ def test_admin_key_is_kept_only_as_a_hash(admin_settings) -> None:  # type: igno
     assert admin_settings.admin_key_sha256 == tenancy.hash_key(ADMIN)
 
 
+def test_the_plaintext_leaves_the_environment_and_children_get_only_the_hash(  # type: ignore[no-untyped-def]
+    monkeypatch, tmp_path
+):
+    """What the README promises: after the settings are read, the process (and every child
+    it spawns, as `loraforge up` does) holds only the key's sha256."""
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("LORAFORGE_ADMIN_KEY", ADMIN)
+    monkeypatch.setenv("LORAFORGE_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("LORAFORGE_ADMIN_KEY_SHA256", raising=False)
+    get_settings.cache_clear()
+    try:
+        assert get_settings().admin_key_sha256 == tenancy.hash_key(ADMIN)
+        assert ADMIN not in "".join(os.environ.values())
+        get_settings.cache_clear()  # a re-read (say, after --data-dir) keeps the admin key
+        assert get_settings().admin_key_sha256 == tenancy.hash_key(ADMIN)
+        child = subprocess.run(
+            [sys.executable, "-c", "import os; from app.config import get_settings; "
+             "print(get_settings().admin_key_sha256); print(sorted(os.environ.items()))"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        assert child.stdout.splitlines()[0] == tenancy.hash_key(ADMIN)
+        assert ADMIN not in child.stdout
+    finally:
+        os.environ.pop("LORAFORGE_ADMIN_KEY_SHA256", None)  # set by the code under test
+        get_settings.cache_clear()
+
+
 def test_admin_creates_lists_and_revokes_keys(admin, admin_settings):  # type: ignore[no-untyped-def]
     created = admin.post("/v1/admin/organizations/acme/keys", headers=bearer(ADMIN))
     assert created.status_code == 200, created.text

@@ -81,6 +81,18 @@ def test_file_replay_returns_the_same_file_and_stores_once(client, settings):  #
     assert len(list((settings.artifacts_dir / "datasets").iterdir())) == 1
 
 
+def test_a_replay_after_the_file_was_deleted_is_409_saying_so(client, settings):  # type: ignore[no-untyped-def]
+    content = jsonl(chat_rows(4))
+    file_id = keyed_upload(client, content, "upload-1").json()["id"]
+    assert client.delete(f"/v1/files/{file_id}").status_code == 200
+    replay = keyed_upload(client, content, "upload-1")
+    assert replay.status_code == 409, replay.text
+    error = replay.json()["error"]
+    assert error["code"] == "idempotent_object_deleted" and error["param"] == "Idempotency-Key"
+    assert file_id in error["message"] and "deleted" in error["message"]
+    assert file_count(settings) == 0  # nothing created in its place
+
+
 @pytest.mark.parametrize("key", ["", "x" * 256, "has space", "caf\u00e9"])
 def test_malformed_keys_are_refused_and_nothing_is_stored(client, settings, key):  # type: ignore[no-untyped-def]
     headers = {"Idempotency-Key": key.encode("utf-8")}

@@ -229,6 +229,7 @@ def test_bad_chat_requests_name_the_field(client, adapter):  # type: ignore[no-u
     base = {"model": adapter, "messages": [{"role": "user", "content": "hi"}]}
     for extra, param in [
         ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 20}, "top_logprobs"),  # one bound, in the schema
         ({"max_completion_tokens": 5000}, "max_tokens"),
         ({"messages": []}, "messages"),
         ({"stream": True, "max_tokens": 5000}, "max_tokens"),
@@ -288,3 +289,15 @@ def test_tampered_adapter_is_refused_before_any_stream(client, adapter, settings
         assert response.status_code == 400, response.text
         assert response.json()["error"]["code"] == "adapter_integrity"
     assert [a["loaded"] for a in client.get("/v1/engine/adapters").json()["data"]] == [False]
+
+
+def test_a_refused_adapter_is_named_without_the_server_path(client, settings, adapter):  # type: ignore[no-untyped-def]
+    """The refusal wraps a message that names the adapter's folder; users see no path."""
+    job_id = adapter.rsplit(":", 1)[-1]
+    (settings.artifacts_dir / "adapters" / job_id / "adapter_model.safetensors").unlink()
+    for stream in (False, True):
+        response = complete(client, model=adapter, max_tokens=2, stream=stream)
+        assert response.status_code == 400, response.text
+        message = response.json()["error"]["message"]
+        assert adapter in message and str(settings.data_dir) not in message, message
+        assert "/artifacts/" not in message, message

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.config._checks import PositiveDataAcceptanceConfig
@@ -18,16 +19,28 @@ from app.config import get_settings
 from app.main import create_app
 from tests.api.conftest import api_key
 from tests.api.test_files import jsonl, upload
-from tests.conftest import chat_rows
+from tests.conftest import chat_rows, make_settings
 
 pytestmark = pytest.mark.slow
-FUZZ = settings(
+FUZZ = hypothesis_settings(
     max_examples=25,
     deadline=None,
     derandomize=True,
     suppress_health_check=list(HealthCheck),
     database=None,
 )
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def settings(request, tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]
+    """Both databases: PostgreSQL refuses what SQLite takes (a NUL in text, a 32-bit
+    overflow), so a 500 may exist on one only."""
+    from app import migrate
+
+    url = request.getfixturevalue("pg_database_url") if request.param == "postgres" else None
+    settings = make_settings(tmp_path / "data", tiny_model_dir, database_url=url)
+    migrate.upgrade(settings)
+    return settings
 
 
 @pytest.fixture
@@ -96,7 +109,7 @@ def test_stateful_sequences_follow_the_links(api_schema, auth) -> None:  # type:
             return {"headers": auth}
 
     Machine.run(
-        settings=settings(
+        settings=hypothesis_settings(
             max_examples=20,
             stateful_step_count=6,
             deadline=None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,29 @@ def test_round_trip_postgres(tmp_path: Path, pg_database_url: str) -> None:
     round_trip(settings)
     migrate.downgrade(settings, "base")  # with data: PostgreSQL drops in dependency order
     empty_round_trip(settings)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_settings(request, tmp_path: Path):  # type: ignore[no-untyped-def]
+    url = request.getfixturevalue("pg_database_url") if request.param == "postgres" else None
+    return make_settings(tmp_path / "data", tmp_path / "m", database_url=url)
+
+
+def test_events_stored_before_0008_get_opaque_ids_and_page(any_settings) -> None:  # type: ignore[no-untyped-def]
+    from app import jobs
+
+    url = any_settings.sqlalchemy_url
+    migrate.upgrade(any_settings)
+    seed(url)
+    with session_scope(url) as session:
+        for i in range(4):
+            jobs.add_event(session, job_id="ftjob-1", message=f"e{i}")
+    migrate.downgrade(any_settings, "0003")  # events as they were stored: seq only
+    migrate.upgrade(any_settings)
+    with session_scope(url) as session:
+        org = session.query(models.Organization).one()
+        rows = jobs.list_events(session, organization=org, job_id="ftjob-1", after=None, limit=9)
+        ids = [jobs.event_id(row) for row in rows.rows]
+        assert len(set(ids)) == 5 and all(re.fullmatch(r"ftevent-[0-9a-f]{24}", i) for i in ids)
+        page = jobs.list_events(session, organization=org, job_id="ftjob-1", after=ids[1], limit=9)
+        assert [jobs.event_id(row) for row in page.rows] == ids[2:]

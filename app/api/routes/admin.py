@@ -11,7 +11,7 @@ from app import tenancy
 from app.api.deps import AdminDep, ReadSessionDep, SessionDep
 from app.api.views import api_key_view
 from app.db.session import commit
-from app.schemas.common import ListPage
+from app.schemas.common import Id, ListPage
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[AdminDep])
 OrgName = Annotated[str, Path(pattern=tenancy.ORG_NAME.pattern)]
@@ -40,13 +40,13 @@ def create_key(organization: OrgName, session: SessionDep) -> ApiKeyCreated:
 
 @router.get("/keys", response_model=ListPage[ApiKeyRead])
 def list_keys(
-    session: ReadSessionDep, organization: Annotated[str | None, Query(max_length=64)] = None
+    session: ReadSessionDep, organization: Annotated[Id | None, Query(max_length=64)] = None
 ) -> ListPage[ApiKeyRead]:
     rows = tenancy.list_api_keys(session, organization=organization)
     return ListPage(data=[ApiKeyRead(**api_key_view(key, name)) for key, name in rows])
 
 
 @router.post("/keys/{key_id}/revoke", response_model=ApiKeyRead)
-def revoke_key(key_id: Annotated[str, Path(max_length=64)], session: SessionDep) -> ApiKeyRead:
+def revoke_key(key_id: Annotated[Id, Path(max_length=64)], session: SessionDep) -> ApiKeyRead:
     key = tenancy.revoke_key(session, key_id=key_id)
     return ApiKeyRead(**api_key_view(key, tenancy.organization_name(session, key)))

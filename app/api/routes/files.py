@@ -12,7 +12,7 @@ from app.api.multipart import UPLOAD_OPENAPI, Upload, receive_upload
 from app.api.views import file_view
 from app.config import Settings
 from app.db.models import Organization
-from app.schemas.common import Deleted, ListPage
+from app.schemas.common import Deleted, Id, ListPage
 from app.schemas.files import FileRead
 from app.storage import ArtifactStore
 
@@ -61,7 +61,8 @@ def _store(
         )  # fmt: skip
         undo = lambda: store.delete(row.storage_key)  # noqa: E731
         earlier = idempotency.commit_once(session, **scope, object_id=row.id, undo=undo)
-    return file_view(files.get_file(session, organization=org, file_id=earlier))
+    fetch = lambda file_id: files.get_file(session, organization=org, file_id=file_id)  # noqa: E731
+    return file_view(idempotency.current(fetch, earlier, kind="file"))
 
 
 @router.get("", response_model=ListPage[FileRead])
@@ -70,19 +71,19 @@ def list_files(org: OrgDep, session: ReadSessionDep) -> ListPage[FileRead]:
 
 
 @router.get("/{file_id}", response_model=FileRead)
-def retrieve_file(file_id: str, org: OrgDep, session: ReadSessionDep) -> FileRead:
+def retrieve_file(file_id: Id, org: OrgDep, session: ReadSessionDep) -> FileRead:
     return file_view(files.get_file(session, organization=org, file_id=file_id))
 
 
 @router.get("/{file_id}/content")
 def file_content(
-    file_id: str, org: OrgDep, session: ReadSessionDep, store: StoreDep
+    file_id: Id, org: OrgDep, session: ReadSessionDep, store: StoreDep
 ) -> FileResponse:
     row = files.get_file(session, organization=org, file_id=file_id)
     return FileResponse(store.path(row.storage_key), media_type="application/jsonl")
 
 
 @router.delete("/{file_id}", response_model=Deleted)
-def delete_file(file_id: str, org: OrgDep, session: SessionDep, store: StoreDep) -> Deleted:
+def delete_file(file_id: Id, org: OrgDep, session: SessionDep, store: StoreDep) -> Deleted:
     files.delete_file(session, organization=org, file_id=file_id, store=store)
     return Deleted(id=file_id, object="file")

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from app import base_models, registry
 from app.api.deps import EngineDep, OrgDep, ReadSessionDep, SettingsDep, StoreDep
+from app.errors import without_server_paths
 from app.ids import new_id
 from app.schemas.inference import (
     AssistantMessage,
@@ -86,7 +87,8 @@ def _sse(request, chunks: Callable[[Iterator], Iterator[BaseModel]]) -> Streamin
                 yield f"data: {chunk.model_dump_json(exclude_none=False)}\n\n"
             yield "data: [DONE]\n\n"
         except Exception as exc:  # mid-stream: report in the stream, the status is sent
-            error = {"message": str(exc), "type": "server_error", "param": None, "code": None}
+            message = without_server_paths(str(exc))
+            error = {"message": message, "type": "server_error", "param": None, "code": None}
             yield f"data: {json.dumps({'error': error})}\n\n"
         finally:
             request.cancel()  # a client that went away frees its batch row

@@ -9,7 +9,7 @@ from app.api import idempotency
 from app.api.deps import OrgDep, ReadSessionDep, SessionDep, SettingsDep
 from app.api.idempotency import IdempotencyHeader
 from app.api.views import checkpoint_view, event_view, job_view
-from app.schemas.common import ListPage
+from app.schemas.common import Id, ListPage
 from app.schemas.jobs import CheckpointRead, EventRead, JobCreate, JobRead
 from app.work_limits import WorkLimits
 
@@ -57,25 +57,25 @@ def create_job(
 
 @router.get("", response_model=ListPage[JobRead])
 def list_jobs(
-    org: OrgDep, session: ReadSessionDep, after: str | None = None, limit: Limit = 20
+    org: OrgDep, session: ReadSessionDep, after: Id | None = None, limit: Limit = 20
 ) -> ListPage[JobRead]:
     page = jobs.list_jobs(session, organization=org, after=after, limit=limit)
     return ListPage(data=[job_view(job) for job in page.rows], has_more=page.has_more)
 
 
 @router.get("/{job_id}", response_model=JobRead)
-def retrieve_job(job_id: str, org: OrgDep, session: ReadSessionDep) -> JobRead:
+def retrieve_job(job_id: Id, org: OrgDep, session: ReadSessionDep) -> JobRead:
     return job_view(jobs.get_job(session, organization=org, job_id=job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobRead)
-def cancel_job(job_id: str, org: OrgDep, session: SessionDep) -> JobRead:
+def cancel_job(job_id: Id, org: OrgDep, session: SessionDep) -> JobRead:
     return job_view(jobs.cancel_job(session, organization=org, job_id=job_id))
 
 
 @router.get("/{job_id}/events", response_model=ListPage[EventRead])
 def list_events(
-    job_id: str, org: OrgDep, session: ReadSessionDep, after: str | None = None, limit: Limit = 20
+    job_id: Id, org: OrgDep, session: ReadSessionDep, after: Id | None = None, limit: Limit = 20
 ) -> ListPage[EventRead]:
     page = jobs.list_events(session, organization=org, job_id=job_id, after=after, limit=limit)
     return ListPage(data=[event_view(event) for event in page.rows], has_more=page.has_more)
@@ -83,7 +83,7 @@ def list_events(
 
 @router.get("/{job_id}/checkpoints", response_model=ListPage[CheckpointRead])
 def list_checkpoints(
-    job_id: str, org: OrgDep, session: ReadSessionDep, after: str | None = None, limit: Limit = 10
+    job_id: Id, org: OrgDep, session: ReadSessionDep, after: Id | None = None, limit: Limit = 10
 ) -> ListPage[CheckpointRead]:
     page = jobs.list_checkpoints(session, organization=org, job_id=job_id, after=after, limit=limit)
     data = [checkpoint_view(row) for row in page.rows]

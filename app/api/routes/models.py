@@ -10,7 +10,7 @@ from app.api.views import adapter_view, base_model_view, checkpoint_model_view
 from app.db.session import commit
 from app.errors import IntegrityFailure, InvalidRequest
 from app.ml.adapters import ADAPTER_WEIGHTS
-from app.schemas.common import ListPage
+from app.schemas.common import Id, ListPage
 from app.schemas.models import ModelDeleted, ModelRead
 from app.storage import sha256_file
 
@@ -34,7 +34,7 @@ def list_models(org: OrgDep, session: ReadSessionDep, settings: SettingsDep) -> 
     responses={200: {"content": {"application/zip": {}}, "description": "The PEFT adapter"}},
 )
 def download_adapter(
-    model_id: str, org: OrgDep, session: ReadSessionDep, settings: SettingsDep, store: StoreDep
+    model_id: Id, org: OrgDep, session: ReadSessionDep, settings: SettingsDep, store: StoreDep
 ) -> StreamingResponse:
     target = registry.resolve_model(
         session, organization=org, model_id=model_id, base_models=settings.base_models
@@ -67,7 +67,7 @@ def download_adapter(
 
 @router.get("/{model_id:path}", response_model=ModelRead)
 def retrieve_model(
-    model_id: str, org: OrgDep, session: ReadSessionDep, settings: SettingsDep
+    model_id: Id, org: OrgDep, session: ReadSessionDep, settings: SettingsDep
 ) -> ModelRead:
     target = registry.resolve_model(
         session, organization=org, model_id=model_id, base_models=settings.base_models
@@ -85,7 +85,7 @@ def retrieve_model(
 
 @router.delete("/{model_id:path}", response_model=ModelDeleted)
 def delete_model(
-    model_id: str,
+    model_id: Id,
     request: Request,
     org: OrgDep,
     session: SessionDep,

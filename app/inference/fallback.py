@@ -1,0 +1,160 @@
+"""The PEFT fallback: adapters the batched engine cannot apply, served all the same.
+
+The batch applies plain LoRA on linear layers (`lora.py`); an adapter with anything else
+(DoRA, LoRA on an embedding, trainable tokens, …: `adapter_files.batch_refusal`) gets its
+own scheduler over a PEFT-injected view of the base. The view copies the module tree but
+shares every weight with the base (no second copy of the model in memory); PEFT computes
+the adapter exactly as it did in training. Requests on one such adapter batch with each
+other on that scheduler (same sampling, stop strings, logprobs and streaming as the batched
+path, since it is the same `BaseScheduler`), not with the base's batch: slower, never wrong.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from app.errors import NotFound, ServiceUnavailable
+from app.inference.adapter_files import batch_refusal, read_peft_adapter
+from app.inference.types import AdapterIntegrityError, AdapterRef
+
+logger = logging.getLogger(__name__)
+_ADAPTER = "default"  # the one adapter of each view
+_IDLE_WAIT_SECONDS = 300  # a retired scheduler finishes its rows for at most this long
+
+
+def shared_view(model: Any) -> Any:
+    """`model`'s module tree copied, every parameter and buffer shared (not copied), the
+    batch's `MultiLoraLinear` wrappers replaced by the plain layers they wrap."""
+    from app.inference.lora import MultiLoraLinear
+
+    memo: dict[int, Any] = {id(t): t for t in model.parameters()}
+    memo.update({id(t): t for t in model.buffers()})
+    memo.update({id(m): m.base for m in model.modules() if isinstance(m, MultiLoraLinear)})
+    return copy.deepcopy(model, memo)
+
+
+def peft_view(model: Any, ref: AdapterRef) -> Any:
+    """A view of the base `model` with `ref` injected by PEFT, its weights verified."""
+    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+
+    config, tensors = read_peft_adapter(ref)
+    try:
+        peft_config = PeftConfig.from_peft_type(**config)
+    except (TypeError, ValueError) as exc:
+        raise _refused(ref, f"its adapter_config.json does not load in PEFT ({exc})") from exc
+    try:
+        wrapped = get_peft_model(shared_view(model), peft_config, adapter_name=_ADAPTER)
+        result = set_peft_model_state_dict(wrapped, tensors, adapter_name=_ADAPTER)
+    except Exception as exc:  # PEFT's own refusal of this config on this base
+        raise _refused(ref, f"PEFT cannot load it onto this base ({type(exc).__name__})") from exc
+    missing = [key for key in result.missing_keys if f".{_ADAPTER}" in key]
+    if result.unexpected_keys or missing:
+        first = (result.unexpected_keys or missing)[0]
+        raise _refused(ref, f"its weights do not fit this base model ({first})")
+    return wrapped.base_model.model.eval()  # the base's modules, PEFT's layers injected
+
+
+def _refused(ref: AdapterRef, why: str) -> AdapterIntegrityError:
+    return AdapterIntegrityError(f"adapter {ref.id}: {why}", param="model")
+
+
+class Fallbacks:
+    """Per engine: one scheduler per fallback adapter, least recently used retired first."""
+
+    def __init__(self, *, capacity: int, max_batch: int) -> None:
+        self.capacity, self.max_batch = capacity, max_batch
+        self._schedulers: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._reasons: dict[tuple[str, str], str | None] = {}
+        self._lock = threading.Lock()  # held while a view loads: fallback requests only wait
+        self._reasons_lock = threading.Lock()  # every adapter request routes through this one
+
+    def reason(self, ref: AdapterRef, shapes: dict[str, tuple[int, int]]) -> str | None:
+        """Why `ref` needs the fallback (None: the batch serves it); cached per sha256."""
+        key = (ref.id, ref.sha256)
+        with self._reasons_lock:
+            if key in self._reasons:
+                return self._reasons[key]
+        found = batch_refusal(ref, shapes)
+        with self._reasons_lock:
+            self._reasons[key] = found
+        return found
+
+    def submit(self, base_name: str, base: Any, ref: AdapterRef, request: Any) -> None:
+        """Hand `request` to `ref`'s scheduler (started on first use: loads on this thread).
+
+        Sent under the lock, so a scheduler is never retired between being chosen and
+        receiving the request: retiring waits for what it has received.
+        """
+        with self._lock:
+            self._scheduler(base_name, base, ref).send("submit", request)
+
+    def warm(self, base_name: str, base: Any, ref: AdapterRef) -> None:
+        with self._lock:
+            self._scheduler(base_name, base, ref)
+
+    def _scheduler(self, base_name: str, base: Any, ref: AdapterRef) -> Any:
+        from app.inference.scheduler import BaseScheduler
+        from app.ml.loading import load_tokenizer
+
+        key = (ref.id, ref.sha256)
+        found = self._schedulers.get(key)
+        if found is not None:
+            self._schedulers.move_to_end(key)
+            return found
+        model = base.scheduler.model
+        started = BaseScheduler(
+            f"{base_name}+{ref.id}",
+            peft_view(model, ref),
+            load_tokenizer(base.ref),
+            eos_ids=base.scheduler.eos_ids,
+            capacity=1,
+            max_batch=self.max_batch,
+        )
+        logger.info("serving %s with the PEFT fallback", ref.id)
+        self._schedulers[key] = started
+        while len(self._schedulers) > self.capacity:
+            _, oldest = self._schedulers.popitem(last=False)
+            _retire(oldest, ServiceUnavailable("the adapter was unloaded for another; retry"))
+        return started
+
+    def unload(self, adapter_id: str) -> None:
+        with self._lock:
+            keys = [key for key in self._schedulers if key[0] == adapter_id]
+            gone = [self._schedulers.pop(key) for key in keys]
+        for scheduler in gone:
+            _retire(scheduler, NotFound(f"The model '{adapter_id}' does not exist", param="model"))
+
+    def close(self) -> None:
+        with self._lock:
+            gone, self._schedulers = list(self._schedulers.values()), OrderedDict()
+        for scheduler in gone:
+            _stop(scheduler, NotFound("the inference engine stopped", param="model"))
+
+
+def _retire(scheduler: Any, error: Exception) -> None:
+    """Stop `scheduler` once the requests it holds are done (in the background)."""
+
+    def wait_then_stop() -> None:
+        for _ in range(_IDLE_WAIT_SECONDS * 10):
+            if not scheduler.rows and not scheduler.waiting and scheduler.inbox.empty():
+                break
+            threading.Event().wait(0.1)
+        _stop(scheduler, error)
+
+    threading.Thread(target=wait_then_stop, name="retire-fallback", daemon=True).start()
+
+
+def _stop(scheduler: Any, error: Exception) -> None:
+    """Stop the thread, then fail whatever it still held, so that no caller waits forever."""
+    scheduler.stop()
+    held = [row.request for row in scheduler.rows] + list(scheduler.waiting)
+    while not scheduler.inbox.empty():
+        message = scheduler.inbox.get_nowait()
+        if message and message[0] == "submit":
+            held.append(message[1])
+    for request in held:
+        request.events.put(error)
