@@ -80,7 +80,7 @@ class JobEvent(Base):
     __tablename__ = "job_event"
 
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    # The id clients see and page by (migration 0008): random, so that it does not count
+    # The id clients see and page by (migration 0005): random, so that it does not count
     # every tenant's events the way the global `seq` does. `seq` stays internal (order).
     public_id: Mapped[str] = mapped_column(
         String(40), unique=True, default=lambda: new_id("ftevent")

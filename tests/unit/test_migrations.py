@@ -129,7 +129,7 @@ def any_settings(request, tmp_path: Path):  # type: ignore[no-untyped-def]
     return make_settings(tmp_path / "data", tmp_path / "m", database_url=url)
 
 
-def test_events_stored_before_0008_get_opaque_ids_and_page(any_settings) -> None:  # type: ignore[no-untyped-def]
+def test_events_stored_before_0005_get_opaque_ids_and_page(any_settings) -> None:  # type: ignore[no-untyped-def]
     from app import jobs
 
     url = any_settings.sqlalchemy_url
@@ -138,7 +138,7 @@ def test_events_stored_before_0008_get_opaque_ids_and_page(any_settings) -> None
     with session_scope(url) as session:
         for i in range(4):
             jobs.add_event(session, job_id="ftjob-1", message=f"e{i}")
-    migrate.downgrade(any_settings, "0003")  # events as they were stored: seq only
+    migrate.downgrade(any_settings, "0004")  # events as they were stored: seq only
     migrate.upgrade(any_settings)
     with session_scope(url) as session:
         org = session.query(models.Organization).one()
