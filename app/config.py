@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     rate_limit_per_second: float = 100.0  # per organization, token bucket
     rate_limit_burst: int = 500
     max_active_jobs: int = 16  # queued + running per organization
+    # One tenant must not stall the others (issue 14). 0 disables a limit.
+    max_request_bytes: int = 2 * 1024 * 1024  # JSON bodies (uploads: max_upload_bytes)
+    body_idle_timeout_seconds: float = 15.0  # longest wait for the next piece of a body
+    body_min_bytes_per_second: float = 10_000.0  # a body's pace after the first idle timeout
 
     @field_validator("base_models", mode="before")
     @classmethod

@@ -30,7 +30,9 @@ def get_session(settings: SettingsDep) -> Iterator[Session]:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": closed as soon as the route returns, before the response is sent, so a
+# slow reader of the response never holds a pooled connection.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def get_read_session(settings: SettingsDep) -> Iterator[Session]:
@@ -40,7 +42,7 @@ def get_read_session(settings: SettingsDep) -> Iterator[Session]:
 
 # Routes that only read (GETs, inference, authentication) take this one: on SQLite it never
 # waits for the write lock, so reads do not queue behind each other or behind a worker.
-ReadSessionDep = Annotated[Session, Depends(get_read_session)]
+ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]
 
 
 # Declared as the OpenAPI security scheme; errors are ours (401 in OpenAI's envelope).
@@ -58,13 +60,18 @@ def bearer_secret(credentials: HTTPAuthorizationCredentials | None) -> str:
 
 
 def current_organization(
-    request: Request,
-    session: ReadSessionDep,
-    settings: SettingsDep,
-    credentials: BearerDep,
+    request: Request, settings: SettingsDep, credentials: BearerDep
 ) -> Organization:
-    """The caller's organization; each call spends one token of its rate-limit bucket."""
-    org = tenancy.authenticate(session, secret=bearer_secret(credentials))
+    """The caller's organization; each call spends one token of its rate-limit bucket.
+
+    The key is looked up in a session of its own, closed before the route runs: no request
+    holds a database connection while it waits on the network (an upload's body, a stream's
+    reader). The key's hash is kept on the request for re-checks during a stream.
+    """
+    secret = bearer_secret(credentials)
+    with read_session_scope(settings.sqlalchemy_url) as session:
+        org = tenancy.authenticate(session, secret=secret)
+    request.state.key_sha256 = tenancy.hash_key(secret)
     limiter: TokenBuckets = request.app.state.rate_limiter
     limiter.take(org.id, rate=settings.rate_limit_per_second, burst=settings.rate_limit_burst)
     return org
