@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     max_request_bytes: int = 2 * 1024 * 1024  # JSON bodies (uploads: max_upload_bytes)
     body_idle_timeout_seconds: float = 15.0  # longest wait for the next piece of a body
     body_min_bytes_per_second: float = 10_000.0  # a body's pace after the first idle timeout
+    max_inference_requests_per_org: int = 32  # running + waiting, per API process
+    inference_batch_share_per_org: float = 0.5  # of a batch's rows one organization may hold
+    stream_key_check_seconds: float = 5.0  # a revoked key ends its open streams this fast
 
     @field_validator("base_models", mode="before")
     @classmethod

@@ -125,6 +125,8 @@ def engine_for(app, settings: Settings) -> InferenceEngine:  # type: ignore[no-u
                 max_loaded_adapters=settings.max_loaded_adapters,
                 max_batch_size=settings.max_batch_size,
                 device=settings.device,
+                max_requests_per_owner=settings.max_inference_requests_per_org,
+                batch_share_per_owner=settings.inference_batch_share_per_org,
             )
             preload_adapters(engine, settings)
             app.state.engine = engine

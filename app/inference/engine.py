@@ -10,10 +10,11 @@ lazily, so importing this module is cheap.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from app.errors import InvalidRequest, NotFound
+from app.errors import InvalidRequest, NotFound, RateLimited
 from app.inference.request import Request
 from app.inference.sampling import SamplingParams
 from app.inference.types import AdapterRef, Generation
@@ -25,14 +26,25 @@ _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length"
 
 
 class _Base:
-    """One base model: its scheduler and a tokenizer for the request threads."""
+    """One base model: its scheduler, and tokenizers for the request threads."""
 
     def __init__(self, ref: str) -> None:
         self.ref = ref
         self.load_lock = threading.Lock()
-        self.tokenize_lock = threading.Lock()  # fast tokenizers are not safe to share
         self.tokenizer: Any = None
+        self.max_token_chars = 0  # characters of the longest token: bounds a text's length
         self.scheduler: Any = None
+        # A fast tokenizer is not safe to share between threads, and one shared under a
+        # lock lets one huge prompt stall every request: each thread has its own.
+        self._per_thread = threading.local()
+
+    def thread_tokenizer(self) -> Any:
+        tokenizer = getattr(self._per_thread, "tokenizer", None)
+        if tokenizer is None:
+            from app.ml.loading import load_tokenizer
+
+            tokenizer = self._per_thread.tokenizer = load_tokenizer(self.ref)
+        return tokenizer
 
 
 class InferenceEngine:
@@ -43,7 +55,12 @@ class InferenceEngine:
         max_loaded_adapters: int = 8,
         device: str = "auto",
         max_batch_size: int = 16,
+        max_requests_per_owner: int = 0,
+        batch_share_per_owner: float = 1.0,
     ) -> None:
+        """`max_requests_per_owner`: running + waiting requests of one organization (429
+        past it; 0: no limit). `batch_share_per_owner`: the fraction of a batch's rows one
+        organization may hold (`fairness.py`)."""
         if max_loaded_adapters < 1:
             raise ValueError("max_loaded_adapters must be at least 1")
         if max_batch_size < 1:
@@ -54,7 +71,9 @@ class InferenceEngine:
         self._device = device
         self._context: dict[str, int] = {}
         self._deleted: set[str] = set()
-        self._lock = threading.Lock()  # guards _context and _deleted
+        self._per_owner, self._batch_share = max_requests_per_owner, batch_share_per_owner
+        self._admitted: dict[str, set[object]] = {}  # owner -> its unfinished requests
+        self._lock = threading.Lock()  # guards _context, _deleted and _admitted
 
     # -- requests ----------------------------------------------------------------------
     def submit(
@@ -70,8 +89,12 @@ class InferenceEngine:
         stop: list[str] | str | None = None,
         seed: int | None = None,
         logprobs: int | None = None,
+        owner: str | None = None,
     ) -> Request:
-        """Validate, tokenize and queue one request; bad input raises before anything runs."""
+        """Validate, tokenize and queue one request; bad input raises before anything runs.
+
+        `owner` (an organization id) is admitted fairly and counted against its limit.
+        """
         _check_input(prompt, messages)
         _check_logprobs(logprobs)
         params = SamplingParams.checked(  # max_tokens is checked once the prompt is known
@@ -86,12 +109,41 @@ class InferenceEngine:
             raise NotFound(
                 f"The model '{adapter.id}' does not exist", param="model", code="model_not_found"
             )
-        with base.tokenize_lock:
-            input_ids = _tokenize(base.tokenizer, prompt, messages)
-        params = replace(params, max_tokens=self._fitted(base_model, len(input_ids), max_tokens))
-        request = Request(adapter, input_ids, params, logprobs)
+        _check_length(prompt, messages, self.context_length(base_model), base.max_token_chars)
+        release = self._admit(owner)
+        try:
+            input_ids = _tokenize(base.thread_tokenizer(), prompt, messages)
+            fitted = self._fitted(base_model, len(input_ids), max_tokens)
+        except BaseException:
+            release()
+            raise
+        request = Request(
+            adapter, input_ids, replace(params, max_tokens=fitted), logprobs, owner=owner
+        )
+        request.on_done = release
         base.scheduler.send("submit", request)
         return request
+
+    def _admit(self, owner: str | None) -> Callable[[], None]:
+        """Count a request of `owner` in (429 past its limit); the callable counts it out."""
+        if owner is None or self._per_owner <= 0:
+            return lambda: None
+        token = object()
+        with self._lock:
+            admitted = self._admitted.setdefault(owner, set())
+            if len(admitted) >= self._per_owner:
+                raise RateLimited(
+                    f"this organization already has {len(admitted)} inference requests "
+                    f"running or waiting (the limit is {self._per_owner}); retry when one ends",
+                    retry_after=1,
+                )
+            admitted.add(token)
+
+        def release() -> None:
+            with self._lock:
+                admitted.discard(token)
+
+        return release
 
     def generate(self, **kwargs: Any) -> Generation:
         """One whole completion (blocks until the scheduler finishes it)."""
@@ -130,8 +182,8 @@ class InferenceEngine:
     def stats(self, owner: str | None = None) -> dict[str, Any]:
         """Base models' batch state and per-adapter counters (only `owner`'s adapters)."""
         bases, adapters = [], []
-        for base in self._started():
-            bases.append(base.scheduler.load_info())
+        for base in self._started():  # a tenant sees its own load only
+            bases.append(base.scheduler.load_info(owner, everyone=owner is None))
             adapters += [s for s in base.scheduler.pool.snapshot() if s["owner"] == owner]
         for info in bases:
             info["loaded"] = [a for a in info["loaded"] if any(s["id"] == a for s in adapters)]
@@ -171,6 +223,7 @@ class InferenceEngine:
 
                 model = load_base_model(base.ref, device=self._device)
                 base.tokenizer = load_tokenizer(base.ref)
+                base.max_token_chars = max(map(len, base.tokenizer.get_vocab()), default=1)
                 base.scheduler = BaseScheduler(
                     base_model,
                     model,
@@ -178,6 +231,7 @@ class InferenceEngine:
                     eos_ids=eos_token_ids(base.tokenizer, model),
                     capacity=self._capacity,
                     max_batch=self._max_batch,
+                    batch_share=self._batch_share,
                 )
         return base
 
@@ -220,6 +274,26 @@ def _check_input(prompt: str | None, messages: list[dict] | None) -> None:
             raise InvalidRequest("each message needs a string role", param="messages")
     elif not isinstance(prompt, str) or not prompt:
         raise InvalidRequest("prompt must be a non-empty string", param="prompt")
+
+
+def _check_length(
+    prompt: str | None, messages: list[dict] | None, context: int, max_token_chars: int
+) -> None:
+    """Refuse, before tokenizing, a text too long for the context: no token covers more
+    than `max_token_chars` characters, so more characters than context times that are more
+    tokens than the context holds. Bounds the work one request can ask of a tokenizer."""
+    if messages is not None:
+        param = "messages"
+        chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+    else:
+        param, chars = "prompt", len(prompt or "")
+    limit = context * max(1, max_token_chars)
+    if chars > limit:
+        raise InvalidRequest(
+            f"the {param} has {chars} characters; this model's context of {context} tokens "
+            f"holds at most {limit}; shorten it",
+            param=param,
+        )
 
 
 def _check_logprobs(logprobs: int | None) -> None:

@@ -1,0 +1,44 @@
+"""Fair admission into a batch across organizations (issue 14).
+
+Requests wait per base model; when the batch has room, organizations take turns (round
+robin, starting after the one served last) and none holds more than its share of the
+batch's rows. One organization's backlog therefore delays another's request by at most a
+turn, and its long generations can never fill the whole batch. Pure: no torch, no threads.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Hashable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def choose_fairly(
+    ready: dict[Hashable, deque[T]],
+    running: Counter,
+    *,
+    room: int,
+    per_owner: int,
+    last_owner: Hashable = None,
+) -> tuple[list[T], Hashable]:
+    """Up to `room` items taken from `ready` (per owner, arrival order), one owner at a
+    time, none past `per_owner` running; returns them and the owner served last."""
+    owners = list(ready)
+    if last_owner in owners:
+        start = owners.index(last_owner) + 1
+        owners = owners[start:] + owners[:start]
+    running, chosen = Counter(running), []
+    while room > 0 and owners:
+        for owner in list(owners):
+            if room == 0:
+                break
+            if not ready[owner] or running[owner] >= per_owner:
+                owners.remove(owner)
+                continue
+            chosen.append(ready[owner].popleft())
+            running[owner] += 1
+            room -= 1
+            last_owner = owner
+    return chosen, last_owner
