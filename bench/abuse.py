@@ -8,7 +8,7 @@ each attack in turn: while it runs, the victim repeats its probes (`/health`, it
 the victim's median latency as a ratio to the quiet baseline (target <= 2x), the victim's job
 wait as a ratio, and every HTTP 500 seen by anyone (target 0).
 
-    .venv/bin/python -m bench.abuse [--postgres] [--probes 5] [--only stalled-uploads,...]
+    .venv/bin/python -m bench.abuse [--postgres] [--probes 10] [--only stalled-uploads,...]
 
 Every loop is bounded in count and in time; everything talks to 127.0.0.1 only. A scenario
 is a function `(Stack, Keys, stop: threading.Event) -> dict[str, int]` that attacks until
@@ -45,6 +45,7 @@ from tests.e2e.stack import Stack, cli, free_port, running, stack_env
 
 TIMEOUT = 60.0  # per victim request: a stalled service shows as a timeout, not a hang
 JOB_WAIT_LIMIT = 180.0
+TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 @dataclass
@@ -108,15 +109,19 @@ def job_wait(stack: Stack, keys: Keys) -> float | None:
         if created.status_code not in (200, 202):
             return None
         job_id, start = created.json()["id"], time.perf_counter()
-        deadline = start + JOB_WAIT_LIMIT
-        while time.perf_counter() < deadline:
+        waited = None
+        while time.perf_counter() < start + JOB_WAIT_LIMIT:
             if c.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] != "queued":
                 waited = time.perf_counter() - start
-                c.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
-                return waited
+                break
             time.sleep(0.2)
         c.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
-    return None
+        # the next scenario starts with an idle worker: wait until this job has ended
+        while time.perf_counter() < start + 2 * JOB_WAIT_LIMIT:
+            if c.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] in TERMINAL:
+                break
+            time.sleep(0.2)
+    return waited
 
 
 # -- the attacks ----------------------------------------------------------------------------
@@ -149,10 +154,11 @@ def stalled_uploads(stack: Stack, keys: Keys, stop: threading.Event, count: int 
 def huge_prompts(stack: Stack, keys: Keys, stop: threading.Event) -> dict:
     """Finding 4: 10 MB chat messages (past the body cap) and 1.9 MB ones (under it)."""
     statuses: Counter = Counter()
-    bodies = [
-        {"model": "tiny", "messages": [{"role": "user", "content": "w " * (size // 2)}]}
+    bodies = [  # encoded once: the attacker's own CPU should not be what slows the victim
+        json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "w" * size}]})
         for size in (10_000_000, 1_900_000)
     ]
+    headers = auth(keys.attacker) | {"Content-Type": "application/json"}
 
     def attack(index: int) -> None:
         with httpx.Client(base_url=stack.base_url, timeout=TIMEOUT) as client:
@@ -161,9 +167,7 @@ def huge_prompts(stack: Stack, keys: Keys, stop: threading.Event) -> dict:
                     return
                 body = bodies[index % 2]
                 try:
-                    answer = client.post(
-                        "/v1/chat/completions", json=body, headers=auth(keys.attacker)
-                    )
+                    answer = client.post("/v1/chat/completions", content=body, headers=headers)
                     statuses[answer.status_code] += 1
                 except httpx.HTTPError as exc:
                     statuses[type(exc).__name__] += 1
@@ -249,7 +253,7 @@ def report(name: str, latencies, baseline, statuses, waited, base_wait, attacker
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--postgres", action="store_true")
-    parser.add_argument("--probes", type=int, default=5, help="victim rounds per scenario")
+    parser.add_argument("--probes", type=int, default=10, help="victim rounds per scenario")
     parser.add_argument("--only", default=",".join(SCENARIOS))
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="loraforge-abuse-"))
