@@ -8,11 +8,17 @@ turn, and its long generations can never fill the whole batch. Pure: no torch, n
 
 from __future__ import annotations
 
+import math
 from collections import Counter, deque
 from collections.abc import Hashable
 from typing import TypeVar
 
 T = TypeVar("T")
+
+
+def share_of(max_batch: int, share: float) -> int:
+    """Rows of a batch one organization may hold (at least one); the rest stays free."""
+    return max(1, math.ceil(max_batch * share))
 
 
 def choose_fairly(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import queue
 import threading
 from collections import Counter, deque
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 
 from app.errors import NotFound
-from app.inference.fairness import choose_fairly
+from app.inference.fairness import choose_fairly, share_of
 from app.inference.kv import BatchKV
 from app.inference.lora import LoraState, Plan, linear_shapes
 from app.inference.pool import AdapterPool
@@ -66,8 +65,7 @@ class BaseScheduler:
     ) -> None:
         self.name, self.model, self.tokenizer, self.eos_ids = name, model, tokenizer, eos_ids
         self.max_batch = max_batch
-        # Rows of the batch one organization may hold: the rest stays free for the others.
-        self.rows_per_owner = max(1, math.ceil(max_batch * batch_share))
+        self.rows_per_owner = share_of(max_batch, batch_share)
         self._last_owner: Hashable = None  # admission resumes after the owner served last
         self.device = next(model.parameters()).device
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -107,12 +105,12 @@ class BaseScheduler:
 
     def load_info(self, owner: Hashable = None, *, everyone: bool = True) -> dict[str, Any]:
         """Batch state; `everyone=False`: `owner`'s running and waiting requests only."""
-        rows = [r for r in self.rows if everyone or r.request.owner == owner]
-        waiting = [r for r in self.waiting if everyone or r.owner == owner]
+        running = [row.request for row in list(self.rows)]  # copies: the scheduler moves them
+        waiting = list(self.waiting)
         return {
             "name": self.name,
-            "running": len(rows),
-            "waiting": len(waiting),
+            "running": sum(everyone or r.owner == owner for r in running),
+            "waiting": sum(everyone or r.owner == owner for r in waiting),
             "steps": self.steps,
             "mixed_steps": self.mixed_steps,
             "peak_batch": self.peak_batch,
@@ -216,7 +214,16 @@ class BaseScheduler:
 
     # -- admission: prefill new requests, then join the batch --------------------------
     def _admit(self) -> None:
-        chosen = self._choose_fairly()
+        # Organizations take turns into the batch's room, none past its share (fairness.py).
+        chosen, self._last_owner = choose_fairly(
+            self._startable_by_owner(),
+            Counter(row.request.owner for row in self.rows),
+            room=self.max_batch - len(self.rows),
+            per_owner=self.rows_per_owner,
+            last_owner=self._last_owner,
+        )
+        for request in chosen:
+            self.waiting.remove(request)
         # Same-length prompts prefill together: one forward, no padding, so every row is
         # computed exactly as it would be alone.
         by_length: dict[int, list[Request]] = {}
@@ -254,19 +261,6 @@ class BaseScheduler:
             elif request.key not in self.pool.loading:  # evicted while it waited
                 self.pool.load(request.adapter)
         return ready
-
-    def _choose_fairly(self) -> list[Request]:
-        """The requests to start now: organizations take turns (`fairness.py`)."""
-        chosen, self._last_owner = choose_fairly(
-            self._startable_by_owner(),
-            Counter(row.request.owner for row in self.rows),
-            room=self.max_batch - len(self.rows),
-            per_owner=self.rows_per_owner,
-            last_owner=self._last_owner,
-        )
-        for request in chosen:
-            self.waiting.remove(request)
-        return chosen
 
     def _prefill(self, group: list[Request]) -> tuple[list[tuple[int, _Row]], Any]:
         """Prefill same-length prompts; (index in the group, row) of those not yet done."""
