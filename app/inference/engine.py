@@ -9,8 +9,10 @@ lazily, so importing this module is cheap.
 
 from __future__ import annotations
 
+import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -35,16 +37,23 @@ class _Base:
         self.max_token_chars = 0  # characters of the longest token: bounds a text's length
         self.scheduler: Any = None
         # A fast tokenizer is not safe to share between threads, and one shared under a
-        # lock lets one huge prompt stall every request: each thread has its own.
-        self._per_thread = threading.local()
+        # lock lets one huge prompt stall every request: each request borrows its own,
+        # so there are as many as requests ever tokenized at once (the API's inference
+        # threads bound that), never one per thread that passed by.
+        self._idle_tokenizers: queue.SimpleQueue = queue.SimpleQueue()
 
-    def thread_tokenizer(self) -> Any:
-        tokenizer = getattr(self._per_thread, "tokenizer", None)
-        if tokenizer is None:
+    @contextmanager
+    def borrowed_tokenizer(self) -> Iterator[Any]:
+        try:
+            tokenizer = self._idle_tokenizers.get_nowait()
+        except queue.Empty:
             from app.ml.loading import load_tokenizer
 
-            tokenizer = self._per_thread.tokenizer = load_tokenizer(self.ref)
-        return tokenizer
+            tokenizer = load_tokenizer(self.ref)
+        try:
+            yield tokenizer
+        finally:
+            self._idle_tokenizers.put(tokenizer)
 
 
 class InferenceEngine:
@@ -112,7 +121,8 @@ class InferenceEngine:
         _check_length(prompt, messages, self.context_length(base_model), base.max_token_chars)
         release = self._admit(owner)
         try:
-            input_ids = _tokenize(base.thread_tokenizer(), prompt, messages)
+            with base.borrowed_tokenizer() as tokenizer:
+                input_ids = _tokenize(tokenizer, prompt, messages)
             fitted = self._fitted(base_model, len(input_ids), max_tokens)
         except BaseException:
             release()
