@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, deque
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -48,3 +48,26 @@ def choose_fairly(
             room -= 1
             last_owner = owner
     return chosen, last_owner
+
+
+class OwnerCounters:
+    """Per organization: decode steps it had rows in, those where its rows were on more
+    than one model, and its most rows in one step. A tenant sees these, not the engine's."""
+
+    def __init__(self) -> None:
+        self._counts: dict[Hashable, list[int]] = {}
+
+    def record(self, rows: Iterable[tuple[Hashable, Hashable]]) -> None:
+        """One decode step's rows as (owner, model key)."""
+        keys: dict[Hashable, list[Hashable]] = {}
+        for owner, key in rows:
+            keys.setdefault(owner, []).append(key)
+        for owner, mine in keys.items():
+            counts = self._counts.setdefault(owner, [0, 0, 0])
+            counts[0] += 1
+            counts[1] += len(set(mine)) > 1
+            counts[2] = max(counts[2], len(mine))
+
+    def __getitem__(self, owner: Hashable) -> dict[str, int]:
+        steps, mixed, peak = self._counts.get(owner, (0, 0, 0))
+        return {"steps": steps, "mixed_steps": mixed, "peak_batch": peak}

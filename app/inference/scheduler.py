@@ -12,7 +12,6 @@ Everything here runs on the scheduler thread, except `submit`/`send`, which only
 
 from __future__ import annotations
 
-import inspect
 import logging
 import queue
 import threading
@@ -24,8 +23,8 @@ from typing import Any
 import torch
 
 from app.errors import NotFound
-from app.inference.fairness import choose_fairly, share_of
-from app.inference.kv import BatchKV
+from app.inference.fairness import OwnerCounters, choose_fairly, share_of
+from app.inference.kv import BatchKV, forward_options
 from app.inference.lora import LoraState, Plan, linear_shapes
 from app.inference.pool import AdapterPool
 from app.inference.request import Request
@@ -89,8 +88,9 @@ class BaseScheduler:
         self.steps = 0  # decode steps
         self.mixed_steps = 0  # decode steps whose rows span more than one model
         self.peak_batch = 0
+        self.per_owner = OwnerCounters()  # the same, per organization: what a tenant sees
         self._plan: Plan | None = None
-        self._cache_arg, self._extra = _forward_options(model)
+        self._cache_arg, self._extra = forward_options(model)
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
@@ -107,13 +107,16 @@ class BaseScheduler:
         """Batch state; `everyone=False`: `owner`'s running and waiting requests only."""
         running = [row.request for row in list(self.rows)]  # copies: the scheduler moves them
         waiting = list(self.waiting)
+        counters = (
+            {"steps": self.steps, "mixed_steps": self.mixed_steps, "peak_batch": self.peak_batch}
+            if everyone
+            else self.per_owner[owner]
+        )
         return {
             "name": self.name,
             "running": sum(everyone or r.owner == owner for r in running),
             "waiting": sum(everyone or r.owner == owner for r in waiting),
-            "steps": self.steps,
-            "mixed_steps": self.mixed_steps,
-            "peak_batch": self.peak_batch,
+            **counters,
             "max_batch_size": self.max_batch,
             "max_loaded_adapters": self.pool.capacity,
             "loaded": self.pool.lru_order(),
@@ -295,6 +298,7 @@ class BaseScheduler:
             self._plan = Plan(keys)
         self.peak_batch = max(self.peak_batch, len(keys))
         self.mixed_steps += len(set(keys)) > 1
+        self.per_owner.record((row.request.owner, row.request.key) for row in self.rows)
         self.state.plan = self._plan
         ids = torch.tensor([[row.last] for row in self.rows], dtype=torch.long, device=self.device)
         with torch.inference_mode():
@@ -387,14 +391,3 @@ def _gone(adapter_id: str) -> NotFound:
     return NotFound(
         f"The model '{adapter_id}' does not exist", param="model", code="model_not_found"
     )
-
-
-def _forward_options(model: Any) -> tuple[str, dict[str, Any]]:
-    """The KV-cache argument's name (transformers 5 renamed `past_key_values` to `cache`)
-    and `logits_to_keep=1` where supported (skips the prompt-long logits at prefill)."""
-    try:
-        names = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        names = {}
-    cache_arg = "cache" if "cache" in names else "past_key_values"
-    return cache_arg, ({"logits_to_keep": 1} if "logits_to_keep" in names else {})

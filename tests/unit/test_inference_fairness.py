@@ -72,6 +72,7 @@ def test_a_backlog_of_one_organization_does_not_delay_another(tiny_model_dir: Pa
             threading.Event().wait(0.05)
         theirs = engine.stats(owner="org-a")["base_models"][0]
         assert (mine["running"], mine["waiting"]) == (0, 0)  # org-a's load is not shown
+        assert mine["peak_batch"] == 1 and mine["steps"] < theirs["steps"]  # its own counts
         assert theirs["running"] + theirs["waiting"] == 3
     finally:
         for request in backlog:
