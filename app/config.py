@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     rate_limit_per_second: float = 100.0  # per organization, token bucket
     rate_limit_burst: int = 500
     max_active_jobs: int = 16  # queued + running per organization
-    # Issue 14. Fair claims: running jobs per organization a worker may start (0: no cap).
+    # Fair claims: running jobs per organization a worker may start (0: no cap).
     max_running_jobs_per_org: int = 0
     # A run that was cancelled or fenced off and has not stopped after this long is killed.
     stop_grace_seconds: float = 10.0
@@ -69,6 +69,13 @@ class Settings(BaseSettings):
     max_tokens_per_step: int = 1 << 20  # batch_size * gradient_accumulation * max_seq_length
     max_examples_per_job: int = 10_000_000  # n_epochs * training examples
     max_stored_bytes_per_org: int = 10 << 30  # bytes of files; 413 past it
+    # One tenant must not stall the others. 0 disables a limit.
+    max_request_bytes: int = 2 * 1024 * 1024  # JSON bodies (uploads: max_upload_bytes)
+    body_idle_timeout_seconds: float = 15.0  # longest wait for the next piece of a body
+    body_min_bytes_per_second: float = 10_000.0  # a body's pace after the first idle timeout
+    max_inference_requests_per_org: int = 32  # running + waiting, per API process
+    inference_batch_share_per_org: float = 0.5  # of a batch's rows one organization may hold
+    stream_key_check_seconds: float = 5.0  # a revoked key ends its open streams this fast
 
     @field_validator("data_dir", mode="after")
     @classmethod

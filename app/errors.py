@@ -61,6 +61,12 @@ class PayloadTooLarge(LoraforgeError):
     code = "file_too_large"
 
 
+class RequestTimeout(LoraforgeError):
+    """The client sent its request body too slowly (408); the connection is closed."""
+
+    code = "request_timeout"
+
+
 class ServiceUnavailable(LoraforgeError):
     """A dependency (broker, inference engine) cannot serve right now (503)."""
 

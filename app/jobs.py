@@ -247,11 +247,17 @@ def list_checkpoints(
 def check_active_quota(session: Session, *, organization: Organization, limit: int) -> None:
     """Refuse a new job (429) while the organization has `limit` queued or running ones.
 
-    Other organizations are not counted. Two concurrent creates may both pass on
-    PostgreSQL (a soft quota); SQLite serialises writers, so there it is exact.
+    Other organizations are not counted. Call it in the transaction that inserts the job:
+    the organization's row is locked (SELECT … FOR UPDATE on PostgreSQL) until that
+    transaction ends, so concurrent creates of one organization count and insert one at a
+    time and the quota is exact. SQLite has no row locks (the clause is left out); there a
+    writer's BEGIN IMMEDIATE (app/db/session.py) already serialises them.
     """
     if limit <= 0:
         return  # disabled
+    session.execute(
+        select(Organization.id).where(Organization.id == organization.id).with_for_update()
+    )
     active = session.scalar(
         select(func.count())
         .select_from(Job)

@@ -10,13 +10,13 @@ from sqlalchemy import text
 
 from app.api.deps import StrictQuery, engine_for
 from app.api.errors import install_error_handlers
-from app.api.limits import UploadSizeLimit
+from app.api.limits import BodyLimits, RequestBodyLimits
 from app.api.rate_limit import TokenBuckets
 from app.api.responses import ERROR_RESPONSES
 from app.api.routes import admin, engine, files, inference, jobs, models
 from app.base_models import report
 from app.config import Settings, get_settings
-from app.db.session import session_scope
+from app.db.session import read_session_scope
 from app.sweeper import start_sweeper
 
 
@@ -40,15 +40,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = None
     app.state.rate_limiter = TokenBuckets()
     install_error_handlers(app)
-    app.add_middleware(UploadSizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestBodyLimits, limits=body_limits(settings))
     for module in (files, jobs, models, inference, engine, admin):
         # Every route declares the error envelope it may answer (schema conformance).
         app.include_router(module.router, responses=ERROR_RESPONSES, dependencies=[StrictQuery])
 
     @app.get("/health", tags=["health"])
     def health() -> dict[str, str]:
-        with session_scope(settings.sqlalchemy_url) as session:
+        # read-only: on SQLite it never waits for the write lock (BEGIN IMMEDIATE)
+        with read_session_scope(settings.sqlalchemy_url) as session:
             session.execute(text("SELECT 1"))
         return {"status": "ok"}
 
     return app
+
+
+def body_limits(settings: Settings) -> BodyLimits:
+    return BodyLimits(
+        max_upload_bytes=settings.max_upload_bytes,
+        max_request_bytes=settings.max_request_bytes,
+        idle_seconds=settings.body_idle_timeout_seconds,
+        min_bytes_per_second=settings.body_min_bytes_per_second,
+    )

@@ -63,6 +63,12 @@ def authenticate(session: Session, *, secret: str) -> Organization:
     return session.get_one(Organization, key.organization_id)
 
 
+def key_is_active(session: Session, *, key_sha256: str) -> bool:
+    """Whether a key (by its hash) still authenticates; a stream re-checks its key with it."""
+    query = select(ApiKey.id).where(ApiKey.key_hash == key_sha256, ApiKey.revoked_at.is_(None))
+    return session.scalar(query) is not None
+
+
 def revoke_api_key(session: Session, *, organization: Organization, key_id: str) -> None:
     key = session.scalar(
         select(ApiKey).where(ApiKey.id == key_id, ApiKey.organization_id == organization.id)

@@ -51,6 +51,13 @@ class _Done:
     def result(self) -> Generation:
         return self.generation
 
+    # what the routes call (app/inference/request.Request): already finished here
+    def attach(self) -> None:
+        pass
+
+    async def aresult(self) -> Generation:
+        return self.generation
+
 
 class NaiveEngine:
     """The baseline: one PeftModel, `set_adapter` per request, requests one at a time."""

@@ -31,7 +31,9 @@ def get_session(settings: SettingsDep) -> Iterator[Session]:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": closed as soon as the route returns, before the response is sent, so a
+# slow reader of the response never holds a pooled connection.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def get_read_session(settings: SettingsDep) -> Iterator[Session]:
@@ -41,7 +43,7 @@ def get_read_session(settings: SettingsDep) -> Iterator[Session]:
 
 # Routes that only read (GETs, inference, authentication) take this one: on SQLite it never
 # waits for the write lock, so reads do not queue behind each other or behind a worker.
-ReadSessionDep = Annotated[Session, Depends(get_read_session)]
+ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]
 
 
 # Declared as the OpenAPI security scheme; errors are ours (401 in OpenAI's envelope).
@@ -59,13 +61,18 @@ def bearer_secret(credentials: HTTPAuthorizationCredentials | None) -> str:
 
 
 def current_organization(
-    request: Request,
-    session: ReadSessionDep,
-    settings: SettingsDep,
-    credentials: BearerDep,
+    request: Request, settings: SettingsDep, credentials: BearerDep
 ) -> Organization:
-    """The caller's organization; each call spends one token of its rate-limit bucket."""
-    org = tenancy.authenticate(session, secret=bearer_secret(credentials))
+    """The caller's organization; each call spends one token of its rate-limit bucket.
+
+    The key is looked up in a session of its own, closed before the route runs: no request
+    holds a database connection while it waits on the network (an upload's body, a stream's
+    reader). The key's hash is kept on the request for re-checks during a stream.
+    """
+    secret = bearer_secret(credentials)
+    with read_session_scope(settings.sqlalchemy_url) as session:
+        org = tenancy.authenticate(session, secret=secret)
+    request.state.key_sha256 = tenancy.hash_key(secret)
     limiter: TokenBuckets = request.app.state.rate_limiter
     limiter.take(org.id, rate=settings.rate_limit_per_second, burst=settings.rate_limit_burst)
     return org
@@ -119,6 +126,8 @@ def engine_for(app, settings: Settings) -> InferenceEngine:  # type: ignore[no-u
                 max_loaded_adapters=settings.max_loaded_adapters,
                 max_batch_size=settings.max_batch_size,
                 device=settings.device,
+                max_requests_per_owner=settings.max_inference_requests_per_org,
+                batch_share_per_owner=settings.inference_batch_share_per_org,
             )
             preload_adapters(engine, settings)
             app.state.engine = engine

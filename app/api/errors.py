@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 
 from app import errors
@@ -20,6 +21,7 @@ STATUS = {
     errors.Unauthorized: 401,
     errors.NotFound: 404,
     errors.InvalidState: 409,
+    errors.RequestTimeout: 408,
     errors.PayloadTooLarge: 413,
     errors.Forbidden: 403,
     errors.IdempotencyKeyReused: 422,
@@ -43,14 +45,24 @@ def _status_for(exc: errors.LoraforgeError) -> int:
 
 
 async def _domain_error(_: Request, exc: errors.LoraforgeError) -> JSONResponse:
+    return error_response(exc)
+
+
+def error_response(exc: errors.LoraforgeError, *, close: bool = False) -> JSONResponse:
+    """A domain error as its status and OpenAI's envelope (also used by ASGI middleware).
+
+    `close`: end the connection after the answer (the rest of the body is never read).
+    """
     status = _status_for(exc)
     kind = "invalid_request_error" if status < 500 else "server_error"
-    headers = None
+    headers = {}
     if isinstance(exc, errors.RateLimited):
         kind, headers = "rate_limit_error", {"Retry-After": str(exc.retry_after)}
+    if close or isinstance(exc, errors.RequestTimeout):
+        headers["Connection"] = "close"
     message = errors.without_server_paths(exc.message)  # some wrap a library's or OS's text
     body = error_body(message, type=kind, param=exc.param, code=exc.code)
-    return JSONResponse(body, status, headers=headers)
+    return JSONResponse(body, status, headers=headers or None)
 
 
 # pydantic tags errors of union members with the member's type ("literal['auto']", "int");
@@ -134,6 +146,16 @@ async def _database_unavailable(request: Request, exc: OperationalError) -> JSON
     return JSONResponse(body, 503, headers={"Retry-After": "5"})
 
 
+async def _database_busy(request: Request, exc: PoolTimeout) -> JSONResponse:
+    # Every pooled connection is in use (app/db/session.POOL_TIMEOUT_SECONDS): the server is
+    # saturated, not broken; 503 + Retry-After tells clients to back off, never a 500.
+    logger.warning("database pool exhausted on %s %s: %s", request.method, request.url.path, exc)
+    body = error_body(
+        "The server is busy; retry shortly.", type="server_error", code="service_unavailable"
+    )
+    return JSONResponse(body, 503, headers={"Retry-After": "2"})
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse(
@@ -147,4 +169,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(UnsafeModelError, _unsafe_model)
     app.add_exception_handler(OperationalError, _database_unavailable)
+    app.add_exception_handler(PoolTimeout, _database_busy)
     app.add_exception_handler(Exception, _unexpected)

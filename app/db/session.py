@@ -11,15 +11,26 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import get_settings
 
+# How long a request waits for a pooled connection before it is answered 503 + Retry-After
+# (app/api/errors.py). Short: under exhaustion, failing fast frees the caller's thread and
+# tells the client to back off, where SQLAlchemy's default 30 s only queues more work.
+POOL_TIMEOUT_SECONDS = 5
+
 
 @lru_cache(maxsize=8)
 def get_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            pool_timeout=POOL_TIMEOUT_SECONDS,
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=POOL_TIMEOUT_SECONDS
+    )
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]

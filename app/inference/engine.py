@@ -10,11 +10,14 @@ lazily, so importing this module is cheap.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-from app.errors import InvalidRequest, NotFound
+from app.errors import InvalidRequest, NotFound, RateLimited
 from app.inference.fallback import Fallbacks
 from app.inference.request import Request
 from app.inference.sampling import MAX_LOGPROBS, SamplingParams
@@ -27,15 +30,33 @@ DEFAULT_MAX_TOKENS = 256  # when a chat request gives no limit (capped by the co
 
 
 class _Base:
-    """One base model: its scheduler and a tokenizer for the request threads."""
+    """One base model: its scheduler, and tokenizers for the request threads."""
 
     def __init__(self, ref: str) -> None:
         self.ref = ref
         self.load_lock = threading.Lock()
-        self.tokenize_lock = threading.Lock()  # fast tokenizers are not safe to share
         self.tokenizer: Any = None
+        self.max_token_chars = 0  # characters of the longest token: bounds a text's length
         self.scheduler: Any = None
         self.shapes: dict[str, tuple[int, int]] = {}  # linear layers the batch can adapt
+        # A fast tokenizer is not safe to share between threads, and one shared under a
+        # lock lets one huge prompt stall every request: each request borrows its own,
+        # so there are as many as requests ever tokenized at once (the API's inference
+        # threads bound that), never one per thread that passed by.
+        self._idle_tokenizers: queue.SimpleQueue = queue.SimpleQueue()
+
+    @contextmanager
+    def borrowed_tokenizer(self) -> Iterator[Any]:
+        try:
+            tokenizer = self._idle_tokenizers.get_nowait()
+        except queue.Empty:
+            from app.ml.loading import load_tokenizer
+
+            tokenizer = load_tokenizer(self.ref)
+        try:
+            yield tokenizer
+        finally:
+            self._idle_tokenizers.put(tokenizer)
 
 
 class InferenceEngine:
@@ -46,7 +67,12 @@ class InferenceEngine:
         max_loaded_adapters: int = 8,
         device: str = "auto",
         max_batch_size: int = 16,
+        max_requests_per_owner: int = 0,
+        batch_share_per_owner: float = 1.0,
     ) -> None:
+        """`max_requests_per_owner`: running + waiting requests of one organization (429
+        past it; 0: no limit). `batch_share_per_owner`: the fraction of a batch's rows one
+        organization may hold (`fairness.py`)."""
         if max_loaded_adapters < 1:
             raise ValueError("max_loaded_adapters must be at least 1")
         if max_batch_size < 1:
@@ -57,7 +83,9 @@ class InferenceEngine:
         self._device = device
         self._context: dict[str, int] = {}
         self._deleted: set[str] = set()
-        self._lock = threading.Lock()  # guards _context and _deleted
+        self._per_owner, self._batch_share = max_requests_per_owner, batch_share_per_owner
+        self._admitted: dict[str, set[object]] = {}  # owner -> its unfinished requests
+        self._lock = threading.Lock()  # guards _context, _deleted and _admitted
         self._fallbacks = Fallbacks(capacity=max_loaded_adapters, max_batch=max_batch_size)
 
     # -- requests ----------------------------------------------------------------------
@@ -74,8 +102,12 @@ class InferenceEngine:
         stop: list[str] | str | None = None,
         seed: int | None = None,
         logprobs: int | None = None,
+        owner: str | None = None,
     ) -> Request:
-        """Validate, tokenize and queue one request; bad input raises before anything runs."""
+        """Validate, tokenize and queue one request; bad input raises before anything runs.
+
+        `owner` (an organization id) is admitted fairly and counted against its limit.
+        """
         _check_input(prompt, messages)
         _check_logprobs(logprobs)
         params = SamplingParams.checked(  # max_tokens is checked once the prompt is known
@@ -90,18 +122,52 @@ class InferenceEngine:
             raise NotFound(
                 f"The model '{adapter.id}' does not exist", param="model", code="model_not_found"
             )
-        with base.tokenize_lock:
-            input_ids = _tokenize(base.tokenizer, prompt, messages)
-        params = replace(params, max_tokens=self._fitted(base_model, len(input_ids), max_tokens))
+        _check_length(prompt, messages, self.context_length(base_model), base.max_token_chars)
+        release = self._admit(owner)
+        try:
+            with base.borrowed_tokenizer() as tokenizer:
+                input_ids = _tokenize(tokenizer, prompt, messages)
+            fitted = self._fitted(base_model, len(input_ids), max_tokens)
+        except BaseException:
+            release()
+            raise
+        params = replace(params, max_tokens=fitted)
         if adapter is not None and self._fallbacks.reason(adapter, base.shapes) is not None:
             # The batch cannot apply this adapter: its own PEFT scheduler runs it, where it is
             # the whole model (so the request names no adapter there).
-            request = Request(None, input_ids, params, logprobs)
-            self._fallbacks.submit(base_model, base, adapter, request)
+            request = Request(None, input_ids, params, logprobs, owner=owner)
+            request.on_done = release
+            try:
+                self._fallbacks.submit(base_model, base, adapter, request)  # may load, and fail
+            except BaseException:
+                release()
+                raise
             return request
-        request = Request(adapter, input_ids, params, logprobs)
+        request = Request(adapter, input_ids, params, logprobs, owner=owner)
+        request.on_done = release
         base.scheduler.send("submit", request)
         return request
+
+    def _admit(self, owner: str | None) -> Callable[[], None]:
+        """Count a request of `owner` in (429 past its limit); the callable counts it out."""
+        if owner is None or self._per_owner <= 0:
+            return lambda: None
+        token = object()
+        with self._lock:
+            admitted = self._admitted.setdefault(owner, set())
+            if len(admitted) >= self._per_owner:
+                raise RateLimited(
+                    f"this organization already has {len(admitted)} inference requests "
+                    f"running or waiting (the limit is {self._per_owner}); retry when one ends",
+                    retry_after=1,
+                )
+            admitted.add(token)
+
+        def release() -> None:
+            with self._lock:
+                admitted.discard(token)
+
+        return release
 
     def generate(self, **kwargs: Any) -> Generation:
         """One whole completion (blocks until the scheduler finishes it)."""
@@ -150,8 +216,8 @@ class InferenceEngine:
     def stats(self, owner: str | None = None) -> dict[str, Any]:
         """Base models' batch state and per-adapter counters (only `owner`'s adapters)."""
         bases, adapters = [], []
-        for base in self._started():
-            bases.append(base.scheduler.load_info())
+        for base in self._started():  # a tenant sees its own load only
+            bases.append(base.scheduler.load_info(owner, everyone=owner is None))
             adapters += [s for s in base.scheduler.pool.snapshot() if s["owner"] == owner]
         for info in bases:
             info["loaded"] = [a for a in info["loaded"] if any(s["id"] == a for s in adapters)]
@@ -197,6 +263,7 @@ class InferenceEngine:
 
                 model = load_base_model(base.ref, device=self._device)
                 base.tokenizer = load_tokenizer(base.ref)
+                base.max_token_chars = max(map(len, base.tokenizer.get_vocab()), default=1)
                 base.scheduler = BaseScheduler(
                     base_model,
                     model,
@@ -204,6 +271,7 @@ class InferenceEngine:
                     eos_ids=eos_token_ids(base.tokenizer, model),
                     capacity=self._capacity,
                     max_batch=self._max_batch,
+                    batch_share=self._batch_share,
                 )
                 base.shapes = linear_shapes(model)
         return base
@@ -247,6 +315,26 @@ def _check_input(prompt: str | None, messages: list[dict] | None) -> None:
             raise InvalidRequest("each message needs a string role", param="messages")
     elif not isinstance(prompt, str) or not prompt:
         raise InvalidRequest("prompt must be a non-empty string", param="prompt")
+
+
+def _check_length(
+    prompt: str | None, messages: list[dict] | None, context: int, max_token_chars: int
+) -> None:
+    """Refuse, before tokenizing, a text too long for the context: no token covers more
+    than `max_token_chars` characters, so more characters than context times that are more
+    tokens than the context holds. Bounds the work one request can ask of a tokenizer."""
+    if messages is not None:
+        param = "messages"
+        chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+    else:
+        param, chars = "prompt", len(prompt or "")
+    limit = context * max(1, max_token_chars)
+    if chars > limit:
+        raise InvalidRequest(
+            f"the {param} has {chars} characters; this model's context of {context} tokens "
+            f"holds at most {limit}; shorten it",
+            param=param,
+        )
 
 
 def _check_logprobs(logprobs: int | None) -> None:

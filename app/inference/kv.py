@@ -10,6 +10,7 @@ real tokens, so each row decodes exactly as it would alone.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -131,3 +132,14 @@ class BatchKV:
         for row, (source, offset) in enumerate(zip(sources, pad, strict=True)):
             buf[row, :, offset : offset + source.shape[1]] = source
         return buf
+
+
+def forward_options(model: Any) -> tuple[str, dict[str, Any]]:
+    """The KV-cache argument's name (transformers 5 renamed `past_key_values` to `cache`)
+    and `logits_to_keep=1` where supported (skips the prompt-long logits at prefill)."""
+    try:
+        names = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        names = {}
+    cache_arg = "cache" if "cache" in names else "past_key_values"
+    return cache_arg, ({"logits_to_keep": 1} if "logits_to_keep" in names else {})

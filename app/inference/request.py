@@ -1,19 +1,24 @@
 """One submitted generation: what the scheduler needs, and the channel back to the caller.
 
-The scheduler thread puts `Delta`s on `events`, then the final `Generation` (or the error
-that ended the request). The caller's thread reads them: `result()` for a whole
-completion, `deltas()` for streaming. `cancel()` (a client that went away) makes the
-scheduler drop the row at its next step.
+The scheduler thread `put`s `Delta`s, then the final `Generation` (or the error that ended
+the request). The caller reads them from a thread (`result()`, `deltas()`) or, without
+holding a thread, from the event loop (`attach()` then `next_event()`, `aresult()`).
+`cancel()` (a client that went away) makes the scheduler drop the row at its next step.
+`on_done` runs when the request ends or is cancelled: it frees the organization's
+admission slot (`engine.py`); it may run more than once, so it must be idempotent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import queue
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from app.inference.sampling import SamplingParams
 from app.inference.types import AdapterRef, Delta, Generation
+
+Event = Delta | Generation | BaseException
 
 
 @dataclass(eq=False)
@@ -22,25 +27,37 @@ class Request:
     input_ids: list[int]
     params: SamplingParams
     logprobs: int | None = None  # top alternatives per token; None = no logprobs
+    owner: str | None = None  # the organization: fair admission across organizations
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: bool = False
     generation: Generation | None = None
+    on_done: Callable[[], None] = lambda: None
+    _ready: asyncio.Event | None = None
+    _wake: Callable[[], object] | None = None
 
     @property
     def key(self) -> str | None:
         return None if self.adapter is None else self.adapter.id
 
+    # -- the scheduler's side ----------------------------------------------------------
+    def put(self, item: Event) -> None:
+        self.events.put(item)
+        if isinstance(item, Generation | BaseException):
+            self.on_done()
+        wake = self._wake
+        if wake is not None:
+            wake()
+
     def cancel(self) -> None:
         self.cancelled = True
+        self.on_done()
 
+    # -- a caller's thread -------------------------------------------------------------
     def deltas(self) -> Iterator[Delta]:
         """Pieces as they are generated; the final `Generation` is kept in `generation`."""
         while True:
-            item = self.events.get()
-            if isinstance(item, BaseException):
-                raise item
-            if isinstance(item, Generation):
-                self.generation = item
+            item = self._taken(self.events.get())
+            if item is None:
                 return
             yield item
 
@@ -49,3 +66,40 @@ class Request:
             pass
         assert self.generation is not None
         return self.generation
+
+    # -- the event loop: waits without holding a thread --------------------------------
+    def attach(self) -> None:
+        """Wake this event loop on each event (call on the loop, before `next_event`)."""
+        loop, ready = asyncio.get_running_loop(), asyncio.Event()
+        self._ready = ready
+        self._wake = lambda: loop.call_soon_threadsafe(ready.set)
+
+    async def next_event(self, timeout: float | None = None) -> Delta | None:
+        """The next delta; None at the end (`generation` is set) or after `timeout` seconds
+        with nothing new (`generation` still None). Raises the error that ended it."""
+        assert self._ready is not None, "attach() first"
+        while True:
+            try:
+                return self._taken(self.events.get_nowait())
+            except queue.Empty:
+                pass
+            self._ready.clear()
+            if not self.events.empty():  # put between get_nowait and clear: no wake lost
+                continue
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout)
+            except TimeoutError:
+                return None
+
+    async def aresult(self) -> Generation:
+        while self.generation is None:
+            await self.next_event()
+        return self.generation
+
+    def _taken(self, item: Event) -> Delta | None:
+        if isinstance(item, BaseException):
+            raise item
+        if isinstance(item, Generation):
+            self.generation = item
+            return None
+        return item

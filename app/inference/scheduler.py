@@ -12,18 +12,19 @@ Everything here runs on the scheduler thread, except `submit`/`send`, which only
 
 from __future__ import annotations
 
-import inspect
 import logging
 import queue
 import threading
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from app.errors import NotFound
-from app.inference.kv import BatchKV
+from app.inference.fairness import OwnerCounters, choose_fairly, share_of
+from app.inference.kv import BatchKV, forward_options
 from app.inference.lora import LoraState, Plan, linear_shapes
 from app.inference.pool import AdapterPool
 from app.inference.request import Request
@@ -59,9 +60,12 @@ class BaseScheduler:
         eos_ids: frozenset[int],
         capacity: int,
         max_batch: int,
+        batch_share: float = 1.0,
     ) -> None:
         self.name, self.model, self.tokenizer, self.eos_ids = name, model, tokenizer, eos_ids
         self.max_batch = max_batch
+        self.rows_per_owner = share_of(max_batch, batch_share)
+        self._last_owner: Hashable = None  # admission resumes after the owner served last
         self.device = next(model.parameters()).device
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.state = LoraState()
@@ -84,8 +88,9 @@ class BaseScheduler:
         self.steps = 0  # decode steps
         self.mixed_steps = 0  # decode steps whose rows span more than one model
         self.peak_batch = 0
+        self.per_owner = OwnerCounters()  # the same, per organization: what a tenant sees
         self._plan: Plan | None = None
-        self._cache_arg, self._extra = _forward_options(model)
+        self._cache_arg, self._extra = forward_options(model)
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
@@ -98,14 +103,20 @@ class BaseScheduler:
         self._thread.join(timeout=30)
         self.pool.close()
 
-    def load_info(self) -> dict[str, Any]:
+    def load_info(self, owner: Hashable = None, *, everyone: bool = True) -> dict[str, Any]:
+        """Batch state; `everyone=False`: `owner`'s running and waiting requests only."""
+        running = [row.request for row in list(self.rows)]  # copies: the scheduler moves them
+        waiting = list(self.waiting)
+        counters = (
+            {"steps": self.steps, "mixed_steps": self.mixed_steps, "peak_batch": self.peak_batch}
+            if everyone
+            else self.per_owner[owner]
+        )
         return {
             "name": self.name,
-            "running": len(self.rows),
-            "waiting": len(self.waiting),
-            "steps": self.steps,
-            "mixed_steps": self.mixed_steps,
-            "peak_batch": self.peak_batch,
+            "running": sum(everyone or r.owner == owner for r in running),
+            "waiting": sum(everyone or r.owner == owner for r in waiting),
+            **counters,
             "max_batch_size": self.max_batch,
             "max_loaded_adapters": self.pool.capacity,
             "loaded": self.pool.lru_order(),
@@ -125,7 +136,7 @@ class BaseScheduler:
             except Exception as exc:  # never let the thread die: fail what was running
                 logger.exception("inference step failed on %s", self.name)
                 for row in self.rows:
-                    row.request.events.put(exc)
+                    row.request.put(exc)
                 self.rows, self._plan = [], None
                 self.kv.keep([])
 
@@ -167,7 +178,7 @@ class BaseScheduler:
         ref = request.adapter
         if ref is not None:
             if ref.id in self.deleted:
-                request.events.put(_gone(ref.id))
+                request.put(_gone(ref.id))
                 return
             hit = self.pool.ready(ref)
             self.pool.touch(ref, hit=hit)
@@ -202,22 +213,20 @@ class BaseScheduler:
     def _fail_waiting(self, adapter_id: str, error: Exception) -> None:
         for request in [r for r in self.waiting if r.key == adapter_id]:
             self.waiting.remove(request)
-            request.events.put(error)
+            request.put(error)
 
     # -- admission: prefill new requests, then join the batch --------------------------
     def _admit(self) -> None:
-        room = self.max_batch - len(self.rows)
-        chosen: list[Request] = []
-        for request in list(self.waiting):
-            if len(chosen) >= room:
-                break
-            if request.cancelled:
-                self.waiting.remove(request)
-            elif request.adapter is None or self.pool.ready(request.adapter):
-                self.waiting.remove(request)
-                chosen.append(request)
-            elif request.key not in self.pool.loading:  # evicted while it waited
-                self.pool.load(request.adapter)
+        # Organizations take turns into the batch's room, none past its share (fairness.py).
+        chosen, self._last_owner = choose_fairly(
+            self._startable_by_owner(),
+            Counter(row.request.owner for row in self.rows),
+            room=self.max_batch - len(self.rows),
+            per_owner=self.rows_per_owner,
+            last_owner=self._last_owner,
+        )
+        for request in chosen:
+            self.waiting.remove(request)
         # Same-length prompts prefill together: one forward, no padding, so every row is
         # computed exactly as it would be alone.
         by_length: dict[int, list[Request]] = {}
@@ -230,7 +239,7 @@ class BaseScheduler:
             except Exception as exc:  # these requests only
                 logger.exception("prefill failed on %s", self.name)
                 for request in group:
-                    request.events.put(exc)
+                    request.put(exc)
                 continue
             for index, row in live:
                 joined.append(row)
@@ -240,9 +249,21 @@ class BaseScheduler:
                 self.kv.join(caches)
             except Exception as exc:  # e.g. out of memory: these rows never started
                 for row in joined:
-                    row.request.events.put(exc)
+                    row.request.put(exc)
                 raise
             self.rows.extend(joined)
+
+    def _startable_by_owner(self) -> dict[Hashable, deque[Request]]:
+        """Waiting requests that can start now, per owner, in arrival order."""
+        ready: dict[Hashable, deque[Request]] = {}
+        for request in list(self.waiting):
+            if request.cancelled:
+                self.waiting.remove(request)
+            elif request.adapter is None or self.pool.ready(request.adapter):
+                ready.setdefault(request.owner, deque()).append(request)
+            elif request.key not in self.pool.loading:  # evicted while it waited
+                self.pool.load(request.adapter)
+        return ready
 
     def _prefill(self, group: list[Request]) -> tuple[list[tuple[int, _Row]], Any]:
         """Prefill same-length prompts; (index in the group, row) of those not yet done."""
@@ -277,6 +298,7 @@ class BaseScheduler:
             self._plan = Plan(keys)
         self.peak_batch = max(self.peak_batch, len(keys))
         self.mixed_steps += len(set(keys)) > 1
+        self.per_owner.record((row.request.owner, row.request.key) for row in self.rows)
         self.state.plan = self._plan
         ids = torch.tensor([[row.last] for row in self.rows], dtype=torch.long, device=self.device)
         with torch.inference_mode():
@@ -332,7 +354,7 @@ class BaseScheduler:
             piece += tracker.finish("length")
         done = tracker.finish_reason is not None
         if piece or done:  # the last delta always carries the finish reason
-            request.events.put(Delta(piece, row.pending, tracker.finish_reason if done else None))
+            request.put(Delta(piece, row.pending, tracker.finish_reason if done else None))
             row.pending = []
         if done:
             self._complete(row)
@@ -343,7 +365,7 @@ class BaseScheduler:
         prompt = len(request.input_ids)
         if request.adapter is not None:
             self.pool.finished(request.adapter, prompt, row.produced)
-        request.events.put(
+        request.put(
             Generation(
                 row.tracker.text,
                 row.tracker.finish_reason or "length",
@@ -369,14 +391,3 @@ def _gone(adapter_id: str) -> NotFound:
     return NotFound(
         f"The model '{adapter_id}' does not exist", param="model", code="model_not_found"
     )
-
-
-def _forward_options(model: Any) -> tuple[str, dict[str, Any]]:
-    """The KV-cache argument's name (transformers 5 renamed `past_key_values` to `cache`)
-    and `logits_to_keep=1` where supported (skips the prompt-long logits at prefill)."""
-    try:
-        names = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        names = {}
-    cache_arg = "cache" if "cache" in names else "past_key_values"
-    return cache_arg, ({"logits_to_keep": 1} if "logits_to_keep" in names else {})

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -112,3 +113,26 @@ def tail_logs(logs: Path, lines: int = 40) -> str:
         f"--- {log.name}\n" + "\n".join(log.read_text().splitlines()[-lines:])
         for log in sorted(logs.glob("*.log"))
     )
+
+
+@contextmanager
+def serving(app: object) -> Iterator[str]:
+    """Real uvicorn on 127.0.0.1, in a thread of this process (so monkeypatches apply)."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=free_port(), log_level="warning", timeout_graceful_shutdown=5
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

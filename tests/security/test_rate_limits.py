@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app import jobs, migrate
 from app.api.rate_limit import TokenBuckets
+from app.config import get_settings
+from app.main import create_app
+from tests.api.conftest import api_key
 from tests.api.test_files import jsonl, upload
 from tests.api.test_jobs import job_count
-from tests.conftest import chat_rows
+from tests.conftest import chat_rows, make_settings
 
 
 class FrozenClock:
@@ -59,3 +69,43 @@ def test_active_job_quota_is_per_organization(client, other_client, settings):  
     assert other.status_code == 200
     client.post(f"/v1/fine_tuning/jobs/{first[0].json()['id']}/cancel")
     assert client.post("/v1/fine_tuning/jobs", json=body).status_code == 200  # a slot freed
+
+
+def quota_race(settings, monkeypatch) -> list[int]:  # type: ignore[no-untyped-def]
+    """20 concurrent creates of one organization against a quota of 5; their statuses."""
+    settings.max_active_jobs, settings.rate_limit_per_second = 5, 0
+    real_create = jobs.create_job
+
+    def slow_create(*args, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(0.05)  # widen the window between the count and the insert, as load does
+        return real_create(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "create_job", slow_create)
+    app = create_app(settings)
+    app.dependency_overrides[get_settings] = lambda: settings
+    with TestClient(app) as client:
+        client.headers["Authorization"] = f"Bearer {api_key(settings, 'acme')}"
+        file_id = upload(client, jsonl(chat_rows(5))).json()["id"]
+        body = {"model": "tiny", "training_file": file_id}
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(
+                pool.map(lambda _: client.post("/v1/fine_tuning/jobs", json=body), range(20))
+            )
+    return sorted(r.status_code for r in answers)
+
+
+@pytest.mark.usefixtures("enqueued")  # no broker
+def test_active_job_quota_holds_under_concurrency_sqlite(settings, monkeypatch):  # type: ignore[no-untyped-def]
+    assert quota_race(settings, monkeypatch) == [200] * 5 + [429] * 15
+    assert job_count(settings) == 5
+
+
+@pytest.mark.postgres
+@pytest.mark.usefixtures("enqueued")
+def test_active_job_quota_holds_under_concurrency_postgres(  # type: ignore[no-untyped-def]
+    tmp_path, tiny_model_dir, pg_database_url, monkeypatch
+):
+    settings = make_settings(tmp_path / "pg", tiny_model_dir, database_url=pg_database_url)
+    migrate.upgrade(settings)
+    assert quota_race(settings, monkeypatch) == [200] * 5 + [429] * 15
+    assert job_count(settings) == 5

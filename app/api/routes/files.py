@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app import files
@@ -12,6 +13,7 @@ from app.api.multipart import UPLOAD_OPENAPI, Upload, receive_upload
 from app.api.views import file_view
 from app.config import Settings
 from app.db.models import Organization
+from app.db.session import session_scope
 from app.schemas.common import Deleted, Id, ListPage
 from app.schemas.files import FileRead
 from app.storage import ArtifactStore
@@ -23,26 +25,34 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 async def upload_file(
     request: Request,
     org: OrgDep,
-    session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
     idempotency_key: IdempotencyHeader = None,
 ) -> FileRead:
-    """Stream the body into a capped spool (413 past the cap), then validate and store."""
+    """Stream the body into a capped spool (413 past the cap), then validate and store.
+
+    The database session opens only once the whole body is here (`_store`): a client that
+    sends slowly holds no connection (and is dropped by app/api/limits.py).
+    """
     idempotency.check_key(idempotency_key)
     with store.temp_dir() as tmp:
         upload = await receive_upload(
             request, tmp / "upload.jsonl", max_bytes=settings.max_upload_bytes
         )
-        return await run_in_threadpool(
-            _store, upload, org, session, store, settings, idempotency_key
-        )
+        return await run_in_threadpool(_store, upload, org, store, settings, idempotency_key)
 
 
 def _store(
+    upload: Upload, org: Organization, store: ArtifactStore, settings: Settings, key: str | None
+) -> FileRead:
+    with session_scope(settings.sqlalchemy_url) as session:
+        return _store_in(session, upload, org, store, settings, key)
+
+
+def _store_in(
+    session: Session,
     upload: Upload,
     org: Organization,
-    session: SessionDep,
     store: ArtifactStore,
     settings: Settings,
     key: str | None,

@@ -4,22 +4,31 @@ The route resolves `model` in the caller's organization, submits to the engine (
 is refused right there, before any response starts), then either waits for the whole
 completion or streams chunks. A stream starts only once the first piece exists, so an
 adapter that fails to load is still a plain JSON error, never a broken stream.
+
+Inference never holds a thread of the pool that control routes (files, jobs, /health,
+authentication) share: resolving and tokenizing run on inference's own threads, and the
+route then waits for the scheduler on the event loop (`Request.next_event`), so a thousand
+open streams cost no threads at all. A stream re-checks its API key every
+`stream_key_check_seconds` and ends with an error event once the key is revoked.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter
+import anyio
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
 
-from app import base_models, registry
-from app.api.deps import EngineDep, OrgDep, ReadSessionDep, SettingsDep, StoreDep
-from app.errors import without_server_paths
+from app import base_models, registry, tenancy
+from app.api.deps import EngineDep, OrgDep, SettingsDep, StoreDep
+from app.db.session import read_session_scope
+from app.errors import LoraforgeError, Unauthorized, without_server_paths
 from app.ids import new_id
 from app.schemas.inference import (
     AssistantMessage,
@@ -38,17 +47,38 @@ from app.schemas.inference import (
     usage_of,
 )
 
+if TYPE_CHECKING:
+    from app.inference.request import Request as Generation
+
+logger = logging.getLogger(__name__)
+
 router = APIRouter(prefix="/v1", tags=["inference"])
 SSE = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks"}}
 
 
-def _submit(body: SamplingParams, org, session, settings, store, engine, **inputs):  # type: ignore[no-untyped-def]
+INFERENCE_THREADS = 8  # threads that resolve, tokenize and hand requests to the engine
+
+
+def _limiter(http: Request) -> anyio.CapacityLimiter:
+    """Inference's own thread limit, apart from the pool that control routes use."""
+    limiter = getattr(http.app.state, "inference_limiter", None)
+    if limiter is None:  # created on the event loop, once per app
+        limiter = http.app.state.inference_limiter = anyio.CapacityLimiter(INFERENCE_THREADS)
+    return limiter
+
+
+async def _off_loop(http: Request, fn: Callable[..., Any], /, **kwargs: Any) -> Any:
+    return await anyio.to_thread.run_sync(functools.partial(fn, **kwargs), limiter=_limiter(http))
+
+
+def _submit(body: SamplingParams, org, settings, store, engine, **inputs) -> Generation:  # type: ignore[no-untyped-def]
     """Resolve the model in the caller's organization, then hand the request to the engine."""
     from app.inference import AdapterRef
 
-    target = registry.resolve_model(
-        session, organization=org, model_id=body.model, base_models=settings.base_models
-    )
+    with read_session_scope(settings.sqlalchemy_url) as session:  # closed before the model runs
+        target = registry.resolve_model(
+            session, organization=org, model_id=body.model, base_models=settings.base_models
+        )
     # 503 at once, naming the reason, rather than a load that fails (or retries the hub).
     base_models.require_loadable(settings.base_models, target.base_model)
     adapter = None
@@ -59,7 +89,6 @@ def _submit(body: SamplingParams, org, session, settings, store, engine, **input
             sha256=target.sha256,
             owner=org.id,
         )
-    session.close()  # release the connection while the model runs
     return engine.submit(
         base_model=target.base_model,
         adapter=adapter,
@@ -67,48 +96,87 @@ def _submit(body: SamplingParams, org, session, settings, store, engine, **input
         top_p=body.top_p,
         stop=body.stop_list(),
         seed=body.seed,
+        owner=org.id,
         **inputs,
     )
 
 
-def _sse(request, chunks: Callable[[Iterator], Iterator[BaseModel]]) -> StreamingResponse:  # type: ignore[no-untyped-def]
+async def _start(http: Request, body: SamplingParams, org, settings, store, engine, **inputs):  # type: ignore[no-untyped-def]
+    request = await _off_loop(
+        http, _submit, body=body, org=org, settings=settings, store=store, engine=engine, **inputs
+    )
+    request.attach()
+    return request
+
+
+def _key_active(url: str, key_sha256: str) -> bool:
+    with read_session_scope(url) as session:
+        return tenancy.key_is_active(session, key_sha256=key_sha256)
+
+
+async def _checked_deltas(http: Request, request: Generation, first, settings) -> AsyncIterator:  # type: ignore[no-untyped-def]
+    """The request's deltas; every `stream_key_check_seconds` the caller's key is looked up
+    again (a short read-only session) and a revoked key ends the stream."""
+    if first is not None:
+        yield first
+    interval = settings.stream_key_check_seconds
+    next_check = time.monotonic() + interval
+    while request.generation is None:
+        wait = max(0.0, next_check - time.monotonic()) if interval > 0 else None
+        delta = await request.next_event(wait)
+        if interval > 0 and time.monotonic() >= next_check:
+            key = http.state.key_sha256
+            if not await _off_loop(http, _key_active, url=settings.sqlalchemy_url, key_sha256=key):
+                raise Unauthorized("the API key of this stream was revoked")
+            next_check = time.monotonic() + interval
+        if delta is not None:
+            yield delta
+
+
+async def _sse(http: Request, request: Generation, settings, chunks: Callable) -> StreamingResponse:  # type: ignore[no-untyped-def]
     """SSE of `chunks(deltas)`, started only once the first delta (or the end) is there."""
-    deltas = request.deltas()
-    first = next(deltas, None)  # raises here (a JSON error) if the request failed to start
+    first = await request.next_event()  # raises here (a JSON error) if the request failed
 
-    def pieces() -> Iterator:
-        if first is not None:
-            yield first
-        yield from deltas
-
-    def events() -> Iterator[str]:
+    async def events() -> AsyncIterator[str]:
         try:
-            for chunk in chunks(pieces()):
+            async for chunk in chunks(_checked_deltas(http, request, first, settings)):
                 yield f"data: {chunk.model_dump_json(exclude_none=False)}\n\n"
             yield "data: [DONE]\n\n"
         except Exception as exc:  # mid-stream: report in the stream, the status is sent
-            message = without_server_paths(str(exc))
-            error = {"message": message, "type": "server_error", "param": None, "code": None}
-            yield f"data: {json.dumps({'error': error})}\n\n"
+            yield f"data: {json.dumps({'error': _stream_error(exc)})}\n\n"
         finally:
-            request.cancel()  # a client that went away frees its batch row
+            request.cancel()  # a client that went away (or a revoked key) frees its row
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+def _stream_error(exc: Exception) -> dict[str, Any]:
+    if isinstance(exc, LoraforgeError):
+        return {
+            "message": without_server_paths(exc.message),
+            "type": "invalid_request_error",
+            "param": exc.param,
+            "code": exc.code,
+        }
+    # Not the client's doing: the log keeps the details, the client gets no internals.
+    logger.error("stream failed mid-way", exc_info=exc)
+    message = "the server failed while generating this response; the server log has details"
+    return {"message": message, "type": "server_error", "param": None, "code": None}
+
+
 @router.post("/completions", response_model=CompletionResponse, responses=SSE)
-def create_completion(
+async def create_completion(
+    http: Request,
     body: CompletionRequest,
     org: OrgDep,
-    session: ReadSessionDep,
     settings: SettingsDep,
     store: StoreDep,
     engine: EngineDep,
 ) -> Any:
-    request = _submit(
+    request = await _start(
+        http,
         body,
         org,
-        session,
         settings,
         store,
         engine,
@@ -118,8 +186,10 @@ def create_completion(
     )
     head = {"id": new_id("cmpl"), "created": int(time.time()), "model": body.model}
     if body.stream:
-        return _sse(request, lambda deltas: _completion_chunks(head, request, deltas, body))
-    result = request.result()
+        return await _sse(
+            http, request, settings, lambda d: _completion_chunks(head, request, d, body)
+        )
+    result = await request.aresult()
     choice = CompletionChoice(
         text=result.text,
         finish_reason=result.finish_reason,
@@ -128,8 +198,8 @@ def create_completion(
     return CompletionResponse(**head, choices=[choice], usage=usage_of(result))
 
 
-def _completion_chunks(head, request, deltas, body) -> Iterator[CompletionResponse]:  # type: ignore[no-untyped-def]
-    for delta in deltas:
+async def _completion_chunks(head, request, deltas, body) -> AsyncIterator[CompletionResponse]:  # type: ignore[no-untyped-def]
+    async for delta in deltas:
         logprobs = completion_logprobs(delta.logprobs) if body.logprobs is not None else None
         choice = CompletionChoice(
             text=delta.text, finish_reason=delta.finish_reason, logprobs=logprobs
@@ -140,19 +210,19 @@ def _completion_chunks(head, request, deltas, body) -> Iterator[CompletionRespon
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=SSE)
-def create_chat_completion(
+async def create_chat_completion(
+    http: Request,
     body: ChatCompletionRequest,
     org: OrgDep,
-    session: ReadSessionDep,
     settings: SettingsDep,
     store: StoreDep,
     engine: EngineDep,
 ) -> Any:
     messages = [message.model_dump(exclude_none=True) for message in body.messages]
-    request = _submit(
+    request = await _start(
+        http,
         body,
         org,
-        session,
         settings,
         store,
         engine,
@@ -162,8 +232,8 @@ def create_chat_completion(
     )
     head = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": body.model}
     if body.stream:
-        return _sse(request, lambda deltas: _chat_chunks(head, request, deltas, body))
-    result = request.result()
+        return await _sse(http, request, settings, lambda d: _chat_chunks(head, request, d, body))
+    result = await request.aresult()
     choice = ChatChoice(
         message=AssistantMessage(content=result.text),
         finish_reason=result.finish_reason,
@@ -172,10 +242,10 @@ def create_chat_completion(
     return ChatCompletionResponse(**head, choices=[choice], usage=usage_of(result))
 
 
-def _chat_chunks(head, request, deltas, body) -> Iterator[ChatCompletionChunk]:  # type: ignore[no-untyped-def]
+async def _chat_chunks(head, request, deltas, body) -> AsyncIterator[ChatCompletionChunk]:  # type: ignore[no-untyped-def]
     role = ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))
     yield ChatCompletionChunk(**head, choices=[role])
-    for delta in deltas:
+    async for delta in deltas:
         choice = ChatChunkChoice(
             delta=ChatDelta(content=delta.text) if delta.text else ChatDelta(),
             finish_reason=delta.finish_reason,

@@ -1,0 +1,288 @@
+"""Hostile tenants (issue 14): replay the attacks against a running stack, measure the victim.
+
+Starts the real stack as a user does (`loraforge api` + `loraforge worker` as child processes,
+tests/e2e/stack.py) on loopback, on the embedded default or on PostgreSQL + Redis
+(`--postgres`), with two organizations: `attacker` and `victim`. First the quiet baseline, then
+each attack in turn: while it runs, the victim repeats its probes (`/health`, its files, a
+5-token completion) and waits for one small job to start. Printed last: per attack and probe,
+the victim's median latency as a ratio to the quiet baseline (target <= 2x), the victim's job
+wait as a ratio, and every HTTP 500 seen by anyone (target 0).
+
+    .venv/bin/python -m bench.abuse [--postgres] [--probes 10] [--only stalled-uploads,...]
+
+Every loop is bounded in count and in time; everything talks to 127.0.0.1 only. A scenario
+is a function `(Stack, Keys, stop: threading.Event) -> dict[str, int]` that attacks until
+`stop` is set and returns its own counts (statuses seen); add one to SCENARIOS (the worker
+side's attacks, cancel storms and job backlogs, fit the same shape: the victim's job wait
+is measured under every scenario).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from app.ml.tiny_model import build_tiny_model
+from bench.load_api import postgres_env
+from tests.conftest import chat_rows
+from tests.e2e.stack import Stack, cli, free_port, running, stack_env
+
+TIMEOUT = 60.0  # per victim request: a stalled service shows as a timeout, not a hang
+JOB_WAIT_LIMIT = 180.0
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+@dataclass
+class Keys:
+    attacker: str
+    victim: str
+    victim_file: str
+    attacker_file: str
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def upload(base_url: str, key: str) -> str:
+    data = "".join(json.dumps(row) + "\n" for row in chat_rows(8)).encode()
+    answer = httpx.post(
+        f"{base_url}/v1/files",
+        files={"file": ("t.jsonl", data)},
+        data={"purpose": "fine-tune"},
+        headers=auth(key),
+        timeout=TIMEOUT,
+    )
+    answer.raise_for_status()
+    return answer.json()["id"]
+
+
+# -- the victim's probes ------------------------------------------------------------------
+def probes(client: httpx.Client, keys: Keys) -> dict[str, Callable[[], httpx.Response]]:
+    completion = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0}
+    return {
+        "GET /health": lambda: client.get("/health"),
+        "GET /v1/files": lambda: client.get("/v1/files", headers=auth(keys.victim)),
+        "5-token completion": lambda: client.post(
+            "/v1/completions", json=completion, headers=auth(keys.victim)
+        ),
+    }
+
+
+def measure_victim(stack: Stack, keys: Keys, rounds: int) -> tuple[dict[str, float], Counter]:
+    """Median seconds per probe over `rounds` rounds, and the statuses the victim got."""
+    samples: dict[str, list[float]] = {}
+    statuses: Counter = Counter()
+    with httpx.Client(base_url=stack.base_url, timeout=TIMEOUT) as client:
+        for _ in range(rounds):
+            for name, probe in probes(client, keys).items():
+                start = time.perf_counter()
+                try:
+                    statuses[probe().status_code] += 1
+                except httpx.HTTPError as exc:
+                    statuses[type(exc).__name__] += 1
+                samples.setdefault(name, []).append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}, statuses
+
+
+def job_wait(stack: Stack, keys: Keys) -> float | None:
+    """Seconds from creating a small victim job until it leaves `queued` (then cancelled)."""
+    body = {"model": "tiny", "training_file": keys.victim_file, "hyperparameters": {"n_epochs": 1}}
+    with httpx.Client(base_url=stack.base_url, timeout=TIMEOUT, headers=auth(keys.victim)) as c:
+        created = c.post("/v1/fine_tuning/jobs", json=body)
+        if created.status_code not in (200, 202):
+            return None
+        job_id, start = created.json()["id"], time.perf_counter()
+        waited = None
+        while time.perf_counter() < start + JOB_WAIT_LIMIT:
+            if c.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] != "queued":
+                waited = time.perf_counter() - start
+                break
+            time.sleep(0.2)
+        c.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+        # the next scenario starts with an idle worker: wait until this job has ended
+        while time.perf_counter() < start + 2 * JOB_WAIT_LIMIT:
+            if c.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] in TERMINAL:
+                break
+            time.sleep(0.2)
+    return waited
+
+
+# -- the attacks ----------------------------------------------------------------------------
+def stalled_uploads(stack: Stack, keys: Keys, stop: threading.Event, count: int = 35) -> dict:
+    """Finding 1: sockets that send an upload's headers and one line, then stall."""
+    host, port = stack.base_url.removeprefix("http://").split(":")
+    head = (
+        "POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {keys.attacker}\r\n"
+        "Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: 100000\r\n\r\n--xyz\r\n"
+    ).encode()
+    sockets = []
+    for _ in range(count):
+        sock = socket.create_connection((host, int(port)), timeout=5)
+        sock.sendall(head)
+        sockets.append(sock)
+    stop.wait(timeout=600)
+    counts: Counter = Counter()
+    for sock in sockets:
+        sock.settimeout(0.5)
+        try:
+            answer = sock.recv(64)
+            counts[f"answered {answer[9:12].decode() or 'nothing (closed)'}"] += 1
+        except OSError:
+            counts["still open"] += 1
+        sock.close()
+    return dict(counts)
+
+
+def huge_prompts(stack: Stack, keys: Keys, stop: threading.Event) -> dict:
+    """Finding 4: 10 MB chat messages (past the body cap) and 1.9 MB ones (under it)."""
+    statuses: Counter = Counter()
+    bodies = [  # encoded once: the attacker's own CPU should not be what slows the victim
+        json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "w" * size}]})
+        for size in (10_000_000, 1_900_000)
+    ]
+    headers = auth(keys.attacker) | {"Content-Type": "application/json"}
+
+    def attack(index: int) -> None:
+        with httpx.Client(base_url=stack.base_url, timeout=TIMEOUT) as client:
+            for _ in range(50):  # bounded
+                if stop.is_set():
+                    return
+                body = bodies[index % 2]
+                try:
+                    answer = client.post("/v1/chat/completions", content=body, headers=headers)
+                    statuses[answer.status_code] += 1
+                except httpx.HTTPError as exc:
+                    statuses[type(exc).__name__] += 1
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(attack, range(4)))
+    return dict(statuses)
+
+
+def open_streams(stack: Stack, keys: Keys, stop: threading.Event, count: int = 50) -> dict:
+    """Finding 5: 50 concurrent streams of one tenant, reopened as they end."""
+    statuses: Counter = Counter()
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 512, "stream": True}
+
+    def attack(_: int) -> None:
+        with httpx.Client(base_url=stack.base_url, timeout=TIMEOUT) as client:
+            for _ in range(200):  # bounded
+                if stop.is_set():
+                    return
+                try:
+                    with client.stream(
+                        "POST", "/v1/completions", json=body, headers=auth(keys.attacker)
+                    ) as answer:
+                        statuses[answer.status_code] += 1
+                        for _ in answer.iter_lines():
+                            if stop.is_set():
+                                break
+                    if answer.status_code == 429:
+                        time.sleep(float(answer.headers.get("Retry-After", "1")))
+                except httpx.HTTPError as exc:
+                    statuses[type(exc).__name__] += 1
+
+    with ThreadPoolExecutor(count) as pool:
+        list(pool.map(attack, range(count)))
+    return dict(statuses)
+
+
+SCENARIOS: dict[str, Callable[[Stack, Keys, threading.Event], dict]] = {
+    "stalled-uploads": stalled_uploads,
+    "huge-prompts": huge_prompts,
+    "open-streams": open_streams,
+}
+
+
+def quota_race(stack: Stack, keys: Keys, quota: int, creates: int = 40) -> dict:
+    """Finding 1 (quota): `creates` concurrent job creations against the active-job quota."""
+    body = {"model": "tiny", "training_file": keys.attacker_file}
+    with httpx.Client(base_url=stack.base_url, timeout=TIMEOUT, headers=auth(keys.attacker)) as c:
+        with ThreadPoolExecutor(creates) as pool:
+            answers = list(pool.map(lambda _: c.post("/v1/fine_tuning/jobs", json=body), range(40)))
+        for answer in answers:
+            if answer.status_code in (200, 202):
+                c.post(f"/v1/fine_tuning/jobs/{answer.json()['id']}/cancel")
+    counts = Counter(answer.status_code for answer in answers)
+    return {"statuses": dict(counts), "created": counts[200] + counts[202], "quota": quota}
+
+
+# -- the run ----------------------------------------------------------------------------------
+def run_scenario(stack: Stack, keys: Keys, attack, rounds: int):  # type: ignore[no-untyped-def]
+    stop, result = threading.Event(), {}
+    thread = threading.Thread(target=lambda: result.update(attack(stack, keys, stop)))
+    thread.start()
+    time.sleep(2.0)  # let the attack build up before the victim measures
+    latencies, statuses = measure_victim(stack, keys, rounds)
+    waited = job_wait(stack, keys)
+    stop.set()
+    thread.join(timeout=120)
+    return latencies, statuses, waited, result
+
+
+def report(name: str, latencies, baseline, statuses, waited, base_wait, attacker) -> int:  # type: ignore[no-untyped-def]
+    errors = statuses.get(500, 0) + attacker.get(500, 0)
+    for probe, seconds in latencies.items():
+        ratio = seconds / baseline[probe]
+        mark = "ok" if ratio <= 2 else "OVER 2x"
+        print(f"  {name:18} {probe:20} {seconds * 1000:9.1f} ms  {ratio:6.2f}x  {mark}")
+    wait = "n/a" if waited is None or base_wait is None else f"{waited / base_wait:.2f}x"
+    print(f"  {name:18} {'job wait':20} {(waited or 0):9.2f} s   {wait}")
+    print(f"  {name:18} victim statuses {dict(statuses)}; attacker {attacker}; HTTP 500s: {errors}")
+    return errors
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--postgres", action="store_true")
+    parser.add_argument("--probes", type=int, default=10, help="victim rounds per scenario")
+    parser.add_argument("--only", default=",".join(SCENARIOS))
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="loraforge-abuse-"))
+    model = build_tiny_model(root / "model")
+    extra = postgres_env(f"loraforge_abuse_{uuid.uuid4().hex[:8]}") if args.postgres else {}
+    env = stack_env(root / "data", model, **extra)
+    cli(env, "db", "upgrade")
+    port = free_port()
+    with running([["api", "--port", str(port)], ["worker"]], env, root / "logs", port) as stack:
+        keys = Keys(stack.key("attacker"), stack.key("victim"), "", "")
+        keys.victim_file = upload(stack.base_url, keys.victim)
+        keys.attacker_file = upload(stack.base_url, keys.attacker)
+        measure_victim(stack, keys, 1)  # warm: the model loads on the first completion
+        print(f"backend {'postgresql+redis' if args.postgres else 'sqlite+filesystem'}; "
+              f"{args.probes} victim rounds per scenario")  # fmt: skip
+        baseline, statuses = measure_victim(stack, keys, args.probes)
+        base_wait = job_wait(stack, keys)
+        errors = report("quiet", baseline, baseline, statuses, base_wait, base_wait, {})
+        for name in args.only.split(","):
+            latencies, statuses, waited, attacker = run_scenario(
+                stack, keys, SCENARIOS[name], args.probes
+            )
+            errors += report(name, latencies, baseline, statuses, waited, base_wait, attacker)
+        race = quota_race(stack, keys, quota=16)
+        errors += race["statuses"].get(500, 0)
+        held = "ok" if race["created"] <= race["quota"] else "BROKEN"
+        print(f"  quota race: 40 concurrent creates, quota 16: {race['statuses']} -> {held}")
+        print(f"HTTP 500s in all: {errors}")
+
+
+if __name__ == "__main__":
+    main()
