@@ -138,6 +138,7 @@ def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -
     train, valid = _encode(inputs, tokenizer, model, config, progress)
     resume_from = _resume_point(inputs, progress)
     with store.temp_dir(owner=claim.job_id) as out:
+        progress.start()
         result = train_lora(
             model=model,
             tokenizer=tokenizer,

@@ -125,6 +125,9 @@ class JobRead(BaseModel):
     metadata: dict[str, str] | None
     estimated_finish: int | None = None
     integrations: list[Any] = []
+    # loraforge's own: optimizer steps done and planned, updated every step while it runs
+    steps_completed: int | None = None
+    steps_planned: int | None = None
 
 
 class EventRead(BaseModel):
