@@ -3,9 +3,9 @@
 Every step renews the lease and checks for cancellation (one conditional UPDATE,
 `job_runs.renew_lease`, which raises `RunAborted`) and, in that same statement, writes the
 job's progress: trained tokens, steps done and planned, and `estimated_finish` from the
-step rate observed since `start()`; every `metrics_every_steps` a `metrics` event. Every checkpoint is published atomically to
-`checkpoints/{job_id}/step-N`, recorded (callable as `ft:…:ckpt-step-N`), and the
-oldest beyond `checkpoint_retention` are pruned.
+step rate observed since `start()`; every `metrics_every_steps` a `metrics` event.
+Every checkpoint is published atomically to `checkpoints/{job_id}/step-N`, recorded
+(callable as `ft:…:ckpt-step-N`), and the oldest beyond `checkpoint_retention` are pruned.
 """
 
 from __future__ import annotations
