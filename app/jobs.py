@@ -50,6 +50,7 @@ def create_job(
     if parent is not None:
         resolved = hyperparameters.continue_from(resolved, parent.lora_config)
     hyperparameters.check_target_modules(base_models[base_model], resolved["lora_target_modules"])
+    hyperparameters.check_special_tokens(base_models[base_model], resolved["train_special_tokens"])
     job = Job(
         id=new_id("ftjob"),
         organization_id=organization.id,

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from app.ml.special_tokens import encode_rendered, escape
+from app.ml.special_tokens import encode_rendered, escape, special_token_ids
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -94,3 +94,20 @@ def _plain(tokenizer: Any, messages: list[dict[str, Any]]) -> list[dict[str, Any
     return [
         {"role": m["role"], "content": escape(tokenizer, m.get("content") or "")} for m in messages
     ]
+
+
+def template_token_ids(tokenizer: Any) -> list[int]:
+    """The special tokens a conversation in the chat template is made of, and EOS: what
+    `train_special_tokens: true` trains (a base may never have trained a template's tokens)."""
+    probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    ids: set[int] = set()
+    for messages in ([{"role": "system", "content": "s"}, *probe], probe):
+        try:  # some templates refuse a system message
+            segments = render_segments(tokenizer, messages)
+        except Exception:  # jinja2 TemplateError, or whatever the template raises
+            continue
+        ids.update(t for s in segments for t in encode_rendered(tokenizer, s.text))
+        ids.update(prompt_ids(tokenizer, messages[:-1]))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids & special_token_ids(tokenizer))

@@ -105,3 +105,15 @@ def _plain_run(tokenizer: Any, text: str, tokens: list[int]) -> list[int]:
 def _table(tokenizer: Any) -> list[str]:
     # Marker characters a user typed are escaped too, so unescaping gives back their text.
     return [*special_token_strings(tokenizer), _OPEN, _CLOSE]
+
+
+def token_ids_of(tokenizer: Any, strings: list[str]) -> tuple[list[int], list[str]]:
+    """(ids of the strings that are single tokens of the vocabulary, the strings that are not)."""
+    ids, unknown = [], []
+    vocab = tokenizer.get_vocab()
+    for string in strings:
+        if string in vocab:
+            ids.append(int(vocab[string]))
+        else:
+            unknown.append(string)
+    return sorted(set(ids)), unknown
