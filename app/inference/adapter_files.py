@@ -153,7 +153,7 @@ def _token_rows(
     saved = {}
     for key in [k for k in tensors if _TOKENS_KEY.match(k)]:
         saved[_TOKENS_KEY.match(key)["module"]] = tensors.pop(key)
-    if not isinstance(wanted, dict) or (saved and not wanted):
+    if not isinstance(wanted, dict) or not set(saved) <= set(wanted):
         # PEFT's short form (a list) leaves the layers tied to the embedding implicit;
         # the trainer writes every module by name (worker/training/loop.py `_token_rows`)
         raise _refused(ref, "trainable_token_indices must name each module with token rows")
