@@ -16,8 +16,10 @@ SentencePiece-style prefix space that may differ at the run's first token; only 
 that typed special-token strings gets there.) Added tokens that are not special (extra
 vocabulary) are matched as the tokenizer always matches them.
 
-`split_special_tokens` sets a flag on the shared backend tokenizer for the call: callers
-that share one tokenizer between threads serialise calls (the engine's tokenize lock).
+User text is encoded by a private copy of the backend tokenizer that always splits special
+tokens, never by flipping `split_special_tokens` on the shared one (transformers sets that
+flag on the backend for the call): a concurrent encode of a chat render could otherwise
+run with the flag of the other call, and user text could come out as control tokens.
 """
 
 from __future__ import annotations
@@ -68,8 +70,22 @@ def encode_plain(tokenizer: Any, text: str, *, add_special_tokens: bool) -> list
     `add_special_tokens` adds what the tokenizer's post-processor adds (a BOS), as usual.
     """
     return list(
-        tokenizer(text, add_special_tokens=add_special_tokens, split_special_tokens=True).input_ids
+        _splitting_backend(tokenizer).encode(text, add_special_tokens=add_special_tokens).ids
     )
+
+
+def _splitting_backend(tokenizer: Any) -> Any:
+    """The tokenizer's backend, copied once, with special tokens always split."""
+    backend = tokenizer.__dict__.get("_loraforge_splitting_backend")
+    if backend is None:  # two threads may both build one: the same copy, harmless
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        backend.encode_special_tokens = True
+        backend.no_truncation()
+        backend.no_padding()
+        tokenizer.__dict__["_loraforge_splitting_backend"] = backend
+    return backend
 
 
 def encode_rendered(tokenizer: Any, rendered: str) -> list[int]:
