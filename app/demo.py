@@ -115,7 +115,7 @@ def _fine_tune_and_ask(client) -> None:  # type: ignore[no-untyped-def]
             last_seen = event.id
             if not event.message.startswith("Checkpoint created"):  # one per epoch: too many
                 _say(f"  event: {event.message}")
-        if fresh and job.status == "running":
+        if fresh and job.status == "running" and getattr(job, "steps_completed", None):
             _say(f"  progress: {_progress(job)}")
     if job.status != "succeeded":
         raise SystemExit(f"[demo] job ended {job.status}: {job.error}")

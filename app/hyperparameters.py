@@ -76,6 +76,7 @@ def resolve(
 def continue_from(resolved: dict[str, Any], parent_lora_config: dict[str, Any]) -> dict[str, Any]:
     """A continued job keeps the LoRA shape of the adapter it starts from."""
     shape = {key: parent_lora_config[key] for key in LORA_SHAPE_KEYS if key in parent_lora_config}
+    shape.setdefault("train_special_tokens", False)  # an adapter from before it had no rows
     return resolved | shape
 
 

@@ -43,6 +43,11 @@ def test_continue_from_keeps_the_parent_lora_shape() -> None:
     merged = continue_from(resolved, parent)
     assert merged["lora_r"] == 16 and merged["lora_target_modules"] == ["q_proj"]
     assert merged["n_epochs"] == resolved["n_epochs"]  # training knobs stay the new job's
+    # PEFT continues the parent's token rows (or none): what the new job asks is not what runs
+    asks = resolve(Hyperparameters(train_special_tokens=True), n_examples=10, seed=1)
+    assert continue_from(asks, parent)["train_special_tokens"] is False
+    parent["train_special_tokens"] = ["<|user|>"]
+    assert continue_from(resolved, parent)["train_special_tokens"] == ["<|user|>"]
 
 
 @pytest.mark.parametrize(
