@@ -81,3 +81,69 @@ def test_token_rows_that_do_not_fit_are_refused(base, adapter_dir, indices) -> N
     edit_config(adapter_dir, trainable_token_indices=indices)
     with pytest.raises(AdapterIntegrityError, match="token"):
         read(base, adapter_dir)
+
+
+def test_a_tied_output_layer_is_served_with_the_embedding_rows(tmp_path: Path) -> None:
+    """With tied embeddings PEFT saves the embedding's rows only; the output layer uses them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from app.inference import InferenceEngine
+    from app.ml.loading import load_tokenizer
+    from app.ml.tiny_model import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokens = tokenizer.convert_tokens_to_ids(list("helxyz"))  # plain characters: visible text
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(
+        load_base_model(tmp_path / "base", device="cpu"),
+        peft.LoraConfig(
+            r=4,
+            target_modules=["q_proj"],
+            trainable_token_indices={"model.embed_tokens": tokens, "lm_head": tokens},
+        ),
+    )
+    with torch.no_grad():  # rows far from the base's, as a trained adapter's could be
+        for name, parameter in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                parameter.copy_(torch.randn_like(parameter))
+    save_adapter(model, tmp_path / "adapter")
+    saved = [k for k in load_file_keys(tmp_path / "adapter") if "token_adapter" in k]
+    assert saved == ["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+
+    ids = torch.tensor([tokenizer("hello").input_ids])
+
+    def generate(m) -> list[int]:  # type: ignore[no-untyped-def]
+        out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                         do_sample=False, eos_token_id=-1, pad_token_id=0)  # fmt: skip
+        return out[0, ids.shape[1] :].tolist()
+
+    base = load_base_model(tmp_path / "base", device="cpu")
+    expected = generate(peft.PeftModel.from_pretrained(base, tmp_path / "adapter"))
+    assert expected != generate(load_base_model(tmp_path / "base", device="cpu"))
+    engine = InferenceEngine(base_models={"t": str(tmp_path / "base")}, device="cpu")
+    try:
+        ref = AdapterRef(
+            "ft:t:o:s:ftjob-2",
+            tmp_path / "adapter",
+            file_sha256(tmp_path / "adapter" / ADAPTER_WEIGHTS),
+        )
+        got = engine.generate(
+            base_model="t", adapter=ref, prompt="hello", max_tokens=10, temperature=0
+        )
+    finally:
+        engine.close()
+    assert got.text == load_tokenizer(tmp_path / "base").decode(expected, skip_special_tokens=True)
+
+
+def load_file_keys(folder: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(folder / ADAPTER_WEIGHTS, "pt") as handle:
+        return list(handle.keys())
