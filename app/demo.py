@@ -110,15 +110,17 @@ def _fine_tune_and_ask(client) -> None:  # type: ignore[no-untyped-def]
         hyperparameters=TINY_MODEL_HYPERPARAMETERS,
     )
     _say(f"created {job.id}: {job.hyperparameters.model_dump()}")
-    seen: set[str] = set()
+    last_seen = None
     while job.status not in ("succeeded", "failed", "cancelled"):
         time.sleep(1)
-        job = client.fine_tuning.jobs.retrieve(job.id)
-        for event in reversed(client.fine_tuning.jobs.list_events(job.id, limit=20).data):
-            if event.id not in seen:
-                seen.add(event.id)
-                if not event.message.startswith("Checkpoint created"):  # one per epoch: too many
-                    _say(f"  event: {event.message}")
+        job = client.fine_tuning.jobs.retrieve(job.id)  # first: the events below reach its state
+        fresh = new_events(client, job.id, last_seen)
+        for event in fresh:
+            last_seen = event.id
+            if not event.message.startswith("Checkpoint created"):  # one per epoch: too many
+                _say(f"  event: {event.message}")
+        if fresh and job.status == "running" and getattr(job, "steps_completed", None):
+            _say(f"  progress: {_progress(job)}")
     if job.status != "succeeded":
         raise SystemExit(f"[demo] job ended {job.status}: {job.error}")
     _say(f"fine-tuned model: {job.fine_tuned_model}")
@@ -132,6 +134,30 @@ def _fine_tune_and_ask(client) -> None:  # type: ignore[no-untyped-def]
         )
         _say(f"{model} answers {question!r} with {reply.choices[0].message.content!r}")
     _say(f"(trained answer: {expected!r})")
+
+
+def new_events(client, job_id: str, last_seen: str | None, *, page_size: int = 20) -> list:  # type: ignore[no-untyped-def]
+    """The job's events after `last_seen` (None: all of them), oldest first.
+
+    Events list newest first; the SDK's iteration pages back with `after` (the last id of
+    each page) until we reach the event seen last, so none is skipped however many came.
+    """
+    fresh = []
+    for event in client.fine_tuning.jobs.list_events(job_id, limit=page_size):
+        if event.id == last_seen:
+            break
+        fresh.append(event)
+    return fresh[::-1]
+
+
+def _progress(job) -> str:  # type: ignore[no-untyped-def]
+    """The job's progress fields (steps_* are loraforge's own; the SDK keeps extra fields)."""
+    finish = job.estimated_finish
+    return (
+        f"step {getattr(job, 'steps_completed', None)}/{getattr(job, 'steps_planned', None)}, "
+        f"{job.trained_tokens} tokens trained, estimated finish "
+        + ("unknown" if finish is None else time.strftime("%H:%M:%S", time.localtime(finish)))
+    )
 
 
 def _wait_for_health(base_url: str, process: subprocess.Popen, log: Path) -> None:

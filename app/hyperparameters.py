@@ -19,7 +19,14 @@ from app.schemas.jobs import Hyperparameters
 
 BASE_LEARNING_RATE = 2e-4  # a common LoRA default (PEFT / Axolotl examples)
 # Keys a continued job takes from the adapter it continues: the LoRA shape must match.
-LORA_SHAPE_KEYS = ("lora_r", "lora_alpha", "lora_target_modules", "use_rslora", "use_dora")
+LORA_SHAPE_KEYS = (
+    "lora_r",
+    "lora_alpha",
+    "lora_target_modules",
+    "use_rslora",
+    "use_dora",
+    "train_special_tokens",
+)
 
 
 def resolve(
@@ -71,6 +78,7 @@ def resolve(
 def continue_from(resolved: dict[str, Any], parent_lora_config: dict[str, Any]) -> dict[str, Any]:
     """A continued job keeps the LoRA shape of the adapter it starts from."""
     shape = {key: parent_lora_config[key] for key in LORA_SHAPE_KEYS if key in parent_lora_config}
+    shape.setdefault("train_special_tokens", False)  # an adapter from before it had no rows
     return resolved | shape
 
 
@@ -94,6 +102,34 @@ def check_target_modules(model_ref: str, target_modules: str | list[str]) -> Non
             param="hyperparameters.lora_target_modules",
             code="invalid_lora_target_modules",
         )
+
+
+def check_special_tokens(model_ref: str, tokens: bool | list[str]) -> None:
+    """Refuse listed `train_special_tokens` that are not one token of the base's vocabulary.
+
+    Read from a local model's `tokenizer.json`; otherwise the worker checks when the job
+    starts (the job then fails naming the param)."""
+    if not isinstance(tokens, list):
+        return
+    vocab = _tokenizer_vocab(Path(model_ref) / "tokenizer.json")
+    unknown = [t for t in tokens if vocab is not None and t not in vocab]
+    if unknown:
+        raise InvalidRequest(
+            f"train_special_tokens {unknown} are not tokens of the base model's vocabulary",
+            param="hyperparameters.train_special_tokens",
+            code="invalid_train_special_tokens",
+        )
+
+
+def _tokenizer_vocab(path: Path) -> set[str] | None:
+    """Token strings of a `tokenizers` file: the model's vocabulary and the added tokens."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    vocab = (data.get("model") or {}).get("vocab") or {}
+    # BPE / WordPiece / WordLevel map token -> id; Unigram lists [token, score] pairs
+    names = set(vocab) if isinstance(vocab, dict) else {entry[0] for entry in vocab}
+    return names | {added["content"] for added in data.get("added_tokens") or []}
 
 
 def linear_module_names(model_dir: Path) -> set[str] | None:

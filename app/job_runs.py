@@ -137,12 +137,18 @@ def _next_candidate(now: Any, max_attempts: int, cap: int) -> Any:
     return query.where(per_org.c.running < cap) if cap > 0 else query
 
 
-def renew_lease(session: Session, *, claim: Claim, lease_seconds: int) -> None:
-    """Heartbeat and cancel check in one statement; raises RunAborted when the run must stop."""
+def renew_lease(
+    session: Session, *, claim: Claim, lease_seconds: int, progress: dict[str, Any] | None = None
+) -> None:
+    """Heartbeat and cancel check in one statement; raises RunAborted when the run must stop.
+
+    `progress`: job columns the same fenced statement writes (trained_tokens,
+    estimated_finish, steps_completed, steps_planned), so progress is never a stale
+    attempt's."""
     renewed = session.execute(
         update(Job)
         .where(*_owned(claim), Job.cancel_requested.is_(False))
-        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds), **(progress or {}))
     ).rowcount
     if renewed != 1:
         still_ours = session.scalar(select(Job.id).where(*_owned(claim)))

@@ -66,6 +66,7 @@ def create_job(
         model_ref=base_models[base_model],
         limits=limits or WorkLimits(),
     )
+    hyperparameters.check_special_tokens(base_models[base_model], resolved["train_special_tokens"])
     job = Job(
         id=new_id("ftjob"),
         organization_id=organization.id,

@@ -1,22 +1,27 @@
 """The training loop's callbacks, wired to the database and the artifact store.
 
 Every step renews the lease and checks for cancellation (one conditional UPDATE,
-`job_runs.renew_lease`, which raises `RunAborted`); every micro-batch checks them with a
-read (`job_runs.check_run`), so a long gradient accumulation stops at the next
-micro-batch, not at the end of its step; every `metrics_every_steps` a
-`metrics` event. Every checkpoint is published atomically to
-`checkpoints/{job_id}/step-N`, recorded (callable as `ft:…:ckpt-step-N`), and the
-oldest beyond `checkpoint_retention` are pruned (their rows say so; files go after commit).
+`job_runs.renew_lease`, which raises `RunAborted`) and, in that same statement, writes the
+job's progress: trained tokens, steps done and planned, and `estimated_finish` from the
+step rate observed since `start()`. Every micro-batch checks cancel and lease with a read
+(`job_runs.check_run`), so a long gradient accumulation stops at the next micro-batch, not
+at the end of its step; every `metrics_every_steps` a `metrics` event. Every checkpoint is
+published atomically to `checkpoints/{job_id}/step-N`, recorded (callable as
+`ft:…:ckpt-step-N`), and the oldest beyond `checkpoint_retention` are pruned (their rows say
+so; files go after commit).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import time
+from datetime import timedelta
 from typing import Any
 
 from app import job_runs
 from app.config import Settings
+from app.db.base import utcnow
 from app.db.session import read_session_scope, session_scope
 from app.job_runs import Claim
 from app.jobs import add_event
@@ -32,6 +37,12 @@ class Progress:
 
     def __init__(self, claim: Claim, settings: Settings, store: ArtifactStore):
         self.claim, self.settings, self.store = claim, settings, store
+        self._started = time.monotonic()
+        self._first_step: int | None = None  # the step this attempt started from (resume)
+
+    def start(self) -> None:
+        """Training begins now (the model is loaded): the step rate is measured from here."""
+        self._started = time.monotonic()
 
     def event(self, message: str, *, level: str = "info", data: dict | None = None) -> None:
         """An event in its own transaction, renewing the lease (raises when the run must stop)."""
@@ -67,7 +78,10 @@ class Progress:
     def on_step(self, report: Any) -> None:
         with session_scope(self.settings.sqlalchemy_url) as session:
             job_runs.renew_lease(
-                session, claim=self.claim, lease_seconds=self.settings.lease_seconds
+                session,
+                claim=self.claim,
+                lease_seconds=self.settings.lease_seconds,
+                progress=self._progress(report),
             )
             every = self.settings.metrics_every_steps
             if report.step % every == 0 or report.step == report.total_steps:
@@ -87,6 +101,20 @@ class Progress:
                         "tokens_per_second": report.tokens_per_second,
                     },
                 )
+
+    def _progress(self, report: Any) -> dict[str, Any]:
+        """The job's progress columns after this step."""
+        if self._first_step is None:
+            self._first_step = report.step - 1
+        done = report.step - self._first_step
+        seconds_per_step = (time.monotonic() - self._started) / done
+        return {
+            "trained_tokens": report.trained_tokens,
+            "steps_completed": report.step,
+            "steps_planned": report.total_steps,
+            "estimated_finish": utcnow()
+            + timedelta(seconds=seconds_per_step * (report.total_steps - report.step)),
+        }
 
     def on_checkpoint(self, report: Any) -> None:
         key = f"checkpoints/{self.claim.job_id}/step-{report.step}"

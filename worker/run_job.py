@@ -35,6 +35,7 @@ from worker.progress import Progress, metrics_csv
 logger = logging.getLogger(__name__)
 WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
 TARGET_MODULES_PARAM = "hyperparameters.lora_target_modules"
+SPECIAL_TOKENS_PARAM = "hyperparameters.train_special_tokens"
 
 
 class JobInputError(Exception):
@@ -142,11 +143,12 @@ def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -
     progress = Progress(claim, settings, store)
     tokenizer = load_tokenizer(inputs.base_model_ref)
     model = load_base_model(inputs.base_model_ref, device=settings.device)
-    config = _train_config(inputs, model, settings, progress)
+    config = _train_config(inputs, model, tokenizer, settings, progress)
     train, valid = _encode(inputs, tokenizer, model, config, progress)
     progress.announce_checkpoints(count_steps(len(train), config), config.n_checkpoints)
     resume_from = _resume_point(inputs, progress)
     with store.temp_dir(owner=claim.job_id) as out:
+        progress.start()
         result = train_lora(
             model=model,
             tokenizer=tokenizer,
@@ -182,7 +184,13 @@ def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -
                 size_bytes=(published / ADAPTER_WEIGHTS).stat().st_size,
                 trained_tokens=result.trained_tokens,
                 result_files=[csv_row.id],
-                applied={"packing": config.packing},  # what ran, not what was asked
+                applied={  # what ran, not what was asked
+                    "packing": config.packing,
+                    "train_special_tokens": tokenizer.convert_ids_to_tokens(
+                        list(config.trainable_token_ids)
+                    )
+                    or False,
+                },
             )
     except RunAborted:
         store.delete(key)  # cancelled (or taken over) at the last moment: publish nothing
@@ -191,7 +199,9 @@ def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -
         raise
 
 
-def _train_config(inputs: JobInputs, model: Any, settings: Settings, progress: Progress) -> Any:
+def _train_config(
+    inputs: JobInputs, model: Any, tokenizer: Any, settings: Settings, progress: Progress
+) -> Any:
     """The loop's config from the job's resolved hyperparameters, checked against the model."""
     from worker.training.loop import TrainConfig
     from worker.training.packing import packing_is_exact
@@ -231,7 +241,34 @@ def _train_config(inputs: JobInputs, model: Any, settings: Settings, progress: P
         eval_every_steps=settings.metrics_every_steps,
         # absent on jobs created before it existed: one per epoch, as they were written
         n_checkpoints=hp.get("n_checkpoints", hp["n_epochs"]),
+        trainable_token_ids=_trainable_tokens(tokenizer, hp.get("train_special_tokens"), progress),
     )
+
+
+def _trainable_tokens(tokenizer: Any, wanted: bool | list[str] | None, progress: Progress) -> tuple:
+    """Token ids whose embedding rows train: the chat template's special tokens (true) or
+    the listed ones, each of which must be one token of the base's vocabulary."""
+    from app.ml.chat import template_token_ids
+    from app.ml.special_tokens import token_ids_of
+
+    if not wanted:
+        return ()
+    if wanted is True:
+        ids = template_token_ids(tokenizer)
+    else:
+        ids, unknown = token_ids_of(tokenizer, wanted)
+        if unknown:
+            raise JobInputError(
+                f"train_special_tokens {unknown} are not tokens of the base model's vocabulary",
+                code="invalid_train_special_tokens",
+                param=SPECIAL_TOKENS_PARAM,
+            )
+    names = tokenizer.convert_ids_to_tokens(ids)
+    progress.event(
+        f"Training the embeddings of {len(ids)} tokens: {', '.join(names)}",
+        data={"train_special_tokens": names},
+    )
+    return tuple(ids)
 
 
 def _check_target_modules(model: Any, targets: str | list[str]) -> None:

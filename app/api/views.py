@@ -40,6 +40,10 @@ def job_view(job: Job) -> JobRead:
         hyperparameters=job.hyperparameters,
         method={"type": "supervised", "supervised": {"hyperparameters": job.hyperparameters}},
         trained_tokens=job.trained_tokens,
+        # OpenAI: null unless the job is running (a re-queued attempt's estimate is stale)
+        estimated_finish=epoch(job.estimated_finish) if job.status == "running" else None,
+        steps_completed=job.steps_completed,
+        steps_planned=job.steps_planned,
         error=JobError(**job.error) if job.error else None,
         seed=job.seed,
         suffix=job.suffix,

@@ -63,6 +63,10 @@ class Job(Base):
     status: Mapped[str] = mapped_column(String(20), index=True)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(255))
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    # Progress of the running attempt, written with its lease renewal (worker/progress.py).
+    estimated_finish: Mapped[datetime | None]
+    steps_completed: Mapped[int | None] = mapped_column(Integer)
+    steps_planned: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     result_files: Mapped[list[str]] = mapped_column(JSON, default=list)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -1,10 +1,12 @@
 """Reading one adapter from the artifact store into LoRA factors, checked on the way.
 
 The weights file is read once: its bytes are hashed (the registry's sha256 must match) and
-parsed from memory with safetensors, so what is checked is what is loaded. Only plain LoRA
-on linear layers is batched; every other PEFT feature is refused by name rather than being
-silently served wrong (`batch_refusal` sends such adapters to the PEFT fallback, which reads
-them with `read_peft_adapter`). Runs on the loader thread: no model state is touched here.
+parsed from memory with safetensors, so what is checked is what is loaded. Plain LoRA on
+linear layers is batched, with PEFT's trainable tokens (`trainable_token_indices`: trained
+rows of the input embedding and output layer, `train_special_tokens`); every other PEFT
+feature is refused by name rather than being silently served wrong (`batch_refusal` sends
+such adapters to the PEFT fallback, which reads them with `read_peft_adapter`). Runs on the
+loader thread: no model state is touched here.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +31,15 @@ _PEFT_KEY = re.compile(
     r"^base_model\.model\.(?P<module>.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A"
     r"|lora_embedding_B|lora_magnitude_vector|trainable_tokens_delta)$"
 )
+_TOKENS_KEY = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\.token_adapter\.trainable_tokens_delta$"
+)
 # Config switches that change the math; served only at their plain-LoRA value.
 _PLAIN = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "bias": "none"}
 _ABSENT = (
     "modules_to_save",
     "layer_replication",
     "target_parameters",
-    "trainable_token_indices",
     "alora_invocation_tokens",
 )
 
@@ -47,6 +51,7 @@ class AdapterWeights:
     ref: AdapterRef
     modules: dict[str, tuple[Any, Any, float]]
     nbytes: int
+    tokens: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # module: (ids, rows)
 
     @property
     def rank(self) -> int:
@@ -54,9 +59,17 @@ class AdapterWeights:
 
 
 def read_adapter(
-    ref: AdapterRef, *, shapes: dict[str, tuple[int, int]], dtype: Any, device: Any
+    ref: AdapterRef,
+    *,
+    shapes: dict[str, tuple[int, int]],
+    dtype: Any,
+    device: Any,
+    token_shapes: dict[str, tuple[int, int]] | None = None,
 ) -> AdapterWeights:
-    """Verify `ref` against the registry and the base model; return its factors."""
+    """Verify `ref` against the registry and the base model; return its factors.
+
+    `token_shapes`: (vocabulary, width) of the modules whose token rows an adapter may
+    train (the base's input embedding and output layer)."""
     from safetensors.torch import load as load_safetensors
 
     folder = Path(ref.path)
@@ -66,13 +79,21 @@ def read_adapter(
         tensors = load_safetensors(data)
     except Exception as exc:  # a corrupt file that still matched its hash at publish time
         raise _refused(ref, f"{ADAPTER_WEIGHTS} is not a safetensors file ({exc})") from exc
+    tokens = _token_rows(ref, tensors, config, token_shapes or {})
     modules = _factors(ref, tensors, config, shapes)
+    if set(tokens) & set(modules):
+        raise _refused(ref, f"{sorted(set(tokens) & set(modules))} has LoRA factors and token rows")
     moved = {
         name: (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype), scale)
         for name, (a, b, scale) in modules.items()
     }
+    rows = {
+        name: (ids.to(device=device), values.to(device=device, dtype=dtype))
+        for name, (ids, values) in tokens.items()
+    }
     nbytes = sum(a.nbytes + b.nbytes for a, b, _ in moved.values())
-    return AdapterWeights(ref, moved, nbytes)
+    nbytes += sum(values.nbytes for _, values in rows.values())
+    return AdapterWeights(ref, moved, nbytes, rows)
 
 
 def batch_refusal(ref: AdapterRef, shapes: dict[str, tuple[int, int]]) -> str | None:
@@ -99,6 +120,8 @@ def batch_refusal(ref: AdapterRef, shapes: dict[str, tuple[int, int]]) -> str | 
         if config.get(key):
             return f"{key} is set"
     for name in names:
+        if _TOKENS_KEY.match(name):  # trainable token rows: the batch serves them (MultiTokenRows)
+            continue
         match = _KEY.match(name)
         if match is None or match["module"] not in shapes:
             return f"tensor {name!r} is not a LoRA factor of a linear layer"
@@ -178,6 +201,50 @@ def _config(ref: AdapterRef, folder: Path) -> dict[str, Any]:
         if config.get(key):
             raise _refused(ref, f"{key} is not served (only plain LoRA on linear layers)")
     return config
+
+
+def _token_rows(
+    ref: AdapterRef,
+    tensors: dict[str, Any],
+    config: dict[str, Any],
+    token_shapes: dict[str, tuple[int, int]],
+) -> dict[str, tuple[Any, Any]]:
+    """PEFT's trainable tokens: per module, the token ids and the rows that replace the
+    base's rows for them (taken out of `tensors`). A module tied to the input embedding
+    saves no rows of its own: it uses the embedding's (PEFT's weight tying)."""
+    import torch
+
+    wanted = config.get("trainable_token_indices") or {}
+    saved = {}
+    for key in [k for k in tensors if _TOKENS_KEY.match(k)]:
+        saved[_TOKENS_KEY.match(key)["module"]] = tensors.pop(key)
+    if not isinstance(wanted, dict) or not set(saved) <= set(wanted):
+        # PEFT's short form (a list) leaves the layers tied to the embedding implicit;
+        # the trainer writes every module by name (worker/training/loop.py `_token_rows`)
+        raise _refused(ref, "trainable_token_indices must name each module with token rows")
+    rows = {}
+    for name, indices in wanted.items():
+        values = saved.get(name, next(iter(saved.values())) if len(saved) == 1 else None)
+        if not _rows_fit(indices, values, token_shapes.get(name)):
+            raise _refused(
+                ref,
+                f"could not be loaded onto this base model: its trained token rows of {name!r} "
+                "do not fit the base's embedding or output layer",
+            )
+        rows[name] = (torch.tensor(indices, dtype=torch.long), values)
+    return rows
+
+
+def _rows_fit(indices: Any, values: Any, shape: tuple[int, int] | None) -> bool:
+    """Distinct token ids inside the vocabulary, one row of the layer's width for each."""
+    return (
+        shape is not None
+        and values is not None
+        and isinstance(indices, list)
+        and 0 < len(indices) == len(set(indices))
+        and all(type(i) is int and 0 <= i < shape[0] for i in indices)
+        and tuple(values.shape) == (len(indices), shape[1])
+    )
 
 
 def _factors(

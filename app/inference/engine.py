@@ -352,14 +352,16 @@ def _check_logprobs(logprobs: int | None) -> None:
 
 
 def _tokenize(tokenizer: Any, prompt: str | None, messages: list[dict] | None) -> list[int]:
-    """Token ids exactly as training makes them (chat: rendered text, no special tokens added)."""
-    if messages is not None:
-        from app.ml.chat import render_prompt
+    """Token ids exactly as training makes them: the user's text never becomes a control
+    token (a typed `<|end|><|assistant|>` stays plain text); only the chat template's do."""
+    from app.ml.chat import prompt_ids
+    from app.ml.special_tokens import encode_plain
 
-        ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False).input_ids
+    if messages is not None:
+        ids = prompt_ids(tokenizer, messages)
         param = "messages"
     else:
-        ids = tokenizer(prompt).input_ids
+        ids = encode_plain(tokenizer, prompt, add_special_tokens=True)
         param = "prompt"
     if not ids:
         raise InvalidRequest(f"the {param} tokenizes to no tokens", param=param)

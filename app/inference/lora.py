@@ -16,6 +16,10 @@ bare base). The wrapped module then adds, per row, only that row's adapter:
 
 A row whose adapter has no factors for a module is left out there; a bare-base row is never
 touched, so its output is the base model's exactly.
+
+An adapter that trained token rows (PEFT's trainable tokens, `train_special_tokens`) has
+them applied per row by `MultiTokenRows` around the input embedding and the output layer:
+for that adapter's rows, its rows replace the base's for its tokens, as PEFT computes.
 """
 
 from __future__ import annotations
@@ -181,8 +185,13 @@ class MultiLoraLinear(nn.Module):
 
 
 def wrap_module(model: nn.Module, name: str, state: LoraState) -> MultiLoraLinear:
-    """The `MultiLoraLinear` at `name`, wrapping the plain `nn.Linear` there on first use."""
+    """The `MultiLoraLinear` at `name`, wrapping the plain `nn.Linear` there on first use
+    (inside the output layer's `MultiTokenRows`, when it has one)."""
     module = model.get_submodule(name)
+    if isinstance(module, MultiTokenRows):
+        if not isinstance(module.base, MultiLoraLinear):
+            module.base = MultiLoraLinear(module.base, state)
+        return module.base
     if isinstance(module, MultiLoraLinear):
         return module
     parent_name, _, child = name.rpartition(".")
@@ -199,3 +208,83 @@ def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
         if isinstance(module, MultiLoraLinear | nn.Linear) and not name.endswith(".base"):
             shapes[name] = (module.in_features, module.out_features)
     return shapes
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """One adapter's trained rows of an embedding or output layer, replacing the base's."""
+
+    ids: torch.Tensor  # [k] token ids
+    rows: torch.Tensor  # [k, width]
+    slot: torch.Tensor  # [vocabulary]: the position of each token in `ids`, -1 if absent
+
+
+class MultiTokenRows(nn.Module):
+    """An input embedding or output layer plus the token rows of every resident adapter."""
+
+    def __init__(self, base: nn.Embedding | nn.Linear, state: LoraState) -> None:
+        super().__init__()
+        self.base = base
+        self.state = state
+        self.factors: dict[str, TokenRows] = {}  # named like MultiLoraLinear's, for the pool
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def add(self, key: str, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        slot = torch.full((self.base.weight.shape[0],), -1, dtype=torch.long, device=ids.device)
+        slot[ids] = torch.arange(len(ids), device=ids.device)
+        self.factors[key] = TokenRows(ids, rows, slot)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        plan = self.state.plan
+        if plan is None:
+            return out
+        for key in plan.unique:
+            tokens = self.factors.get(key)
+            if tokens is None:
+                continue
+            rows = torch.tensor(
+                [i for i, k in enumerate(plan.row_keys) if k == key], device=out.device
+            )
+            if isinstance(self.base, nn.Embedding):
+                out.index_copy_(0, rows, self._embedded(x[rows], out[rows], tokens))
+            else:  # the output layer: those rows' logits of the adapter's tokens
+                out[rows.unsqueeze(-1), :, tokens.ids] = (x[rows] @ tokens.rows.t()).transpose(1, 2)
+        return out
+
+    def _embedded(self, ids: torch.Tensor, out: torch.Tensor, tokens: TokenRows) -> torch.Tensor:
+        slot = tokens.slot[ids]
+        hit = slot >= 0
+        # some embeddings scale their output (Gemma); PEFT scales the trained rows alike
+        scale = getattr(self.base, "embed_scale", None)
+        values = tokens.rows[slot[hit]]
+        if scale is not None:
+            values = values * torch.as_tensor(scale, dtype=values.dtype, device=values.device)
+        out[hit] = values
+        return out
+
+
+def wrap_tokens(model: nn.Module, name: str, state: LoraState) -> MultiTokenRows:
+    """The `MultiTokenRows` at `name`, wrapping the embedding or output layer on first use."""
+    module = model.get_submodule(name)
+    if isinstance(module, MultiTokenRows):
+        return module
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    wrapped = MultiTokenRows(module, state)
+    setattr(parent, child, wrapped)
+    return wrapped
+
+
+def token_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(vocabulary, width) of the input embedding and the output layer, by module name
+    (of the model before any wrapping)."""
+    layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+    return {
+        name: tuple(module.weight.shape)
+        for name, module in model.named_modules()
+        if any(module is layer for layer in layers if layer is not None)
+    }

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from app.inference.adapter_files import AdapterWeights, read_adapter
-from app.inference.lora import Factors, LoraState, wrap_module
+from app.inference.lora import Factors, LoraState, wrap_module, wrap_tokens
 from app.inference.types import AdapterRef
 
 
@@ -47,7 +47,7 @@ class AdapterStats:
 @dataclass
 class _Resident:
     sha256: str
-    modules: list[str]
+    holders: list[dict]  # the `factors` dicts of the wrapped modules that hold its weights
     pinned: bool
 
 
@@ -60,13 +60,19 @@ class AdapterPool:
         base_model: str,
         capacity: int,
         shapes: dict[str, tuple[int, int]],
+        token_shapes: dict[str, tuple[int, int]],
         dtype: Any,
         device: Any,
         notify: Callable[[tuple], None],
     ) -> None:
         self.model, self.state, self.base_model = model, state, base_model
         self.capacity = capacity
-        self._read = {"shapes": shapes, "dtype": dtype, "device": device}
+        self._read = {
+            "shapes": shapes,
+            "token_shapes": token_shapes,
+            "dtype": dtype,
+            "device": device,
+        }
         self._notify = notify
         self.resident: OrderedDict[str, _Resident] = OrderedDict()  # least recent first
         self.loading: dict[str, bool] = {}  # id -> pin when loaded
@@ -103,9 +109,15 @@ class AdapterPool:
         if ref.id in self.resident:
             pin = pin or self.resident[ref.id].pinned
             self.evict(ref.id)
+        holders = []
         for name, (a, b, scale) in weights.modules.items():
-            wrap_module(self.model, name, self.state).factors[ref.id] = Factors(a, b, scale)
-        self.resident[ref.id] = _Resident(_sha(ref), list(weights.modules), pin)
+            holders.append(wrap_module(self.model, name, self.state).factors)
+            holders[-1][ref.id] = Factors(a, b, scale)
+        for name, (ids, rows) in weights.tokens.items():
+            holder = wrap_tokens(self.model, name, self.state)
+            holder.add(ref.id, ids, rows)
+            holders.append(holder.factors)
+        self.resident[ref.id] = _Resident(_sha(ref), holders, pin)
         with self._lock:
             self._order = tuple(self.resident)
             stats = self._stats_for(ref)
@@ -123,8 +135,8 @@ class AdapterPool:
         found = self.resident.pop(adapter_id, None)
         if found is None:
             return
-        for name in found.modules:
-            self.model.get_submodule(name).factors.pop(adapter_id, None)
+        for holder in found.holders:
+            holder.pop(adapter_id, None)
         with self._lock:
             self._order = tuple(self.resident)
             stats = self._stats.get(adapter_id)

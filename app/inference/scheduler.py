@@ -25,7 +25,7 @@ import torch
 from app.errors import NotFound
 from app.inference.fairness import OwnerCounters, choose_fairly, share_of
 from app.inference.kv import BatchKV, forward_options
-from app.inference.lora import LoraState, Plan, linear_shapes
+from app.inference.lora import LoraState, Plan, linear_shapes, token_shapes
 from app.inference.pool import AdapterPool
 from app.inference.request import Request
 from app.inference.sampling import make_generator, pick_token
@@ -75,6 +75,7 @@ class BaseScheduler:
             base_model=name,
             capacity=capacity,
             shapes=linear_shapes(model),
+            token_shapes=token_shapes(model),
             dtype=next(model.parameters()).dtype,
             device=self.device,
             notify=self.inbox.put,

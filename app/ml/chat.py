@@ -5,12 +5,18 @@ documented fallback is `DEFAULT_CHAT_TEMPLATE`, a ChatML-like format:
 `<|role|>content<|end|>` per message, and `<|assistant|>` as the generation prompt.
 The assistant turn ends with the tokenizer's EOS token when the template does not
 emit one itself, so a trained adapter learns where to stop.
+
+Message content is escaped before the template sees it (`app/ml/special_tokens.py`): the
+rendered text holds markers where a user typed a special token's string, and is tokenized
+with `encode_rendered` (`prompt_ids` does both), so only the template makes control tokens.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from app.ml.special_tokens import encode_rendered, escape, special_token_ids
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -34,16 +40,23 @@ def ensure_chat_template(tokenizer: Any) -> None:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
 
 
+def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    """The token ids a model continues to answer `messages` as the assistant."""
+    return encode_rendered(tokenizer, render_prompt(tokenizer, messages))
+
+
 def render_prompt(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
-    """The text a model continues to answer `messages` as the assistant."""
+    """The text a model continues to answer `messages` as the assistant (content escaped)."""
     ensure_chat_template(tokenizer)
     return tokenizer.apply_chat_template(
-        _plain(messages), tokenize=False, add_generation_prompt=True
+        _plain(tokenizer, messages), tokenize=False, add_generation_prompt=True
     )
 
 
 def render_segments(tokenizer: Any, messages: list[dict[str, Any]]) -> list[Segment]:
     """Split a rendered conversation into segments; assistant replies are trainable.
+
+    Segment texts hold escaped content: tokenize each with `encode_rendered`.
 
     Each assistant message i is the text between the render of messages[:i] with a
     generation prompt and the render of messages[:i+1]. Messages with `weight: 0`
@@ -73,9 +86,28 @@ def render_segments(tokenizer: Any, messages: list[dict[str, Any]]) -> list[Segm
 
 
 def _render(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
-    return tokenizer.apply_chat_template(_plain(messages), tokenize=False)
+    return tokenizer.apply_chat_template(_plain(tokenizer, messages), tokenize=False)
 
 
-def _plain(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Drop training-only keys (weight) the template should not see."""
-    return [{"role": m["role"], "content": m.get("content") or ""} for m in messages]
+def _plain(tokenizer: Any, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Content escaped; training-only keys (weight) dropped: the template should not see them."""
+    return [
+        {"role": m["role"], "content": escape(tokenizer, m.get("content") or "")} for m in messages
+    ]
+
+
+def template_token_ids(tokenizer: Any) -> list[int]:
+    """The special tokens a conversation in the chat template is made of, and EOS: what
+    `train_special_tokens: true` trains (a base may never have trained a template's tokens)."""
+    probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    ids: set[int] = set()
+    for messages in ([{"role": "system", "content": "s"}, *probe], probe):
+        try:  # some templates refuse a system message
+            segments = render_segments(tokenizer, messages)
+        except Exception:  # jinja2 TemplateError, or whatever the template raises
+            continue
+        ids.update(t for s in segments for t in encode_rendered(tokenizer, s.text))
+        ids.update(prompt_ids(tokenizer, messages[:-1]))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids & special_token_ids(tokenizer))

@@ -11,6 +11,7 @@ from app.schemas.common import Id, Strict, Text
 Auto = Literal["auto"]
 Suffix = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,40}$")]
 ModuleName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]{1,100}$")]
+TokenString = Annotated[str, Field(min_length=1, max_length=100)]
 
 
 class Hyperparameters(Strict):
@@ -38,6 +39,11 @@ class Hyperparameters(Strict):
     train_on_inputs: Auto | bool = "auto"
     # "auto": pack short examples into full sequences when the worker verifies it is exact.
     packing: Auto | bool = "auto"
+    # Train the embedding (and output) rows of special tokens, e.g. a chat template's tokens
+    # the base never trained: true = the chat template's special tokens and EOS; or a list.
+    train_special_tokens: (
+        bool | Annotated[list[TokenString], Field(min_length=1, max_length=64)]
+    ) = False
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
     # Together's name: checkpoints written, evenly spaced over the steps, the last at the
     # end (at most one per step). "auto": one per epoch (n_epochs).
@@ -128,6 +134,9 @@ class JobRead(BaseModel):
     metadata: dict[str, str] | None
     estimated_finish: int | None = None
     integrations: list[Any] = []
+    # loraforge's own: optimizer steps done and planned, updated every step while it runs
+    steps_completed: int | None = None
+    steps_planned: int | None = None
 
 
 class EventRead(BaseModel):

@@ -184,3 +184,15 @@ def test_a_database_outage_answers_503_with_retry_after(client, monkeypatch):  #
     response = client.get("/v1/fine_tuning/jobs")
     assert response.status_code == 503 and response.headers["Retry-After"] == "5"
     assert response.json()["error"]["code"] == "service_unavailable"
+
+
+def test_unknown_special_tokens_to_train_are_refused_at_creation(client, settings, training_file):  # type: ignore[no-untyped-def]
+    hp = {"train_special_tokens": ["<|user|>", "<|im_start|>"]}
+    response = create(client, model="tiny", training_file=training_file, hyperparameters=hp)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "hyperparameters.train_special_tokens"
+    assert "<|im_start|>" in error["message"] and job_count(settings) == 0
+    hp = {"train_special_tokens": True}
+    created = create(client, model="tiny", training_file=training_file, hyperparameters=hp)
+    assert created.json()["hyperparameters"]["train_special_tokens"] is True

@@ -43,6 +43,11 @@ def test_continue_from_keeps_the_parent_lora_shape() -> None:
     merged = continue_from(resolved, parent)
     assert merged["lora_r"] == 16 and merged["lora_target_modules"] == ["q_proj"]
     assert merged["n_epochs"] == resolved["n_epochs"]  # training knobs stay the new job's
+    # PEFT continues the parent's token rows (or none): what the new job asks is not what runs
+    asks = resolve(Hyperparameters(train_special_tokens=True), n_examples=10, seed=1)
+    assert continue_from(asks, parent)["train_special_tokens"] is False
+    parent["train_special_tokens"] = ["<|user|>"]
+    assert continue_from(resolved, parent)["train_special_tokens"] == ["<|user|>"]
 
 
 @pytest.mark.parametrize(
@@ -85,3 +90,22 @@ def test_target_modules_are_checked_against_the_model_files(tiny_model_dir) -> N
 def test_a_hub_id_is_left_for_the_worker_to_check(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert linear_module_names(tmp_path / "not-here") is None
     check_target_modules("org/some-hub-model", ["anything"])  # checked when the job starts
+
+
+def test_train_special_tokens_are_checked_against_the_local_vocabulary(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    from app.hyperparameters import check_special_tokens
+
+    check_special_tokens(str(tiny_model_dir), ["<|user|>", "<|end|>"])
+    check_special_tokens(str(tiny_model_dir), True)
+    check_special_tokens("org/hub-model", ["<|anything|>"])  # the worker checks a hub model
+    with pytest.raises(InvalidRequest) as caught:
+        check_special_tokens(str(tiny_model_dir), ["<|user|>", "<|im_start|>", "<|tool|>"])
+    assert caught.value.param == "hyperparameters.train_special_tokens"
+    assert "['<|im_start|>', '<|tool|>']" in str(caught.value)
+
+
+@pytest.mark.parametrize("value", ["sometimes", [], [""], ["x" * 101], None, [1]])
+def test_train_special_tokens_takes_a_bool_or_a_list_of_token_strings(value) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValidationError):
+        Hyperparameters(train_special_tokens=value)
+    assert Hyperparameters().train_special_tokens is False

@@ -155,6 +155,33 @@ def test_cancel_in_a_long_accumulation_stops_at_the_next_micro_batch(settings, m
     assert load(settings, Job, id=job_id)[0].status == "cancelled"
 
 
+def test_a_running_job_shows_its_progress(backend, monkeypatch):  # type: ignore[no-untyped-def]
+    """trained_tokens, estimated_finish and the step counts fill in while the job runs."""
+    from app.api.views import job_view
+
+    job_id = submit(backend)  # 2 epochs of 2 steps
+    real_on_step = run_job_module.Progress.on_step
+    seen = []
+
+    def on_step(self, report):  # type: ignore[no-untyped-def]
+        real_on_step(self, report)
+        with session_scope(backend.sqlalchemy_url) as session:
+            seen.append(job_view(session.get_one(Job, job_id)).model_dump())
+
+    monkeypatch.setattr(run_job_module.Progress, "on_step", on_step)
+    started = int(utcnow().timestamp())
+    assert run_job(job_id, settings=backend) == "succeeded"
+    assert [(v["status"], v["steps_completed"], v["steps_planned"]) for v in seen] == [
+        ("running", step, 4) for step in (1, 2, 3, 4)
+    ]
+    tokens = [v["trained_tokens"] for v in seen]
+    assert 0 < tokens[0] < tokens[1] < tokens[2] < tokens[3]
+    assert all(v["estimated_finish"] >= started for v in seen)
+    with session_scope(backend.sqlalchemy_url) as session:
+        done = job_view(session.get_one(Job, job_id))
+    assert done.trained_tokens == tokens[-1] and done.estimated_finish is None  # not running
+
+
 def test_a_deleted_training_file_fails_the_job_with_an_actionable_error(settings):  # type: ignore[no-untyped-def]
     job_id = submit(settings)
     with session_scope(settings.sqlalchemy_url) as session:

@@ -4,11 +4,15 @@ Three record shapes are supported, one per JSONL line:
 
 - chat: `{"messages": [...]}` — rendered with `render_segments`; loss only on assistant
   replies (and not on those with `weight: 0`). Each segment is tokenized with
-  `add_special_tokens=False`, exactly as inference tokenizes `render_prompt`.
+  `encode_rendered` (no special tokens added), exactly as inference's `prompt_ids`.
 - completion: `{"prompt": ..., "completion": ...}` — the prompt is tokenized with the
   tokenizer's default special tokens (BOS if it adds one) and masked; the completion
-  plus EOS is trained on. Inference tokenizes completion prompts as `tokenizer(prompt)`.
+  plus EOS is trained on. Inference tokenizes completion prompts the same way.
 - text: `{"text": ...}` — default special tokens, plus EOS; every token is trained on.
+
+What users wrote is always plain text: a special token's string in a message, prompt,
+completion or text is split into ordinary tokens (`app/ml/special_tokens.py`); only the
+chat template's structure and the EOS added here are control tokens.
 
 `train_on_inputs=True` trains chat and completion records on every token too ("auto",
 the default, is the rule above; `text` is always trained on everywhere).
@@ -26,6 +30,7 @@ from typing import Any
 
 from app.errors import InvalidFile
 from app.ml.chat import render_segments
+from app.ml.special_tokens import encode_plain, encode_rendered
 
 IGNORE_INDEX = -100  # label value for tokens without loss (PyTorch's cross_entropy default)
 
@@ -94,7 +99,7 @@ def _encode_chat(tokenizer: Any, messages: list[dict]) -> tuple[list[int], list[
     input_ids: list[int] = []
     labels: list[int] = []
     for segment in render_segments(tokenizer, messages):
-        ids = _ids(tokenizer, segment.text, special=False)
+        ids = encode_rendered(tokenizer, segment.text)
         input_ids += ids
         labels += ids if segment.trainable else [IGNORE_INDEX] * len(ids)
     return input_ids, labels
@@ -108,7 +113,7 @@ def _encode_completion(tokenizer: Any, prompt: str, completion: str) -> tuple[li
 
 
 def _ids(tokenizer: Any, text: str, *, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+    return encode_plain(tokenizer, text, add_special_tokens=special)
 
 
 def _eos(tokenizer: Any) -> list[int]:

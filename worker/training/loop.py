@@ -64,6 +64,8 @@ class TrainConfig:
     eval_every_steps: int = 0  # valid_loss on one validation batch every N steps (0: never)
     checkpoint_every_steps: int = 0  # extra checkpoints every N steps (0: none)
     n_checkpoints: int | None = None  # evenly spaced, the last at the end (None: per epoch)
+    # token ids whose input-embedding and output rows train too (PEFT's trainable tokens)
+    trainable_token_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -317,8 +319,19 @@ def _wrap(model: Any, config: TrainConfig, init_adapter: Path | None) -> Any:
         target_modules=config.lora_target_modules,
         use_rslora=config.use_rslora,
         use_dora=config.use_dora,
+        trainable_token_indices=_token_rows(model, config.trainable_token_ids),
     )
     return get_peft_model(model, lora)  # LoRA weights in fp32, base stays frozen
+
+
+def _token_rows(model: Any, token_ids: tuple[int, ...]) -> dict[str, list[int]] | None:
+    """PEFT's trainable_token_indices: the rows of the input embedding and of the output
+    layer (a model that ties them shares one set of rows), or None when no token trains."""
+    if not token_ids:
+        return None
+    wanted = [model.get_input_embeddings(), model.get_output_embeddings()]
+    names = [n for m in wanted if m is not None for n, x in model.named_modules() if x is m]
+    return {name: list(token_ids) for name in dict.fromkeys(names)}
 
 
 def _label_count(row: Sequence) -> int:
