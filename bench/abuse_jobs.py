@@ -35,23 +35,27 @@ STOP_LIMIT = 120.0  # seconds a cancelled job may take to end before the bench g
 
 
 def cancel_storm(stack: Stack, keys: Keys, stop: threading.Event, count: int = 60) -> dict:
-    """Finding 2: `count` jobs created and cancelled at once; each leaves a stale message."""
+    """Finding 2: `count` jobs created and cancelled at once; each leaves a stale message.
+    Counts the jobs the worker claimed before their cancel (each of those did fork a child)."""
     statuses: Counter = Counter()  # of the creates and the cancels
     body = {"model": "tiny", "training_file": keys.attacker_file}
     with httpx.Client(base_url=stack.base_url, timeout=TIMEOUT, headers=auth(keys.attacker)) as c:
 
-        def create_and_cancel(_: int) -> None:
+        def create_and_cancel(_: int) -> str | None:
             created = c.post("/v1/fine_tuning/jobs", json=body)
             statuses[created.status_code] += 1
-            if created.status_code in CREATED:
-                cancel = c.post(f"/v1/fine_tuning/jobs/{created.json()['id']}/cancel")
-                statuses[cancel.status_code] += 1
+            if created.status_code not in CREATED:
+                return None
+            cancel = c.post(f"/v1/fine_tuning/jobs/{created.json()['id']}/cancel")
+            statuses[cancel.status_code] += 1
+            return created.json()["id"]
 
         start = time.perf_counter()
         with ThreadPoolExecutor(4) as pool:
-            list(pool.map(create_and_cancel, range(count)))
+            created = [job_id for job_id in pool.map(create_and_cancel, range(count)) if job_id]
         statuses["storm s"] = round(time.perf_counter() - start, 1)
-    stop.wait(timeout=600)
+        stop.wait(timeout=600)
+        statuses["claimed before their cancel"] = sum(_ever_started(c, job) for job in created)
     return dict(statuses)
 
 
@@ -62,7 +66,7 @@ def backlog(stack: Stack, keys: Keys, stop: threading.Event, count: int = 16) ->
     body = {
         "model": "tiny",
         "training_file": keys.attacker_file,
-        "hyperparameters": {"n_epochs": 50, "batch_size": 1},  # 400 steps: seconds each
+        "hyperparameters": {"n_epochs": 20, "batch_size": 1},  # 160 steps: ~15 s each here
     }
     with (
         httpx.Client(base_url=stack.base_url, timeout=TIMEOUT, headers=auth(keys.attacker)) as c,
@@ -170,6 +174,11 @@ def _job_processes() -> list[psutil.Process]:
         except psutil.NoSuchProcess:  # a `loraforge keys` command that just ended
             continue
     return found
+
+
+def _ever_started(client: httpx.Client, job_id: str) -> bool:
+    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
+    return any(event["message"].startswith("Fine-tuning job started") for event in events)
 
 
 def _training(client: httpx.Client, job_id: str) -> bool:
