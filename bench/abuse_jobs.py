@@ -12,7 +12,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import httpx
 import psutil
@@ -30,6 +32,7 @@ from bench.abuse_common import (
 )
 from tests.e2e.stack import Stack
 
+T = TypeVar("T")
 STARTED = {"running"} | TERMINAL
 STOP_LIMIT = 120.0  # seconds a cancelled job may take to end before the bench gives up on it
 
@@ -82,6 +85,8 @@ def backlog(stack: Stack, keys: Keys, stop: threading.Event, count: int = 16) ->
         if _victim_started(v, before, stop):
             states = Counter(status(c, job_id) for job_id in created)
             statuses |= {f"attacker {name} at victim start": n for name, n in states.items()}
+        else:
+            statuses[f"victim's job not started within {STOP_LIMIT:.0f} s"] = 1
         stop.wait(timeout=600)
         _cancel_all(c, created)
     return dict(statuses)
@@ -127,8 +132,12 @@ def heavy_cancel(stack: Stack, keys: Keys, stop: threading.Event, rows: int = 51
     return dict(statuses) | timings
 
 
-def _watch_cancel(  # type: ignore[no-untyped-def]
-    attacker: httpx.Client, job_id: str, processes, victim: httpx.Client, victim_job: str | None
+def _watch_cancel(
+    attacker: httpx.Client,
+    job_id: str,
+    processes: list[psutil.Process],
+    victim: httpx.Client,
+    victim_job: str | None,
 ) -> dict[str, float | None]:
     """Seconds from now until the job ended, its processes were gone, the victim's job
     started; each as first seen by one loop polling every 0.1 s (None: not within limits)."""
@@ -176,15 +185,17 @@ def _job_processes() -> list[psutil.Process]:
     return found
 
 
+def _events(client: httpx.Client, job_id: str) -> list[dict]:
+    return client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
+
+
 def _ever_started(client: httpx.Client, job_id: str) -> bool:
-    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
-    return any(event["message"].startswith("Fine-tuning job started") for event in events)
+    return any(e["message"].startswith("Fine-tuning job started") for e in _events(client, job_id))
 
 
 def _training(client: httpx.Client, job_id: str) -> bool:
     """The job has announced its checkpoints: the last event before its first micro-batch."""
-    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
-    return any("checkpoint_steps" in (event.get("data") or {}) for event in events)
+    return any("checkpoint_steps" in (e.get("data") or {}) for e in _events(client, job_id))
 
 
 def _alive(process: psutil.Process) -> bool:
@@ -194,7 +205,7 @@ def _alive(process: psutil.Process) -> bool:
         return False
 
 
-def _wait_for(find, limit: float = 30.0):  # type: ignore[no-untyped-def]
+def _wait_for(find: Callable[[], T], limit: float = 30.0) -> T:
     """`find()` once it returns something (polled every 0.05 s), or its last answer."""
     deadline = time.monotonic() + limit
     while not (found := find()) and time.monotonic() < deadline:
