@@ -8,13 +8,19 @@ each attack in turn: while it runs, the victim repeats its probes (`/health`, it
 the victim's median latency as a ratio to the quiet baseline (target <= 2x), the victim's job
 wait as a ratio, and every HTTP 500 seen by anyone (target 0).
 
-    .venv/bin/python -m bench.abuse [--postgres] [--probes 10] [--only stalled-uploads,...]
+    .venv/bin/python -m bench.abuse [--postgres] [--probes 10] [--only stalled-uploads,backlog,...]
+
+The worker-side attacks (bench/abuse_jobs.py) run against the stack's one worker
+(`loraforge worker`, concurrency 1: a resident pool process that claims by the fair policy
+and forks a child per job): 60 jobs created and cancelled at once (finding 2), a backlog of
+16 long jobs (finding 3: how many had not started when the victim's did), and a job whose
+one optimizer step takes tens of seconds, cancelled while the victim's job waits (finding 6:
+seconds until it says `cancelled`, until its process is gone, until the victim's job starts).
 
 Every loop is bounded in count and in time; everything talks to 127.0.0.1 only. A scenario
-is a function `(Stack, Keys, stop: threading.Event) -> dict[str, int]` that attacks until
-`stop` is set and returns its own counts (statuses seen); add one to SCENARIOS (the worker
-side's attacks, cancel storms and job backlogs, fit the same shape: the victim's job wait
-is measured under every scenario).
+is a function `(Stack, Keys, stop: threading.Event) -> dict` that attacks until `stop` is set
+(the victim has measured) and returns its own counts (statuses seen, keyed by the int code);
+add one to SCENARIOS. The victim's job wait is measured under every scenario.
 """
 
 from __future__ import annotations
@@ -31,7 +37,6 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -39,38 +44,13 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.ml.tiny_model import build_tiny_model
+from bench.abuse_common import CREATED, TERMINAL, TIMEOUT, Keys, auth, upload, wait_status
+from bench.abuse_jobs import backlog, cancel_storm, heavy_cancel
 from bench.load_api import postgres_env
 from tests.conftest import chat_rows
 from tests.e2e.stack import Stack, cli, free_port, running, stack_env
 
-TIMEOUT = 60.0  # per victim request: a stalled service shows as a timeout, not a hang
 JOB_WAIT_LIMIT = 180.0
-TERMINAL = {"succeeded", "failed", "cancelled"}
-
-
-@dataclass
-class Keys:
-    attacker: str
-    victim: str
-    victim_file: str
-    attacker_file: str
-
-
-def auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def upload(base_url: str, key: str) -> str:
-    data = "".join(json.dumps(row) + "\n" for row in chat_rows(8)).encode()
-    answer = httpx.post(
-        f"{base_url}/v1/files",
-        files={"file": ("t.jsonl", data)},
-        data={"purpose": "fine-tune"},
-        headers=auth(key),
-        timeout=TIMEOUT,
-    )
-    answer.raise_for_status()
-    return answer.json()["id"]
 
 
 # -- the victim's probes ------------------------------------------------------------------
@@ -106,21 +86,13 @@ def job_wait(stack: Stack, keys: Keys) -> float | None:
     body = {"model": "tiny", "training_file": keys.victim_file, "hyperparameters": {"n_epochs": 1}}
     with httpx.Client(base_url=stack.base_url, timeout=TIMEOUT, headers=auth(keys.victim)) as c:
         created = c.post("/v1/fine_tuning/jobs", json=body)
-        if created.status_code not in (200, 202):
+        if created.status_code not in CREATED:
             return None
-        job_id, start = created.json()["id"], time.perf_counter()
-        waited = None
-        while time.perf_counter() < start + JOB_WAIT_LIMIT:
-            if c.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] != "queued":
-                waited = time.perf_counter() - start
-                break
-            time.sleep(0.2)
+        job_id = created.json()["id"]
+        waited = wait_status(c, job_id, {"running"} | TERMINAL, JOB_WAIT_LIMIT)
         c.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
         # the next scenario starts with an idle worker: wait until this job has ended
-        while time.perf_counter() < start + 2 * JOB_WAIT_LIMIT:
-            if c.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] in TERMINAL:
-                break
-            time.sleep(0.2)
+        wait_status(c, job_id, TERMINAL, JOB_WAIT_LIMIT)
     return waited
 
 
@@ -209,6 +181,9 @@ SCENARIOS: dict[str, Callable[[Stack, Keys, threading.Event], dict]] = {
     "stalled-uploads": stalled_uploads,
     "huge-prompts": huge_prompts,
     "open-streams": open_streams,
+    "cancel-storm": cancel_storm,
+    "backlog": backlog,
+    "heavy-cancel": heavy_cancel,
 }
 
 
@@ -217,12 +192,15 @@ def quota_race(stack: Stack, keys: Keys, quota: int, creates: int = 40) -> dict:
     body = {"model": "tiny", "training_file": keys.attacker_file}
     with httpx.Client(base_url=stack.base_url, timeout=TIMEOUT, headers=auth(keys.attacker)) as c:
         with ThreadPoolExecutor(creates) as pool:
-            answers = list(pool.map(lambda _: c.post("/v1/fine_tuning/jobs", json=body), range(40)))
+            answers = list(
+                pool.map(lambda _: c.post("/v1/fine_tuning/jobs", json=body), range(creates))
+            )
         for answer in answers:
-            if answer.status_code in (200, 202):
+            if answer.status_code in CREATED:
                 c.post(f"/v1/fine_tuning/jobs/{answer.json()['id']}/cancel")
     counts = Counter(answer.status_code for answer in answers)
-    return {"statuses": dict(counts), "created": counts[200] + counts[202], "quota": quota}
+    created = sum(counts[code] for code in CREATED)
+    return {"statuses": dict(counts), "created": created, "quota": quota}
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -264,8 +242,8 @@ def main() -> None:
     port = free_port()
     with running([["api", "--port", str(port)], ["worker"]], env, root / "logs", port) as stack:
         keys = Keys(stack.key("attacker"), stack.key("victim"), "", "")
-        keys.victim_file = upload(stack.base_url, keys.victim)
-        keys.attacker_file = upload(stack.base_url, keys.attacker)
+        keys.victim_file = upload(stack.base_url, keys.victim, chat_rows(8))
+        keys.attacker_file = upload(stack.base_url, keys.attacker, chat_rows(8))
         measure_victim(stack, keys, 1)  # warm: the model loads on the first completion
         print(f"backend {'postgresql+redis' if args.postgres else 'sqlite+filesystem'}; "
               f"{args.probes} victim rounds per scenario")  # fmt: skip
