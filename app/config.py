@@ -45,11 +45,11 @@ class Settings(BaseSettings):
     sweep_interval_seconds: int = 30
     requeue_after_seconds: int = 300
     max_attempts: int = 3
-    checkpoint_retention: int = 3  # newest checkpoints kept per job (0 keeps all); issue 4
+    checkpoint_retention: int = 3  # newest checkpoints kept per job (0 keeps all)
     # Redis redelivers an unacked message after this long even while its worker still runs it;
     # harmless (the claim fences it). Tests lower it to force duplicate deliveries.
     broker_visibility_timeout: int = 6 * 3600
-    # Security and limits (issue 5). 0 disables a limit.
+    # Security and limits. 0 disables a limit.
     # Guards /v1/admin. Replaced by its sha256 as soon as it is read (see _hash_admin_key).
     admin_key: str | None = None
     # The admin key given as its sha256 (64 hex digits); what the process and its children

@@ -1,14 +1,15 @@
 """The worker's resident process: woken by a message, it claims jobs and runs each in a child.
 
-A message only wakes the worker; the database says what to run (DESIGN §1). This process
-never trains and never imports torch: it claims the next job by the fair policy
-(`job_runs.claim_next`: milliseconds, and no child at all when nothing is claimable, e.g.
-for the message of a cancelled job), forks a fresh child per claimed job (a clean CUDA
-context, all memory back when it exits), holds the job's lease while the child lives, and
-kills the child `stop_grace_seconds` after its run was cancelled or fenced off if it has not
-stopped by itself (it checks between micro-batches). Then it claims the next job, until none
-is claimable: a job that a message's worker did not take (it took an older or fairer one)
-is taken when a running job ends, or by the wake-up the sweep re-sends.
+A message only wakes the worker; the database says what to run (docs/design.md §4.1).
+This process never trains and never imports torch: it claims the next job by the fair
+policy (`job_runs.claim_next`: milliseconds, and no child at all when nothing is
+claimable, e.g. for the message of a cancelled job), forks a fresh child per claimed job
+(a clean CUDA context, all memory back when it exits), holds the job's lease while the
+child lives, and kills the child `stop_grace_seconds` after its run was cancelled or
+fenced off if it has not stopped by itself (it checks between micro-batches). Then it
+claims the next job, until none is claimable: a job that a message's worker did not take
+(it took an older or fairer one) is taken when a running job ends, or by the wake-up the
+sweep re-sends.
 """
 
 from __future__ import annotations

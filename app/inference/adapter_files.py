@@ -70,15 +70,9 @@ def read_adapter(
 
     `token_shapes`: (vocabulary, width) of the modules whose token rows an adapter may
     train (the base's input embedding and output layer)."""
-    from safetensors.torch import load as load_safetensors
-
     folder = Path(ref.path)
-    data = _checked_bytes(ref, folder)
+    tensors = _checked_tensors(ref, folder)
     config = _config(ref, folder)
-    try:
-        tensors = load_safetensors(data)
-    except Exception as exc:  # a corrupt file that still matched its hash at publish time
-        raise _refused(ref, f"{ADAPTER_WEIGHTS} is not a safetensors file ({exc})") from exc
     tokens = _token_rows(ref, tensors, config, token_shapes or {})
     modules = _factors(ref, tensors, config, shapes)
     if set(tokens) & set(modules):
@@ -131,15 +125,9 @@ def batch_refusal(ref: AdapterRef, shapes: dict[str, tuple[int, int]]) -> str | 
 def read_peft_adapter(ref: AdapterRef) -> tuple[dict[str, Any], dict[str, Any]]:
     """Config and weights of `ref` for the PEFT fallback, checked like `read_adapter`:
     the registry's sha256 on the very bytes parsed, and LoRA-family weight names only."""
-    from safetensors.torch import load as load_safetensors
-
     folder = Path(ref.path)
-    data = _checked_bytes(ref, folder)
+    tensors = _checked_tensors(ref, folder)
     config = _lora_config(ref, folder)
-    try:
-        tensors = load_safetensors(data)
-    except Exception as exc:  # a corrupt file that still matched its hash at publish time
-        raise _refused(ref, f"{ADAPTER_WEIGHTS} is not a safetensors file ({exc})") from exc
     foreign = sorted(name for name in tensors if not _PEFT_KEY.match(name))
     if foreign:
         raise _refused(ref, f"tensor {foreign[0]!r} is not an adapter weight")
@@ -150,6 +138,17 @@ def read_peft_adapter(ref: AdapterRef) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _refused(ref: AdapterRef, why: str) -> AdapterIntegrityError:
     return AdapterIntegrityError(f"adapter {ref.id}: {why}", param="model")
+
+
+def _checked_tensors(ref: AdapterRef, folder: Path) -> dict[str, Any]:
+    """The weights, parsed from the very bytes whose sha256 was checked."""
+    from safetensors.torch import load as load_safetensors
+
+    data = _checked_bytes(ref, folder)
+    try:
+        return load_safetensors(data)
+    except Exception as exc:  # a corrupt file that still matched its hash at publish time
+        raise _refused(ref, f"{ADAPTER_WEIGHTS} is not a safetensors file ({exc})") from exc
 
 
 def _checked_bytes(ref: AdapterRef, folder: Path) -> bytes:

@@ -1,4 +1,4 @@
-"""Fair admission into a batch across organizations (issue 14).
+"""Fair admission into a batch across organizations, so one tenant cannot stall the others.
 
 Requests wait per base model; when the batch has room, organizations take turns (round
 robin, starting after the one served last) and none holds more than its share of the

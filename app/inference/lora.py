@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -194,11 +195,7 @@ def wrap_module(model: nn.Module, name: str, state: LoraState) -> MultiLoraLinea
         return module.base
     if isinstance(module, MultiLoraLinear):
         return module
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    wrapped = MultiLoraLinear(module, state)
-    setattr(parent, child, wrapped)
-    return wrapped
+    return _replace(model, name, MultiLoraLinear(module, state))
 
 
 def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -272,9 +269,16 @@ def wrap_tokens(model: nn.Module, name: str, state: LoraState) -> MultiTokenRows
     module = model.get_submodule(name)
     if isinstance(module, MultiTokenRows):
         return module
+    return _replace(model, name, MultiTokenRows(module, state))
+
+
+_Wrapper = TypeVar("_Wrapper", bound=nn.Module)
+
+
+def _replace(model: nn.Module, name: str, wrapped: _Wrapper) -> _Wrapper:
+    """Put `wrapped` where the module `name` was (it holds that module as its base)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    wrapped = MultiTokenRows(module, state)
     setattr(parent, child, wrapped)
     return wrapped
 

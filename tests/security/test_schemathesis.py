@@ -7,6 +7,8 @@ bounded so the whole run stays near a minute on 2 cores.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given
@@ -51,15 +53,19 @@ def fuzz_app(settings, enqueued):  # type: ignore[no-untyped-def]  # noqa: ARG00
     return app
 
 
-@pytest.fixture
-def auth(fuzz_app, settings) -> dict[str, str]:  # type: ignore[no-untyped-def]
-    """A tenant's key, with one valid dataset so job creation can succeed too."""
+def tenant(app, settings, name: str) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """A new organization's key, with one valid dataset so job creation can succeed too."""
     from fastapi.testclient import TestClient
 
-    headers = {"Authorization": f"Bearer {api_key(settings, 'acme')}"}
-    with TestClient(fuzz_app, headers=headers) as client:
+    headers = {"Authorization": f"Bearer {api_key(settings, name)}"}
+    with TestClient(app, headers=headers) as client:
         upload(client, jsonl(chat_rows(5)))
     return headers
+
+
+@pytest.fixture
+def auth(fuzz_app, settings) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    return tenant(fuzz_app, settings, "acme")
 
 
 @pytest.fixture
@@ -99,14 +105,22 @@ def test_no_server_errors_and_responses_match_the_schema(api_schema, auth, mode)
     assert not failures, "\n\n".join(failures)
 
 
-def test_stateful_sequences_follow_the_links(api_schema, auth) -> None:  # type: ignore[no-untyped-def]
-    """Create → read / cancel / delete chains over the links schemathesis infers."""
+def test_stateful_sequences_follow_the_links(api_schema, fuzz_app, settings) -> None:  # type: ignore[no-untyped-def]
+    """Create → read / cancel / delete chains over the links schemathesis infers.
+
+    Each scenario runs in an organization of its own: what earlier scenarios stored (files,
+    jobs counted by the quotas) would otherwise change the answers when Hypothesis replays
+    a scenario, and a real failure would be reported as flaky data generation."""
     machine = api_schema.as_state_machine()
     assert len(machine.bundles) >= 5, "no links: the stateful phase would test nothing"
+    scenarios = itertools.count()
 
     class Machine(machine):  # type: ignore[misc,valid-type]
+        def setup(self) -> None:
+            self.headers = tenant(fuzz_app, settings, f"scenario-{next(scenarios)}")
+
         def get_call_kwargs(self, case) -> dict:  # type: ignore[no-untyped-def]
-            return {"headers": auth}
+            return {"headers": self.headers}
 
     Machine.run(
         settings=hypothesis_settings(

@@ -8,6 +8,7 @@ from sqlalchemy import select
 from app.db.models import Job, JobEvent
 from app.db.session import session_scope
 from tests.worker.test_run_job import backend, submit  # noqa: F401 (fixture)
+from worker import job_inputs
 from worker import run_job as run_job_module
 from worker.run_job import run_job
 
@@ -25,14 +26,14 @@ def shown(settings, job_id: str) -> str:  # type: ignore[no-untyped-def]
 def test_a_dataset_vanishing_mid_run_fails_without_the_server_path(backend, monkeypatch):  # type: ignore[no-untyped-def]  # noqa: F811
     """The probe: the stored dataset went away after the job had started."""
     job_id = submit(backend)
-    real = run_job_module._read_inputs
+    real = job_inputs.read_inputs
 
     def read_then_lose_the_dataset(*args, **kwargs):  # type: ignore[no-untyped-def]
         inputs = real(*args, **kwargs)
         inputs.training_path.unlink()
         return inputs
 
-    monkeypatch.setattr(run_job_module, "_read_inputs", read_then_lose_the_dataset)
+    monkeypatch.setattr(job_inputs, "read_inputs", read_then_lose_the_dataset)
     assert run_job(job_id, settings=backend) == "failed"
     text = shown(backend, job_id)
     assert "training_error" in text and "FileNotFoundError" in text  # says what failed

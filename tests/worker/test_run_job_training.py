@@ -109,6 +109,7 @@ def test_metrics_csv_is_a_downloadable_result_file(settings):  # type: ignore[no
     client = api_client(settings)
     response = client.get(f"/v1/files/{file_id}/content")
     assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/csv")  # not called JSONL
     table = list(csv.DictReader(io.StringIO(response.text)))
     assert [r["step"] for r in table] == ["1", "2", "3", "4"]
     assert set(table[0]) == {

@@ -85,12 +85,21 @@ def retrieve_file(file_id: Id, org: OrgDep, session: ReadSessionDep) -> FileRead
     return file_view(files.get_file(session, organization=org, file_id=file_id))
 
 
-@router.get("/{file_id}/content")
+# What a stored file is, by its key: uploads are JSONL, a job's metrics result file is CSV.
+CONTENT_TYPES = {".jsonl": "application/jsonl", ".csv": "text/csv"}
+
+
+@router.get(
+    "/{file_id}/content",
+    response_class=FileResponse,
+    responses={200: {"content": {kind: {} for kind in CONTENT_TYPES.values()}}},
+)
 def file_content(
     file_id: Id, org: OrgDep, session: ReadSessionDep, store: StoreDep
 ) -> FileResponse:
     row = files.get_file(session, organization=org, file_id=file_id)
-    return FileResponse(store.path(row.storage_key), media_type="application/jsonl")
+    path = store.path(row.storage_key)
+    return FileResponse(path, media_type=CONTENT_TYPES.get(path.suffix, "application/jsonl"))
 
 
 @router.delete("/{file_id}", response_model=Deleted)

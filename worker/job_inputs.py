@@ -1,0 +1,197 @@
+"""What a job needs before it trains, checked: its inputs read from the database and the
+store, and the hyperparameters that only the loaded model can check.
+
+Anything wrong here is the job's fault, not the worker's: `JobInputError` fails the job at
+once with a code and the param at fault, and is never retried.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from app import base_models
+from app.config import Settings
+from app.db.models import Adapter, Checkpoint, File, Job
+from app.db.session import session_scope
+from app.job_runs import Claim
+from app.ml.adapters import ADAPTER_WEIGHTS, file_sha256
+from app.model_config import context_of
+from app.storage import ArtifactStore
+from worker.progress import Progress
+
+TARGET_MODULES_PARAM = "hyperparameters.lora_target_modules"
+SPECIAL_TOKENS_PARAM = "hyperparameters.train_special_tokens"
+
+
+class JobInputError(Exception):
+    """The job cannot run as specified; it fails with this message, no retry."""
+
+    def __init__(self, message: str, *, code: str, param: str | None = None):
+        super().__init__(message)
+        self.error = {"code": code, "message": message, "param": param}
+
+
+@dataclass
+class JobInputs:
+    organization_id: str
+    base_model_ref: str
+    training_path: Path
+    validation_path: Path | None
+    hyperparameters: dict
+    seed: int
+    parent_adapter: Path | None  # a verified adapter to continue training
+    checkpoints: list[tuple[Path, str, int]]  # (dir, manifest sha256, step), newest first
+
+
+def trainable_tokens(tokenizer: Any, wanted: bool | list[str] | None, progress: Progress) -> tuple:
+    """Token ids whose embedding rows train: the chat template's special tokens (true) or
+    the listed ones, each of which must be one token of the base's vocabulary."""
+    from app.ml.chat import template_token_ids
+    from app.ml.special_tokens import token_ids_of
+
+    if not wanted:
+        return ()
+    if wanted is True:
+        ids = template_token_ids(tokenizer)
+    else:
+        ids, unknown = token_ids_of(tokenizer, wanted)
+        if unknown:
+            raise JobInputError(
+                f"train_special_tokens {unknown} are not tokens of the base model's vocabulary",
+                code="invalid_train_special_tokens",
+                param=SPECIAL_TOKENS_PARAM,
+            )
+    names = tokenizer.convert_ids_to_tokens(ids)
+    progress.event(
+        f"Training the embeddings of {len(ids)} tokens: {', '.join(names)}",
+        data={"train_special_tokens": names},
+    )
+    return tuple(ids)
+
+
+def check_target_modules(model: Any, targets: str | list[str]) -> None:
+    """Fail the job, naming the param, when a target module is not in the model."""
+    if targets == "all-linear":
+        return
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise JobInputError(
+            f"lora_target_modules {missing} are not modules of the base model",
+            code="invalid_lora_target_modules",
+            param=TARGET_MODULES_PARAM,
+        )
+
+
+def check_context(model: Any, max_seq_length: int) -> None:
+    """Fail the job when max_seq_length passes the model's context (the API checks local
+    models at creation; a hub model is known only now)."""
+    context = context_of(model.config.to_dict())
+    if context is not None and max_seq_length > context:
+        raise JobInputError(
+            f"max_seq_length {max_seq_length} is longer than the base model's context "
+            f"({context} positions)",
+            code="max_seq_length_too_long",
+            param="hyperparameters.max_seq_length",
+        )
+
+
+def resume_point(inputs: JobInputs, progress: Progress) -> Path | None:
+    """The newest checkpoint whose files match their recorded sha256 (None: start over)."""
+    from worker.training.checkpoint import CheckpointError, verify_checkpoint
+
+    for folder, manifest_sha256, step in inputs.checkpoints:
+        try:
+            verify_checkpoint(folder, manifest_sha256=manifest_sha256)
+        except CheckpointError as error:
+            progress.event(f"Skipping checkpoint at step {step}: {error}", level="warn")
+            continue
+        progress.event(f"Resuming from the checkpoint at step {step}", data={"step": step})
+        return folder
+    return None
+
+
+def read_inputs(claim: Claim, settings: Settings, store: ArtifactStore) -> JobInputs:
+    with session_scope(settings.sqlalchemy_url) as session:
+        job = session.get_one(Job, claim.job_id)
+        ref = settings.base_models.get(job.model)
+        if ref is None:
+            raise JobInputError(
+                f"base model {job.model!r} is no longer in this server's allowlist",
+                code="model_not_available",
+                param="model",
+            )
+        reason = base_models.problem(ref)
+        if reason is not None:  # fail at once, naming why, instead of a hub lookup that retries
+            raise JobInputError(
+                base_models.explain(job.model, ref, reason),
+                code="model_not_available",
+                param="model",
+            )
+        paths = {}
+        for param, file_id in (
+            ("training_file", job.training_file),
+            ("validation_file", job.validation_file),
+        ):
+            if file_id is None:
+                continue
+            row = session.get(File, file_id)
+            if (
+                row is None
+                or row.organization_id != job.organization_id
+                or not store.path(row.storage_key).is_file()
+            ):
+                raise JobInputError(
+                    f"{param} {file_id} was deleted before training started",
+                    code="file_not_found",
+                    param=param,
+                )
+            paths[param] = store.path(row.storage_key)
+        return JobInputs(
+            organization_id=job.organization_id,
+            base_model_ref=ref,
+            training_path=paths["training_file"],
+            validation_path=paths.get("validation_file"),
+            hyperparameters=job.hyperparameters,
+            seed=job.seed,
+            parent_adapter=_parent_adapter(session, job, store),
+            checkpoints=_checkpoints(session, job, store) if claim.attempt > 1 else [],
+        )
+
+
+def _parent_adapter(session: Any, job: Job, store: ArtifactStore) -> Path | None:
+    """The adapter a continued job starts from, checked against its recorded sha256."""
+    if job.parent_model is None:
+        return None
+    parent = session.get(Adapter, job.parent_model)
+    if parent is None or parent.status != "active":
+        raise JobInputError(
+            f"model {job.parent_model} was deleted before training started",
+            code="model_not_found",
+            param="model",
+        )
+    folder = store.path(parent.storage_key)
+    if file_sha256(folder / ADAPTER_WEIGHTS) != parent.sha256:
+        raise JobInputError(
+            f"the stored files of {job.parent_model} do not match their sha256",
+            code="integrity_error",
+            param="model",
+        )
+    return folder
+
+
+def _checkpoints(session: Any, job: Job, store: ArtifactStore) -> list[tuple[Path, str, int]]:
+    rows = session.scalars(
+        select(Checkpoint)
+        .where(
+            Checkpoint.job_id == job.id,
+            Checkpoint.status == "active",
+            Checkpoint.state_sha256.is_not(None),
+        )
+        .order_by(Checkpoint.step_number.desc())
+    )
+    return [(store.path(r.storage_key), r.state_sha256, r.step_number) for r in rows]
