@@ -76,6 +76,17 @@ def pg_database_url(pg_admin: str) -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def backend(request, tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]
+    """Migrated settings on SQLite and on PostgreSQL: a test that takes it runs on both."""
+    from app import migrate
+
+    url = request.getfixturevalue("pg_database_url") if request.param == "postgres" else None
+    settings = make_settings(tmp_path / "data", tiny_model_dir, database_url=url)
+    migrate.upgrade(settings)
+    return settings
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path

@@ -141,12 +141,42 @@ def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -
         )
         key = f"adapters/{claim.job_id}"
         published = store.publish_dir(out, key)
+    applied = {  # what ran, not what was asked
+        "packing": config.packing,
+        "train_special_tokens": tokenizer.convert_ids_to_tokens(list(config.trainable_token_ids))
+        or False,
+    }
+    _register(
+        claim,
+        settings,
+        store,
+        organization_id=inputs.organization_id,
+        result=result,
+        adapter_key=key,
+        weights_bytes=(published / ADAPTER_WEIGHTS).stat().st_size,
+        applied=applied,
+    )
+
+
+def _register(
+    claim: Claim,
+    settings: Settings,
+    store: ArtifactStore,
+    *,
+    organization_id: str,
+    result: Any,
+    adapter_key: str,
+    weights_bytes: int,
+    applied: dict,
+) -> None:
+    """ONE transaction: the metrics CSV, the adapter in the registry and the job succeeded.
+    A run cancelled or taken over at the last moment publishes nothing."""
     result_key = None
     try:
         with session_scope(settings.sqlalchemy_url) as session:
             csv_row = files.create_result_file(
                 session,
-                organization_id=inputs.organization_id,
+                organization_id=organization_id,
                 content=metrics_csv(result.history),
                 filename=f"{claim.job_id}-metrics.csv",
                 store=store,
@@ -155,21 +185,15 @@ def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -
             job_runs.complete_job(
                 session,
                 claim=claim,
-                storage_key=key,
+                storage_key=adapter_key,
                 sha256=result.sha256,
-                size_bytes=(published / ADAPTER_WEIGHTS).stat().st_size,
+                size_bytes=weights_bytes,
                 trained_tokens=result.trained_tokens,
                 result_files=[csv_row.id],
-                applied={  # what ran, not what was asked
-                    "packing": config.packing,
-                    "train_special_tokens": tokenizer.convert_ids_to_tokens(
-                        list(config.trainable_token_ids)
-                    )
-                    or False,
-                },
+                applied=applied,
             )
     except RunAborted:
-        store.delete(key)  # cancelled (or taken over) at the last moment: publish nothing
+        store.delete(adapter_key)
         if result_key is not None:
             store.delete(result_key)
         raise

@@ -13,17 +13,13 @@ from app.errors import InvalidRequest, InvalidState
 from app.schemas.jobs import JobCreate
 from app.storage import ArtifactStore
 from tests.api.test_files import jsonl, upload
-from tests.conftest import chat_rows, make_settings
+from tests.conftest import chat_rows
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def settings(request, tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]
-    from app import migrate
-
-    url = request.getfixturevalue("pg_database_url") if request.param == "postgres" else None
-    settings = make_settings(tmp_path / "data", tiny_model_dir, database_url=url)
-    migrate.upgrade(settings)
-    return settings
+@pytest.fixture
+def settings(backend):  # type: ignore[no-untyped-def]
+    """On SQLite and on PostgreSQL."""
+    return backend
 
 
 def new_file(client) -> str:  # type: ignore[no-untyped-def]
@@ -60,17 +56,21 @@ def test_other_organizations_jobs_are_not_counted_or_named(client, other_client)
     assert client.delete(f"/v1/files/{mine}").status_code == 200
 
 
-def test_a_delete_racing_a_job_creation_never_leaves_the_job_without_its_file(settings) -> None:  # type: ignore[no-untyped-def]
-    """The creation holds its (uncommitted) job while the delete runs: the delete must wait
-    for it and then refuse, never delete the file under a job that is about to exist."""
-    store = ArtifactStore(settings.artifacts_dir)
-    url = settings.sqlalchemy_url
-    with session_scope(url) as session:
+def stored_file(settings, store: ArtifactStore) -> str:  # type: ignore[no-untyped-def]
+    """A dataset of organization acme, stored by the domain function (no HTTP)."""
+    with session_scope(settings.sqlalchemy_url) as session:
         org = tenancy.get_or_create_organization(session, name="acme")
-        file_id = files.store_spooled_file(
+        return files.store_spooled_file(
             session, organization=org, spool=_spool(settings), size=1, sha256="0" * 64,
             filename="t.jsonl", purpose="fine-tune", store=store, max_lines=100,
         ).id  # fmt: skip
+
+
+def test_a_delete_racing_a_job_creation_never_leaves_the_job_without_its_file(settings) -> None:  # type: ignore[no-untyped-def]
+    """The creation holds its (uncommitted) job while the delete runs: the delete must wait
+    for it and then refuse, never delete the file under a job that is about to exist."""
+    store, url = ArtifactStore(settings.artifacts_dir), settings.sqlalchemy_url
+    file_id = stored_file(settings, store)
     outcome: list[BaseException | None] = []
 
     def delete() -> None:
@@ -97,14 +97,8 @@ def test_a_delete_racing_a_job_creation_never_leaves_the_job_without_its_file(se
 
 
 def test_a_job_created_on_a_file_being_deleted_is_refused(settings) -> None:  # type: ignore[no-untyped-def]
-    store = ArtifactStore(settings.artifacts_dir)
-    url = settings.sqlalchemy_url
-    with session_scope(url) as session:
-        org = tenancy.get_or_create_organization(session, name="acme")
-        file_id = files.store_spooled_file(
-            session, organization=org, spool=_spool(settings), size=1, sha256="0" * 64,
-            filename="t.jsonl", purpose="fine-tune", store=store, max_lines=100,
-        ).id  # fmt: skip
+    store, url = ArtifactStore(settings.artifacts_dir), settings.sqlalchemy_url
+    file_id = stored_file(settings, store)
     outcome: list[BaseException | None] = []
 
     def create() -> None:

@@ -17,7 +17,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from tests.api.test_files import jsonl, upload
-from tests.conftest import chat_rows, make_settings
+from tests.conftest import chat_rows
 from tests.security.test_tenant_matrix import calls, tenant_a  # noqa: F401 (fixture)
 
 HOSTILE = [
@@ -35,16 +35,10 @@ HOSTILE = [
 ]
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def settings(request, tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]
-    from app import migrate
-
-    overrides = {}
-    if request.param == "postgres":
-        overrides["database_url"] = request.getfixturevalue("pg_database_url")
-    settings = make_settings(tmp_path / "data", tiny_model_dir, **overrides)
-    migrate.upgrade(settings)
-    return settings
+@pytest.fixture
+def settings(backend):  # type: ignore[no-untyped-def]
+    """On SQLite and on PostgreSQL."""
+    return backend
 
 
 def raw(client, method: str, url: str, *, params=None, body=None):  # type: ignore[no-untyped-def]

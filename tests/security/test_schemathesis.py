@@ -21,7 +21,7 @@ from app.config import get_settings
 from app.main import create_app
 from tests.api.conftest import api_key
 from tests.api.test_files import jsonl, upload
-from tests.conftest import chat_rows, make_settings
+from tests.conftest import chat_rows
 
 pytestmark = pytest.mark.slow
 FUZZ = hypothesis_settings(
@@ -33,16 +33,11 @@ FUZZ = hypothesis_settings(
 )
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def settings(request, tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]
+@pytest.fixture
+def settings(backend):  # type: ignore[no-untyped-def]
     """Both databases: PostgreSQL refuses what SQLite takes (a NUL in text, a 32-bit
     overflow), so a 500 may exist on one only."""
-    from app import migrate
-
-    url = request.getfixturevalue("pg_database_url") if request.param == "postgres" else None
-    settings = make_settings(tmp_path / "data", tiny_model_dir, database_url=url)
-    migrate.upgrade(settings)
-    return settings
+    return backend
 
 
 @pytest.fixture

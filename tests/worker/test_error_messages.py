@@ -7,7 +7,7 @@ from sqlalchemy import select
 
 from app.db.models import Job, JobEvent
 from app.db.session import session_scope
-from tests.worker.test_run_job import backend, submit  # noqa: F401 (fixture)
+from tests.worker.test_run_job import submit
 from worker import job_inputs
 from worker import run_job as run_job_module
 from worker.run_job import run_job
@@ -23,7 +23,7 @@ def shown(settings, job_id: str) -> str:  # type: ignore[no-untyped-def]
         return repr(job.error) + "\n".join(events)
 
 
-def test_a_dataset_vanishing_mid_run_fails_without_the_server_path(backend, monkeypatch):  # type: ignore[no-untyped-def]  # noqa: F811
+def test_a_dataset_vanishing_mid_run_fails_without_the_server_path(backend, monkeypatch):  # type: ignore[no-untyped-def]
     """The probe: the stored dataset went away after the job had started."""
     job_id = submit(backend)
     real = job_inputs.read_inputs
@@ -40,7 +40,7 @@ def test_a_dataset_vanishing_mid_run_fails_without_the_server_path(backend, monk
     assert str(backend.data_dir) not in text and "/artifacts/" not in text, text
 
 
-def test_an_unexpected_error_naming_a_path_is_scrubbed(backend, monkeypatch):  # type: ignore[no-untyped-def]  # noqa: F811
+def test_an_unexpected_error_naming_a_path_is_scrubbed(backend, monkeypatch):  # type: ignore[no-untyped-def]
     job_id = submit(backend)
     secret_dir = backend.artifacts_dir / "datasets"
 
@@ -53,7 +53,7 @@ def test_an_unexpected_error_naming_a_path_is_scrubbed(backend, monkeypatch):  #
     assert "…/shard-00001.bin" in text and str(backend.data_dir) not in text, text
 
 
-def test_a_stored_dataset_missing_before_the_start_names_the_file(backend):  # type: ignore[no-untyped-def]  # noqa: F811
+def test_a_stored_dataset_missing_before_the_start_names_the_file(backend):  # type: ignore[no-untyped-def]
     job_id = submit(backend)
     for path in (backend.artifacts_dir / "datasets").iterdir():
         path.unlink()

@@ -16,23 +16,11 @@ from app.db.session import session_scope
 from app.ml.adapters import ADAPTER_WEIGHTS, file_sha256
 from app.schemas.jobs import JobCreate
 from app.storage import ArtifactStore
-from tests.conftest import chat_rows, make_settings
+from tests.conftest import chat_rows
 from worker import run_job as run_job_module
 from worker.run_job import run_job
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def backend(request, tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]
-    from app import migrate
-
-    overrides = {}
-    if request.param == "postgres":
-        overrides["database_url"] = request.getfixturevalue("pg_database_url")
-    settings = make_settings(tmp_path / "data", tiny_model_dir, **overrides)
-    migrate.upgrade(settings)
-    return settings
 
 
 def submit(settings, *, rows=None, org="acme", model="tiny", **hyperparameters) -> str:  # type: ignore[no-untyped-def]

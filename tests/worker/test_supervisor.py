@@ -17,7 +17,7 @@ from app.config import get_settings
 from app.db.models import Job
 from app.db.session import session_scope
 from tests.conftest import make_settings
-from tests.worker.test_run_job import backend, submit  # noqa: F401 (a fixture)
+from tests.worker.test_run_job import submit
 from worker import run_job as run_job_module
 from worker import supervisor
 
@@ -39,7 +39,7 @@ def rows(settings, *ids: str) -> dict[str, Job]:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def deliver(backend, monkeypatch):  # type: ignore[no-untyped-def]  # noqa: F811
+def deliver(backend, monkeypatch):  # type: ignore[no-untyped-def]
     """The Celery task as a worker runs it, for one message (without a broker)."""
     env = {
         "LORAFORGE_DATA_DIR": str(backend.data_dir),
@@ -57,7 +57,7 @@ def deliver(backend, monkeypatch):  # type: ignore[no-untyped-def]  # noqa: F811
     get_settings.cache_clear()
 
 
-def test_an_organizations_job_starts_before_anothers_backlog_drains(backend, deliver, monkeypatch):  # type: ignore[no-untyped-def]  # noqa: F811
+def test_an_organizations_job_starts_before_anothers_backlog_drains(backend, deliver, monkeypatch):  # type: ignore[no-untyped-def]
     """One worker; A submits 4 jobs, then B one. Messages arrive in that order, but B's
     job starts second: a message only wakes the worker, which picks fairly."""
     monkeypatch.setattr(run_job_module, "_train_and_publish", quick_failure)
@@ -72,7 +72,7 @@ def test_an_organizations_job_starts_before_anothers_backlog_drains(backend, del
     assert {job.attempt for job in jobs_.values()} == {1}  # none claimed twice
 
 
-def test_messages_for_cancelled_jobs_start_no_process(backend, monkeypatch):  # type: ignore[no-untyped-def]  # noqa: F811
+def test_messages_for_cancelled_jobs_start_no_process(backend, monkeypatch):  # type: ignore[no-untyped-def]
     """A stale message costs a read: no child process is forked for it."""
     monkeypatch.setattr(run_job_module, "_train_and_publish", quick_failure)
     forks, real_fork = [], os.fork
@@ -132,7 +132,7 @@ def claim_next(settings, cap: int = 0, worker: str = "w") -> job_runs.Claim | No
         )
 
 
-def test_an_organization_at_its_running_cap_waits_and_is_taken_when_one_ends(backend):  # type: ignore[no-untyped-def]  # noqa: F811
+def test_an_organization_at_its_running_cap_waits_and_is_taken_when_one_ends(backend):  # type: ignore[no-untyped-def]
     first, second = submit(backend, org="a"), submit(backend, org="a")
     other = submit(backend, org="b")
     running = claim_next(backend, cap=1)
@@ -144,7 +144,7 @@ def test_an_organization_at_its_running_cap_waits_and_is_taken_when_one_ends(bac
     assert claim_next(backend, cap=1).job_id == second
 
 
-def test_concurrent_claims_take_each_job_once_and_keep_the_cap(backend):  # type: ignore[no-untyped-def]  # noqa: F811
+def test_concurrent_claims_take_each_job_once_and_keep_the_cap(backend):  # type: ignore[no-untyped-def]
     from concurrent.futures import ThreadPoolExecutor
 
     backlog = [submit(backend, org="a") for _ in range(3)]
@@ -157,7 +157,7 @@ def test_concurrent_claims_take_each_job_once_and_keep_the_cap(backend):  # type
     assert {job.attempt for job in rows(backend, *taken).values()} == {1}
 
 
-def test_the_supervisors_heartbeat_keeps_a_cancelled_run_active_until_it_stops(backend):  # type: ignore[no-untyped-def]  # noqa: F811
+def test_the_supervisors_heartbeat_keeps_a_cancelled_run_active_until_it_stops(backend):  # type: ignore[no-untyped-def]
     from datetime import timedelta
 
     job_id = submit(backend)
