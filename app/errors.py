@@ -43,6 +43,11 @@ class NotFound(LoraforgeError, LookupError):
     code = "not_found"
 
 
+def model_not_found(model_id: str) -> NotFound:
+    """OpenAI's answer for a model id that is unknown, deleted or another organization's."""
+    return NotFound(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+
+
 class InvalidState(LoraforgeError):
     """The object exists but is in a state that forbids the operation (409)."""
 

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db.models import Adapter, Checkpoint, Job, Organization
-from app.errors import InvalidState, NotFound
+from app.errors import InvalidState, NotFound, model_not_found
 
 
 @dataclass(frozen=True)
@@ -75,9 +75,7 @@ def get_adapter(
     )
     adapter = session.scalar(query.with_for_update() if for_update else query)
     if adapter is None:
-        raise NotFound(
-            f"The model '{model_id}' does not exist", param="model", code="model_not_found"
-        )
+        raise model_not_found(model_id)
     return adapter
 
 
@@ -91,9 +89,7 @@ def get_checkpoint(
     )
     checkpoint = session.scalar(query.with_for_update() if for_update else query)
     if checkpoint is None:
-        raise NotFound(
-            f"The model '{model_id}' does not exist", param="model", code="model_not_found"
-        )
+        raise model_not_found(model_id)
     if checkpoint.status == "pruned":
         raise NotFound(
             f"The checkpoint '{model_id}' was pruned by retention: the server keeps only the "

@@ -17,12 +17,12 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-from app.errors import InvalidRequest, NotFound, RateLimited
+from app.errors import InvalidRequest, NotFound, RateLimited, model_not_found
 from app.inference.fallback import Fallbacks
 from app.inference.request import Request
 from app.inference.sampling import MAX_LOGPROBS, SamplingParams
 from app.inference.types import AdapterRef, Generation
-from app.model_config import CONTEXT_KEYS as _CONTEXT_KEYS
+from app.model_config import context_of
 
 logger = logging.getLogger(__name__)
 DEFAULT_CONTEXT_LENGTH = 2048
@@ -119,9 +119,7 @@ class InferenceEngine:
         )
         base = self._loaded(base_model)
         if adapter is not None and self._is_deleted(adapter.id):
-            raise NotFound(
-                f"The model '{adapter.id}' does not exist", param="model", code="model_not_found"
-            )
+            raise model_not_found(adapter.id)
         _check_length(prompt, messages, self.context_length(base_model), base.max_token_chars)
         release = self._admit(owner)
         try:
@@ -239,9 +237,8 @@ class InferenceEngine:
 
             from app.base_models import checked_ref
 
-            known = _context_of(
-                AutoConfig.from_pretrained(checked_ref(ref), trust_remote_code=False)
-            )
+            config = AutoConfig.from_pretrained(checked_ref(ref), trust_remote_code=False)
+            known = context_of(config.to_dict()) or DEFAULT_CONTEXT_LENGTH
             with self._lock:
                 self._context[base_model] = known
         return known
@@ -366,15 +363,6 @@ def _tokenize(tokenizer: Any, prompt: str | None, messages: list[dict] | None) -
     if not ids:
         raise InvalidRequest(f"the {param} tokenizes to no tokens", param=param)
     return list(ids)
-
-
-def _context_of(config: Any) -> int:
-    for source in (config, getattr(config, "text_config", None)):
-        for key in _CONTEXT_KEYS:
-            value = getattr(source, key, None)
-            if isinstance(value, int) and value > 0:
-                return value
-    return DEFAULT_CONTEXT_LENGTH
 
 
 def eos_token_ids(tokenizer: Any, model: Any) -> frozenset[int]:

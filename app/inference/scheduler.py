@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from app.errors import NotFound
+from app.errors import model_not_found
 from app.inference.fairness import OwnerCounters, choose_fairly, share_of
 from app.inference.kv import BatchKV, forward_options
 from app.inference.lora import LoraState, Plan, linear_shapes, token_shapes
@@ -179,7 +179,7 @@ class BaseScheduler:
         ref = request.adapter
         if ref is not None:
             if ref.id in self.deleted:
-                request.put(_gone(ref.id))
+                request.put(model_not_found(ref.id))
                 return
             hit = self.pool.ready(ref)
             self.pool.touch(ref, hit=hit)
@@ -191,7 +191,7 @@ class BaseScheduler:
         waiters = self._preloads.pop(ref.id, [])
         if isinstance(result, Exception) or ref.id in self.deleted:
             self.pool.loading.pop(ref.id, None)
-            error = result if isinstance(result, Exception) else _gone(ref.id)
+            error = result if isinstance(result, Exception) else model_not_found(ref.id)
             if waiters:
                 logger.warning("preloading %s failed: %s", ref.id, error)
             self._fail_waiting(ref.id, error)
@@ -208,7 +208,7 @@ class BaseScheduler:
     def _unload(self, adapter_id: str) -> None:
         self.deleted.add(adapter_id)
         self.pool.doomed.add(adapter_id)
-        self._fail_waiting(adapter_id, _gone(adapter_id))
+        self._fail_waiting(adapter_id, model_not_found(adapter_id))
         self._trim()  # evicted now unless a running row still uses it
 
     def _fail_waiting(self, adapter_id: str, error: Exception) -> None:
@@ -386,9 +386,3 @@ class BaseScheduler:
         return TokenLogprob(
             self.tokenizer.decode([token]), float(logprobs[token]), alternatives, offset
         )
-
-
-def _gone(adapter_id: str) -> NotFound:
-    return NotFound(
-        f"The model '{adapter_id}' does not exist", param="model", code="model_not_found"
-    )
