@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     max_running_jobs_per_org: int = 0
     # A run that was cancelled or fenced off and has not stopped after this long is killed.
     stop_grace_seconds: float = 10.0
-    # Bounds on one job's work (app/work_limits.py) and on an organization's stored files.
+    # Bounds on one job's work (app/jobs/limits.py) and on an organization's stored files.
     max_tokens_per_step: int = 1 << 20  # batch_size * gradient_accumulation * max_seq_length
     max_examples_per_job: int = 10_000_000  # n_epochs * training examples
     max_stored_bytes_per_org: int = 10 << 30  # bytes of files; 413 past it

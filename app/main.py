@@ -17,7 +17,7 @@ from app.api.routes import admin, engine, files, inference, jobs, models
 from app.base_models import report
 from app.config import Settings, get_settings
 from app.db.session import read_session_scope
-from app.sweeper import start_sweeper
+from app.jobs.sweep import start_sweeper
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

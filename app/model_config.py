@@ -1,7 +1,7 @@
 """What the API needs to know of a base model, read from its config.json (no torch).
 
 The API process checks requests against the base model without loading it: the context
-length here, the module names from the safetensors headers in app/hyperparameters.py.
+length here, the module names from the safetensors headers in app/jobs/hyperparameters.py.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ import psutil
 import torch
 import uvicorn
 
-from app import migrate, registry, tenancy
+from app import migrate, tenancy
 from app.config import Settings, get_settings
 from app.db.models import Job
 from app.db.session import session_scope
@@ -37,6 +37,7 @@ from app.ids import new_id
 from app.inference import Generation, InferenceEngine
 from app.main import create_app
 from app.ml.loading import load_base_model, load_tokenizer
+from app.registry import service as registry
 from app.storage import ArtifactStore
 from bench.inference_common import build_adapters, build_base, median
 from tests.e2e.stack import free_port

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from app.config import get_settings
-from app.queue import make_celery
+from app.jobs.queue import make_celery
 
 celery_app = make_celery(get_settings())
 # The pool process is resident (a stale message costs it milliseconds); each job runs in

@@ -17,7 +17,7 @@ from app import base_models
 from app.config import Settings
 from app.db.models import Adapter, Checkpoint, File, Job
 from app.db.session import session_scope
-from app.job_runs import Claim
+from app.jobs.runs import Claim
 from app.ml.adapters import ADAPTER_WEIGHTS, file_sha256
 from app.model_config import context_of
 from app.storage import ArtifactStore

@@ -19,12 +19,12 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from app import job_runs
 from app.config import Settings
 from app.db.base import utcnow
 from app.db.session import read_session_scope, session_scope
-from app.job_runs import Claim
-from app.jobs import add_event
+from app.jobs import runs as job_runs
+from app.jobs.runs import Claim
+from app.jobs.service import add_event
 from app.ml.adapters import ADAPTER_WEIGHTS, file_sha256
 from app.storage import ArtifactStore
 from worker.training.checkpoint import checkpoint_steps

@@ -17,13 +17,14 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
-from app import files, job_runs
 from app.config import Settings, get_settings
 from app.db.session import session_scope
 from app.errors import public_message
-from app.job_runs import Claim, RunAborted
-from app.jobs import TERMINAL
-from app.leftovers import remove_dead_attempts_leftovers, remove_scratch_of_ended_jobs
+from app.files import service as files
+from app.jobs import runs as job_runs
+from app.jobs.leftovers import remove_dead_attempts_leftovers, remove_scratch_of_ended_jobs
+from app.jobs.runs import Claim, RunAborted
+from app.jobs.service import TERMINAL
 from app.ml.adapters import ADAPTER_WEIGHTS
 from app.storage import ArtifactStore
 from worker import job_inputs

@@ -23,10 +23,10 @@ import time
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
 
-from app import job_runs
 from app.config import Settings, get_settings
 from app.db.session import get_engine, session_scope
-from app.job_runs import Claim
+from app.jobs import runs as job_runs
+from app.jobs.runs import Claim
 from worker.run_job import WORKER_NAME, end, execute, remove_scratch
 
 logger = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.queue import TRAIN_TASK
+from app.jobs.queue import TRAIN_TASK
 from worker.celery_app import celery_app
 from worker.supervisor import wake
 

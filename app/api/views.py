@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from app import jobs
 from app.db.models import Adapter, ApiKey, Checkpoint, File, Job, JobEvent
+from app.jobs import service as jobs
 from app.schemas.files import FileRead
 from app.schemas.jobs import CheckpointRead, EventRead, JobError, JobRead
 from app.schemas.models import ModelRead

@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from app import registry
 from app.db.session import session_scope
 from app.errors import NotFound, ServiceUnavailable
 from app.inference.types import AdapterRef
+from app.registry import service as registry
 from app.storage import ArtifactStore
 
 logger = logging.getLogger(__name__)

@@ -7,9 +7,10 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from app import queue, tenancy
+from app import tenancy
 from app.config import get_settings
 from app.db.session import session_scope
+from app.jobs import queue
 from app.main import create_app
 
 

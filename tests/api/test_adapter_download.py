@@ -14,8 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-from app.adapter_download import adapter_archive, public_base_name  # noqa: E402
 from app.ml.loading import load_base_model  # noqa: E402
+from app.registry.download import adapter_archive, public_base_name  # noqa: E402
 from app.storage import ArtifactStore  # noqa: E402
 from tests.api.test_inference_api import publish_adapter  # noqa: E402
 

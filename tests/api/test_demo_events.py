@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import openai
 
+from app.cli.demo import new_events
 from app.db.session import session_scope
-from app.demo import new_events
-from app.jobs import add_event
+from app.jobs.service import add_event
 from tests.worker.test_run_job import submit
 
 

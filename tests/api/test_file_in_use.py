@@ -6,10 +6,12 @@ import threading
 
 import pytest
 
-from app import files, jobs, tenancy
+from app import tenancy
 from app.db.models import Job
 from app.db.session import session_scope
 from app.errors import InvalidRequest, InvalidState
+from app.files import service as files
+from app.jobs import service as jobs
 from app.schemas.jobs import JobCreate
 from app.storage import ArtifactStore
 from tests.api.test_files import jsonl, upload

@@ -14,12 +14,13 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-from app import registry, tenancy  # noqa: E402
+from app import tenancy  # noqa: E402
 from app.db.models import Job  # noqa: E402
 from app.db.session import session_scope  # noqa: E402
 from app.ids import new_id  # noqa: E402
 from app.ml.adapters import save_adapter  # noqa: E402
 from app.ml.loading import load_base_model  # noqa: E402
+from app.registry import service as registry  # noqa: E402
 from app.storage import ArtifactStore  # noqa: E402
 
 PROMPT = "The quick brown fox"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from app import jobs
 from app.db.session import session_scope
+from app.jobs import service as jobs
 from tests.api.test_files import jsonl, upload
 from tests.conftest import chat_rows
 

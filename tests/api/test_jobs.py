@@ -26,7 +26,7 @@ def job_count(settings) -> int:  # type: ignore[no-untyped-def]
 def test_create_resolves_auto_and_enqueues_after_commit(
     client, settings, training_file, monkeypatch
 ):  # type: ignore[no-untyped-def]
-    from app import queue
+    from app.jobs import queue
 
     seen_in_db: list[str] = []
 
@@ -164,7 +164,7 @@ def test_events_and_checkpoints_pages(client, training_file):  # type: ignore[no
 def test_create_answers_202_when_the_broker_is_unreachable(
     client, settings, training_file, monkeypatch
 ):  # type: ignore[no-untyped-def]
-    from app import queue
+    from app.jobs import queue
 
     monkeypatch.setattr(queue, "enqueue_training", lambda job_id: False)  # broker down
     response = create(client, model="tiny", training_file=training_file)
@@ -175,7 +175,7 @@ def test_create_answers_202_when_the_broker_is_unreachable(
 def test_a_database_outage_answers_503_with_retry_after(client, monkeypatch):  # type: ignore[no-untyped-def]
     from sqlalchemy.exc import OperationalError
 
-    from app import jobs
+    from app.jobs import service as jobs
 
     def down(*_args, **_kwargs):  # type: ignore[no-untyped-def]
         raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))

@@ -12,10 +12,11 @@ import threading
 import pytest
 from sqlalchemy import func, select
 
-from app import files, tenancy
+from app import tenancy
 from app.db.models import File
 from app.db.session import new_session, session_scope
 from app.errors import PayloadTooLarge
+from app.files import service as files
 from app.storage import ArtifactStore
 from tests.api.test_files import jsonl, upload
 from tests.api.test_jobs import create, job_count

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from app import files, jobs, tenancy
+from app import tenancy
 from app.db.session import session_scope
 from app.errors import InvalidRequest
+from app.files import service as files
+from app.jobs import service as jobs
 from app.schemas.jobs import JobCreate
 from app.storage import ArtifactStore
 from tests.api.test_files import jsonl, upload

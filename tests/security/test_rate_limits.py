@@ -8,9 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from fastapi.testclient import TestClient
 
-from app import jobs, migrate
+from app import migrate
 from app.api.rate_limit import TokenBuckets
 from app.config import get_settings
+from app.jobs import service as jobs
 from app.main import create_app
 from tests.api.conftest import api_key
 from tests.api.test_files import jsonl, upload

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from app import registry
 from app.db.models import Adapter, Checkpoint
 from app.db.session import session_scope
 from app.ids import new_id
+from app.registry import service as registry
 from tests.api.test_files import jsonl, upload
 from tests.conftest import chat_rows
 

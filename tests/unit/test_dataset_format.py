@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from app.dataset_format import DatasetSummary, validate_jsonl_file, validate_record
 from app.errors import InvalidFile
+from app.files.format import DatasetSummary, validate_jsonl_file, validate_record
 
 USER = {"role": "user", "content": "hi"}
 ASSISTANT = {"role": "assistant", "content": "hello"}

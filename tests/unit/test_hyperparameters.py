@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.errors import InvalidRequest
-from app.hyperparameters import (
+from app.jobs.hyperparameters import (
     check_target_modules,
     continue_from,
     linear_module_names,
@@ -93,7 +93,7 @@ def test_a_hub_id_is_left_for_the_worker_to_check(tmp_path) -> None:  # type: ig
 
 
 def test_train_special_tokens_are_checked_against_the_local_vocabulary(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
-    from app.hyperparameters import check_special_tokens
+    from app.jobs.hyperparameters import check_special_tokens
 
     check_special_tokens(str(tiny_model_dir), ["<|user|>", "<|end|>"])
     check_special_tokens(str(tiny_model_dir), True)

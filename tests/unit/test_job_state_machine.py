@@ -28,13 +28,15 @@ from hypothesis.stateful import (
 )
 from sqlalchemy import func, select
 
-from app import job_runs, jobs, tenancy
+from app import tenancy
 from app.config import Settings
 from app.db.base import utcnow
 from app.db.models import Adapter, Checkpoint, Job, Organization
 from app.db.session import session_scope
 from app.errors import InvalidState
 from app.ids import new_id
+from app.jobs import runs as job_runs
+from app.jobs import service as jobs
 
 FULL = os.environ.get("LORAFORGE_CHAOS_FULL") == "1"
 MAX_ATTEMPTS = 3

@@ -130,7 +130,7 @@ def any_settings(request, tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def test_events_stored_before_0005_get_opaque_ids_and_page(any_settings) -> None:  # type: ignore[no-untyped-def]
-    from app import jobs
+    from app.jobs import service as jobs
 
     url = any_settings.sqlalchemy_url
     migrate.upgrade(any_settings)

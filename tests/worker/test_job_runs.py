@@ -1,4 +1,4 @@
-"""The worker-side lifecycle (app/job_runs.py) on a real database, without training."""
+"""The worker-side lifecycle (app/jobs/runs.py) on a real database, without training."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from app import job_runs
 from app.db.models import Job
 from app.db.session import session_scope
+from app.jobs import runs as job_runs
 from tests.worker.test_run_job import submit
 
 
@@ -74,7 +74,8 @@ def test_the_sweep_removes_what_a_dead_attempt_left_but_keeps_recorded_checkpoin
 ):  # type: ignore[no-untyped-def]
     import os
 
-    from app import queue, sweeper
+    from app.jobs import queue
+    from app.jobs import sweep as sweeper
     from app.storage import ArtifactStore
 
     monkeypatch.setattr(queue, "enqueue_training", lambda job_id: True)
@@ -134,7 +135,8 @@ def test_the_sweep_resends_a_waiting_job_only_when_its_message_may_be_lost(
 ):  # type: ignore[no-untyped-def]
     """A job queued behind a long one is not lost; copies must not pile up faster than a
     busy worker skips them."""
-    from app import queue, sweeper
+    from app.jobs import queue
+    from app.jobs import sweep as sweeper
 
     sent: list[str] = []
     monkeypatch.setattr(queue, "enqueue_training", sent.append)

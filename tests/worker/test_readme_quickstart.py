@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from app.cli.demo import TINY_MODEL_HYPERPARAMETERS
 from app.db.models import Adapter, Job
-from app.demo import TINY_MODEL_HYPERPARAMETERS
 from app.storage import ArtifactStore
 from tests.worker.test_run_job import load, submit
 from worker.run_job import run_job

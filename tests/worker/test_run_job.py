@@ -9,10 +9,13 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from app import files, job_runs, jobs, tenancy
+from app import tenancy
 from app.db.base import utcnow
 from app.db.models import Adapter, Checkpoint, File, Job, JobEvent
 from app.db.session import session_scope
+from app.files import service as files
+from app.jobs import runs as job_runs
+from app.jobs import service as jobs
 from app.ml.adapters import ADAPTER_WEIGHTS, file_sha256
 from app.schemas.jobs import JobCreate
 from app.storage import ArtifactStore

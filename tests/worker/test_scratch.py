@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from app import job_runs, queue, sweeper
 from app.db.base import utcnow
 from app.db.models import Job
 from app.db.session import session_scope
+from app.jobs import queue
+from app.jobs import runs as job_runs
+from app.jobs import sweep as sweeper
 from app.storage import ArtifactStore
 from tests.worker.test_run_job import submit
 from worker import run_job as run_job_module

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from app import job_runs, jobs, tenancy
+from app import tenancy
 from app.config import get_settings
 from app.db.models import Job
 from app.db.session import session_scope
+from app.jobs import runs as job_runs
+from app.jobs import service as jobs
 from tests.conftest import make_settings
 from tests.worker.test_run_job import submit
 from worker import run_job as run_job_module

@@ -5,7 +5,6 @@ from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app import files
 from app.api import idempotency
 from app.api.deps import OrgDep, ReadSessionDep, SessionDep, SettingsDep, StoreDep
 from app.api.idempotency import IdempotencyHeader
@@ -14,6 +13,7 @@ from app.api.views import file_view
 from app.config import Settings
 from app.db.models import Organization
 from app.db.session import session_scope
+from app.files import service as files
 from app.schemas.common import Deleted, Id, ListPage
 from app.schemas.files import FileRead
 from app.storage import ArtifactStore

@@ -25,11 +25,12 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from app import base_models, registry, tenancy
+from app import base_models, tenancy
 from app.api.deps import EngineDep, OrgDep, SettingsDep, StoreDep
 from app.db.session import read_session_scope
 from app.errors import LoraforgeError, Unauthorized, without_server_paths
 from app.ids import new_id
+from app.registry import service as registry
 from app.schemas.inference import (
     AssistantMessage,
     ChatChoice,

@@ -4,14 +4,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from app import jobs, queue
 from app.api import idempotency
 from app.api.deps import OrgDep, ReadSessionDep, SessionDep, SettingsDep
 from app.api.idempotency import IdempotencyHeader
 from app.api.views import checkpoint_view, event_view, job_view
+from app.jobs import queue
+from app.jobs import service as jobs
+from app.jobs.limits import WorkLimits
 from app.schemas.common import Id, ListPage
 from app.schemas.jobs import CheckpointRead, EventRead, JobCreate, JobRead
-from app.work_limits import WorkLimits
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 Limit = Annotated[int, Query(ge=1, le=100)]

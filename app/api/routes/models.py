@@ -3,13 +3,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from app import base_models, registry
-from app.adapter_download import adapter_archive, public_base_name
+from app import base_models
 from app.api.deps import OrgDep, ReadSessionDep, SessionDep, SettingsDep, StoreDep
 from app.api.views import adapter_view, base_model_view, checkpoint_model_view
 from app.db.session import commit
 from app.errors import IntegrityFailure, InvalidRequest
 from app.ml.adapters import ADAPTER_WEIGHTS
+from app.registry import service as registry
+from app.registry.download import adapter_archive, public_base_name
 from app.schemas.common import Id, ListPage
 from app.schemas.models import ModelDeleted, ModelRead
 from app.storage import sha256_file

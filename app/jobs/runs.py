@@ -18,12 +18,12 @@ from typing import Any
 from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from app import registry
 from app.db.base import utcnow
 from app.db.models import Checkpoint, Job, Organization
 from app.db.session import session_scope
 from app.ids import new_id
-from app.jobs import add_event
+from app.jobs.service import add_event
+from app.registry import service as registry
 
 logger = logging.getLogger(__name__)
 

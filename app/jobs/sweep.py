@@ -13,11 +13,12 @@ import time
 
 from sqlalchemy import func, select
 
-from app import job_runs, queue
 from app.config import Settings
 from app.db.models import Job
 from app.db.session import read_session_scope, session_scope
-from app.leftovers import remove_dead_attempts_leftovers, remove_scratch_of_ended_jobs
+from app.jobs import queue
+from app.jobs import runs as job_runs
+from app.jobs.leftovers import remove_dead_attempts_leftovers, remove_scratch_of_ended_jobs
 
 logger = logging.getLogger(__name__)
 

@@ -200,7 +200,7 @@ def api(host: Host = "127.0.0.1", port: Port = 8000) -> None:
 @cli.command()
 def worker(concurrency: int = 1) -> None:
     """Run one Celery worker on the training queue (one job per GPU)."""
-    from app.queue import TRAIN_QUEUE
+    from app.jobs.queue import TRAIN_QUEUE
 
     settings = get_settings()
     _where(settings)
@@ -273,7 +273,7 @@ def tiny_model(out: Path) -> None:
 @cli.command()
 def demo(port: Port = 8765) -> None:
     """Fine-tune an adapter on a tiny local model through the API and print its reply."""
-    from app.demo import run_demo
+    from app.cli.demo import run_demo
 
     run_demo(port=port)
 

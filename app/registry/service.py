@@ -161,7 +161,7 @@ def delete_model(session: Session, *, organization: Organization, model_id: str)
 
 
 def _delete_checkpoint(session: Session, *, organization: Organization, model_id: str) -> Removed:
-    from app.jobs import TERMINAL  # here: app.jobs imports this module
+    from app.jobs.service import TERMINAL  # here: app.jobs.service imports this module
 
     checkpoint = get_checkpoint(
         session, organization=organization, model_id=model_id, for_update=True

@@ -9,9 +9,9 @@ from typing import BinaryIO, Literal
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from app.dataset_format import LINE_SHAPES, MAX_LINE_BYTES, validate_jsonl_file
 from app.db.models import File, Job, Organization
 from app.errors import InvalidRequest, InvalidState, NotFound, PayloadTooLarge
+from app.files.format import LINE_SHAPES, MAX_LINE_BYTES, validate_jsonl_file
 from app.ids import new_id
 from app.storage import ArtifactStore
 

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from app.config import Settings
 from app.db.models import Checkpoint, Job
 from app.db.session import read_session_scope
-from app.jobs import TERMINAL
+from app.jobs.service import TERMINAL
 from app.storage import ArtifactStore
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Fine-tuning jobs, the API side: create, read, list, cancel, events, checkpoints.
 
-The worker side (claim, lease, completion) is in `app/job_runs.py`.
+The worker side (claim, lease, completion) is in `app/jobs/runs.py`.
 """
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ from dataclasses import dataclass
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from app import hyperparameters, registry
 from app.base_models import require_loadable
 from app.db.base import utcnow
 from app.db.models import Adapter, Checkpoint, File, Job, JobEvent, Organization
 from app.errors import InvalidRequest, InvalidState, NotFound, RateLimited
-from app.files import get_file
+from app.files.service import get_file
 from app.ids import new_id
+from app.jobs import hyperparameters
+from app.jobs.limits import WorkLimits, check_job_work
+from app.registry import service as registry
 from app.schemas.jobs import JobCreate
-from app.work_limits import WorkLimits, check_job_work
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 EVENT_ID = re.compile(r"^ftevent-[A-Za-z0-9]{1,32}$")

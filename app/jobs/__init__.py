@@ -1,0 +1,10 @@
+"""Fine-tuning jobs: creation and its checks, the run protocol, the queue contract, the sweep.
+
+- `service`: create, list, cancel jobs; their events and checkpoints (the API's side).
+- `hyperparameters`: the job's hyperparameters resolved against the base model.
+- `limits`: bounds on the work one job may ask for.
+- `runs`: claiming a job, its lease, and ending an attempt (the worker's side).
+- `queue`: the Celery wake-up message shared by the API and the workers.
+- `sweep` and `leftovers`: re-sending lost wake-ups, re-queuing dead attempts, removing what
+  they left behind.
+"""
