@@ -84,6 +84,15 @@ class IntegrityFailure(LoraforgeError):
     code = "integrity_error"
 
 
+def adapter_weights_changed(model_id: str) -> IntegrityFailure:
+    """An adapter whose stored weights are not the ones published: the server's fault (500),
+    the same answer at inference and at download."""
+    return IntegrityFailure(
+        f"the stored weights of {model_id} do not match the sha256 recorded when it was "
+        "published; refusing to serve them"
+    )
+
+
 class Forbidden(LoraforgeError):
     """A valid caller asking for something outside its scope, e.g. a tenant key on admin (403)."""
 

@@ -105,7 +105,7 @@ StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 _engine_lock = threading.Lock()
 
 
-def get_engine(request: Request, settings: SettingsDep) -> InferenceEngine:
+def get_inference_engine(request: Request, settings: SettingsDep) -> InferenceEngine:
     """The process's inference engine, created on the first inference request."""
     if not settings.inference_enabled:
         raise ServiceUnavailable(
@@ -134,7 +134,7 @@ def engine_for(app, settings: Settings) -> InferenceEngine:  # type: ignore[no-u
     return app.state.engine
 
 
-EngineDep = Annotated["InferenceEngine", Depends(get_engine)]
+EngineDep = Annotated["InferenceEngine", Depends(get_inference_engine)]
 
 
 def forbid_unknown_query(request: Request) -> None:

@@ -34,7 +34,13 @@ STATUS = {
 def error_body(
     message: str, *, type: str, param: str | None = None, code: str | None = None
 ) -> dict:
+    """OpenAI's error envelope: the one place it is built (JSON answers and SSE error events)."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def server_error_body() -> dict:
+    """What a client reads of an unexpected failure: none of its details (the log has them)."""
+    return error_body("The server had an error processing your request.", type="server_error")
 
 
 def _status_for(exc: errors.LoraforgeError) -> int:
@@ -44,8 +50,23 @@ def _status_for(exc: errors.LoraforgeError) -> int:
     return 400
 
 
-async def _domain_error(_: Request, exc: errors.LoraforgeError) -> JSONResponse:
-    return error_response(exc)
+async def _domain_error(request: Request, exc: errors.LoraforgeError) -> JSONResponse:
+    response = error_response(exc)
+    if response.status_code == 500:  # the server's fault (say, changed adapter bytes): say so
+        logger.error(
+            "%s on %s %s: %s", type(exc).__name__, request.method, request.url.path, exc.message
+        )
+    return response
+
+
+def domain_error(exc: errors.LoraforgeError) -> tuple[int, dict]:
+    """A domain error's status and envelope (JSON answers and SSE error events alike)."""
+    status = _status_for(exc)
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    if isinstance(exc, errors.RateLimited):
+        kind = "rate_limit_error"
+    message = errors.without_server_paths(exc.message)  # some wrap a library's or OS's text
+    return status, error_body(message, type=kind, param=exc.param, code=exc.code)
 
 
 def error_response(exc: errors.LoraforgeError, *, close: bool = False) -> JSONResponse:
@@ -53,15 +74,12 @@ def error_response(exc: errors.LoraforgeError, *, close: bool = False) -> JSONRe
 
     `close`: end the connection after the answer (the rest of the body is never read).
     """
-    status = _status_for(exc)
-    kind = "invalid_request_error" if status < 500 else "server_error"
+    status, body = domain_error(exc)
     headers = {}
     if isinstance(exc, errors.RateLimited):
-        kind, headers = "rate_limit_error", {"Retry-After": str(exc.retry_after)}
+        headers["Retry-After"] = str(exc.retry_after)
     if close or isinstance(exc, errors.RequestTimeout):
         headers["Connection"] = "close"
-    message = errors.without_server_paths(exc.message)  # some wrap a library's or OS's text
-    body = error_body(message, type=kind, param=exc.param, code=exc.code)
     return JSONResponse(body, status, headers=headers or None)
 
 
@@ -158,9 +176,7 @@ async def _database_busy(request: Request, exc: PoolTimeout) -> JSONResponse:
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse(
-        error_body("The server had an error processing your request.", type="server_error"), 500
-    )
+    return JSONResponse(server_error_body(), 500)
 
 
 def install_error_handlers(app: FastAPI) -> None:

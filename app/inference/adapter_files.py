@@ -1,12 +1,13 @@
 """Reading one adapter from the artifact store into LoRA factors, checked on the way.
 
-The weights file is read once: its bytes are hashed (the registry's sha256 must match) and
-parsed from memory with safetensors, so what is checked is what is loaded. Plain LoRA on
-linear layers is batched, with PEFT's trainable tokens (`trainable_token_indices`: trained
-rows of the input embedding and output layer, `train_special_tokens`); every other PEFT
-feature is refused by name rather than being silently served wrong (`batch_refusal` sends
-such adapters to the PEFT fallback, which reads them with `read_peft_adapter`). Runs on the
-loader thread: no model state is touched here.
+The weights file is read once: its bytes are hashed (the registry's sha256 must match, else
+`errors.adapter_weights_changed`: the server's fault, 500) and parsed from memory with
+safetensors, so what is checked is what is loaded. Files that are not a servable adapter are
+refused (`refused`, 400). Plain LoRA on linear layers is batched, with PEFT's trainable
+tokens (`trainable_token_indices`: trained rows of the input embedding and output layer,
+`train_special_tokens`); every other PEFT feature is refused by name rather than being
+silently served wrong (`batch_refusal` sends such adapters to the PEFT fallback, which reads
+them with `read_peft_adapter`). Runs on the loader thread: no model state is touched here.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.errors import adapter_weights_changed
 from app.inference.types import AdapterIntegrityError, AdapterRef
 from app.ml.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_dir
 from app.ml.loading import UnsafeModelError
@@ -76,7 +78,7 @@ def read_adapter(
     tokens = _token_rows(ref, tensors, config, token_shapes or {})
     modules = _factors(ref, tensors, config, shapes)
     if set(tokens) & set(modules):
-        raise _refused(ref, f"{sorted(set(tokens) & set(modules))} has LoRA factors and token rows")
+        raise refused(ref, f"{sorted(set(tokens) & set(modules))} has LoRA factors and token rows")
     moved = {
         name: (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype), scale)
         for name, (a, b, scale) in modules.items()
@@ -130,13 +132,14 @@ def read_peft_adapter(ref: AdapterRef) -> tuple[dict[str, Any], dict[str, Any]]:
     config = _lora_config(ref, folder)
     foreign = sorted(name for name in tensors if not _PEFT_KEY.match(name))
     if foreign:
-        raise _refused(ref, f"tensor {foreign[0]!r} is not an adapter weight")
+        raise refused(ref, f"tensor {foreign[0]!r} is not an adapter weight")
     if not tensors:
-        raise _refused(ref, "it holds no adapter weights")
+        raise refused(ref, "it holds no adapter weights")
     return config, tensors
 
 
-def _refused(ref: AdapterRef, why: str) -> AdapterIntegrityError:
+def refused(ref: AdapterRef, why: str) -> AdapterIntegrityError:
+    """Why the files of `ref` are not served (they also feed the PEFT fallback's refusals)."""
     return AdapterIntegrityError(f"adapter {ref.id}: {why}", param="model")
 
 
@@ -148,14 +151,14 @@ def _checked_tensors(ref: AdapterRef, folder: Path) -> dict[str, Any]:
     try:
         return load_safetensors(data)
     except Exception as exc:  # a corrupt file that still matched its hash at publish time
-        raise _refused(ref, f"{ADAPTER_WEIGHTS} is not a safetensors file ({exc})") from exc
+        raise refused(ref, f"{ADAPTER_WEIGHTS} is not a safetensors file ({exc})") from exc
 
 
 def _checked_bytes(ref: AdapterRef, folder: Path) -> bytes:
     try:
         check_adapter_dir(folder)
     except UnsafeModelError as exc:
-        raise _refused(ref, str(exc)) from exc
+        raise refused(ref, str(exc)) from exc
     # Only what PEFT could load as the adapter's weights counts; a training checkpoint's
     # `optimizer.pt` next to them is never read here, so it does not make the folder unsafe.
     pickled = sorted(
@@ -164,17 +167,13 @@ def _checked_bytes(ref: AdapterRef, folder: Path) -> bytes:
         if p.suffix.lower() in PICKLE_SUFFIXES and p.name.startswith("adapter_model")
     )
     if pickled:
-        raise _refused(
+        raise refused(
             ref, f"contains pickled weights ({', '.join(pickled)}); only safetensors are served"
         )
     data = (folder / ADAPTER_WEIGHTS).read_bytes()
     actual = hashlib.sha256(data).hexdigest()
     if actual != ref.sha256.strip().lower():
-        raise _refused(
-            ref,
-            f"sha256 of {ADAPTER_WEIGHTS} is {actual} but the registry recorded {ref.sha256}; "
-            "the file changed after publishing, refusing to serve it",
-        )
+        raise adapter_weights_changed(ref.id)
     return data
 
 
@@ -182,11 +181,11 @@ def _lora_config(ref: AdapterRef, folder: Path) -> dict[str, Any]:
     try:
         config = json.loads((folder / ADAPTER_CONFIG).read_text())
     except (OSError, ValueError) as exc:
-        raise _refused(ref, f"{ADAPTER_CONFIG} is not valid JSON") from exc
+        raise refused(ref, f"{ADAPTER_CONFIG} is not valid JSON") from exc
     if not isinstance(config, dict):
-        raise _refused(ref, f"{ADAPTER_CONFIG} is not a JSON object")
+        raise refused(ref, f"{ADAPTER_CONFIG} is not a JSON object")
     if config.get("peft_type") != "LORA":
-        raise _refused(ref, f"it is a {config.get('peft_type')!r} adapter; only LORA is served")
+        raise refused(ref, f"it is a {config.get('peft_type')!r} adapter; only LORA is served")
     return config
 
 
@@ -195,10 +194,10 @@ def _config(ref: AdapterRef, folder: Path) -> dict[str, Any]:
     config = _lora_config(ref, folder)
     for key, plain in _PLAIN.items():
         if config.get(key, plain) != plain:
-            raise _refused(ref, f"{key}={config[key]!r} is not served (only plain LoRA)")
+            raise refused(ref, f"{key}={config[key]!r} is not served (only plain LoRA)")
     for key in _ABSENT:
         if config.get(key):
-            raise _refused(ref, f"{key} is not served (only plain LoRA on linear layers)")
+            raise refused(ref, f"{key} is not served (only plain LoRA on linear layers)")
     return config
 
 
@@ -220,12 +219,12 @@ def _token_rows(
     if not isinstance(wanted, dict) or not set(saved) <= set(wanted):
         # PEFT's short form (a list) leaves the layers tied to the embedding implicit;
         # the trainer writes every module by name (worker/training/loop.py `_token_rows`)
-        raise _refused(ref, "trainable_token_indices must name each module with token rows")
+        raise refused(ref, "trainable_token_indices must name each module with token rows")
     rows = {}
     for name, indices in wanted.items():
         values = saved.get(name, next(iter(saved.values())) if len(saved) == 1 else None)
         if not _rows_fit(indices, values, token_shapes.get(name)):
-            raise _refused(
+            raise refused(
                 ref,
                 f"could not be loaded onto this base model: its trained token rows of {name!r} "
                 "do not fit the base's embedding or output layer",
@@ -256,16 +255,16 @@ def _factors(
     for key, tensor in tensors.items():
         match = _KEY.match(key)
         if match is None:
-            raise _refused(ref, f"tensor {key!r} is not a LoRA factor of a linear layer")
+            raise refused(ref, f"tensor {key!r} is not a LoRA factor of a linear layer")
         parts.setdefault(match["module"], {})[match["part"]] = tensor
     if not parts:
-        raise _refused(ref, "it holds no LoRA factors")
+        raise refused(ref, "it holds no LoRA factors")
     modules = {}
     for name, pair in parts.items():
         a, b = pair.get("A"), pair.get("B")
         expected = shapes.get(name)
         if a is None or b is None or expected is None:
-            raise _refused(
+            raise refused(
                 ref,
                 f"could not be loaded onto this base model: module {name!r} "
                 + (
@@ -281,7 +280,7 @@ def _factors(
             or tuple(a.shape) != (rank, expected[0])
             or tuple(b.shape) != (expected[1], rank)
         ):
-            raise _refused(
+            raise refused(
                 ref,
                 f"could not be loaded onto this base model: {name} has factors "
                 f"{tuple(a.shape)}, {tuple(b.shape)} for a {expected} linear layer",

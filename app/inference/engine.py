@@ -1,30 +1,29 @@
 """The inference engine: per base model, the base loaded once and one batching scheduler.
 
-Request threads (the sync API routes) validate and tokenize here, then hand the request to
-the base model's scheduler thread (`scheduler.py`) and wait on it: `generate` for a whole
-completion, `submit(...).deltas()` for streaming. Requests on every adapter of a base, and
-on the bare base, share that scheduler's forward passes. torch/transformers are imported
-lazily, so importing this module is cheap.
+Request threads (the API's inference threads) check the input against the model and tokenize
+here, then hand the request to the base model's scheduler thread (`scheduler.py`) and wait on
+it: `generate` for a whole completion, `submit(...).deltas()` for streaming. Requests on
+every adapter of a base, and on the bare base, share that scheduler's forward passes.
+Sampling values come validated from the API's schemas (`app/schemas/inference.py`) and are
+taken as given. torch/transformers are imported lazily, so importing this module is cheap.
 """
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import replace
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from app.errors import InvalidRequest, NotFound, RateLimited, model_not_found
+from app.inference.deleted import DeletedAdapters
 from app.inference.fallback import Fallbacks
 from app.inference.request import Request
-from app.inference.sampling import MAX_LOGPROBS, SamplingParams
+from app.inference.sampling import Sampling
 from app.inference.types import AdapterRef, Generation
 from app.model_config import context_of
 
-logger = logging.getLogger(__name__)
 DEFAULT_CONTEXT_LENGTH = 2048
 DEFAULT_MAX_TOKENS = 256  # when a chat request gives no limit (capped by the context)
 
@@ -82,10 +81,10 @@ class InferenceEngine:
         self._max_batch = max_batch_size
         self._device = device
         self._context: dict[str, int] = {}
-        self._deleted: set[str] = set()
+        self._deleted = DeletedAdapters()  # the one record, shared with every base's pool
         self._per_owner, self._batch_share = max_requests_per_owner, batch_share_per_owner
         self._admitted: dict[str, set[object]] = {}  # owner -> its unfinished requests
-        self._lock = threading.Lock()  # guards _context, _deleted and _admitted
+        self._lock = threading.Lock()  # guards _context and _admitted
         self._fallbacks = Fallbacks(capacity=max_loaded_adapters, max_batch=max_batch_size)
 
     # -- requests ----------------------------------------------------------------------
@@ -99,26 +98,19 @@ class InferenceEngine:
         max_tokens: int | None = 16,
         temperature: float = 1.0,
         top_p: float = 1.0,
-        stop: list[str] | str | None = None,
+        stop: Sequence[str] = (),
         seed: int | None = None,
         logprobs: int | None = None,
         owner: str | None = None,
     ) -> Request:
-        """Validate, tokenize and queue one request; bad input raises before anything runs.
+        """Check, tokenize and queue one request; input the model cannot take raises before
+        anything runs. Sampling values are the API schema's, validated there.
 
         `owner` (an organization id) is admitted fairly and counted against its limit.
         """
         _check_input(prompt, messages)
-        _check_logprobs(logprobs)
-        params = SamplingParams.checked(  # max_tokens is checked once the prompt is known
-            max_tokens=1 if max_tokens is None else max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            stop=stop,
-            seed=seed,
-        )
         base = self._loaded(base_model)
-        if adapter is not None and self._is_deleted(adapter.id):
+        if adapter is not None and adapter.id in self._deleted:
             raise model_not_found(adapter.id)
         _check_length(prompt, messages, self.context_length(base_model), base.max_token_chars)
         release = self._admit(owner)
@@ -129,11 +121,11 @@ class InferenceEngine:
         except BaseException:
             release()
             raise
-        params = replace(params, max_tokens=fitted)
+        sampling = Sampling(fitted, float(temperature), float(top_p), tuple(stop), seed)
         if adapter is not None and self._fallbacks.reason(adapter, base.shapes) is not None:
             # The batch cannot apply this adapter: its own PEFT scheduler runs it, where it is
             # the whole model (so the request names no adapter there).
-            request = Request(None, input_ids, params, logprobs, owner=owner)
+            request = Request(None, input_ids, sampling, logprobs, owner=owner)
             request.on_done = release
             try:
                 self._fallbacks.submit(base_model, base, adapter, request)  # may load, and fail
@@ -141,9 +133,9 @@ class InferenceEngine:
                 release()
                 raise
             return request
-        request = Request(adapter, input_ids, params, logprobs, owner=owner)
+        request = Request(adapter, input_ids, sampling, logprobs, owner=owner)
         request.on_done = release
-        base.scheduler.send("submit", request)
+        base.scheduler.submit(request)
         return request
 
     def _admit(self, owner: str | None) -> Callable[[], None]:
@@ -174,36 +166,32 @@ class InferenceEngine:
     # -- adapters ----------------------------------------------------------------------
     def preload(self, base_model: str, adapters: list[AdapterRef]) -> None:
         """Load adapters and pin them (never evicted); returns once each is loaded or failed
-        (a failure is logged by nobody but shows in `stats`: loaded stays false)."""
+        (a failure is logged where the adapter loads, and shows in `stats`: loaded stays
+        false)."""
         base = self._loaded(base_model)
         done = []
         for ref in adapters:
             if self._fallbacks.reason(ref, base.shapes) is not None:
                 self._preload_fallback(base_model, base, ref)  # warm, though not pinned
                 continue
-            done.append(threading.Event())
-            base.scheduler.send("preload", ref, done[-1])
+            done.append(base.scheduler.preload(ref))
         for event in done:
             event.wait(timeout=300)
 
     def _preload_fallback(self, base_model: str, base: _Base, ref: AdapterRef) -> None:
-        try:
+        # Like a batched preload, a failure (logged by the fallback) leaves the adapter
+        # unloaded and the others go on.
+        with suppress(Exception):
             self._fallbacks.warm(base_model, base, ref)
-        except Exception:  # like a batched preload: the adapter stays unloaded, others go on
-            logger.warning("preloading %s on the PEFT fallback failed", ref.id, exc_info=True)
 
     def unload_adapter(self, adapter_id: str) -> None:
         """Free a deleted adapter's weights and refuse it from now on. Idempotent.
 
         Returns once every scheduler has taken it out (rows already running on it finish
         first; queued requests for it are refused)."""
-        with self._lock:
-            self._deleted.add(adapter_id)
+        self._deleted.add(adapter_id)  # from now on every pool refuses and evicts it
         self._fallbacks.unload(adapter_id)
-        done = []
-        for base in self._started():
-            done.append(threading.Event())
-            base.scheduler.send("unload", adapter_id, done[-1])
+        done = [base.scheduler.unload(adapter_id) for base in self._started()]
         for event in done:
             event.wait(timeout=60)
 
@@ -269,16 +257,13 @@ class InferenceEngine:
                     capacity=self._capacity,
                     max_batch=self._max_batch,
                     batch_share=self._batch_share,
+                    deleted=self._deleted,
                 )
                 base.shapes = linear_shapes(model)
         return base
 
     def _started(self) -> list[_Base]:
         return [base for base in self._bases.values() if base.scheduler is not None]
-
-    def _is_deleted(self, adapter_id: str) -> bool:
-        with self._lock:
-            return adapter_id in self._deleted
 
     def _fitted(self, base_model: str, prompt_tokens: int, max_tokens: int | None) -> int:
         """max_tokens checked against the context (None: as many as fit, up to a default)."""
@@ -331,20 +316,6 @@ def _check_length(
             f"the {param} has {chars} characters; this model's context of {context} tokens "
             f"holds at most {limit}; shorten it",
             param=param,
-        )
-
-
-def _check_logprobs(logprobs: int | None) -> None:
-    if logprobs is None:
-        return
-    if (
-        isinstance(logprobs, bool)
-        or not isinstance(logprobs, int)
-        or not (0 <= logprobs <= MAX_LOGPROBS)
-    ):
-        raise InvalidRequest(
-            f"logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {logprobs!r}",
-            param="logprobs",
         )
 
 

@@ -17,9 +17,10 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-from app.errors import NotFound, ServiceUnavailable
-from app.inference.adapter_files import batch_refusal, read_peft_adapter
-from app.inference.types import AdapterIntegrityError, AdapterRef
+from app.errors import NotFound, ServiceUnavailable, model_not_found
+from app.inference.adapter_files import batch_refusal, read_peft_adapter, refused
+from app.inference.messages import Submit
+from app.inference.types import AdapterRef
 
 logger = logging.getLogger(__name__)
 _ADAPTER = "default"  # the one adapter of each view
@@ -45,21 +46,17 @@ def peft_view(model: Any, ref: AdapterRef) -> Any:
     try:
         peft_config = PeftConfig.from_peft_type(**config)
     except (TypeError, ValueError) as exc:
-        raise _refused(ref, f"its adapter_config.json does not load in PEFT ({exc})") from exc
+        raise refused(ref, f"its adapter_config.json does not load in PEFT ({exc})") from exc
     try:
         wrapped = get_peft_model(shared_view(model), peft_config, adapter_name=_ADAPTER)
         result = set_peft_model_state_dict(wrapped, tensors, adapter_name=_ADAPTER)
     except Exception as exc:  # PEFT's own refusal of this config on this base
-        raise _refused(ref, f"PEFT cannot load it onto this base ({type(exc).__name__})") from exc
+        raise refused(ref, f"PEFT cannot load it onto this base ({type(exc).__name__})") from exc
     missing = [key for key in result.missing_keys if f".{_ADAPTER}" in key]
     if result.unexpected_keys or missing:
         first = (result.unexpected_keys or missing)[0]
-        raise _refused(ref, f"its weights do not fit this base model ({first})")
+        raise refused(ref, f"its weights do not fit this base model ({first})")
     return wrapped.base_model.model.eval()  # the base's modules, PEFT's layers injected
-
-
-def _refused(ref: AdapterRef, why: str) -> AdapterIntegrityError:
-    return AdapterIntegrityError(f"adapter {ref.id}: {why}", param="model")
 
 
 class Fallbacks:
@@ -90,7 +87,7 @@ class Fallbacks:
         receiving the request: retiring waits for what it has received.
         """
         with self._lock:
-            self._scheduler(base_name, base, ref).send("submit", request)
+            self._scheduler(base_name, base, ref).submit(request)
 
     def warm(self, base_name: str, base: Any, ref: AdapterRef) -> None:
         with self._lock:
@@ -106,14 +103,18 @@ class Fallbacks:
             self._schedulers.move_to_end(key)
             return found
         model = base.scheduler.model
-        started = BaseScheduler(
-            f"{base_name}+{ref.id}",
-            peft_view(model, ref),
-            load_tokenizer(base.ref),
-            eos_ids=base.scheduler.eos_ids,
-            capacity=1,
-            max_batch=self.max_batch,
-        )
+        try:
+            started = BaseScheduler(
+                f"{base_name}+{ref.id}",
+                peft_view(model, ref),
+                load_tokenizer(base.ref),
+                eos_ids=base.scheduler.eos_ids,
+                capacity=1,
+                max_batch=self.max_batch,
+            )
+        except Exception:  # the caller gets the error; the log keeps it too
+            logger.warning("loading adapter %s on the PEFT fallback failed", ref.id, exc_info=True)
+            raise
         logger.info("serving %s with the PEFT fallback", ref.id)
         self._schedulers[key] = started
         while len(self._schedulers) > self.capacity:
@@ -126,7 +127,7 @@ class Fallbacks:
             keys = [key for key in self._schedulers if key[0] == adapter_id]
             gone = [self._schedulers.pop(key) for key in keys]
         for scheduler in gone:
-            _retire(scheduler, NotFound(f"The model '{adapter_id}' does not exist", param="model"))
+            _retire(scheduler, model_not_found(adapter_id))
 
     def close(self) -> None:
         with self._lock:
@@ -154,7 +155,7 @@ def _stop(scheduler: Any, error: Exception) -> None:
     held = [row.request for row in scheduler.rows] + list(scheduler.waiting)
     while not scheduler.inbox.empty():
         message = scheduler.inbox.get_nowait()
-        if message and message[0] == "submit":
-            held.append(message[1])
+        if isinstance(message, Submit):
+            held.append(message.request)
     for request in held:
-        request.events.put(error)
+        request.put(error)  # wakes a caller waiting on the event loop, frees its admission

@@ -3,12 +3,15 @@
 Owned by the base model's scheduler thread: only that thread installs or evicts, between
 forward passes, so a forward never sees an adapter half there. Reading files, checking the
 sha256 and parsing the weights happen on a separate loader thread, so loading one adapter
-never stalls the requests already running on others. `snapshot` may be called from any
-thread (it copies the counters under a lock).
+never stalls the requests already running on others; a read that fails is logged there and
+reported to the scheduler, which fails the requests waiting for it. What is deleted is the
+engine's one record (`deleted.py`): never loaded again, evicted once no running row uses
+it. `snapshot` and `lru_order` may be called from any thread (they copy under a lock).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -17,9 +20,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from app.errors import model_not_found
 from app.inference.adapter_files import AdapterWeights, read_adapter
+from app.inference.deleted import DeletedAdapters
 from app.inference.lora import Factors, LoraState, wrap_module, wrap_tokens
+from app.inference.messages import Loaded
 from app.inference.types import AdapterRef
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,7 +71,8 @@ class AdapterPool:
         token_shapes: dict[str, tuple[int, int]],
         dtype: Any,
         device: Any,
-        notify: Callable[[tuple], None],
+        notify: Callable[[Loaded], None],
+        deleted: DeletedAdapters,
     ) -> None:
         self.model, self.state, self.base_model = model, state, base_model
         self.capacity = capacity
@@ -73,10 +82,9 @@ class AdapterPool:
             "dtype": dtype,
             "device": device,
         }
-        self._notify = notify
+        self._notify, self._deleted = notify, deleted
         self.resident: OrderedDict[str, _Resident] = OrderedDict()  # least recent first
-        self.loading: dict[str, bool] = {}  # id -> pin when loaded
-        self.doomed: set[str] = set()  # deleted: evict as soon as no row uses it
+        self._loading: dict[str, bool] = {}  # id -> pin when loaded
         self._stats: dict[str, AdapterStats] = {}
         self._order: tuple[str, ...] = ()  # `resident` keys, published for other threads
         self._lock = threading.Lock()
@@ -86,29 +94,46 @@ class AdapterPool:
         found = self.resident.get(ref.id)
         return found is not None and found.sha256 == _sha(ref)
 
+    def is_deleted(self, adapter_id: str) -> bool:
+        return adapter_id in self._deleted
+
     def load(self, ref: AdapterRef, *, pin: bool = False) -> None:
-        """Start loading `ref` on the loader thread (once); the result arrives via notify."""
-        if ref.id in self.loading:
-            self.loading[ref.id] = self.loading[ref.id] or pin
+        """Start loading `ref` on the loader thread (once; never a deleted one); the result
+        comes back as a `Loaded` message, for `finish_load`."""
+        if ref.id in self._loading:
+            self._loading[ref.id] = self._loading[ref.id] or pin
             return
-        self.loading[ref.id] = pin
+        if ref.id in self._deleted:
+            return  # its waiting requests are refused by the scheduler's `Unload`
+        self._loading[ref.id] = pin
         self._loader.submit(self._read_one, ref)
 
     def _read_one(self, ref: AdapterRef) -> None:
         started = time.perf_counter()
         try:
             result: AdapterWeights | Exception = read_adapter(ref, **self._read)
-        except Exception as exc:  # reported to the requests that wait for it
+        except Exception as exc:  # logged here; the scheduler fails the requests waiting
+            logger.warning("loading adapter %s on %s failed", ref.id, self.base_model, exc_info=exc)
             result = exc
-        self._notify(("loaded", ref, result, time.perf_counter() - started))
+        self._notify(Loaded(ref, result, time.perf_counter() - started))
 
-    def install(self, weights: AdapterWeights, seconds: float) -> None:
+    def finish_load(self, message: Loaded) -> Exception | None:
+        """Install what the loader read; the error for its waiting requests if it failed, or
+        if the adapter was deleted meanwhile (then it is not installed)."""
+        ref, result = message.ref, message.result
+        if isinstance(result, Exception) or ref.id in self._deleted:
+            self._loading.pop(ref.id, None)
+            return result if isinstance(result, Exception) else model_not_found(ref.id)
+        self._install(result, message.seconds)
+        return None
+
+    def _install(self, weights: AdapterWeights, seconds: float) -> None:
         """Make a read adapter usable by the next forward (scheduler thread, between steps)."""
         ref = weights.ref
-        pin = self.loading.pop(ref.id, False)
+        pin = self._loading.pop(ref.id, False)
         if ref.id in self.resident:
             pin = pin or self.resident[ref.id].pinned
-            self.evict(ref.id)
+            self._evict(ref.id)
         holders = []
         for name, (a, b, scale) in weights.modules.items():
             holders.append(wrap_module(self.model, name, self.state).factors)
@@ -130,7 +155,7 @@ class AdapterPool:
             stats.loads += 1
             stats.last_load_seconds = seconds
 
-    def evict(self, adapter_id: str) -> None:
+    def _evict(self, adapter_id: str) -> None:
         """Drop an adapter's factors from every module (their memory is freed with them)."""
         found = self.resident.pop(adapter_id, None)
         if found is None:
@@ -147,19 +172,19 @@ class AdapterPool:
     def trim(self, busy: set[str], wanted: set[str]) -> None:
         """Evict deleted adapters and least recently used ones past capacity.
 
-        Never evicts an adapter a running row uses (`busy`) or a pinned one; prefers the
-        ones no waiting request asks for (`wanted`). May stay over capacity until rows end.
+        Never evicts an adapter a running row uses (`busy`), nor a pinned one unless it was
+        deleted; prefers the ones no waiting request asks for (`wanted`). May stay over
+        capacity until rows end.
         """
-        if not self.doomed and len(self.resident) <= self.capacity:
-            return  # the common case, checked every scheduler iteration: O(1)
-        for adapter_id in [a for a in self.doomed if a not in busy]:
-            self.evict(adapter_id)
-            self.doomed.discard(adapter_id)
+        for adapter_id in self._deleted.among(a for a in self.resident if a not in busy):
+            self._evict(adapter_id)
+        if len(self.resident) <= self.capacity:
+            return  # the common case, checked every scheduler iteration
         excess = sum(not r.pinned for r in self.resident.values()) - self.capacity
         candidates = [a for a, r in self.resident.items() if not r.pinned and a not in busy]
         candidates.sort(key=lambda a: a in wanted)  # stable: LRU order within each group
         for adapter_id in candidates[: max(0, excess)]:
-            self.evict(adapter_id)
+            self._evict(adapter_id)
 
     def touch(self, ref: AdapterRef, *, hit: bool) -> None:
         """A request arrived for `ref`: count a hit or a miss."""

@@ -15,7 +15,7 @@ import queue
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from app.inference.sampling import SamplingParams
+from app.inference.sampling import Sampling
 from app.inference.types import AdapterRef, Delta, Generation
 
 Event = Delta | Generation | BaseException
@@ -25,7 +25,7 @@ Event = Delta | Generation | BaseException
 class Request:
     adapter: AdapterRef | None
     input_ids: list[int]
-    params: SamplingParams
+    sampling: Sampling
     logprobs: int | None = None  # top alternatives per token; None = no logprobs
     owner: str | None = None  # the organization: fair admission across organizations
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)

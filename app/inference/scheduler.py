@@ -1,13 +1,14 @@
 """One base model's scheduler: a thread that batches every request on that base.
 
-Continuous batching: between two decode steps the thread takes in messages (new requests,
-finished adapter loads, deletions), prefills the requests that can start (their adapter is
-resident, the batch has room), and appends them to the running batch; rows leave as soon as
-they finish. Each decode step is one forward pass over all running rows, whatever adapter
-each uses (`lora.Plan`), over one KV cache (`kv.BatchKV`). A request whose adapter is still
-loading waits without holding up the others.
+Continuous batching: between two decode steps the thread takes in messages (`messages.py`:
+new requests, finished adapter loads, preloads, deletions), prefills the requests that can
+start (their adapter is resident, the batch has room), and appends them to the running
+batch; rows leave as soon as they finish. Each decode step is one forward pass over all
+running rows, whatever adapter each uses (`lora.Plan`), over one KV cache (`kv.BatchKV`).
+A request whose adapter is still loading waits without holding up the others.
 
-Everything here runs on the scheduler thread, except `submit`/`send`, which only enqueue.
+Everything here runs on the scheduler thread, except `submit`, `preload`, `unload` and
+`stop`, which only enqueue a message, and `load_info`, which reads copies.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from typing import Any
 import torch
 
 from app.errors import model_not_found
+from app.inference.deleted import DeletedAdapters
 from app.inference.fairness import OwnerCounters, choose_fairly, share_of
 from app.inference.kv import BatchKV, forward_options
 from app.inference.lora import LoraState, Plan, linear_shapes, token_shapes
+from app.inference.messages import Loaded, Message, Preload, Stop, Submit, Unload
 from app.inference.pool import AdapterPool
 from app.inference.request import Request
-from app.inference.sampling import make_generator, pick_token
+from app.inference.sampling import choose_tokens, make_generator, token_logprob
 from app.inference.text import TextTracker
 from app.inference.types import AdapterRef, Delta, Generation, TokenLogprob
 
@@ -61,7 +64,9 @@ class BaseScheduler:
         capacity: int,
         max_batch: int,
         batch_share: float = 1.0,
+        deleted: DeletedAdapters | None = None,
     ) -> None:
+        """`deleted`: the engine's record of deleted adapters (a fresh one if not given)."""
         self.name, self.model, self.tokenizer, self.eos_ids = name, model, tokenizer, eos_ids
         self.max_batch = max_batch
         self.rows_per_owner = share_of(max_batch, batch_share)
@@ -79,12 +84,12 @@ class BaseScheduler:
             dtype=next(model.parameters()).dtype,
             device=self.device,
             notify=self.inbox.put,
+            deleted=deleted if deleted is not None else DeletedAdapters(),
         )
         config = getattr(model.config, "text_config", None) or model.config
         self.kv = BatchKV(config.num_hidden_layers, self.device)
         self.waiting: deque[Request] = deque()
         self.rows: list[_Row] = []
-        self.deleted: set[str] = set()
         self._preloads: dict[str, list[threading.Event]] = {}  # id -> preload() callers
         self.steps = 0  # decode steps
         self.mixed_steps = 0  # decode steps whose rows span more than one model
@@ -95,12 +100,25 @@ class BaseScheduler:
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
-    # -- called from request threads: enqueue only ------------------------------------
-    def send(self, *message: Any) -> None:
-        self.inbox.put(message)
+    # -- called from other threads: enqueue only --------------------------------------
+    def submit(self, request: Request) -> None:
+        self.inbox.put(Submit(request))
+
+    def preload(self, ref: AdapterRef) -> threading.Event:
+        """Load `ref` pinned; the event is set once it is resident or has failed."""
+        done = threading.Event()
+        self.inbox.put(Preload(ref, done))
+        return done
+
+    def unload(self, adapter_id: str) -> threading.Event:
+        """Act on a deletion (already in the engine's `DeletedAdapters`); the event is set
+        once waiting requests for it are refused and it is evicted or will be as rows end."""
+        done = threading.Event()
+        self.inbox.put(Unload(adapter_id, done))
+        return done
 
     def stop(self) -> None:
-        self.send("stop")
+        self.inbox.put(Stop())
         self._thread.join(timeout=30)
         self.pool.close()
 
@@ -150,35 +168,30 @@ class BaseScheduler:
         try:
             message = self.inbox.get() if block else self.inbox.get_nowait()
             while True:
-                self._handle(*message)
+                self._handle(message)
                 message = self.inbox.get_nowait()
         except queue.Empty:
             return
 
-    def _handle(self, kind: str, *args: Any) -> None:
-        if kind == "submit":
-            self._accept(args[0])
-        elif kind == "loaded":
-            self._loaded(*args)
-        elif kind == "unload":
-            self._unload(args[0])
-            args[1].set()
-        elif kind == "preload":
-            ref, done = args
-            if self.pool.ready(ref):
-                self.pool.pin(ref.id)
-            elif ref.id not in self.deleted:
-                self.pool.load(ref, pin=True)
-                self._preloads.setdefault(ref.id, []).append(done)
-                return
-            done.set()
-        elif kind == "stop":
-            raise _Stop
+    def _handle(self, message: Message) -> None:
+        match message:
+            case Submit(request):
+                self._accept(request)
+            case Loaded():
+                self._loaded(message)
+            case Preload(ref, done):
+                self._preload(ref, done)
+            case Unload(adapter_id, done):
+                self._fail_waiting(adapter_id, model_not_found(adapter_id))
+                self._trim()  # evicted now unless a running row still uses it
+                done.set()
+            case Stop():
+                raise _Stop
 
     def _accept(self, request: Request) -> None:
         ref = request.adapter
         if ref is not None:
-            if ref.id in self.deleted:
+            if self.pool.is_deleted(ref.id):
                 request.put(model_not_found(ref.id))
                 return
             hit = self.pool.ready(ref)
@@ -187,29 +200,27 @@ class BaseScheduler:
                 self.pool.load(ref)
         self.waiting.append(request)
 
-    def _loaded(self, ref: AdapterRef, result: Any, seconds: float) -> None:
-        waiters = self._preloads.pop(ref.id, [])
-        if isinstance(result, Exception) or ref.id in self.deleted:
-            self.pool.loading.pop(ref.id, None)
-            error = result if isinstance(result, Exception) else model_not_found(ref.id)
-            if waiters:
-                logger.warning("preloading %s failed: %s", ref.id, error)
-            self._fail_waiting(ref.id, error)
+    def _preload(self, ref: AdapterRef, done: threading.Event) -> None:
+        if self.pool.ready(ref):
+            self.pool.pin(ref.id)
+        elif not self.pool.is_deleted(ref.id):
+            self.pool.load(ref, pin=True)
+            self._preloads.setdefault(ref.id, []).append(done)
+            return
+        done.set()
+
+    def _loaded(self, message: Loaded) -> None:
+        error = self.pool.finish_load(message)  # a failed read was logged by the pool
+        if error is not None:
+            self._fail_waiting(message.ref.id, error)
         else:
-            self.pool.install(result, seconds)
             self._trim()  # make room now, so the cache never holds more than it must
-        for done in waiters:
+        for done in self._preloads.pop(message.ref.id, []):
             done.set()
 
     def _trim(self) -> None:
         busy = {row.request.key for row in self.rows}
         self.pool.trim(busy, {request.key for request in self.waiting})
-
-    def _unload(self, adapter_id: str) -> None:
-        self.deleted.add(adapter_id)
-        self.pool.doomed.add(adapter_id)
-        self._fail_waiting(adapter_id, model_not_found(adapter_id))
-        self._trim()  # evicted now unless a running row still uses it
 
     def _fail_waiting(self, adapter_id: str, error: Exception) -> None:
         for request in [r for r in self.waiting if r.key == adapter_id]:
@@ -262,7 +273,7 @@ class BaseScheduler:
                 self.waiting.remove(request)
             elif request.adapter is None or self.pool.ready(request.adapter):
                 ready.setdefault(request.owner, deque()).append(request)
-            elif request.key not in self.pool.loading:  # evicted while it waited
+            else:  # evicted while it waited: load it again (a no-op while it loads)
                 self.pool.load(request.adapter)
         return ready
 
@@ -278,13 +289,15 @@ class BaseScheduler:
         rows = [
             _Row(
                 request,
-                TextTracker(self.tokenizer, request.params.stop, self.eos_ids),
-                None if request.params.greedy else make_generator(request.params.seed, self.device),
+                TextTracker(self.tokenizer, request.sampling.stop, self.eos_ids),
+                None
+                if request.sampling.greedy
+                else make_generator(request.sampling.seed, self.device),
             )
             for request in group
         ]
         logits = out.logits[:, -1]
-        tokens = self._choose(rows, logits)
+        tokens = choose_tokens(logits, [(row.request.sampling, row.generator) for row in rows])
         live = [
             (index, row)
             for index, (row, token) in enumerate(zip(rows, tokens, strict=True))
@@ -314,7 +327,7 @@ class BaseScheduler:
         self.kv.advance()
         self.steps += 1
         logits = out.logits[:, -1]
-        tokens = self._choose(self.rows, logits)
+        tokens = choose_tokens(logits, [(row.request.sampling, row.generator) for row in self.rows])
         keep = [
             index
             for index, (row, token) in enumerate(zip(self.rows, tokens, strict=True))
@@ -324,34 +337,19 @@ class BaseScheduler:
             self.kv.keep(keep)
             self.rows = [self.rows[index] for index in keep]
 
-    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
-        """Next token per row: one argmax for all greedy rows, seeded sampling for the rest."""
-        greedy = [i for i, row in enumerate(rows) if row.request.params.greedy]
-        tokens = [0] * len(rows)
-        if greedy:
-            picked = (
-                logits[greedy].argmax(dim=-1).tolist()
-                if len(greedy) < len(rows)
-                else logits.argmax(dim=-1).tolist()
-            )
-            for index, token in zip(greedy, picked, strict=True):
-                tokens[index] = token
-        for index, row in enumerate(rows):
-            if not row.request.params.greedy:
-                tokens[index] = pick_token(logits[index], row.request.params, row.generator)
-        return tokens
-
     def _advance(self, row: _Row, token: int, logits: torch.Tensor) -> bool:
         """Record one generated token for `row`; stream what became visible. True = done."""
         request, tracker = row.request, row.tracker
         row.produced += 1
         row.last = token
         if request.logprobs is not None and token not in self.eos_ids:
-            entry = self._logprob(logits, token, len(tracker.text), request.logprobs)
+            entry = token_logprob(
+                self.tokenizer, logits, token, len(tracker.text), request.logprobs
+            )
             row.logprobs.append(entry)
             row.pending.append(entry)
         piece = tracker.push(token)
-        if tracker.finish_reason is None and row.produced >= request.params.max_tokens:
+        if tracker.finish_reason is None and row.produced >= request.sampling.max_tokens:
             piece += tracker.finish("length")
         done = tracker.finish_reason is not None
         if piece or done:  # the last delta always carries the finish reason
@@ -374,15 +372,4 @@ class BaseScheduler:
                 row.produced,
                 row.logprobs if request.logprobs is not None else None,
             )
-        )
-
-    def _logprob(self, logits: torch.Tensor, token: int, offset: int, top: int) -> TokenLogprob:
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        alternatives: dict[str, float] = {}
-        if top:
-            values, ids = torch.topk(logprobs, top)
-            for value, other in zip(values.tolist(), ids.tolist(), strict=True):
-                alternatives.setdefault(self.tokenizer.decode([other]), value)
-        return TokenLogprob(
-            self.tokenizer.decode([token]), float(logprobs[token]), alternatives, offset
         )

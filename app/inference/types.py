@@ -61,6 +61,8 @@ class Generation:
 
 
 class AdapterIntegrityError(InvalidRequest):
-    """An adapter on disk is not what the registry recorded, or not a safetensors LoRA."""
+    """An adapter's files are not a LoRA this server serves: pickled or missing weights, a
+    config or tensors it refuses (400). Weights whose sha256 changed since publishing are
+    the server's fault instead (`errors.adapter_weights_changed`, 500)."""
 
     code = "adapter_integrity"

@@ -6,8 +6,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
-from app.inference.sampling import MAX_LOGPROBS
 from app.schemas.common import Id, Strict, Text
+
+# Alternatives per token for `logprobs` (completions) and `top_logprobs` (chat): OpenAI's
+# completions limit. The engine takes what these schemas let through as given.
+MAX_LOGPROBS = 5
 
 StopField = (
     Annotated[Text, Field(min_length=1)]

@@ -70,6 +70,27 @@ def test_the_stored_adapter_keeps_the_servers_path(client, settings, tiny_model_
     assert stored["base_model_name_or_path"] == str(tiny_model_dir)
 
 
+def test_changed_weights_are_the_same_500_at_download_and_inference(  # type: ignore[no-untyped-def]
+    client, settings, tiny_model_dir, caplog
+):
+    adapter = publish_adapter(settings, tiny_model_dir, org="acme", suffix="dl", seed=6)
+    job_id = adapter.rsplit(":", 1)[1]
+    weights = ArtifactStore(settings.artifacts_dir).path(f"adapters/{job_id}")
+    blob = bytearray((weights / "adapter_model.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (weights / "adapter_model.safetensors").write_bytes(bytes(blob))
+    fetched = client.get(f"/v1/models/{adapter}/adapter")
+    body = {"model": adapter, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    answered = client.post("/v1/chat/completions", json=body)
+    assert (fetched.status_code, answered.status_code) == (500, 500)
+    assert fetched.json() == answered.json()  # one error, one message
+    error = fetched.json()["error"]
+    assert (error["code"], error["type"]) == ("integrity_error", "server_error")
+    assert adapter in error["message"] and "sha256" in error["message"]
+    # the failed load is logged with the adapter's name, not only answered
+    assert any(adapter in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
 @pytest.mark.parametrize(
     ("ref", "expected"),
     [

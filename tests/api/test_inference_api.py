@@ -17,7 +17,10 @@ peft = pytest.importorskip("peft")
 from app import tenancy  # noqa: E402
 from app.db.models import Job  # noqa: E402
 from app.db.session import session_scope  # noqa: E402
+from app.errors import ServiceUnavailable  # noqa: E402
 from app.ids import new_id  # noqa: E402
+from app.inference import engine as engine_module  # noqa: E402
+from app.inference.scheduler import BaseScheduler  # noqa: E402
 from app.ml.adapters import save_adapter  # noqa: E402
 from app.ml.loading import load_base_model  # noqa: E402
 from app.registry import service as registry  # noqa: E402
@@ -210,6 +213,7 @@ def test_stop_and_seed(client):  # type: ignore[no-untyped-def]
         ({"logprobs": 6}, "logprobs"),
         ({"n": 2}, "n"),
         ({"temperature": 2.5}, "temperature"),
+        ({"temperature": -1}, "temperature"),
         ({"top_p": 0}, "top_p"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"stream": True, "max_tokens": 2000}, "max_tokens"),
@@ -279,7 +283,7 @@ def test_delete_unloads_then_refuses(client, adapter):  # type: ignore[no-untype
         assert complete(client, model=adapter, stream=stream).status_code == 404
 
 
-def test_tampered_adapter_is_refused_before_any_stream(client, adapter, settings):  # type: ignore[no-untyped-def]
+def test_tampered_adapter_is_the_servers_fault_before_any_stream(client, adapter, settings):  # type: ignore[no-untyped-def]
     with session_scope(settings.sqlalchemy_url) as session:
         row = registry.find_adapters(session, model_ids=[adapter])[0]
         weights = ArtifactStore(settings.artifacts_dir).path(row.storage_key)
@@ -287,9 +291,51 @@ def test_tampered_adapter_is_refused_before_any_stream(client, adapter, settings
     blob.write_bytes(blob.read_bytes()[:-1] + b"\x00")
     for stream in (False, True):
         response = complete(client, model=adapter, stream=stream)
-        assert response.status_code == 400, response.text
-        assert response.json()["error"]["code"] == "adapter_integrity"
+        assert response.status_code == 500, response.text  # as its download answers
+        error = response.json()["error"]
+        assert (error["code"], error["type"]) == ("integrity_error", "server_error")
+        assert "sha256" in error["message"] and adapter in error["message"]
     assert [a["loaded"] for a in client.get("/v1/engine/adapters").json()["data"]] == [False]
+
+
+GENERIC = {
+    "message": "The server had an error processing your request.",
+    "type": "server_error",
+    "param": None,
+    "code": None,
+}
+UNLOADED = ServiceUnavailable("the adapter was unloaded for another; retry")
+
+
+@pytest.mark.parametrize(
+    ("failure", "expected"),
+    [
+        (RuntimeError("CUDA failed in /srv/loraforge/kernels.cu"), GENERIC),
+        (UNLOADED, {**GENERIC, "message": UNLOADED.message, "code": "service_unavailable"}),
+    ],
+)
+def test_a_stream_that_fails_midway_is_logged_and_shows_no_internals(  # type: ignore[no-untyped-def]
+    client, monkeypatch, caplog, failure, expected
+):
+    """After the 200 is sent, an error ends the stream as an event in OpenAI's envelope: an
+    unexpected one as the generic message (the log has it with its traceback), a domain one
+    with its own message."""
+    real = BaseScheduler._step
+
+    def step(self):  # type: ignore[no-untyped-def]
+        if self.steps >= 2:  # the stream has started: prefill and two steps streamed
+            raise failure
+        real(self)
+
+    monkeypatch.setattr(BaseScheduler, "_step", step)
+    monkeypatch.setattr(engine_module, "eos_token_ids", lambda *_: frozenset())  # no early end
+    events = sse(complete(client, model="tiny", max_tokens=20, stream=True))
+    assert "[DONE]" not in events and len(events) >= 2
+    assert events[-1] == {"error": expected}
+    logged = [r for r in caplog.records if r.name == "app.api.routes.inference"]
+    assert logged and str(failure) in logged[-1].getMessage() + str(logged[-1].exc_info)
+    if expected is GENERIC:
+        assert logged[-1].exc_info is not None  # the traceback
 
 
 def test_a_refused_adapter_is_named_without_the_server_path(client, settings, adapter):  # type: ignore[no-untyped-def]

@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-from app.errors import InvalidRequest, NotFound  # noqa: E402
+from app.errors import IntegrityFailure, InvalidRequest, NotFound  # noqa: E402
 from app.inference import AdapterRef  # noqa: E402
 from app.ml.adapters import file_sha256, save_adapter  # noqa: E402
 from app.ml.loading import load_base_model  # noqa: E402
@@ -103,7 +103,7 @@ def test_the_fallback_checks_the_sha256_and_refuses_foreign_tensors(base_dir, fa
     try:
         good = fallbacks["dora"]
         altered = AdapterRef("ft:tiny:org:alt:ftjob-a", good.path, "0" * 64)
-        with pytest.raises(InvalidRequest, match="sha256"):
+        with pytest.raises(IntegrityFailure, match="sha256"):
             greedy(engine, altered, 2)
         folder = tmp_path / "extra"
         shutil.copytree(good.path, folder)

@@ -7,8 +7,8 @@ adapter that fails to load is still a plain JSON error, never a broken stream.
 
 Inference never holds a thread of the pool that control routes (files, jobs, /health,
 authentication) share: resolving and tokenizing run on inference's own threads, and the
-route then waits for the scheduler on the event loop (`Request.next_event`), so a thousand
-open streams cost no threads at all. A stream re-checks its API key every
+route then waits for the scheduler on the event loop (`InferenceRequest.next_event`), so a
+thousand open streams cost no threads at all. A stream re-checks its API key every
 `stream_key_check_seconds` and ends with an error event once the key is revoked.
 """
 
@@ -22,13 +22,15 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
+from fastapi import Request as HttpRequest
 from fastapi.responses import StreamingResponse
 
 from app import base_models, tenancy
 from app.api.deps import EngineDep, OrgDep, SettingsDep, StoreDep
+from app.api.errors import domain_error, server_error_body
 from app.db.session import read_session_scope
-from app.errors import LoraforgeError, Unauthorized, without_server_paths
+from app.errors import LoraforgeError, Unauthorized
 from app.ids import new_id
 from app.registry import service as registry
 from app.schemas.inference import (
@@ -49,7 +51,7 @@ from app.schemas.inference import (
 )
 
 if TYPE_CHECKING:
-    from app.inference.request import Request as Generation
+    from app.inference.request import Request as InferenceRequest
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ SSE = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE 
 INFERENCE_THREADS = 8  # threads that resolve, tokenize and hand requests to the engine
 
 
-def _limiter(http: Request) -> anyio.CapacityLimiter:
+def _limiter(http: HttpRequest) -> anyio.CapacityLimiter:
     """Inference's own thread limit, apart from the pool that control routes use."""
     limiter = getattr(http.app.state, "inference_limiter", None)
     if limiter is None:  # created on the event loop, once per app
@@ -68,11 +70,11 @@ def _limiter(http: Request) -> anyio.CapacityLimiter:
     return limiter
 
 
-async def _off_loop(http: Request, fn: Callable[..., Any], /, **kwargs: Any) -> Any:
+async def _off_loop(http: HttpRequest, fn: Callable[..., Any], /, **kwargs: Any) -> Any:
     return await anyio.to_thread.run_sync(functools.partial(fn, **kwargs), limiter=_limiter(http))
 
 
-def _submit(body: SamplingParams, org, settings, store, engine, **inputs) -> Generation:  # type: ignore[no-untyped-def]
+def _submit(body: SamplingParams, org, settings, store, engine, **inputs) -> InferenceRequest:  # type: ignore[no-untyped-def]
     """Resolve the model in the caller's organization, then hand the request to the engine."""
     from app.inference import AdapterRef
 
@@ -102,12 +104,12 @@ def _submit(body: SamplingParams, org, settings, store, engine, **inputs) -> Gen
     )
 
 
-async def _start(http: Request, body: SamplingParams, org, settings, store, engine, **inputs):  # type: ignore[no-untyped-def]
-    request = await _off_loop(
+async def _start(http: HttpRequest, body: SamplingParams, org, settings, store, engine, **inputs):  # type: ignore[no-untyped-def]
+    submitted = await _off_loop(
         http, _submit, body=body, org=org, settings=settings, store=store, engine=engine, **inputs
     )
-    request.attach()
-    return request
+    submitted.attach()
+    return submitted
 
 
 def _key_active(url: str, key_sha256: str) -> bool:
@@ -115,16 +117,18 @@ def _key_active(url: str, key_sha256: str) -> bool:
         return tenancy.key_is_active(session, key_sha256=key_sha256)
 
 
-async def _checked_deltas(http: Request, request: Generation, first, settings) -> AsyncIterator:  # type: ignore[no-untyped-def]
-    """The request's deltas; every `stream_key_check_seconds` the caller's key is looked up
-    again (a short read-only session) and a revoked key ends the stream."""
+async def _checked_deltas(  # type: ignore[no-untyped-def]
+    http: HttpRequest, submitted: InferenceRequest, first, settings
+) -> AsyncIterator:
+    """The submitted request's deltas; every `stream_key_check_seconds` the caller's key is
+    looked up again (a short read-only session) and a revoked key ends the stream."""
     if first is not None:
         yield first
     interval = settings.stream_key_check_seconds
     next_check = time.monotonic() + interval
-    while request.generation is None:
+    while submitted.generation is None:
         wait = max(0.0, next_check - time.monotonic()) if interval > 0 else None
-        delta = await request.next_event(wait)
+        delta = await submitted.next_event(wait)
         if interval > 0 and time.monotonic() >= next_check:
             key = http.state.key_sha256
             if not await _off_loop(http, _key_active, url=settings.sqlalchemy_url, key_sha256=key):
@@ -134,47 +138,50 @@ async def _checked_deltas(http: Request, request: Generation, first, settings) -
             yield delta
 
 
-async def _sse(http: Request, request: Generation, settings, chunks: Callable) -> StreamingResponse:  # type: ignore[no-untyped-def]
+async def _sse(  # type: ignore[no-untyped-def]
+    http: HttpRequest, submitted: InferenceRequest, settings, chunks: Callable
+) -> StreamingResponse:
     """SSE of `chunks(deltas)`, started only once the first delta (or the end) is there."""
-    first = await request.next_event()  # raises here (a JSON error) if the request failed
+    first = await submitted.next_event()  # raises here (a JSON error) if the request failed
 
     async def events() -> AsyncIterator[str]:
         try:
-            async for chunk in chunks(_checked_deltas(http, request, first, settings)):
+            async for chunk in chunks(_checked_deltas(http, submitted, first, settings)):
                 yield f"data: {chunk.model_dump_json(exclude_none=False)}\n\n"
             yield "data: [DONE]\n\n"
         except Exception as exc:  # mid-stream: report in the stream, the status is sent
-            yield f"data: {json.dumps({'error': _stream_error(exc)})}\n\n"
+            yield f"data: {json.dumps(_stream_error(exc))}\n\n"
         finally:
-            request.cancel()  # a client that went away (or a revoked key) frees its row
+            submitted.cancel()  # a client that went away (or a revoked key) frees its row
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
 def _stream_error(exc: Exception) -> dict[str, Any]:
+    """The error event that ends a stream once its 200 is sent, in OpenAI's envelope.
+
+    A domain error keeps its message, as its JSON answer would: it is written for the client
+    (a revoked key, a deleted model, refused adapter files) and cut of server paths. Any other
+    error is the server's fault: the log keeps it with its traceback, the client gets the
+    generic message and nothing of `str(exc)`.
+    """
     if isinstance(exc, LoraforgeError):
-        return {
-            "message": without_server_paths(exc.message),
-            "type": "invalid_request_error",
-            "param": exc.param,
-            "code": exc.code,
-        }
-    # Not the client's doing: the log keeps the details, the client gets no internals.
+        logger.warning("stream ended by %s: %s", type(exc).__name__, exc.message)
+        return domain_error(exc)[1]
     logger.error("stream failed mid-way", exc_info=exc)
-    message = "the server failed while generating this response; the server log has details"
-    return {"message": message, "type": "server_error", "param": None, "code": None}
+    return server_error_body()
 
 
 @router.post("/completions", response_model=CompletionResponse, responses=SSE)
 async def create_completion(
-    http: Request,
+    http: HttpRequest,
     body: CompletionRequest,
     org: OrgDep,
     settings: SettingsDep,
     store: StoreDep,
     engine: EngineDep,
 ) -> Any:
-    request = await _start(
+    submitted = await _start(
         http,
         body,
         org,
@@ -188,9 +195,9 @@ async def create_completion(
     head = {"id": new_id("cmpl"), "created": int(time.time()), "model": body.model}
     if body.stream:
         return await _sse(
-            http, request, settings, lambda d: _completion_chunks(head, request, d, body)
+            http, submitted, settings, lambda d: _completion_chunks(head, submitted, d, body)
         )
-    result = await request.aresult()
+    result = await submitted.aresult()
     choice = CompletionChoice(
         text=result.text,
         finish_reason=result.finish_reason,
@@ -199,7 +206,7 @@ async def create_completion(
     return CompletionResponse(**head, choices=[choice], usage=usage_of(result))
 
 
-async def _completion_chunks(head, request, deltas, body) -> AsyncIterator[CompletionResponse]:  # type: ignore[no-untyped-def]
+async def _completion_chunks(head, submitted, deltas, body) -> AsyncIterator[CompletionResponse]:  # type: ignore[no-untyped-def]
     async for delta in deltas:
         logprobs = completion_logprobs(delta.logprobs) if body.logprobs is not None else None
         choice = CompletionChoice(
@@ -207,12 +214,12 @@ async def _completion_chunks(head, request, deltas, body) -> AsyncIterator[Compl
         )
         yield CompletionResponse(**head, choices=[choice])
     if body.include_usage:
-        yield CompletionResponse(**head, choices=[], usage=usage_of(request.generation))
+        yield CompletionResponse(**head, choices=[], usage=usage_of(submitted.generation))
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=SSE)
 async def create_chat_completion(
-    http: Request,
+    http: HttpRequest,
     body: ChatCompletionRequest,
     org: OrgDep,
     settings: SettingsDep,
@@ -220,7 +227,7 @@ async def create_chat_completion(
     engine: EngineDep,
 ) -> Any:
     messages = [message.model_dump(exclude_none=True) for message in body.messages]
-    request = await _start(
+    submitted = await _start(
         http,
         body,
         org,
@@ -233,8 +240,10 @@ async def create_chat_completion(
     )
     head = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": body.model}
     if body.stream:
-        return await _sse(http, request, settings, lambda d: _chat_chunks(head, request, d, body))
-    result = await request.aresult()
+        return await _sse(
+            http, submitted, settings, lambda d: _chat_chunks(head, submitted, d, body)
+        )
+    result = await submitted.aresult()
     choice = ChatChoice(
         message=AssistantMessage(content=result.text),
         finish_reason=result.finish_reason,
@@ -243,7 +252,7 @@ async def create_chat_completion(
     return ChatCompletionResponse(**head, choices=[choice], usage=usage_of(result))
 
 
-async def _chat_chunks(head, request, deltas, body) -> AsyncIterator[ChatCompletionChunk]:  # type: ignore[no-untyped-def]
+async def _chat_chunks(head, submitted, deltas, body) -> AsyncIterator[ChatCompletionChunk]:  # type: ignore[no-untyped-def]
     role = ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))
     yield ChatCompletionChunk(**head, choices=[role])
     async for delta in deltas:
@@ -254,4 +263,4 @@ async def _chat_chunks(head, request, deltas, body) -> AsyncIterator[ChatComplet
         )
         yield ChatCompletionChunk(**head, choices=[choice])
     if body.include_usage:
-        yield ChatCompletionChunk(**head, choices=[], usage=usage_of(request.generation))
+        yield ChatCompletionChunk(**head, choices=[], usage=usage_of(submitted.generation))

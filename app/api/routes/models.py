@@ -7,7 +7,7 @@ from app import base_models
 from app.api.deps import OrgDep, ReadSessionDep, SessionDep, SettingsDep, StoreDep
 from app.api.views import adapter_view, base_model_view, checkpoint_model_view
 from app.db.session import commit
-from app.errors import IntegrityFailure, InvalidRequest
+from app.errors import InvalidRequest, adapter_weights_changed
 from app.ml.adapters import ADAPTER_WEIGHTS
 from app.registry import service as registry
 from app.registry.download import adapter_archive, public_base_name
@@ -48,9 +48,7 @@ def download_adapter(
     weights = folder / ADAPTER_WEIGHTS
     # Missing safetensors (say, only a pickled .bin left) is refused like a corrupt file.
     if not weights.is_file() or sha256_file(weights) != target.sha256:
-        raise IntegrityFailure(
-            f"stored files of {model_id} do not match their sha256; refusing to serve them"
-        )
+        raise adapter_weights_changed(model_id)
     base = public_base_name(target.base_model, settings.base_models.get(target.base_model))
     archive = adapter_archive(folder, base_model=base)
     filename = model_id.replace(":", "_").replace("/", "_") + ".zip"
