@@ -13,7 +13,7 @@ from app.registry import service as registry
 from app.registry.download import adapter_archive, public_base_name
 from app.schemas.common import Id, ListPage
 from app.schemas.models import ModelDeleted, ModelRead
-from app.storage import sha256_file
+from app.storage import file_sha256
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -47,7 +47,7 @@ def download_adapter(
     folder = store.path(target.storage_key)
     weights = folder / ADAPTER_WEIGHTS
     # Missing safetensors (say, only a pickled .bin left) is refused like a corrupt file.
-    if not weights.is_file() or sha256_file(weights) != target.sha256:
+    if not weights.is_file() or file_sha256(weights) != target.sha256:
         raise IntegrityFailure(
             f"stored files of {model_id} do not match their sha256; refusing to serve them"
         )
