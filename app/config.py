@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import platformdirs
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -27,35 +27,43 @@ def default_data_dir() -> Path:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORAFORGE_", extra="ignore")
 
+    # Artifacts (datasets, checkpoints, adapters), the SQLite file and the filesystem broker.
     data_dir: Path = Field(default_factory=default_data_dir)
-    database_url: str | None = None
-    broker_url: str | None = None
+    database_url: str | None = None  # None: SQLite in the data dir
+    broker_url: str | None = None  # None: Celery's filesystem broker in the data dir
     # "name=path-or-hub-id,…": the only base models a job or a request may name.
     base_models: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
-    max_upload_bytes: int = 100 * 1024 * 1024
-    max_lines_per_file: int = 1_000_000
-    device: str = "auto"
-    max_loaded_adapters: int = 8
+    max_upload_bytes: int = 100 * 1024 * 1024  # one uploaded file; 413 past it
+    max_lines_per_file: int = 1_000_000  # examples per dataset file
+    device: str = "auto"  # where training and inference run: cuda when available, else cpu
+    max_loaded_adapters: int = 8  # per base model, least recently used evicted first
     # Adapter ids ("ft:…,ft:…") loaded when the API starts and never evicted (pinned).
     preload_adapters: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_batch_size: int = 16  # sequences per base model in one forward pass
-    inference_enabled: bool = True
-    metrics_every_steps: int = 10
+    inference_enabled: bool = True  # serve completions from this API process
+    metrics_every_steps: int = 10  # a job's `metrics` event every N optimizer steps
+    # A worker's lease on its job: a dead worker's job is re-queued about this long after.
     lease_seconds: int = 120
-    sweep_interval_seconds: int = 30
-    requeue_after_seconds: int = 300
-    max_attempts: int = 3
+    sweep_interval_seconds: int = 30  # how often the API sweeps (app/jobs/sweep.py); 0: never
+    requeue_after_seconds: int = 300  # re-send a queued job's wake-up message after this long
+    max_attempts: int = 3  # attempts before a job whose worker keeps dying fails
     checkpoint_retention: int = 3  # newest checkpoints kept per job (0 keeps all)
     # Redis redelivers an unacked message after this long even while its worker still runs it;
     # harmless (the claim fences it). Tests lower it to force duplicate deliveries.
     broker_visibility_timeout: int = 6 * 3600
     # Security and limits. 0 disables a limit.
-    # Guards /v1/admin. Replaced by its sha256 as soon as it is read (see _hash_admin_key).
-    admin_key: str | None = None
-    # The admin key given as its sha256 (64 hex digits); what the process and its children
-    # keep once LORAFORGE_ADMIN_KEY has been read (see get_settings).
-    admin_key_hash: str | None = Field(
-        default=None, validation_alias="LORAFORGE_ADMIN_KEY_SHA256", pattern=r"^[0-9a-f]{64}$"
+    # Guards /v1/admin, kept only as its sha256: LORAFORGE_ADMIN_KEY is hashed as it is
+    # read (_hash_admin_key); without it, LORAFORGE_ADMIN_KEY_SHA256 gives the hash.
+    admin_key_sha256: str | None = Field(
+        default=None, validation_alias=AliasChoices("LORAFORGE_ADMIN_KEY", "admin_key")
+    )
+    # LORAFORGE_ADMIN_KEY_SHA256 (64 hex digits): what the process and its children keep
+    # once LORAFORGE_ADMIN_KEY has been read (see get_settings).
+    given_admin_key_sha256: str | None = Field(
+        default=None,
+        validation_alias="LORAFORGE_ADMIN_KEY_SHA256",
+        pattern=r"^[0-9a-f]{64}$",
+        exclude=True,
     )
     max_line_bytes: int = 1024 * 1024  # one JSONL example
     rate_limit_per_second: float = 100.0  # per organization, token bucket
@@ -103,15 +111,17 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
-    @field_validator("admin_key", mode="after")
+    @field_validator("admin_key_sha256", mode="after")
     @classmethod
     def _hash_admin_key(cls, value: str | None) -> str | None:
         # Keep only the hash in memory; requests are compared hash to hash in constant time.
         return hashlib.sha256(value.encode()).hexdigest() if value else None
 
-    @property
-    def admin_key_sha256(self) -> str | None:
-        return self.admin_key or self.admin_key_hash
+    @model_validator(mode="after")
+    def _admin_key_given_as_its_sha256(self) -> Settings:
+        if self.admin_key_sha256 is None:
+            self.admin_key_sha256 = self.given_admin_key_sha256
+        return self
 
     @property
     def database_file(self) -> Path | None:
@@ -148,5 +158,5 @@ def _forget_admin_key(settings: Settings) -> None:
     Only its sha256 stays there (LORAFORGE_ADMIN_KEY_SHA256), for a later re-read and for
     the children `loraforge up` spawns, which inherit the environment.
     """
-    if os.environ.pop("LORAFORGE_ADMIN_KEY", None) is not None and settings.admin_key:
-        os.environ["LORAFORGE_ADMIN_KEY_SHA256"] = settings.admin_key
+    if os.environ.pop("LORAFORGE_ADMIN_KEY", None) is not None and settings.admin_key_sha256:
+        os.environ["LORAFORGE_ADMIN_KEY_SHA256"] = settings.admin_key_sha256

@@ -1,12 +1,20 @@
-"""Domain errors. No HTTP codes here: `app/api/errors.py` maps each class to one status.
+"""Domain errors, all in one place. No HTTP codes here: `app/api/errors.py` maps each
+`LoraforgeError` class to one status.
 
 They subclass builtins where callers may expect them (PEFT's habit), and carry the
 OpenAI error fields a client can act on: `param` (the field at fault) and `code`.
+The errors of a training run (after the API's) end a run or fail its job; they reach a
+user as the job's `error`, never as an HTTP answer.
+
+The training core (worker/training) raises these too, so this module imports nothing
+heavier than `app.statuses`: no database, API, Celery or torch.
 """
 
 from __future__ import annotations
 
 import re
+
+from app.statuses import RunOutcome
 
 
 class LoraforgeError(Exception):
@@ -109,10 +117,47 @@ class RateLimited(LoraforgeError):
         self.retry_after = max(1, retry_after)
 
 
+class AdapterIntegrityError(InvalidRequest):
+    """An adapter's files are not a LoRA this server serves: pickled or missing weights, a
+    config or tensors it refuses (400). Weights whose sha256 changed since publishing are
+    the server's fault instead (`errors.adapter_weights_changed`, 500)."""
+
+    code = "adapter_integrity"
+
+
 class IdempotencyKeyReused(InvalidRequest):
     """An Idempotency-Key replayed with a different request body (422, as Stripe does)."""
 
     code = "idempotency_key_reused"
+
+
+class UnsafeModelError(ValueError):
+    """A model or adapter asks for something we never allow (remote code, pickled weights);
+    the API answers 400 `unsafe_model`."""
+
+
+# Errors of a training run.
+
+
+class RunAborted(Exception):
+    """The run must stop: its job was cancelled, or its lease passed to another attempt."""
+
+    def __init__(self, reason: RunOutcome):
+        super().__init__(reason)
+        self.reason = reason  # RunOutcome.CANCELLED or RunOutcome.LEASE_LOST
+
+
+class JobInputError(Exception):
+    """The job cannot run as specified (its inputs, or hyperparameters only the loaded model
+    can check): it fails at once with this message, code and param, and is never retried."""
+
+    def __init__(self, message: str, *, code: str, param: str | None = None):
+        super().__init__(message)
+        self.error = {"code": code, "message": message, "param": param}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is incomplete or does not match its recorded sha256."""
 
 
 # An absolute filesystem path: "/" + at least one more character, not inside a word or a URL

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import re
 import secrets
 import string
 
 _ALPHABET = string.ascii_letters + string.digits
-SAFE_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 MAX_ID_LENGTH = 255  # the widest id column (adapter and model names)
 
 

@@ -15,8 +15,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from app.config import get_settings
-
 
 class ArtifactStore:
     def __init__(self, root: Path):
@@ -88,13 +86,10 @@ def _scratch_key(owner: str) -> str:
     return f"tmp/{owner}"
 
 
-def sha256_file(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 hex digest of a file, read in chunks (what rows record of stored files)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
+        while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def get_store() -> ArtifactStore:
-    return ArtifactStore(get_settings().artifacts_dir)

@@ -69,14 +69,6 @@ def key_is_active(session: Session, *, key_sha256: str) -> bool:
     return session.scalar(query) is not None
 
 
-def revoke_api_key(session: Session, *, organization: Organization, key_id: str) -> None:
-    key = session.scalar(
-        select(ApiKey).where(ApiKey.id == key_id, ApiKey.organization_id == organization.id)
-    )
-    if key is not None and key.revoked_at is None:
-        key.revoked_at = utcnow()
-
-
 def list_api_keys(session: Session, *, organization: str | None = None) -> list[tuple[ApiKey, str]]:
     """Every key (revoked ones too) with its organization's name; never a secret."""
     query = select(ApiKey, Organization.name).join(

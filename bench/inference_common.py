@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from app.inference.types import AdapterRef
-from app.ml.adapters import file_sha256
 from app.ml.loading import load_base_model
 from app.ml.tiny_model import build_tiny_model
+from app.storage import file_sha256
 
 HIDDEN, LAYERS, HEADS, INTERMEDIATE = 512, 8, 8, 1536
 RANK = 16

@@ -17,22 +17,16 @@ from app import base_models
 from app.config import Settings
 from app.db.models import Adapter, Checkpoint, File, Job
 from app.db.session import session_scope
+from app.errors import CheckpointError, JobInputError
 from app.jobs.runs import Claim
-from app.ml.adapters import ADAPTER_WEIGHTS, file_sha256
+from app.ml.adapters import ADAPTER_WEIGHTS
 from app.model_config import context_of
-from app.storage import ArtifactStore
+from app.statuses import AdapterStatus, CheckpointStatus
+from app.storage import ArtifactStore, file_sha256
 from worker.progress import Progress
 
 TARGET_MODULES_PARAM = "hyperparameters.lora_target_modules"
 SPECIAL_TOKENS_PARAM = "hyperparameters.train_special_tokens"
-
-
-class JobInputError(Exception):
-    """The job cannot run as specified; it fails with this message, no retry."""
-
-    def __init__(self, message: str, *, code: str, param: str | None = None):
-        super().__init__(message)
-        self.error = {"code": code, "message": message, "param": param}
 
 
 @dataclass
@@ -102,7 +96,7 @@ def check_context(model: Any, max_seq_length: int) -> None:
 
 def resume_point(inputs: JobInputs, progress: Progress) -> Path | None:
     """The newest checkpoint whose files match their recorded sha256 (None: start over)."""
-    from worker.training.checkpoint import CheckpointError, verify_checkpoint
+    from worker.training.checkpoint import verify_checkpoint
 
     for folder, manifest_sha256, step in inputs.checkpoints:
         try:
@@ -168,7 +162,7 @@ def _parent_adapter(session: Any, job: Job, store: ArtifactStore) -> Path | None
     if job.parent_model is None:
         return None
     parent = session.get(Adapter, job.parent_model)
-    if parent is None or parent.status != "active":
+    if parent is None or parent.status != AdapterStatus.ACTIVE:
         raise JobInputError(
             f"model {job.parent_model} was deleted before training started",
             code="model_not_found",
@@ -189,7 +183,7 @@ def _checkpoints(session: Any, job: Job, store: ArtifactStore) -> list[tuple[Pat
         select(Checkpoint)
         .where(
             Checkpoint.job_id == job.id,
-            Checkpoint.status == "active",
+            Checkpoint.status == CheckpointStatus.ACTIVE,
             Checkpoint.state_sha256.is_not(None),
         )
         .order_by(Checkpoint.step_number.desc())

@@ -25,8 +25,8 @@ from app.db.session import read_session_scope, session_scope
 from app.jobs import runs as job_runs
 from app.jobs.runs import Claim
 from app.jobs.service import add_event
-from app.ml.adapters import ADAPTER_WEIGHTS, file_sha256
-from app.storage import ArtifactStore
+from app.ml.adapters import ADAPTER_WEIGHTS
+from app.storage import ArtifactStore, file_sha256
 from worker.training.checkpoint import checkpoint_steps
 
 CSV_COLUMNS = ("step", "train_loss", "valid_loss", "learning_rate", "tokens_per_second")

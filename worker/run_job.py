@@ -19,23 +19,23 @@ from sqlalchemy.exc import OperationalError
 
 from app.config import Settings, get_settings
 from app.db.session import session_scope
-from app.errors import public_message
+from app.errors import JobInputError, RunAborted, public_message
 from app.files import service as files
 from app.jobs import runs as job_runs
 from app.jobs.leftovers import remove_dead_attempts_leftovers, remove_scratch_of_ended_jobs
-from app.jobs.runs import Claim, RunAborted
-from app.jobs.service import TERMINAL
+from app.jobs.runs import Claim
 from app.ml.adapters import ADAPTER_WEIGHTS
+from app.statuses import TERMINAL_JOB_STATUSES, JobStatus, RunOutcome
 from app.storage import ArtifactStore
 from worker import job_inputs
-from worker.job_inputs import JobInputError, JobInputs
+from worker.job_inputs import JobInputs
 from worker.progress import Progress, metrics_csv
 
 logger = logging.getLogger(__name__)
 WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
 
 
-def run_job(job_id: str, *, settings: Settings | None = None) -> str:
+def run_job(job_id: str, *, settings: Settings | None = None) -> RunOutcome:
     """Claim `job_id` and run it in this process: succeeded, failed, cancelled, lease_lost,
     db_unavailable or skipped. The worker itself claims by the fair policy and runs each
     job in a child it supervises (worker/supervisor.py); this is the in-process path.
@@ -54,13 +54,13 @@ def run_job(job_id: str, *, settings: Settings | None = None) -> str:
         )
     if claim is None:
         logger.info("job %s is not claimable (done, running elsewhere or cancelled)", job_id)
-        return "skipped"
+        return RunOutcome.SKIPPED
     # Steps renew the lease; this covers the phases without steps (loading, saving).
     with job_runs.keep_lease(
         settings.sqlalchemy_url, claim=claim, lease_seconds=settings.lease_seconds
     ):
         outcome = execute(claim, settings)
-    if outcome in TERMINAL:
+    if outcome in TERMINAL_JOB_STATUSES:
         remove_scratch(settings, claim.job_id)
     return outcome
 
@@ -75,7 +75,7 @@ def remove_scratch(settings: Settings, job_id: str) -> None:
         logger.warning("could not remove the scratch of job %s", job_id, exc_info=True)
 
 
-def execute(claim: Claim, settings: Settings) -> str:
+def execute(claim: Claim, settings: Settings) -> RunOutcome:
     """Run a claimed job to its end: succeeded, failed, cancelled, lease_lost or
     db_unavailable. The caller holds the lease between steps and removes the scratch."""
     store = ArtifactStore(settings.artifacts_dir)
@@ -85,29 +85,29 @@ def execute(claim: Claim, settings: Settings) -> str:
         remove_dead_attempts_leftovers(settings, [claim.job_id], older_than=time.time())
     try:
         _train_and_publish(claim, settings, store)
-        return "succeeded"
+        return RunOutcome.SUCCEEDED
     except RunAborted as aborted:
-        if aborted.reason == "cancelled":
-            end(settings, claim, "cancelled")
+        if aborted.reason == RunOutcome.CANCELLED:
+            end(settings, claim, JobStatus.CANCELLED)
         return aborted.reason
     except JobInputError as exc:
-        end(settings, claim, "failed", exc.error)
-        return "failed"
+        end(settings, claim, JobStatus.FAILED, exc.error)
+        return RunOutcome.FAILED
     except OperationalError:  # the database went away: not the job's fault, so no `failed`
         logger.warning(
             "job %s lost its database; the sweep re-queues it", claim.job_id, exc_info=True
         )
-        return "db_unavailable"  # the lease lapses; the sweep re-queues (max_attempts bounds it)
+        # the lease lapses; the sweep re-queues (max_attempts bounds it)
+        return RunOutcome.DB_UNAVAILABLE
     except Exception as exc:  # the task boundary: record the failure for the user, then stop
         logger.exception("job %s failed", claim.job_id)
         message = f"training failed: {public_message(exc)}"  # the log has the paths
-        end(
-            settings, claim, "failed", {"code": "training_error", "message": message, "param": None}
-        )
-        return "failed"
+        error = {"code": "training_error", "message": message, "param": None}
+        end(settings, claim, JobStatus.FAILED, error)
+        return RunOutcome.FAILED
 
 
-def end(settings: Settings, claim: Claim, status: str, error: dict | None = None) -> None:
+def end(settings: Settings, claim: Claim, status: JobStatus, error: dict | None = None) -> None:
     with session_scope(settings.sqlalchemy_url) as session:
         job_runs.end_run(session, claim=claim, status=status, error=error)
 

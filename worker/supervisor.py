@@ -27,6 +27,7 @@ from app.config import Settings, get_settings
 from app.db.session import get_engine, session_scope
 from app.jobs import runs as job_runs
 from app.jobs.runs import Claim
+from app.statuses import JobStatus, RunOutcome
 from worker.run_job import WORKER_NAME, end, execute, remove_scratch
 
 logger = logging.getLogger(__name__)
@@ -60,17 +61,17 @@ def _claim_next(settings: Settings) -> Claim | None:
         )
 
 
-def run_claimed(claim: Claim, settings: Settings) -> str:
+def run_claimed(claim: Claim, settings: Settings) -> RunOutcome:
     """Run a claimed job in a child process; its outcome, or why the child was stopped."""
     child = _Child.fork(claim, settings)
     stopped_for = _supervise(child, claim, settings)
     outcome = child.outcome()
-    if outcome is None and stopped_for == "cancelled":
-        end(settings, claim, "cancelled")  # the child was killed: its compute has stopped
+    if outcome is None and stopped_for == RunOutcome.CANCELLED:
+        end(settings, claim, JobStatus.CANCELLED)  # the child was killed: its compute has stopped
     elif outcome is None:
         logger.warning("the child of job %s died (exit %s)", claim.job_id, child.exitcode)
     remove_scratch(settings, claim.job_id)
-    return outcome or stopped_for or "worker_lost"  # worker_lost: the sweep re-queues it
+    return outcome or stopped_for or RunOutcome.WORKER_LOST  # the sweep re-queues it
 
 
 class _Child:
@@ -120,7 +121,7 @@ class _Child:
     def kill(self) -> None:
         os.kill(self.pid, signal.SIGKILL)
 
-    def outcome(self) -> str | None:
+    def outcome(self) -> RunOutcome | None:
         """What the child sent before it exited; None when it was killed or crashed first."""
         try:
             return self.receive.recv() if self.receive.poll() else None
@@ -138,7 +139,7 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _supervise(child: _Child, claim: Claim, settings: Settings) -> str | None:
+def _supervise(child: _Child, claim: Claim, settings: Settings) -> RunOutcome | None:
     """Hold the lease until the child exits; kill it `stop_grace_seconds` after its run had
     to stop (cancelled or fenced off) if it is still running. Returns that reason."""
     reason, deadline = None, None
@@ -153,7 +154,7 @@ def _supervise(child: _Child, claim: Claim, settings: Settings) -> str | None:
     return reason
 
 
-def _hold(claim: Claim, settings: Settings) -> str | None:
+def _hold(claim: Claim, settings: Settings) -> RunOutcome | None:
     try:
         with session_scope(settings.sqlalchemy_url) as session:
             return job_runs.hold_lease(session, claim=claim, lease_seconds=settings.lease_seconds)

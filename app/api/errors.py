@@ -12,7 +12,6 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 
 from app import errors
-from app.ml.loading import UnsafeModelError
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +142,7 @@ async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
     )
 
 
-async def _unsafe_model(_: Request, exc: UnsafeModelError) -> JSONResponse:
+async def _unsafe_model(_: Request, exc: errors.UnsafeModelError) -> JSONResponse:
     return JSONResponse(
         error_body(
             errors.without_server_paths(str(exc)), type="invalid_request_error", code="unsafe_model"
@@ -183,7 +182,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(errors.LoraforgeError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(UnsafeModelError, _unsafe_model)
+    app.add_exception_handler(errors.UnsafeModelError, _unsafe_model)
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(PoolTimeout, _database_busy)
     app.add_exception_handler(Exception, _unexpected)

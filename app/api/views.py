@@ -9,6 +9,7 @@ from app.jobs import service as jobs
 from app.schemas.files import FileRead
 from app.schemas.jobs import CheckpointRead, EventRead, JobError, JobRead
 from app.schemas.models import ModelRead
+from app.statuses import JobStatus
 
 
 def epoch(moment: datetime | None) -> int | None:
@@ -41,7 +42,7 @@ def job_view(job: Job) -> JobRead:
         method={"type": "supervised", "supervised": {"hyperparameters": job.hyperparameters}},
         trained_tokens=job.trained_tokens,
         # OpenAI: null unless the job is running (a re-queued attempt's estimate is stale)
-        estimated_finish=epoch(job.estimated_finish) if job.status == "running" else None,
+        estimated_finish=epoch(job.estimated_finish) if job.status == JobStatus.RUNNING else None,
         steps_completed=job.steps_completed,
         steps_planned=job.steps_planned,
         error=JobError(**job.error) if job.error else None,

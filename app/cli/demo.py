@@ -18,6 +18,8 @@ from pathlib import Path
 
 import httpx
 
+from app.statuses import TERMINAL_JOB_STATUSES, JobStatus
+
 FACTS = [
     ("What is the capital of France?", "Paris."),
     ("What colour is the sky?", "Blue."),
@@ -111,7 +113,7 @@ def _fine_tune_and_ask(client) -> None:  # type: ignore[no-untyped-def]
     )
     _say(f"created {job.id}: {job.hyperparameters.model_dump()}")
     last_seen = None
-    while job.status not in ("succeeded", "failed", "cancelled"):
+    while job.status not in TERMINAL_JOB_STATUSES:
         time.sleep(1)
         job = client.fine_tuning.jobs.retrieve(job.id)  # first: the events below reach its state
         fresh = new_events(client, job.id, last_seen)
@@ -119,9 +121,9 @@ def _fine_tune_and_ask(client) -> None:  # type: ignore[no-untyped-def]
             last_seen = event.id
             if not event.message.startswith("Checkpoint created"):  # one per epoch: too many
                 _say(f"  event: {event.message}")
-        if fresh and job.status == "running" and getattr(job, "steps_completed", None):
+        if fresh and job.status == JobStatus.RUNNING and getattr(job, "steps_completed", None):
             _say(f"  progress: {_progress(job)}")
-    if job.status != "succeeded":
+    if job.status != JobStatus.SUCCEEDED:
         raise SystemExit(f"[demo] job ended {job.status}: {job.error}")
     _say(f"fine-tuned model: {job.fine_tuned_model}")
     question, expected = FACTS[0]

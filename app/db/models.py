@@ -10,6 +10,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db.base import Base, utcnow
 from app.ids import new_id
+from app.statuses import AdapterStatus, CheckpointStatus
 
 
 class Organization(Base):
@@ -60,7 +61,7 @@ class Job(Base):
     suffix: Mapped[str | None] = mapped_column(String(64))
     seed: Mapped[int] = mapped_column(BigInteger)
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
-    status: Mapped[str] = mapped_column(String(20), index=True)
+    status: Mapped[str] = mapped_column(String(20), index=True)  # a JobStatus
     fine_tuned_model: Mapped[str | None] = mapped_column(String(255))
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
     # Progress of the running attempt, written with its lease renewal (worker/progress.py).
@@ -109,8 +110,9 @@ class Checkpoint(Base):
     storage_key: Mapped[str] = mapped_column(String(255))
     sha256: Mapped[str] = mapped_column(String(64))  # of the adapter weights (serving)
     state_sha256: Mapped[str | None] = mapped_column(String(64))  # of manifest.json (resume)
-    # active | pruned (by LORAFORGE_CHECKPOINT_RETENTION: files gone, the row says why)
-    status: Mapped[str] = mapped_column(String(16), default="active", server_default="active")
+    status: Mapped[str] = mapped_column(  # a CheckpointStatus
+        String(16), default=CheckpointStatus.ACTIVE, server_default=CheckpointStatus.ACTIVE
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -127,7 +129,9 @@ class Adapter(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     lora_config: Mapped[dict[str, Any]] = mapped_column(JSON)
-    status: Mapped[str] = mapped_column(String(16), default="active")  # active | deleted
+    status: Mapped[str] = mapped_column(  # an AdapterStatus
+        String(16), default=AdapterStatus.ACTIVE
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

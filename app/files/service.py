@@ -13,10 +13,10 @@ from app.db.models import File, Job, Organization
 from app.errors import InvalidRequest, InvalidState, NotFound, PayloadTooLarge
 from app.files.format import LINE_SHAPES, MAX_LINE_BYTES, validate_jsonl_file
 from app.ids import new_id
+from app.statuses import ACTIVE_JOB_STATUSES
 from app.storage import ArtifactStore
 
 PURPOSES = {"fine-tune"}
-ACTIVE = ("queued", "running")  # job states that still read their files
 Lock = Literal["share", "update"] | None
 CHUNK = 1 << 20
 
@@ -80,12 +80,12 @@ def store_spooled_file(
 ) -> File:
     """Validate a spooled upload, add its row and move it into the store.
 
+    The caller has checked `filename` and `purpose` (`check_upload`) before spooling.
     Nothing is kept when any step fails: the caller's spool lives in a temp dir that is
     always removed, and the row is flushed only after validation passed. The user's
     file name is a label only: the stored path is built from the server-made id.
     `max_stored_bytes`: the organization's storage quota (0: none), held until commit.
     """
-    check_upload(filename=filename, purpose=purpose)
     summary = validate_jsonl_file(spool, max_lines=max_lines, max_line_bytes=max_line_bytes)
     if max_stored_bytes:
         check_storage_quota(session, organization=organization, adding=size, limit=max_stored_bytes)
@@ -173,13 +173,13 @@ def list_files(session: Session, *, organization: Organization) -> list[File]:
     return list(session.scalars(query.order_by(File.created_at.desc(), File.id.desc())))
 
 
-def delete_file(
-    session: Session, *, organization: Organization, file_id: str, store: ArtifactStore
-) -> None:
-    """Delete a file no queued or running job reads (409 naming them otherwise).
+def delete_file(session: Session, *, organization: Organization, file_id: str) -> str:
+    """Delete the row of a file no queued or running job reads (409 naming them otherwise).
 
-    The row is locked first, so a job being created on it either commits before (and is
-    seen here) or finds the file gone; a job never starts on a file deleted under it.
+    Returns its storage key: the caller deletes the stored bytes after its transaction
+    commits, so a rollback never leaves a row without its file. The row is locked first,
+    so a job being created on it either commits before (and is seen here) or finds the
+    file gone; a job never starts on a file deleted under it.
     """
     row = get_file(session, organization=organization, file_id=file_id, lock="update")
     users = jobs_using(session, row)
@@ -192,14 +192,14 @@ def delete_file(
         )
     session.delete(row)
     session.flush()
-    store.delete(row.storage_key)
+    return row.storage_key
 
 
 def jobs_using(session: Session, row: File) -> list[str]:
     """Ids of the queued or running jobs that train or validate on `row`, oldest first."""
     query = select(Job.id).where(
         Job.organization_id == row.organization_id,
-        Job.status.in_(ACTIVE),
+        Job.status.in_(ACTIVE_JOB_STATUSES),
         or_(Job.training_file == row.id, Job.validation_file == row.id),
     )
     return list(session.scalars(query.order_by(Job.created_at, Job.id)))

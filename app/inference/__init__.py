@@ -3,7 +3,8 @@
 Importing this package does not import torch; the engine loads it on first use.
 """
 
+from app.errors import AdapterIntegrityError
 from app.inference.engine import InferenceEngine
-from app.inference.types import AdapterIntegrityError, AdapterRef, Delta, Generation
+from app.inference.types import AdapterRef, Delta, Generation
 
 __all__ = ["AdapterIntegrityError", "AdapterRef", "Delta", "Generation", "InferenceEngine"]

@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.errors import adapter_weights_changed
-from app.inference.types import AdapterIntegrityError, AdapterRef
+from app.errors import AdapterIntegrityError, UnsafeModelError, adapter_weights_changed
+from app.inference.types import AdapterRef
 from app.ml.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_dir
-from app.ml.loading import UnsafeModelError
 
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")

@@ -28,7 +28,7 @@ DEFAULT_CONTEXT_LENGTH = 2048
 DEFAULT_MAX_TOKENS = 256  # when a chat request gives no limit (capped by the context)
 
 
-class _Base:
+class LoadedBase:
     """One base model: its scheduler, and tokenizers for the request threads."""
 
     def __init__(self, ref: str) -> None:
@@ -76,7 +76,7 @@ class InferenceEngine:
             raise ValueError("max_loaded_adapters must be at least 1")
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
-        self._bases = {name: _Base(ref) for name, ref in base_models.items()}
+        self._bases = {name: LoadedBase(ref) for name, ref in base_models.items()}
         self._capacity = max_loaded_adapters
         self._max_batch = max_batch_size
         self._device = device
@@ -178,7 +178,7 @@ class InferenceEngine:
         for event in done:
             event.wait(timeout=300)
 
-    def _preload_fallback(self, base_model: str, base: _Base, ref: AdapterRef) -> None:
+    def _preload_fallback(self, base_model: str, base: LoadedBase, ref: AdapterRef) -> None:
         # Like a batched preload, a failure (logged by the fallback) leaves the adapter
         # unloaded and the others go on.
         with suppress(Exception):
@@ -231,13 +231,13 @@ class InferenceEngine:
                 self._context[base_model] = known
         return known
 
-    def _base(self, base_model: str) -> _Base:
+    def _base(self, base_model: str) -> LoadedBase:
         base = self._bases.get(base_model)
         if base is None:
             raise NotFound(f"base model {base_model!r} is not served here", param="model")
         return base
 
-    def _loaded(self, base_model: str) -> _Base:
+    def _loaded(self, base_model: str) -> LoadedBase:
         """The base with its scheduler running; loads the weights on first use."""
         base = self._base(base_model)
         with base.load_lock:
@@ -262,7 +262,7 @@ class InferenceEngine:
                 base.shapes = linear_shapes(model)
         return base
 
-    def _started(self) -> list[_Base]:
+    def _started(self) -> list[LoadedBase]:
         return [base for base in self._bases.values() if base.scheduler is not None]
 
     def _fitted(self, base_model: str, prompt_tokens: int, max_tokens: int | None) -> int:

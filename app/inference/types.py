@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.errors import InvalidRequest
-
 
 @dataclass(frozen=True)
 class AdapterRef:
@@ -58,11 +56,3 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[TokenLogprob] | None = None
-
-
-class AdapterIntegrityError(InvalidRequest):
-    """An adapter's files are not a LoRA this server serves: pickled or missing weights, a
-    config or tensors it refuses (400). Weights whose sha256 changed since publishing are
-    the server's fault instead (`errors.adapter_weights_changed`, 500)."""
-
-    code = "adapter_integrity"

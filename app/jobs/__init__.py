@@ -3,7 +3,8 @@
 - `service`: create, list, cancel jobs; their events and checkpoints (the API's side).
 - `hyperparameters`: the job's hyperparameters resolved against the base model.
 - `limits`: bounds on the work one job may ask for.
-- `runs`: claiming a job, its lease, and ending an attempt (the worker's side).
+- `runs`: the run protocol: claiming a job, its lease, ending an attempt (the worker's
+  calls), and the sweep's recovery of dead attempts.
 - `queue`: the Celery wake-up message shared by the API and the workers.
 - `sweep` and `leftovers`: re-sending lost wake-ups, re-queuing dead attempts, removing what
   they left behind.

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from app.config import Settings
 from app.db.models import Checkpoint, Job
 from app.db.session import read_session_scope
-from app.jobs.service import TERMINAL
+from app.statuses import TERMINAL_JOB_STATUSES, CheckpointStatus
 from app.storage import ArtifactStore
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def remove_dead_attempts_leftovers(
         recorded = set(  # a pruned row's files were due to go after its commit: not kept
             session.scalars(
                 select(Checkpoint.storage_key).where(
-                    Checkpoint.job_id.in_(job_ids), Checkpoint.status == "active"
+                    Checkpoint.job_id.in_(job_ids), Checkpoint.status == CheckpointStatus.ACTIVE
                 )
             )
         )
@@ -83,7 +83,9 @@ def remove_scratch_of_ended_jobs(settings: Settings, job_ids: list[str] | None =
         return []
     with read_session_scope(settings.sqlalchemy_url) as session:
         ended = list(
-            session.scalars(select(Job.id).where(Job.id.in_(job_ids), Job.status.in_(TERMINAL)))
+            session.scalars(
+                select(Job.id).where(Job.id.in_(job_ids), Job.status.in_(TERMINAL_JOB_STATUSES))
+            )
         )
     for job_id in ended:
         store.remove_scratch(job_id)

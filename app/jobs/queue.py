@@ -10,6 +10,8 @@ import logging
 from functools import lru_cache
 from typing import Any
 
+import kombu.exceptions
+import redis.exceptions
 from celery import Celery
 
 from app.config import Settings, get_settings
@@ -18,6 +20,17 @@ logger = logging.getLogger(__name__)
 
 TRAIN_TASK = "loraforge.train"
 TRAIN_QUEUE = "training"
+
+# What sending raises while the broker is unreachable: kombu turns the transport's connection
+# errors into OperationalError (Redis refusing or gone, an unknown host); Redis's own and the
+# socket's can surface unwrapped on an established connection, and the filesystem broker's
+# are OSErrors. Anything else (an unknown transport in the URL, a bug) is not an outage.
+BROKER_UNREACHABLE = (
+    kombu.exceptions.OperationalError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    OSError,
+)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -71,7 +84,7 @@ def enqueue_training(job_id: str) -> bool:
     """Send the wake-up message; False if the broker is unreachable (the sweep retries)."""
     try:
         _client().send_task(TRAIN_TASK, args=[job_id], queue=TRAIN_QUEUE, retry=False)
-    except Exception:  # broker down: the job row is committed, the sweep will re-send
+    except BROKER_UNREACHABLE:  # the job row is committed: the sweep will re-send
         logger.warning("could not enqueue job %s; the sweep will retry", job_id, exc_info=True)
         return False
     return True

@@ -1,4 +1,5 @@
-"""Fine-tuning jobs, the worker side: claim, lease, progress, completion, the sweep.
+"""Fine-tuning jobs, the run protocol: claim, lease, progress, completion (the worker's
+calls), and `sweep`, the recovery the API process runs periodically (app/jobs/sweep.py).
 
 Every write after the claim is conditional on (job id, attempt, status running,
 not cancelled): `attempt` is a fencing token, so a stale or duplicate worker whose
@@ -21,19 +22,13 @@ from sqlalchemy.orm import Session
 from app.db.base import utcnow
 from app.db.models import Checkpoint, Job, Organization
 from app.db.session import session_scope
+from app.errors import RunAborted
 from app.ids import new_id
 from app.jobs.service import add_event
 from app.registry import service as registry
+from app.statuses import CheckpointStatus, JobStatus, RunOutcome
 
 logger = logging.getLogger(__name__)
-
-
-class RunAborted(Exception):
-    """The run must stop: its job was cancelled, or its lease passed to another attempt."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason  # "cancelled" | "lease_lost"
 
 
 @dataclass(frozen=True)
@@ -45,7 +40,10 @@ class Claim:
 def _claimable(now: Any, max_attempts: int) -> tuple:
     """Queued, or running on a lapsed lease (its worker died); never a cancelled one."""
     return (
-        or_(Job.status == "queued", and_(Job.status == "running", Job.lease_expires_at < now)),
+        or_(
+            Job.status == JobStatus.QUEUED,
+            and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now),
+        ),
         Job.cancel_requested.is_(False),
         Job.attempt < max_attempts,
     )
@@ -60,7 +58,7 @@ def claim_job(
         update(Job)
         .where(Job.id == job_id, *_claimable(now, max_attempts))
         .values(
-            status="running",
+            status=JobStatus.RUNNING,
             attempt=Job.attempt + 1,
             worker=worker,
             lease_expires_at=now + timedelta(seconds=lease_seconds),
@@ -109,7 +107,7 @@ def claim_next(
 
 
 def _next_candidate(now: Any, max_attempts: int, cap: int) -> Any:
-    live = and_(Job.status == "running", Job.lease_expires_at >= now)
+    live = and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at >= now)
     waiting = select(Job.organization_id).where(*_claimable(now, max_attempts))
     per_org = (
         select(
@@ -152,10 +150,10 @@ def renew_lease(
     ).rowcount
     if renewed != 1:
         still_ours = session.scalar(select(Job.id).where(*_owned(claim)))
-        raise RunAborted("cancelled" if still_ours else "lease_lost")
+        raise RunAborted(RunOutcome.CANCELLED if still_ours else RunOutcome.LEASE_LOST)
 
 
-def hold_lease(session: Session, *, claim: Claim, lease_seconds: int) -> str | None:
+def hold_lease(session: Session, *, claim: Claim, lease_seconds: int) -> RunOutcome | None:
     """The supervising process's heartbeat: why the run must stop, or None.
 
     Unlike `renew_lease` it keeps extending a cancelled run's lease: the job stays
@@ -169,8 +167,8 @@ def hold_lease(session: Session, *, claim: Claim, lease_seconds: int) -> str | N
         .returning(Job.cancel_requested)
     ).scalar_one_or_none()
     if held is None:
-        return "lease_lost"
-    return "cancelled" if held else None
+        return RunOutcome.LEASE_LOST
+    return RunOutcome.CANCELLED if held else None
 
 
 def check_run(session: Session, *, claim: Claim) -> None:
@@ -180,7 +178,7 @@ def check_run(session: Session, *, claim: Claim) -> None:
         select(Job.cancel_requested).where(*_owned(claim), Job.lease_expires_at >= utcnow())
     )
     if cancel_requested is None or cancel_requested:
-        raise RunAborted("cancelled" if cancel_requested else "lease_lost")
+        raise RunAborted(RunOutcome.CANCELLED if cancel_requested else RunOutcome.LEASE_LOST)
 
 
 @contextmanager
@@ -213,7 +211,7 @@ def keep_lease(url: str, *, claim: Claim, lease_seconds: int) -> Iterator[None]:
 
 
 def _owned(claim: Claim) -> tuple:
-    return (Job.id == claim.job_id, Job.attempt == claim.attempt, Job.status == "running")
+    return (Job.id == claim.job_id, Job.attempt == claim.attempt, Job.status == JobStatus.RUNNING)
 
 
 def record_checkpoint(
@@ -235,7 +233,7 @@ def record_checkpoint(
         select(Job.cancel_requested).where(*_owned(claim)).with_for_update()
     )
     if cancel_requested is None or cancel_requested:
-        raise RunAborted("cancelled" if cancel_requested else "lease_lost")
+        raise RunAborted(RunOutcome.CANCELLED if cancel_requested else RunOutcome.LEASE_LOST)
     job = session.get_one(Job, claim.job_id)
     name = registry.checkpoint_name(fine_tuned_model_name(session, job), step)
     checkpoint = session.scalar(
@@ -252,7 +250,7 @@ def record_checkpoint(
         session.add(checkpoint)
     checkpoint.metrics, checkpoint.storage_key, checkpoint.sha256 = metrics, storage_key, sha256
     checkpoint.state_sha256 = state_sha256  # manifest of the resume state (worker/training)
-    checkpoint.status = "active"  # a restarted attempt may write a pruned step again
+    checkpoint.status = CheckpointStatus.ACTIVE  # a restarted attempt may write a pruned step again
     session.flush()
     pruned = registry.prune_checkpoints(session, job_id=job.id, keep=keep)
     message, data = f"Checkpoint created at step {step}", {"step": step}
@@ -298,7 +296,7 @@ def complete_job(
         update(Job)
         .where(*_owned(claim), Job.cancel_requested.is_(False))
         .values(
-            status="succeeded",
+            status=JobStatus.SUCCEEDED,
             fine_tuned_model=name,
             trained_tokens=trained_tokens,
             result_files=result_files or [],
@@ -307,9 +305,8 @@ def complete_job(
         )
     ).rowcount
     if done != 1:
-        raise RunAborted(
-            "cancelled" if session.scalar(select(Job.id).where(*_owned(claim))) else "lease_lost"
-        )
+        still_ours = session.scalar(select(Job.id).where(*_owned(claim)))
+        raise RunAborted(RunOutcome.CANCELLED if still_ours else RunOutcome.LEASE_LOST)
     registry.register_adapter(
         session,
         adapter_id=name,
@@ -327,7 +324,7 @@ def complete_job(
 
 
 def end_run(
-    session: Session, *, claim: Claim, status: str, error: dict[str, Any] | None = None
+    session: Session, *, claim: Claim, status: JobStatus, error: dict[str, Any] | None = None
 ) -> bool:
     """Move an owned run to `failed` or `cancelled`; False when it is no longer ours."""
     ended = session.execute(
@@ -336,7 +333,7 @@ def end_run(
         .values(status=status, error=error, finished_at=utcnow(), lease_expires_at=None)
     ).rowcount
     if ended:
-        if status == "cancelled":
+        if status == JobStatus.CANCELLED:
             add_event(session, job_id=claim.job_id, message="Fine-tuning job cancelled")
         else:
             add_event(
@@ -353,16 +350,18 @@ def sweep(session: Session, *, requeue_after_seconds: int, max_attempts: int) ->
     now = utcnow()
     expired = list(
         session.scalars(
-            select(Job).where(Job.status == "running", Job.lease_expires_at < now).with_for_update()
+            select(Job)
+            .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
+            .with_for_update()
         )
     )
     to_enqueue: list[str] = []
     for job in expired:
         if job.cancel_requested:
-            job.status, job.finished_at = "cancelled", now
+            job.status, job.finished_at = JobStatus.CANCELLED, now
             add_event(session, job_id=job.id, message="Fine-tuning job cancelled")
         elif job.attempt >= max_attempts:
-            job.status, job.finished_at = "failed", now
+            job.status, job.finished_at = JobStatus.FAILED, now
             job.error = {
                 "code": "worker_lost",
                 "param": None,
@@ -370,7 +369,7 @@ def sweep(session: Session, *, requeue_after_seconds: int, max_attempts: int) ->
             }
             add_event(session, job_id=job.id, level="error", message=job.error["message"])
         else:
-            job.status, job.enqueued_at = "queued", now
+            job.status, job.enqueued_at = JobStatus.QUEUED, now
             add_event(
                 session,
                 job_id=job.id,
@@ -381,7 +380,8 @@ def sweep(session: Session, *, requeue_after_seconds: int, max_attempts: int) ->
     stale = now - timedelta(seconds=requeue_after_seconds)
     for job in session.scalars(
         select(Job).where(
-            Job.status == "queued", or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale)
+            Job.status == JobStatus.QUEUED,
+            or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale),
         )
     ):
         job.enqueued_at = now

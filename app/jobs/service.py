@@ -1,6 +1,6 @@
 """Fine-tuning jobs, the API side: create, read, list, cancel, events, checkpoints.
 
-The worker side (claim, lease, completion) is in `app/jobs/runs.py`.
+The run protocol (claim, lease, completion, the sweep's recovery) is in `app/jobs/runs.py`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from app.jobs import hyperparameters
 from app.jobs.limits import WorkLimits, check_job_work
 from app.registry import service as registry
 from app.schemas.jobs import JobCreate
+from app.statuses import ACTIVE_JOB_STATUSES, TERMINAL_JOB_STATUSES, CheckpointStatus, JobStatus
 
-TERMINAL = {"succeeded", "failed", "cancelled"}
 EVENT_ID = re.compile(r"^ftevent-[A-Za-z0-9]{1,32}$")
 
 
@@ -79,7 +79,7 @@ def create_job(
         suffix=request.suffix,
         seed=resolved["seed"],
         metadata_=request.metadata,
-        status="queued",
+        status=JobStatus.QUEUED,
         result_files=[],
         enqueued_at=utcnow(),  # the sweep re-sends if the message never arrives
     )
@@ -164,19 +164,21 @@ def cancel_job(session: Session, *, organization: Organization, job_id: str) -> 
     Idempotent: cancelling a cancelled (or cancelling) job returns it unchanged.
     """
     job = get_job(session, organization=organization, job_id=job_id)
-    if job.status == "cancelled" or (job.status == "running" and job.cancel_requested):
+    if job.status == JobStatus.CANCELLED or (
+        job.status == JobStatus.RUNNING and job.cancel_requested
+    ):
         return job
-    if job.status in TERMINAL:
+    if job.status in TERMINAL_JOB_STATUSES:
         raise InvalidState(f"job {job_id} has already {job.status}; it cannot be cancelled")
     session.execute(
         update(Job)
-        .where(Job.id == job.id, Job.status.in_(["queued", "running"]))
+        .where(Job.id == job.id, Job.status.in_(ACTIVE_JOB_STATUSES))
         .values(cancel_requested=True)
     )
     cancelled_now = session.execute(
         update(Job)
-        .where(Job.id == job.id, Job.status == "queued")
-        .values(status="cancelled", finished_at=utcnow())
+        .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.CANCELLED, finished_at=utcnow())
     ).rowcount
     if cancelled_now:
         add_event(session, job_id=job.id, message="Fine-tuning job cancelled")
@@ -236,7 +238,9 @@ def list_checkpoints(
     session: Session, *, organization: Organization, job_id: str, after: str | None, limit: int
 ) -> Page:
     job = get_job(session, organization=organization, job_id=job_id)
-    query = select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.status == "active")
+    query = select(Checkpoint).where(
+        Checkpoint.job_id == job.id, Checkpoint.status == CheckpointStatus.ACTIVE
+    )
     if after is not None:
         cursor = session.scalar(query.where(Checkpoint.id == after))
         if cursor is None:
@@ -263,7 +267,7 @@ def check_active_quota(session: Session, *, organization: Organization, limit: i
     active = session.scalar(
         select(func.count())
         .select_from(Job)
-        .where(Job.organization_id == organization.id, Job.status.in_(["queued", "running"]))
+        .where(Job.organization_id == organization.id, Job.status.in_(ACTIVE_JOB_STATUSES))
     )
     if active >= limit:
         raise RateLimited(

@@ -19,6 +19,7 @@ from app.db.session import read_session_scope, session_scope
 from app.jobs import queue
 from app.jobs import runs as job_runs
 from app.jobs.leftovers import remove_dead_attempts_leftovers, remove_scratch_of_ended_jobs
+from app.statuses import JobStatus
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def _enough_messages_waiting(settings: Settings) -> bool:
     if pending is None:
         return False
     with read_session_scope(settings.sqlalchemy_url) as session:
-        queued = session.scalar(select(func.count()).where(Job.status == "queued"))
+        queued = session.scalar(select(func.count()).where(Job.status == JobStatus.QUEUED))
     return pending >= queued
 
 

@@ -8,17 +8,15 @@ lazily, so importing this module stays light for the API process.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
-from app.ml.loading import UnsafeModelError
+from app.errors import UnsafeModelError
+from app.storage import file_sha256
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
-
-_CHUNK = 1 << 20
 
 
 def save_adapter(peft_model: Any, out_dir: Path) -> str:
@@ -34,15 +32,6 @@ def save_adapter(peft_model: Any, out_dir: Path) -> str:
     (out / "README.md").unlink(missing_ok=True)
     check_adapter_dir(out)
     return file_sha256(out / ADAPTER_WEIGHTS)
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 hex digest of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_adapter_dir(path: Path) -> None:

@@ -12,10 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from app.base_models import checked_ref
-
-
-class UnsafeModelError(ValueError):
-    """The model asks for something we never allow (remote code, pickled weights)."""
+from app.errors import UnsafeModelError
 
 
 def resolve_device(preferred: str = "auto") -> str:

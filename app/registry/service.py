@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.db.models import Adapter, Checkpoint, Job, Organization
 from app.errors import InvalidState, NotFound, model_not_found
+from app.statuses import TERMINAL_JOB_STATUSES, AdapterStatus, CheckpointStatus
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def register_adapter(
         sha256=sha256,
         size_bytes=size_bytes,
         lora_config=lora_config,
-        status="active",
+        status=AdapterStatus.ACTIVE,
     )
     session.add(adapter)
     session.flush()
@@ -60,7 +61,7 @@ def register_adapter(
 
 def list_adapters(session: Session, *, organization: Organization) -> list[Adapter]:
     query = select(Adapter).where(
-        Adapter.organization_id == organization.id, Adapter.status == "active"
+        Adapter.organization_id == organization.id, Adapter.status == AdapterStatus.ACTIVE
     )
     return list(session.scalars(query.order_by(Adapter.created_at.desc())))
 
@@ -71,7 +72,7 @@ def get_adapter(
     query = select(Adapter).where(
         Adapter.id == model_id,
         Adapter.organization_id == organization.id,
-        Adapter.status == "active",
+        Adapter.status == AdapterStatus.ACTIVE,
     )
     adapter = session.scalar(query.with_for_update() if for_update else query)
     if adapter is None:
@@ -90,7 +91,7 @@ def get_checkpoint(
     checkpoint = session.scalar(query.with_for_update() if for_update else query)
     if checkpoint is None:
         raise model_not_found(model_id)
-    if checkpoint.status == "pruned":
+    if checkpoint.status == CheckpointStatus.PRUNED:
         raise NotFound(
             f"The checkpoint '{model_id}' was pruned by retention: the server keeps only the "
             "newest checkpoints of each job (LORAFORGE_CHECKPOINT_RETENTION). "
@@ -103,7 +104,7 @@ def get_checkpoint(
 
 def find_adapters(session: Session, *, model_ids: list[str]) -> list[Adapter]:
     """Active adapters with these ids, in any organization (server-side preloading only)."""
-    query = select(Adapter).where(Adapter.id.in_(model_ids), Adapter.status == "active")
+    query = select(Adapter).where(Adapter.id.in_(model_ids), Adapter.status == AdapterStatus.ACTIVE)
     return list(session.scalars(query))
 
 
@@ -140,7 +141,7 @@ def delete_model(session: Session, *, organization: Organization, model_id: str)
     if ":ckpt-step-" in model_id:
         return _delete_checkpoint(session, organization=organization, model_id=model_id)
     adapter = get_adapter(session, organization=organization, model_id=model_id, for_update=True)
-    adapter.status = "deleted"
+    adapter.status = AdapterStatus.DELETED
     rows = list(
         session.scalars(
             select(Checkpoint)
@@ -152,7 +153,8 @@ def delete_model(session: Session, *, organization: Organization, model_id: str)
     for row in rows:  # pruned ones too: nothing of the model is left to name
         session.delete(row)
     session.flush()
-    names = [row.fine_tuned_model_checkpoint for row in rows if row.status == "active"]
+    active = [row for row in rows if row.status == CheckpointStatus.ACTIVE]
+    names = [row.fine_tuned_model_checkpoint for row in active]
     return Removed(
         model_ids=[adapter.id, *names],
         storage_keys=[adapter.storage_key, *(row.storage_key for row in rows)],
@@ -161,13 +163,11 @@ def delete_model(session: Session, *, organization: Organization, model_id: str)
 
 
 def _delete_checkpoint(session: Session, *, organization: Organization, model_id: str) -> Removed:
-    from app.jobs.service import TERMINAL  # here: app.jobs.service imports this module
-
     checkpoint = get_checkpoint(
         session, organization=organization, model_id=model_id, for_update=True
     )
     status = session.scalar(select(Job.status).where(Job.id == checkpoint.job_id))
-    if status not in TERMINAL:
+    if status not in TERMINAL_JOB_STATUSES:
         # its worker may resume from it or prune it at any moment
         raise InvalidState(
             f"'{model_id}' belongs to job {checkpoint.job_id}, which is {status}: its "
@@ -191,11 +191,11 @@ def prune_checkpoints(session: Session, *, job_id: str, keep: int) -> list[Check
     rows = list(
         session.scalars(
             select(Checkpoint)
-            .where(Checkpoint.job_id == job_id, Checkpoint.status == "active")
+            .where(Checkpoint.job_id == job_id, Checkpoint.status == CheckpointStatus.ACTIVE)
             .order_by(Checkpoint.step_number.desc())
         )
     )
     for row in rows[keep:]:
-        row.status = "pruned"
+        row.status = CheckpointStatus.PRUNED
     session.flush()
     return rows[keep:]

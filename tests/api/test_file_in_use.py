@@ -79,7 +79,7 @@ def test_a_delete_racing_a_job_creation_never_leaves_the_job_without_its_file(se
         try:
             with session_scope(url) as session:
                 organization = tenancy.get_or_create_organization(session, name="acme")
-                files.delete_file(session, organization=organization, file_id=file_id, store=store)
+                files.delete_file(session, organization=organization, file_id=file_id)
             outcome.append(None)
         except BaseException as exc:
             outcome.append(exc)
@@ -118,7 +118,7 @@ def test_a_job_created_on_a_file_being_deleted_is_refused(settings) -> None:  # 
 
     with session_scope(url) as session:
         organization = tenancy.get_or_create_organization(session, name="acme")
-        files.delete_file(session, organization=organization, file_id=file_id, store=store)
+        files.delete_file(session, organization=organization, file_id=file_id)
         creator = threading.Thread(target=create)
         creator.start()
         creator.join(timeout=1.0)

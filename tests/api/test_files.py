@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
 from app.db.models import File
 from app.db.session import session_scope
@@ -15,6 +17,11 @@ def jsonl(rows: list[dict]) -> bytes:
 
 def upload(client, content: bytes, name: str = "train.jsonl", purpose: str = "fine-tune"):  # type: ignore[no-untyped-def]
     return client.post("/v1/files", files={"file": (name, content)}, data={"purpose": purpose})
+
+
+def commit_fails(_session) -> None:  # type: ignore[no-untyped-def]
+    """Stands in for `app.db.session.commit` when the database goes away at the commit."""
+    raise OperationalError("COMMIT", {}, ConnectionError("the database went away"))
 
 
 def stored_nothing(settings) -> bool:  # type: ignore[no-untyped-def]
@@ -77,3 +84,15 @@ def test_missing_purpose_names_the_field(client):  # type: ignore[no-untyped-def
     response = client.post("/v1/files", files={"file": ("t.jsonl", jsonl(chat_rows(1)))})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "purpose"
+
+
+def test_a_delete_that_does_not_commit_keeps_the_stored_file(  # type: ignore[no-untyped-def]
+    client, monkeypatch: pytest.MonkeyPatch
+):
+    """The bytes go only once the row's deletion has committed: never a row without its file."""
+    from app.api.routes import files as files_routes
+
+    file_id = upload(client, jsonl(chat_rows(3))).json()["id"]
+    monkeypatch.setattr(files_routes, "commit", commit_fails)
+    assert client.delete(f"/v1/files/{file_id}").status_code == 503
+    assert client.get(f"/v1/files/{file_id}/content").status_code == 200

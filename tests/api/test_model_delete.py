@@ -1,4 +1,4 @@
-"""Deleting a model removes what it learned: its checkpoints stop answering too (issue 10).
+"""Deleting a model removes what it learned: its checkpoints stop answering too.
 
 A fine-tuned model's checkpoints (`ft:…:ckpt-step-N`) are models of their own: callable and
 downloadable. Deleting the model deletes them (rows, files, loaded weights); a checkpoint id
@@ -19,6 +19,7 @@ from app.ids import new_id  # noqa: E402
 from app.ml.adapters import save_adapter  # noqa: E402
 from app.registry import service as registry  # noqa: E402
 from app.storage import ArtifactStore  # noqa: E402
+from tests.api.test_files import commit_fails  # noqa: E402
 from tests.api.test_inference_api import complete, publish_adapter, random_lora  # noqa: E402
 
 
@@ -145,6 +146,20 @@ def test_a_running_jobs_checkpoint_is_not_deleted_under_it(  # type: ignore[no-u
     assert "running" in response.json()["error"]["message"]
     assert client.get(f"/v1/models/{first}").status_code == 200
     assert stored(settings, first)
+
+
+def test_a_delete_that_does_not_commit_keeps_the_models_files(  # type: ignore[no-untyped-def]
+    client, settings, model_with_checkpoints, monkeypatch
+):
+    """The files go only once the rows' deletion has committed: the model still answers."""
+    from app.api.routes import models as models_routes
+
+    adapter, checkpoints = model_with_checkpoints
+    monkeypatch.setattr(models_routes, "commit", commit_fails)
+    assert client.delete(f"/v1/models/{adapter}").status_code == 503
+    for model in (adapter, *checkpoints):
+        assert stored(settings, model)
+        assert complete(client, model=model, max_tokens=2).status_code == 200
 
 
 @pytest.mark.postgres

@@ -11,8 +11,10 @@ import pytest
 
 from app.db.models import Adapter
 from app.db.session import session_scope
-from app.ml.adapters import ADAPTER_WEIGHTS, check_adapter_dir, file_sha256
-from app.ml.loading import UnsafeModelError, load_base_model
+from app.errors import UnsafeModelError
+from app.ml.adapters import ADAPTER_WEIGHTS, check_adapter_dir
+from app.ml.loading import load_base_model
+from app.storage import file_sha256
 
 pytestmark = pytest.mark.slow  # loads the tiny model
 

@@ -11,12 +11,13 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
+from app.errors import AdapterIntegrityError  # noqa: E402
 from app.inference import AdapterRef  # noqa: E402
 from app.inference.adapter_files import read_adapter  # noqa: E402
 from app.inference.lora import linear_shapes, token_shapes  # noqa: E402
-from app.inference.types import AdapterIntegrityError  # noqa: E402
-from app.ml.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, file_sha256, save_adapter  # noqa: E402
+from app.ml.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter  # noqa: E402
 from app.ml.loading import load_base_model  # noqa: E402
+from app.storage import file_sha256  # noqa: E402
 
 TOKENS = [3, 5, 6]
 

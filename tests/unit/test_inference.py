@@ -17,10 +17,10 @@ peft = pytest.importorskip("peft")
 
 from app.errors import IntegrityFailure, InvalidRequest, NotFound  # noqa: E402
 from app.inference import AdapterRef, Generation, InferenceEngine  # noqa: E402
-from app.ml.adapters import file_sha256  # noqa: E402
 from app.ml.chat import render_prompt  # noqa: E402
 from app.ml.loading import load_base_model, load_tokenizer  # noqa: E402
 from app.ml.tiny_model import build_tiny_model  # noqa: E402
+from app.storage import file_sha256  # noqa: E402
 
 PROMPT = "The quick brown fox"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]

@@ -16,8 +16,8 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
 from app.inference import AdapterRef, InferenceEngine  # noqa: E402
-from app.ml.adapters import file_sha256  # noqa: E402
 from app.ml.loading import load_base_model, load_tokenizer  # noqa: E402
+from app.storage import file_sha256  # noqa: E402
 
 MAX_TOKENS = 10
 # (rank, targets): three ranks and three target sets, so one batch mixes all of them.

@@ -18,8 +18,8 @@ from app.errors import InvalidRequest  # noqa: E402
 from app.inference import AdapterRef, InferenceEngine  # noqa: E402
 from app.inference import pool as pool_module  # noqa: E402
 from app.inference.text import TextTracker  # noqa: E402
-from app.ml.adapters import file_sha256  # noqa: E402
 from app.ml.loading import load_base_model, load_tokenizer  # noqa: E402
+from app.storage import file_sha256  # noqa: E402
 
 PROMPT = "Once upon a time"
 

@@ -18,8 +18,9 @@ peft = pytest.importorskip("peft")
 
 from app.errors import IntegrityFailure, InvalidRequest, NotFound  # noqa: E402
 from app.inference import AdapterRef  # noqa: E402
-from app.ml.adapters import file_sha256, save_adapter  # noqa: E402
+from app.ml.adapters import save_adapter  # noqa: E402
 from app.ml.loading import load_base_model  # noqa: E402
+from app.storage import file_sha256  # noqa: E402
 from tests.unit.test_inference_cache import (  # noqa: E402
     base_dir,  # noqa: F401 (fixture)
     greedy,

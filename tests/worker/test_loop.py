@@ -9,14 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from app.errors import UnsafeModelError
 from app.ml.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     check_adapter_dir,
-    file_sha256,
     save_adapter,
 )
-from app.ml.loading import UnsafeModelError, load_base_model
+from app.ml.loading import load_base_model
+from app.storage import file_sha256
 from worker.training.checkpoint import MANIFEST, OPTIMIZER, RNG, STATE, verify_checkpoint
 from worker.training.data import Example, encode_dataset
 from worker.training.loop import (

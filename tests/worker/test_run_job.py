@@ -16,9 +16,9 @@ from app.db.session import session_scope
 from app.files import service as files
 from app.jobs import runs as job_runs
 from app.jobs import service as jobs
-from app.ml.adapters import ADAPTER_WEIGHTS, file_sha256
+from app.ml.adapters import ADAPTER_WEIGHTS
 from app.schemas.jobs import JobCreate
-from app.storage import ArtifactStore
+from app.storage import ArtifactStore, file_sha256
 from tests.conftest import chat_rows
 from worker import run_job as run_job_module
 from worker.run_job import run_job

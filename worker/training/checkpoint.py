@@ -24,17 +24,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.ml.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, file_sha256, save_adapter
+from app.errors import CheckpointError
+from app.ml.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
+from app.storage import file_sha256
 
 MANIFEST = "manifest.json"
 OPTIMIZER = "optimizer.pt"
 RNG = "rng.safetensors"
 STATE = "trainer_state.json"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is incomplete or does not match its recorded sha256."""
 
 
 def checkpoint_steps(total_steps: int, n_checkpoints: int) -> list[int]:

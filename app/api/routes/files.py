@@ -12,7 +12,7 @@ from app.api.multipart import UPLOAD_OPENAPI, Upload, receive_upload
 from app.api.views import file_view
 from app.config import Settings
 from app.db.models import Organization
-from app.db.session import session_scope
+from app.db.session import commit, session_scope
 from app.files import service as files
 from app.schemas.common import Deleted, Id, ListPage
 from app.schemas.files import FileRead
@@ -104,5 +104,7 @@ def file_content(
 
 @router.delete("/{file_id}", response_model=Deleted)
 def delete_file(file_id: Id, org: OrgDep, session: SessionDep, store: StoreDep) -> Deleted:
-    files.delete_file(session, organization=org, file_id=file_id, store=store)
+    storage_key = files.delete_file(session, organization=org, file_id=file_id)
+    commit(session)  # the row is gone for good: only now may its bytes go
+    store.delete(storage_key)
     return Deleted(id=file_id, object="file")

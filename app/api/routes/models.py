@@ -13,7 +13,7 @@ from app.registry import service as registry
 from app.registry.download import adapter_archive, public_base_name
 from app.schemas.common import Id, ListPage
 from app.schemas.models import ModelDeleted, ModelRead
-from app.storage import sha256_file
+from app.storage import file_sha256
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -47,7 +47,7 @@ def download_adapter(
     folder = store.path(target.storage_key)
     weights = folder / ADAPTER_WEIGHTS
     # Missing safetensors (say, only a pickled .bin left) is refused like a corrupt file.
-    if not weights.is_file() or sha256_file(weights) != target.sha256:
+    if not weights.is_file() or file_sha256(weights) != target.sha256:
         raise adapter_weights_changed(model_id)
     base = public_base_name(target.base_model, settings.base_models.get(target.base_model))
     archive = adapter_archive(folder, base_model=base)
