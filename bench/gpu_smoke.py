@@ -43,10 +43,12 @@ def main() -> int:
 
     from peft import PeftModel
 
+    from app.jobs.hyperparameters import resolve
     from app.ml.loading import load_base_model, load_tokenizer
     from app.ml.tiny_model import build_tiny_model
+    from app.schemas.jobs import Hyperparameters
     from worker.training.data import Example
-    from worker.training.loop import TrainConfig, train_lora
+    from worker.training.loop import train_lora
     from worker.training.packing import packing_is_exact
     from worker.training.segment_attention import use_segment_attention
 
@@ -76,10 +78,18 @@ def main() -> int:
     print(f"device {name}; weights {next(base.parameters()).dtype}; torch {torch.__version__}")
     print(f"segment attention: {segments}; packing exact on this model: {exact}; "
           f"cuDNN attention enabled: {torch.backends.cuda.cudnn_sdp_enabled()}")  # fmt: skip
-    config = TrainConfig(
+    asked = Hyperparameters(
         n_epochs=2, batch_size=8, learning_rate=2e-4, lora_r=16, lora_alpha=32,
-        max_seq_length=512, packing=exact, gradient_checkpointing=True, seed=0,
+        max_seq_length=512, packing=exact, gradient_checkpointing=True,
     )  # fmt: skip
+    config = resolve(asked, n_examples=len(examples), seed=0)
+
+    def fresh_base():  # type: ignore[no-untyped-def]
+        model = load_base_model(model_dir, device=device)
+        if exact:  # packed rows train with the attention `base` was switched to
+            use_segment_attention(model)
+        return model
+
     steps, kept = [], {}
 
     def keep(report) -> None:  # type: ignore[no-untyped-def]
@@ -87,15 +97,16 @@ def main() -> int:
 
     # Untimed: CUDA context, kernel loading and first-use costs land here, not on packing.
     train_lora(
-        model=load_base_model(model_dir, device=device), tokenizer=tokenizer,
-        train_examples=examples[:16], valid_examples=[], config=config, out_dir=work / "warm",
+        model=fresh_base(), tokenizer=tokenizer, train_examples=examples[:16],
+        valid_examples=[], hyperparameters=config, out_dir=work / "warm",
     )  # fmt: skip
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     result = train_lora(
         model=base, tokenizer=tokenizer, train_examples=examples, valid_examples=examples[:16],
-        config=config, out_dir=work / "adapter", on_step=steps.append, on_checkpoint=keep,
+        hyperparameters=config, out_dir=work / "adapter", on_step=steps.append,
+        on_checkpoint=keep,
     )  # fmt: skip
     synchronize()
     elapsed = time.perf_counter() - start
@@ -108,9 +119,9 @@ def main() -> int:
     resumed = []
     first = min(kept)
     train_lora(
-        model=load_base_model(model_dir, device=device), tokenizer=tokenizer,
-        train_examples=examples, valid_examples=[], config=config, out_dir=work / "resumed",
-        on_step=resumed.append, resume_from=kept[first],
+        model=fresh_base(), tokenizer=tokenizer, train_examples=examples, valid_examples=[],
+        hyperparameters=config, out_dir=work / "resumed", on_step=resumed.append,
+        resume_from=kept[first],
     )  # fmt: skip
     drift = max(
         abs(a.train_loss - b.train_loss) for a, b in zip(resumed, steps[first:], strict=True)
@@ -124,12 +135,14 @@ def main() -> int:
         logits = loaded(input_ids=torch.tensor([examples[0].input_ids], device=device)).logits
     print(f"adapter reloaded with PEFT: logits finite {bool(torch.isfinite(logits).all())}")
 
-    unpacked = TrainConfig(**{**config.__dict__, "n_epochs": 1, "packing": False})
+    unpacked = resolve(asked.model_copy(update={"n_epochs": 1, "packing": False}),
+                       n_examples=len(examples), seed=0)  # fmt: skip
     synchronize()
     start = time.perf_counter()
     plain = train_lora(
         model=load_base_model(model_dir, device=device), tokenizer=tokenizer,
-        train_examples=examples, valid_examples=[], config=unpacked, out_dir=work / "plain",
+        train_examples=examples, valid_examples=[], hyperparameters=unpacked,
+        out_dir=work / "plain",
     )  # fmt: skip
     synchronize()
     plain_tok_s = plain.trained_tokens / (time.perf_counter() - start)

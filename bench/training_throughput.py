@@ -68,8 +68,11 @@ def rate(stamps: list[tuple[float, int]]) -> float:
 
 
 def run_ours(examples: list, *, packing: bool) -> float:
+    from app.jobs.hyperparameters import resolve
     from app.ml.loading import load_base_model, load_tokenizer
-    from worker.training.loop import TrainConfig, train_lora
+    from app.schemas.jobs import Hyperparameters
+    from worker.training.loop import train_lora
+    from worker.training.segment_attention import use_segment_attention
 
     stamps: list[tuple[float, int]] = []
     last = [0]
@@ -78,15 +81,18 @@ def run_ours(examples: list, *, packing: bool) -> float:
         stamps.append((time.perf_counter(), report.trained_tokens - last[0]))
         last[0] = report.trained_tokens
 
-    config = TrainConfig(
+    asked = Hyperparameters(
         n_epochs=1, batch_size=BATCH, learning_rate=LR, lora_r=RANK, lora_alpha=2 * RANK,
-        max_seq_length=512, packing=packing, seed=SEED,
+        max_seq_length=512, packing=packing,
     )  # fmt: skip
+    model = load_base_model(MODEL_DIR, device="cpu")
+    if packing:  # as the job runner prepares a packed run (it also checks packing is exact)
+        use_segment_attention(model)
     with tempfile.TemporaryDirectory() as out:
         train_lora(
-            model=load_base_model(MODEL_DIR, device="cpu"), tokenizer=load_tokenizer(MODEL_DIR),
-            train_examples=examples, valid_examples=[], config=config, out_dir=Path(out),
-            on_step=on_step,
+            model=model, tokenizer=load_tokenizer(MODEL_DIR), train_examples=examples,
+            valid_examples=[], hyperparameters=resolve(asked, n_examples=len(examples), seed=SEED),
+            out_dir=Path(out), on_step=on_step,
         )  # fmt: skip
     return rate(stamps)
 
@@ -96,7 +102,7 @@ def run_hf(examples: list) -> float:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from app.ml.loading import load_base_model
-    from worker.training.loop import epoch_order
+    from worker.training.packing import epoch_order
 
     step_tokens: list[int] = []
     stamps: list[tuple[float, int]] = []
@@ -142,8 +148,8 @@ def run_hf(examples: list) -> float:
 def run_full(examples: list) -> tuple[float, float]:
     """Full fine-tuning with our collate and loss; returns (tokens/s, trainable share)."""
     from app.ml.loading import load_base_model
-    from worker.training.loop import _token_loss, epoch_order
-    from worker.training.packing import build_sequences, collate
+    from worker.training.loop import _token_loss
+    from worker.training.packing import build_sequences, collate, epoch_order
 
     model = load_base_model(MODEL_DIR, device="cpu")
     for p in model.parameters():

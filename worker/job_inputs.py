@@ -18,7 +18,9 @@ from app.config import Settings
 from app.db.models import Adapter, Checkpoint, File, Job
 from app.db.session import session_scope
 from app.errors import CheckpointError, JobInputError
+from app.jobs.hyperparameters import unmatched_modules
 from app.jobs.runs import Claim
+from app.jobs.spec import RunSpec
 from app.ml.adapters import ADAPTER_WEIGHTS
 from app.model_config import context_of
 from app.statuses import AdapterStatus, CheckpointStatus
@@ -31,17 +33,16 @@ SPECIAL_TOKENS_PARAM = "hyperparameters.train_special_tokens"
 
 @dataclass
 class JobInputs:
+    spec: RunSpec
     organization_id: str
     base_model_ref: str
     training_path: Path
     validation_path: Path | None
-    hyperparameters: dict
-    seed: int
     parent_adapter: Path | None  # a verified adapter to continue training
     checkpoints: list[tuple[Path, str, int]]  # (dir, manifest sha256, step), newest first
 
 
-def trainable_tokens(tokenizer: Any, wanted: bool | list[str] | None, progress: Progress) -> tuple:
+def trainable_tokens(tokenizer: Any, wanted: bool | list[str], progress: Progress) -> tuple:
     """Token ids whose embedding rows train: the chat template's special tokens (true) or
     the listed ones, each of which must be one token of the base's vocabulary."""
     from app.ml.chat import template_token_ids
@@ -71,8 +72,7 @@ def check_target_modules(model: Any, targets: str | list[str]) -> None:
     """Fail the job, naming the param, when a target module is not in the model."""
     if targets == "all-linear":
         return
-    names = [name for name, _ in model.named_modules()]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    missing = unmatched_modules(targets, (name for name, _ in model.named_modules()))
     if missing:
         raise JobInputError(
             f"lora_target_modules {missing} are not modules of the base model",
@@ -112,24 +112,25 @@ def resume_point(inputs: JobInputs, progress: Progress) -> Path | None:
 def read_inputs(claim: Claim, settings: Settings, store: ArtifactStore) -> JobInputs:
     with session_scope(settings.sqlalchemy_url) as session:
         job = session.get_one(Job, claim.job_id)
-        ref = settings.base_models.get(job.model)
+        spec = RunSpec.of_job(job)
+        ref = settings.base_models.get(spec.base_model)
         if ref is None:
             raise JobInputError(
-                f"base model {job.model!r} is no longer in this server's allowlist",
+                f"base model {spec.base_model!r} is no longer in this server's allowlist",
                 code="model_not_available",
                 param="model",
             )
         reason = base_models.problem(ref)
         if reason is not None:  # fail at once, naming why, instead of a hub lookup that retries
             raise JobInputError(
-                base_models.explain(job.model, ref, reason),
+                base_models.explain(spec.base_model, ref, reason),
                 code="model_not_available",
                 param="model",
             )
         paths = {}
         for param, file_id in (
-            ("training_file", job.training_file),
-            ("validation_file", job.validation_file),
+            ("training_file", spec.training_file),
+            ("validation_file", spec.validation_file),
         ):
             if file_id is None:
                 continue
@@ -146,12 +147,11 @@ def read_inputs(claim: Claim, settings: Settings, store: ArtifactStore) -> JobIn
                 )
             paths[param] = store.path(row.storage_key)
         return JobInputs(
+            spec=spec,
             organization_id=job.organization_id,
             base_model_ref=ref,
             training_path=paths["training_file"],
             validation_path=paths.get("validation_file"),
-            hyperparameters=job.hyperparameters,
-            seed=job.seed,
             parent_adapter=_parent_adapter(session, job, store),
             checkpoints=_checkpoints(session, job, store) if claim.attempt > 1 else [],
         )

@@ -24,6 +24,7 @@ from app.files import service as files
 from app.jobs import runs as job_runs
 from app.jobs.leftovers import remove_dead_attempts_leftovers, remove_scratch_of_ended_jobs
 from app.jobs.runs import Claim
+from app.jobs.spec import SupervisedHyperparameters
 from app.ml.adapters import ADAPTER_WEIGHTS
 from app.statuses import TERMINAL_JOB_STATUSES, JobStatus, RunOutcome
 from app.storage import ArtifactStore
@@ -114,15 +115,17 @@ def end(settings: Settings, claim: Claim, status: JobStatus, error: dict | None 
 
 def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -> None:
     from app.ml.loading import load_base_model, load_tokenizer
-    from worker.training.loop import count_steps, train_lora
+    from worker.training.loop import train_lora
+    from worker.training.packing import count_steps
 
     inputs = job_inputs.read_inputs(claim, settings, store)
     progress = Progress(claim, settings, store)
     tokenizer = load_tokenizer(inputs.base_model_ref)
     model = load_base_model(inputs.base_model_ref, device=settings.device)
-    config = _train_config(inputs, model, tokenizer, settings, progress)
-    train, valid = _encode(inputs, tokenizer, model, config, progress)
-    progress.announce_checkpoints(count_steps(len(train), config), config.n_checkpoints)
+    hp = _hyperparameters_to_run(inputs.spec.method.hyperparameters, model, progress)
+    token_ids = job_inputs.trainable_tokens(tokenizer, hp.train_special_tokens, progress)
+    train, valid = _encode(inputs, tokenizer, model, hp, progress)
+    progress.announce_checkpoints(count_steps(len(train), hp), hp.n_checkpoints)
     resume_from = job_inputs.resume_point(inputs, progress)
     with store.temp_dir(owner=claim.job_id) as out:
         progress.start()
@@ -131,8 +134,10 @@ def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -
             tokenizer=tokenizer,
             train_examples=train,
             valid_examples=valid,
-            config=config,
+            hyperparameters=hp,
             out_dir=out,
+            trainable_token_ids=token_ids,
+            eval_every_steps=settings.metrics_every_steps,
             on_step=progress.on_step,
             on_checkpoint=progress.on_checkpoint,
             on_micro_batch=progress.on_micro_batch,
@@ -143,9 +148,8 @@ def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -
         key = f"adapters/{claim.job_id}"
         published = store.publish_dir(out, key)
     applied = {  # what ran, not what was asked
-        "packing": config.packing,
-        "train_special_tokens": tokenizer.convert_ids_to_tokens(list(config.trainable_token_ids))
-        or False,
+        "packing": hp.packing,
+        "train_special_tokens": tokenizer.convert_ids_to_tokens(list(token_ids)) or False,
     }
     _register(
         claim,
@@ -200,87 +204,55 @@ def _register(
         raise
 
 
-def _train_config(
-    inputs: JobInputs, model: Any, tokenizer: Any, settings: Settings, progress: Progress
-) -> Any:
-    """The loop's config from the job's resolved hyperparameters, checked against the model."""
-    from worker.training.loop import TrainConfig
-    from worker.training.packing import packing_is_exact
-    from worker.training.segment_attention import use_segment_attention
+def _hyperparameters_to_run(
+    hp: SupervisedHyperparameters, model: Any, progress: Progress
+) -> SupervisedHyperparameters:
+    """The job's hyperparameters checked against the loaded model, with `packing` as it
+    will run: on only where the model isolates packed examples."""
+    from worker.training.packing import enable_packing
 
-    hp = inputs.hyperparameters
-    job_inputs.check_target_modules(model, hp["lora_target_modules"])
-    job_inputs.check_context(model, hp["max_seq_length"])
-    wanted = hp.get("packing", True) is True
-    if wanted:  # first, so that the check below covers the attention that will train
-        use_segment_attention(model)
-    packing = wanted and packing_is_exact(model)
-    if wanted and not packing:
-        progress.event(
-            "Packing is off: this model does not isolate packed examples, so packing "
-            "would not be exact; training one example per sequence",
-            level="warn",
-        )
-    return TrainConfig(
-        n_epochs=hp["n_epochs"],
-        batch_size=hp["batch_size"],
-        learning_rate=hp["learning_rate"],
-        lora_r=hp["lora_r"],
-        lora_alpha=hp["lora_alpha"],
-        lora_dropout=hp["lora_dropout"],
-        lora_target_modules=hp["lora_target_modules"],
-        max_seq_length=hp["max_seq_length"],
-        seed=inputs.seed,
-        warmup_ratio=hp["warmup_ratio"],
-        weight_decay=hp["weight_decay"],
-        lr_scheduler=hp["lr_scheduler"],
-        gradient_accumulation_steps=hp.get("gradient_accumulation_steps", 1),
-        use_rslora=hp.get("use_rslora", False),
-        use_dora=hp.get("use_dora", False),
-        gradient_checkpointing=hp.get("gradient_checkpointing", False),
-        packing=packing,
-        eval_every_steps=settings.metrics_every_steps,
-        # absent on jobs created before it existed: one per epoch, as they were written
-        n_checkpoints=hp.get("n_checkpoints", hp["n_epochs"]),
-        trainable_token_ids=job_inputs.trainable_tokens(
-            tokenizer, hp.get("train_special_tokens"), progress
-        ),
+    job_inputs.check_target_modules(model, hp.lora_target_modules)
+    job_inputs.check_context(model, hp.max_seq_length)
+    if not hp.packing or enable_packing(model):
+        return hp
+    progress.event(
+        "Packing is off: this model does not isolate packed examples, so packing "
+        "would not be exact; training one example per sequence",
+        level="warn",
     )
+    return hp.model_copy(update={"packing": False})
 
 
 def _encode(
-    inputs: JobInputs, tokenizer: Any, model: Any, config: Any, progress: Progress
+    inputs: JobInputs,
+    tokenizer: Any,
+    model: Any,
+    hp: SupervisedHyperparameters,
+    progress: Progress,
 ) -> tuple:
     """Tokenize both files; report the dataset statistics and any truncation."""
     from worker.training.data import encode_dataset, read_jsonl
-    from worker.training.loop import count_steps, epoch_order
-    from worker.training.packing import build_sequences, row_length
+    from worker.training.packing import count_steps, epoch_steps, row_length
 
     def encode(path: Path) -> list:
         return encode_dataset(
             tokenizer,
             read_jsonl(path),
-            max_seq_length=config.max_seq_length,
-            # False keeps the per-shape rule (prompt tokens masked, `text` trained everywhere)
-            train_on_inputs=inputs.hyperparameters.get("train_on_inputs", "auto"),
+            max_seq_length=hp.max_seq_length,
+            train_on_inputs=hp.train_on_inputs,
         )
 
     train = encode(inputs.training_path)
     valid = encode(inputs.validation_path) if inputs.validation_path is not None else []
-    order = epoch_order(len(train), seed=config.seed, epoch=1)
-    rows = sum(  # rows of the first epoch: packing fills each step's rows
-        len(build_sequences(train, packing=config.packing,
-                            max_len=row_length(model, config.max_seq_length),
-                            indices=order[i : i + config.batch_size]))
-        for i in range(0, len(order), config.batch_size)
-    )  # fmt: skip
+    first_epoch = epoch_steps(train, hp, max_len=row_length(model, hp.max_seq_length), epoch=1)
+    rows = sum(len(micro) for step in first_epoch for micro in step.micro_batches)
     stats = {
         "examples": len(train),
         "tokens": sum(len(e.input_ids) for e in train),
         "sequences_per_epoch": rows,
-        "packing": config.packing,
+        "packing": hp.packing,
         "validation_examples": len(valid),
-        "total_steps": count_steps(len(train), config),
+        "total_steps": count_steps(len(train), hp),
     }
     progress.event(
         f"Training on {stats['examples']} examples ({stats['tokens']} tokens) in "
@@ -291,8 +263,8 @@ def _encode(
     if truncated:
         progress.event(
             f"{truncated} examples were longer than max_seq_length="
-            f"{config.max_seq_length} tokens and were truncated",
+            f"{hp.max_seq_length} tokens and were truncated",
             level="warn",
-            data={"truncated_examples": truncated, "max_seq_length": config.max_seq_length},
+            data={"truncated_examples": truncated, "max_seq_length": hp.max_seq_length},
         )
     return train, valid

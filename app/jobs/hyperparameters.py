@@ -1,8 +1,8 @@
 """Resolving "auto" hyperparameters from the dataset size, and checking them against the model.
 
-The resolved values are stored on the job (and shown by the API) and copied into
-the adapter's registry row, so a result always says exactly how it was trained.
-Torch-free: the API process validates `lora_target_modules` by reading the base
+The resolved values are the run spec's (`app/jobs/spec.py`): stored on the job (and shown by
+the API) and copied into the adapter's registry row, so a result always says exactly how it
+was trained. Torch-free: the API process validates `lora_target_modules` by reading the base
 model's safetensors headers (plain JSON), never by loading the model.
 """
 
@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from app.errors import InvalidRequest
+from app.jobs.spec import SupervisedHyperparameters
 from app.schemas.jobs import Hyperparameters
 
 BASE_LEARNING_RATE = 2e-4  # a common LoRA default (PEFT / Axolotl examples)
@@ -31,7 +33,7 @@ LORA_SHAPE_KEYS = (
 
 def resolve(
     requested: Hyperparameters, *, n_examples: int, seed: int, dataset_format: str | None = None
-) -> dict[str, Any]:
+) -> SupervisedHyperparameters:
     """Concrete values for every knob; "auto" replaced by a size-based choice.
 
     n_epochs: about 100 passes over the examples in total, between 3 and 10 epochs.
@@ -58,28 +60,42 @@ def resolve(
             else requested.learning_rate_multiplier
         )
         learning_rate = BASE_LEARNING_RATE * multiplier
-    return requested.model_dump() | {
-        "n_epochs": n_epochs,
-        "batch_size": batch_size,
-        "learning_rate_multiplier": multiplier,
-        "learning_rate": learning_rate,
-        "lora_alpha": requested.lora_alpha or 2 * requested.lora_r,
-        "train_on_inputs": (
-            dataset_format == "text"
-            if requested.train_on_inputs == "auto"
-            else requested.train_on_inputs
-        ),
-        "packing": True if requested.packing == "auto" else requested.packing,
-        "n_checkpoints": n_epochs if requested.n_checkpoints == "auto" else requested.n_checkpoints,
-        "seed": seed,
-    }
+    return SupervisedHyperparameters.model_validate(
+        requested.model_dump()
+        | {
+            "n_epochs": n_epochs,
+            "batch_size": batch_size,
+            "learning_rate_multiplier": multiplier,
+            "learning_rate": learning_rate,
+            "lora_alpha": requested.lora_alpha or 2 * requested.lora_r,
+            "train_on_inputs": (
+                dataset_format == "text"
+                if requested.train_on_inputs == "auto"
+                else requested.train_on_inputs
+            ),
+            "packing": True if requested.packing == "auto" else requested.packing,
+            "n_checkpoints": (
+                n_epochs if requested.n_checkpoints == "auto" else requested.n_checkpoints
+            ),
+            "seed": seed,
+        }
+    )
 
 
-def continue_from(resolved: dict[str, Any], parent_lora_config: dict[str, Any]) -> dict[str, Any]:
+def continue_from(
+    resolved: SupervisedHyperparameters, parent_lora_config: dict[str, Any]
+) -> SupervisedHyperparameters:
     """A continued job keeps the LoRA shape of the adapter it starts from."""
     shape = {key: parent_lora_config[key] for key in LORA_SHAPE_KEYS if key in parent_lora_config}
     shape.setdefault("train_special_tokens", False)  # an adapter from before it had no rows
-    return resolved | shape
+    return SupervisedHyperparameters.model_validate(resolved.model_dump() | shape)
+
+
+def unmatched_modules(targets: list[str], module_names: Iterable[str]) -> list[str]:
+    """The targets that name no module, by PEFT's rule: a module matches when its full name,
+    or its last dotted components, equal the target. The API and the worker both use it."""
+    names = list(module_names)
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
 
 
 def check_target_modules(model_ref: str, target_modules: str | list[str]) -> None:
@@ -93,7 +109,7 @@ def check_target_modules(model_ref: str, target_modules: str | list[str]) -> Non
     names = linear_module_names(Path(model_ref))
     if names is None:
         return
-    unknown = [m for m in target_modules if not any(_matches(n, m) for n in names)]
+    unknown = unmatched_modules(target_modules, names)
     if unknown:
         sample = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names})[:12])
         raise InvalidRequest(
@@ -154,8 +170,3 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
         header = json.loads(handle.read(length))
     header.pop("__metadata__", None)
     return header
-
-
-def _matches(module_name: str, target: str) -> bool:
-    """PEFT's rule: the full name, or its last dotted components, equal the target."""
-    return module_name == target or module_name.endswith("." + target)

@@ -9,10 +9,10 @@ with a 400 naming the field and the limit; 0 disables a limit.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from app.config import Settings
 from app.errors import InvalidRequest
+from app.jobs.spec import SupervisedHyperparameters
 from app.model_config import context_length
 
 
@@ -27,7 +27,7 @@ class WorkLimits:
 
 
 def check_job_work(
-    resolved: dict[str, Any],
+    resolved: SupervisedHyperparameters,
     *,
     n_examples: int,
     base_model: str,
@@ -35,7 +35,7 @@ def check_job_work(
     limits: WorkLimits,
 ) -> None:
     """Refuse (InvalidRequest naming the field) a job whose work exceeds a bound."""
-    max_seq_length = resolved["max_seq_length"]
+    max_seq_length = resolved.max_seq_length
     context = context_length(model_ref)
     if context is not None and max_seq_length > context:
         raise InvalidRequest(
@@ -44,7 +44,7 @@ def check_job_work(
             param="hyperparameters.max_seq_length",
             code="max_seq_length_too_long",
         )
-    per_step = resolved["batch_size"] * resolved["gradient_accumulation_steps"] * max_seq_length
+    per_step = resolved.batch_size * resolved.gradient_accumulation_steps * max_seq_length
     if limits.max_tokens_per_step and per_step > limits.max_tokens_per_step:
         raise InvalidRequest(
             f"batch_size * gradient_accumulation_steps * max_seq_length is {per_step} tokens "
@@ -52,10 +52,10 @@ def check_job_work(
             param="hyperparameters",  # a product of three fields; the message names them
             code="too_many_tokens_per_step",
         )
-    examples = resolved["n_epochs"] * n_examples
+    examples = resolved.n_epochs * n_examples
     if limits.max_examples_per_job and examples > limits.max_examples_per_job:
         raise InvalidRequest(
-            f"n_epochs * training examples is {resolved['n_epochs']} * {n_examples} = "
+            f"n_epochs * training examples is {resolved.n_epochs} * {n_examples} = "
             f"{examples} examples to train; this server allows at most "
             f"{limits.max_examples_per_job} per job",
             param="hyperparameters.n_epochs",

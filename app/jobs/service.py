@@ -20,6 +20,7 @@ from app.files.service import get_file
 from app.ids import new_id
 from app.jobs import hyperparameters
 from app.jobs.limits import WorkLimits, check_job_work
+from app.jobs.spec import RunSpec, SupervisedMethod
 from app.registry import service as registry
 from app.schemas.jobs import JobCreate
 from app.statuses import ACTIVE_JOB_STATUSES, TERMINAL_JOB_STATUSES, CheckpointStatus, JobStatus
@@ -50,16 +51,9 @@ def create_job(
     training = _fine_tune_file(session, organization, request.training_file, "training_file")
     if request.validation_file is not None:
         _fine_tune_file(session, organization, request.validation_file, "validation_file")
-    seed = request.requested_seed()
-    resolved = hyperparameters.resolve(
-        request.requested_hyperparameters(),
-        n_examples=training.examples,
-        seed=seed if seed is not None else secrets.randbelow(2**31),
-        dataset_format=training.format,
-    )
-    if parent is not None:
-        resolved = hyperparameters.continue_from(resolved, parent.lora_config)
-    hyperparameters.check_target_modules(base_models[base_model], resolved["lora_target_modules"])
+    spec = _run_spec(request, base_model=base_model, parent=parent, training=training)
+    resolved = spec.method.hyperparameters
+    hyperparameters.check_target_modules(base_models[base_model], resolved.lora_target_modules)
     check_job_work(
         resolved,
         n_examples=training.examples,
@@ -67,17 +61,12 @@ def create_job(
         model_ref=base_models[base_model],
         limits=limits or WorkLimits(),
     )
-    hyperparameters.check_special_tokens(base_models[base_model], resolved["train_special_tokens"])
+    hyperparameters.check_special_tokens(base_models[base_model], resolved.train_special_tokens)
     job = Job(
         id=new_id("ftjob"),
         organization_id=organization.id,
-        model=base_model,
-        parent_model=parent.id if parent is not None else None,
-        training_file=request.training_file,
-        validation_file=request.validation_file,
-        hyperparameters=resolved,
+        **spec.job_columns(),
         suffix=request.suffix,
-        seed=resolved["seed"],
         metadata_=request.metadata,
         status=JobStatus.QUEUED,
         result_files=[],
@@ -87,6 +76,29 @@ def create_job(
     session.flush()
     add_event(session, job_id=job.id, message=f"Created fine-tuning job: {job.id}")
     return job
+
+
+def _run_spec(
+    request: JobCreate, *, base_model: str, parent: Adapter | None, training: File
+) -> RunSpec:
+    """What the job will run: the request's hyperparameters resolved ("auto" from the
+    training file), a continued adapter's LoRA shape kept."""
+    seed = request.requested_seed()
+    resolved = hyperparameters.resolve(
+        request.requested_hyperparameters(),
+        n_examples=training.examples,
+        seed=seed if seed is not None else secrets.randbelow(2**31),
+        dataset_format=training.format,
+    )
+    if parent is not None:
+        resolved = hyperparameters.continue_from(resolved, parent.lora_config)
+    return RunSpec(
+        base_model=base_model,
+        parent_model=parent.id if parent is not None else None,
+        training_file=request.training_file,
+        validation_file=request.validation_file,
+        method=SupervisedMethod(hyperparameters=resolved),
+    )
 
 
 def _base_and_parent(

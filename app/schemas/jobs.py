@@ -12,10 +12,12 @@ Auto = Literal["auto"]
 Suffix = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,40}$")]
 ModuleName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]{1,100}$")]
 TokenString = Annotated[str, Field(min_length=1, max_length=100)]
+LrScheduler = Literal["linear", "cosine", "constant"]
 
 
 class Hyperparameters(Strict):
-    """User-facing hyperparameters. "auto" is resolved from the dataset at job creation."""
+    """User-facing hyperparameters: what may be asked, with its bounds and defaults. "auto"
+    is resolved at job creation into the run spec (`app/jobs/spec.py`), which is what runs."""
 
     n_epochs: Auto | Annotated[int, Field(ge=1, le=50)] = "auto"
     batch_size: Auto | Annotated[int, Field(ge=1, le=256)] = "auto"
@@ -30,7 +32,7 @@ class Hyperparameters(Strict):
     max_seq_length: Annotated[int, Field(ge=16, le=65536)] = 1024
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.0
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
-    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    lr_scheduler: LrScheduler = "linear"
     gradient_accumulation_steps: Annotated[int, Field(ge=1, le=1024)] = 1
     use_rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r) (PEFT's use_rslora)
     use_dora: bool = False  # weight-decomposed LoRA (PEFT's use_dora)

@@ -1,4 +1,5 @@
-"""Hyperparameters: schema bounds, "auto" resolution, continuing an adapter, target modules."""
+"""Hyperparameters: schema bounds, "auto" resolution, continuing an adapter, target modules,
+and the run spec that stores them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from app.jobs.hyperparameters import (
     continue_from,
     linear_module_names,
     resolve,
+    unmatched_modules,
 )
+from app.jobs.spec import RunSpec, SupervisedMethod
 from app.schemas.jobs import Hyperparameters, JobCreate
 
 
@@ -19,12 +22,12 @@ def test_resolve_fills_every_knob_and_keeps_the_seed() -> None:
     resolved = resolve(
         Hyperparameters(lora_r=4, use_dora=True), n_examples=200, seed=9, dataset_format="chat"
     )
-    assert resolved["n_epochs"] == 3 and resolved["batch_size"] == 8
-    assert resolved["lora_alpha"] == 8 and resolved["learning_rate"] == pytest.approx(2e-4)
-    assert resolved["use_dora"] is True and resolved["seed"] == 9
-    assert resolved["gradient_accumulation_steps"] == 1 and resolved["packing"] is True
-    assert resolved["train_on_inputs"] is False and resolved["gradient_checkpointing"] is False
-    assert "auto" not in resolved.values()
+    assert resolved.n_epochs == 3 and resolved.batch_size == 8
+    assert resolved.lora_alpha == 8 and resolved.learning_rate == pytest.approx(2e-4)
+    assert resolved.use_dora is True and resolved.seed == 9
+    assert resolved.gradient_accumulation_steps == 1 and resolved.packing is True
+    assert resolved.train_on_inputs is False and resolved.gradient_checkpointing is False
+    assert "auto" not in resolved.model_dump().values()
 
 
 @pytest.mark.parametrize(
@@ -32,22 +35,22 @@ def test_resolve_fills_every_knob_and_keeps_the_seed() -> None:
 )
 def test_train_on_inputs_auto_follows_the_dataset_format(fmt, expected) -> None:  # type: ignore[no-untyped-def]
     resolved = resolve(Hyperparameters(), n_examples=10, seed=1, dataset_format=fmt)
-    assert resolved["train_on_inputs"] is expected
+    assert resolved.train_on_inputs is expected
     explicit = resolve(Hyperparameters(train_on_inputs=True), n_examples=10, seed=1)
-    assert explicit["train_on_inputs"] is True
+    assert explicit.train_on_inputs is True
 
 
 def test_continue_from_keeps_the_parent_lora_shape() -> None:
     resolved = resolve(Hyperparameters(lora_r=4), n_examples=10, seed=1)
     parent = {"lora_r": 16, "lora_alpha": 32, "lora_target_modules": ["q_proj"], "n_epochs": 9}
     merged = continue_from(resolved, parent)
-    assert merged["lora_r"] == 16 and merged["lora_target_modules"] == ["q_proj"]
-    assert merged["n_epochs"] == resolved["n_epochs"]  # training knobs stay the new job's
+    assert merged.lora_r == 16 and merged.lora_target_modules == ["q_proj"]
+    assert merged.n_epochs == resolved.n_epochs  # training knobs stay the new job's
     # PEFT continues the parent's token rows (or none): what the new job asks is not what runs
     asks = resolve(Hyperparameters(train_special_tokens=True), n_examples=10, seed=1)
-    assert continue_from(asks, parent)["train_special_tokens"] is False
+    assert continue_from(asks, parent).train_special_tokens is False
     parent["train_special_tokens"] = ["<|user|>"]
-    assert continue_from(resolved, parent)["train_special_tokens"] == ["<|user|>"]
+    assert continue_from(resolved, parent).train_special_tokens == ["<|user|>"]
 
 
 @pytest.mark.parametrize(
@@ -109,3 +112,60 @@ def test_train_special_tokens_takes_a_bool_or_a_list_of_token_strings(value) -> 
     with pytest.raises(ValidationError):
         Hyperparameters(train_special_tokens=value)
     assert Hyperparameters().train_special_tokens is False
+
+
+def test_the_run_spec_is_stored_in_the_job_columns_and_read_back() -> None:
+    resolved = resolve(Hyperparameters(lora_target_modules=["q_proj"]), n_examples=40, seed=7)
+    spec = RunSpec(
+        base_model="tiny",
+        parent_model=None,
+        training_file="file-a",
+        validation_file="file-b",
+        method=SupervisedMethod(hyperparameters=resolved),
+    )
+    columns = spec.job_columns()
+    assert columns["hyperparameters"] == resolved.model_dump() and columns["seed"] == 7
+    assert list(columns["hyperparameters"]) == list(Hyperparameters.model_fields)  # shown so
+    row = type("Job", (), {**columns, "model": "tiny"})
+    assert RunSpec.of_job(row) == spec
+
+
+def test_a_job_stored_before_the_later_knobs_still_loads() -> None:
+    """Rows from before a knob existed lack its key: they load as they trained."""
+    first_keys = (
+        "n_epochs", "batch_size", "learning_rate_multiplier", "learning_rate", "lora_r",
+        "lora_alpha", "lora_dropout", "lora_target_modules", "max_seq_length", "warmup_ratio",
+        "weight_decay", "lr_scheduler", "seed",
+    )  # fmt: skip
+    stored = resolve(Hyperparameters(n_epochs=4), n_examples=10, seed=3).model_dump()
+    row = type("Job", (), {
+        "model": "tiny", "parent_model": None, "training_file": "f", "validation_file": None,
+        "hyperparameters": {key: stored[key] for key in first_keys},
+    })  # fmt: skip
+    old = RunSpec.of_job(row).method.hyperparameters
+    assert old.n_checkpoints == 4 and old.packing is True and old.gradient_accumulation_steps == 1
+    assert old.train_special_tokens is False and old.train_on_inputs is False
+
+
+def test_a_method_the_spec_does_not_know_is_refused() -> None:
+    resolved = resolve(Hyperparameters(), n_examples=10, seed=1).model_dump()
+    with pytest.raises(ValidationError, match="dpo"):
+        RunSpec.model_validate(
+            {
+                "base_model": "tiny",
+                "parent_model": None,
+                "training_file": "f",
+                "validation_file": None,
+                "method": {"type": "dpo", "hyperparameters": resolved},
+            }
+        )
+
+
+def test_a_target_module_matches_a_full_name_or_its_last_components() -> None:
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"]
+    assert unmatched_modules(["q_proj", "self_attn.q_proj", "mlp.up_proj"], names) == []
+    assert unmatched_modules(["proj", "attn.q_proj", "k_proj"], names) == [
+        "proj",
+        "attn.q_proj",
+        "k_proj",
+    ]

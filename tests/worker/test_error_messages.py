@@ -47,7 +47,7 @@ def test_an_unexpected_error_naming_a_path_is_scrubbed(backend, monkeypatch):  #
     def fail(*_args, **_kwargs):  # type: ignore[no-untyped-def]
         raise OSError(f"cannot map {secret_dir}/shard-00001.bin (errno 12)")
 
-    monkeypatch.setattr(run_job_module, "_train_config", fail)
+    monkeypatch.setattr(run_job_module, "_hyperparameters_to_run", fail)
     assert run_job(job_id, settings=backend) == "failed"
     text = shown(backend, job_id)
     assert "…/shard-00001.bin" in text and str(backend.data_dir) not in text, text

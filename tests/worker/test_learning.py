@@ -14,22 +14,29 @@ from pathlib import Path
 import pytest
 import torch
 
+from app.jobs.hyperparameters import resolve
+from app.jobs.spec import SupervisedHyperparameters
 from app.ml.chat import render_prompt
 from app.ml.loading import load_base_model, load_tokenizer
 from app.ml.tiny_model import build_tiny_model
+from app.schemas.jobs import Hyperparameters
 from worker.training.data import encode_dataset
-from worker.training.loop import TrainConfig, mean_loss, train_lora
+from worker.training.loop import mean_loss, train_lora
 
 N_ITEMS = 30
 LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
-CONFIG = TrainConfig(
-    n_epochs=60,
+ASKED = Hyperparameters(
     batch_size=4,
     learning_rate=3e-3,
     lora_r=16,
     lora_alpha=32,
     warmup_ratio=0.05,
     max_seq_length=64,
+    packing=False,
+)
+# 60 epochs, past the API's bound on what a user may ask (50), one checkpoint each
+CONFIG = SupervisedHyperparameters.model_validate(
+    resolve(ASKED, n_examples=N_ITEMS, seed=0).model_dump() | {"n_epochs": 60, "n_checkpoints": 60}
 )
 
 
@@ -94,7 +101,7 @@ def test_adapter_learns_fixed_answers(tmp_path: Path) -> None:
         tokenizer=tokenizer,
         train_examples=examples,
         valid_examples=[],
-        config=CONFIG,
+        hyperparameters=CONFIG,
         out_dir=tmp_path / "adapter",
     )
 

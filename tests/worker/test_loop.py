@@ -10,6 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from app.errors import UnsafeModelError
+from app.jobs.hyperparameters import resolve
+from app.jobs.spec import SupervisedHyperparameters
 from app.ml.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -17,17 +19,12 @@ from app.ml.adapters import (
     save_adapter,
 )
 from app.ml.loading import load_base_model
+from app.schemas.jobs import Hyperparameters
 from app.storage import file_sha256
 from worker.training.checkpoint import MANIFEST, OPTIMIZER, RNG, STATE, verify_checkpoint
 from worker.training.data import Example, encode_dataset
-from worker.training.loop import (
-    CheckpointReport,
-    StepReport,
-    TrainConfig,
-    count_steps,
-    mean_loss,
-    train_lora,
-)
+from worker.training.loop import CheckpointReport, StepReport, mean_loss, train_lora
+from worker.training.packing import count_steps
 
 RECORDS = [
     {
@@ -38,7 +35,14 @@ RECORDS = [
     }
     for i, answer in enumerate(["K7-QX", "B2-LM", "Z9-TR", "H4-PW", "D1-CV"])
 ]
-CONFIG = TrainConfig(n_epochs=4, batch_size=2, learning_rate=3e-3, lora_r=8, lora_alpha=16)
+
+
+def hyperparameters(seed: int = 0, **asked) -> SupervisedHyperparameters:  # type: ignore[no-untyped-def]
+    """What a job asking for `asked` (packing off) trains with."""
+    return resolve(Hyperparameters(packing=False, **asked), n_examples=len(RECORDS), seed=seed)
+
+
+CONFIG = hyperparameters(n_epochs=4, batch_size=2, learning_rate=3e-3, lora_r=8, lora_alpha=16)
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +56,13 @@ def base(tiny_model_dir: Path):
     return load_base_model(tiny_model_dir, device="cpu")
 
 
-def train(base, tokenizer, examples, out_dir: Path, config: TrainConfig = CONFIG, **callbacks):
+def train(base, tokenizer, examples, out_dir: Path, config=CONFIG, **callbacks):  # type: ignore[no-untyped-def]
     return train_lora(
         model=base,
         tokenizer=tokenizer,
         train_examples=examples,
         valid_examples=examples[:2],
-        config=config,
+        hyperparameters=config,
         out_dir=out_dir,
         **callbacks,
     )
@@ -70,8 +74,10 @@ def batch_of(examples: list[Example]) -> torch.Tensor:
 
 
 def test_count_steps_counts_short_last_batches() -> None:
-    assert count_steps(5, TrainConfig(n_epochs=3, batch_size=2, learning_rate=1e-3)) == 9
-    assert count_steps(4, TrainConfig(n_epochs=1, batch_size=4, learning_rate=1e-3)) == 1
+    assert count_steps(5, hyperparameters(n_epochs=3, batch_size=2)) == 9
+    assert count_steps(4, hyperparameters(n_epochs=1, batch_size=4)) == 1
+    accumulated = hyperparameters(n_epochs=2, batch_size=2, gradient_accumulation_steps=2)
+    assert count_steps(5, accumulated) == 4  # 3 micro-batches an epoch: 2 steps
 
 
 def test_mean_loss_is_the_mean_over_label_tokens(base, tokenizer, examples) -> None:
@@ -114,7 +120,7 @@ def test_learning_rate_follows_warmup_then_schedule(
 ) -> None:
     rates: dict[str, list[float]] = {}
     for kind in ("linear", "cosine", "constant"):
-        config = TrainConfig(
+        config = hyperparameters(
             n_epochs=4, batch_size=2, learning_rate=1e-3, warmup_ratio=0.25, lr_scheduler=kind
         )
         steps: list[StepReport] = []
@@ -136,7 +142,7 @@ def test_same_seed_same_adapter_other_seed_other_adapter(
     tiny_model_dir, tokenizer, examples, tmp_path
 ) -> None:
     def run(seed: int, name: str) -> dict[str, torch.Tensor]:
-        config = TrainConfig(
+        config = hyperparameters(
             n_epochs=2, batch_size=2, learning_rate=3e-3, lora_dropout=0.1, seed=seed
         )
         base = load_base_model(tiny_model_dir, device="cpu")
@@ -214,13 +220,13 @@ def test_on_checkpoint_gets_a_loadable_snapshot_each_epoch(
 
 def test_no_valid_examples_means_no_valid_loss(base, tokenizer, examples, tmp_path) -> None:
     reports: list[CheckpointReport] = []
-    config = TrainConfig(n_epochs=1, batch_size=4, learning_rate=1e-3)
+    config = hyperparameters(n_epochs=1, batch_size=4, learning_rate=1e-3)
     result = train_lora(
         model=base,
         tokenizer=tokenizer,
         train_examples=examples,
         valid_examples=[],
-        config=config,
+        hyperparameters=config,
         out_dir=tmp_path / "out",
         on_checkpoint=reports.append,
     )

@@ -73,6 +73,23 @@ class LeakyLM(torch.nn.Module):
         return type("Out", (), {"logits": self.head(hidden)})()
 
 
+def test_steps_take_every_example_once_an_epoch_and_resume_where_they_stopped(examples) -> None:  # type: ignore[no-untyped-def]
+    from app.jobs.hyperparameters import resolve
+    from app.schemas.jobs import Hyperparameters
+    from worker.training.packing import count_steps, steps
+
+    asked = Hyperparameters(n_epochs=3, batch_size=3, gradient_accumulation_steps=2, packing=True)
+    hp = resolve(asked, n_examples=len(examples), seed=4)
+    run = list(steps(examples, hp, max_len=64))
+    # 10 examples: 4 micro-batches of up to 3, so 2 optimizer steps an epoch
+    assert len(run) == count_steps(len(examples), hp) == 6
+    assert [s.ends_epoch for s in run] == [False, True] * 3
+    for epoch in (1, 2, 3):
+        rows = [row for s in run if s.epoch == epoch for micro in s.micro_batches for row in micro]
+        assert sorted(i for row in rows for i in row.example_ids) == list(range(len(examples)))
+    assert list(steps(examples, hp, max_len=64, epoch=2, next_batch=2)) == run[3:]
+
+
 def test_a_model_that_leaks_across_examples_is_not_packed() -> None:
     assert not packing_is_exact(LeakyLM())
 
@@ -81,17 +98,23 @@ def test_training_packed_equals_training_unpacked(tiny_model_dir, examples, toke
     """Packing only removes padding: same steps, same examples, same losses, same adapter."""
     from safetensors.torch import load_file
 
-    from worker.training.loop import TrainConfig, train_lora
+    from app.jobs.hyperparameters import resolve
+    from app.schemas.jobs import Hyperparameters
+    from worker.training.loop import train_lora
+    from worker.training.packing import enable_packing
 
     runs = {}
     for packing in (False, True):
         steps: list = []
-        config = TrainConfig(
+        asked = Hyperparameters(
             n_epochs=2, batch_size=4, learning_rate=3e-3, max_seq_length=64, packing=packing
         )
+        model = load_base_model(tiny_model_dir, device="cpu")
+        if packing:  # as the job runner prepares the model
+            assert enable_packing(model)
         train_lora(
-            model=load_base_model(tiny_model_dir, device="cpu"), tokenizer=tokenizer,
-            train_examples=examples, valid_examples=[], config=config,
+            model=model, tokenizer=tokenizer, train_examples=examples, valid_examples=[],
+            hyperparameters=resolve(asked, n_examples=len(examples), seed=0),
             out_dir=tmp_path / str(packing), on_step=steps.append,
         )  # fmt: skip
         runs[packing] = (steps, load_file(tmp_path / str(packing) / "adapter_model.safetensors"))

@@ -11,14 +11,22 @@ from __future__ import annotations
 import pytest
 import torch
 
+from app.jobs.hyperparameters import resolve
 from app.ml.loading import load_base_model
+from app.schemas.jobs import Hyperparameters
 from worker.training.data import IGNORE_INDEX, encode_dataset
-from worker.training.loop import StepReport, TrainConfig, epoch_order, train_lora
+from worker.training.loop import StepReport, train_lora
+from worker.training.packing import epoch_order
 
 N_EXAMPLES, BATCH, EPOCHS, SEED = 40, 4, 5, 11  # 10 steps an epoch, 50 in all
-CONFIG = TrainConfig(
-    n_epochs=EPOCHS, batch_size=BATCH, learning_rate=2e-3, lora_r=8, lora_alpha=16, seed=SEED
-)
+CONFIG = resolve(
+    Hyperparameters(
+        n_epochs=EPOCHS, batch_size=BATCH, learning_rate=2e-3, lora_r=8, lora_alpha=16,
+        packing=False,
+    ),
+    n_examples=N_EXAMPLES,
+    seed=SEED,
+)  # fmt: skip
 RECORDS = [
     {
         "messages": [
@@ -93,7 +101,7 @@ def test_loss_at_step_50_matches_hf_trainer(tiny_model_dir, tokenizer, tmp_path)
         tokenizer=tokenizer,
         train_examples=examples,
         valid_examples=[],
-        config=CONFIG,
+        hyperparameters=CONFIG,
         out_dir=tmp_path / "ours",
         on_step=ours.append,
     )

@@ -12,8 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from app.jobs.hyperparameters import resolve
+from app.jobs.spec import SupervisedHyperparameters
 from app.ml.adapters import ADAPTER_WEIGHTS
 from app.ml.loading import load_base_model
+from app.schemas.jobs import Hyperparameters
 from worker.training.checkpoint import (
     MANIFEST,
     OPTIMIZER,
@@ -22,7 +25,7 @@ from worker.training.checkpoint import (
     verify_checkpoint,
 )
 from worker.training.data import encode_dataset
-from worker.training.loop import CheckpointReport, StepReport, TrainConfig, train_lora
+from worker.training.loop import CheckpointReport, StepReport, train_lora
 
 RECORDS = [
     {
@@ -34,12 +37,21 @@ RECORDS = [
     for i in range(7)
 ]
 # dropout exercises the RNG restore; 7 examples / batch 2 = 4 steps per epoch, 12 in all
-CONFIG = TrainConfig(
-    n_epochs=3, batch_size=2, learning_rate=3e-3, lora_dropout=0.1, seed=5, warmup_ratio=0.2
-)
+ASKED = {
+    "n_epochs": 3,
+    "batch_size": 2,
+    "learning_rate": 3e-3,
+    "lora_dropout": 0.1,
+    "warmup_ratio": 0.2,
+    "packing": False,
+}
 
 
-FULL_RUNS: dict[tuple[int, int | None], tuple[list[StepReport], Path]] = {}
+def hyperparameters(**changes) -> SupervisedHyperparameters:  # type: ignore[no-untyped-def]
+    return resolve(Hyperparameters(**ASKED | changes), n_examples=len(RECORDS), seed=5)
+
+
+FULL_RUNS: dict[tuple[int, int | str], tuple[list[StepReport], Path]] = {}
 pytestmark = pytest.mark.slow
 
 
@@ -57,8 +69,9 @@ def run(
     tokenizer,
     examples,
     out: Path,
-    config: TrainConfig,
+    config: SupervisedHyperparameters,
     *,
+    every=0,
     stop_at_step=None,
     stop_after_checkpoint=None,
     resume_from=None,
@@ -86,8 +99,9 @@ def run(
             tokenizer=tokenizer,
             train_examples=examples,
             valid_examples=examples[:2],
-            config=config,
+            hyperparameters=config,
             out_dir=out,
+            checkpoint_every_steps=every,
             on_step=on_step,
             on_checkpoint=on_checkpoint,
             resume_from=resume_from,
@@ -100,10 +114,10 @@ def run(
 @pytest.mark.parametrize(
     ("where", "every", "n_checkpoints", "stop_at_step", "stop_after_checkpoint", "resume_step"),
     [
-        ("mid-epoch", 0, None, 6, None, 4),
-        ("at an epoch boundary", 0, None, None, 8, 8),
-        ("late", 0, None, 11, None, 8),
-        ("mid-epoch checkpoint", 3, None, 8, None, 6),
+        ("mid-epoch", 0, "auto", 6, None, 4),
+        ("at an epoch boundary", 0, "auto", None, 8, 8),
+        ("late", 0, "auto", 11, None, 8),
+        ("mid-epoch checkpoint", 3, "auto", 8, None, 6),
         ("n_checkpoints=5: steps 3, 5, 8, 10, 12", 0, 5, 7, None, 5),
     ],
 )
@@ -120,11 +134,10 @@ def test_resume_replays_the_uninterrupted_run(  # type: ignore[no-untyped-def]
     stop_after_checkpoint,
     resume_step,
 ) -> None:
-    cadence = {"checkpoint_every_steps": every, "n_checkpoints": n_checkpoints}
-    config = TrainConfig(**{**CONFIG.__dict__, **cadence})
+    config = hyperparameters(n_checkpoints=n_checkpoints)
     if (every, n_checkpoints) not in FULL_RUNS:  # the uninterrupted run, once per cadence
         out = tmp_path_factory.mktemp(f"full-{every}-{n_checkpoints}") / "full"
-        full_run = run(tiny_model_dir, tokenizer, examples, out, config)
+        full_run = run(tiny_model_dir, tokenizer, examples, out, config, every=every)
         FULL_RUNS[every, n_checkpoints] = (full_run[0], out)
     full, full_dir = FULL_RUNS[every, n_checkpoints]
     assert len(full) == 12
@@ -134,17 +147,24 @@ def test_resume_replays_the_uninterrupted_run(  # type: ignore[no-untyped-def]
         examples,
         tmp_path / "cut",
         config,
+        every=every,
         stop_at_step=stop_at_step,
         stop_after_checkpoint=stop_after_checkpoint,
     )
     assert not (tmp_path / "cut" / ADAPTER_WEIGHTS).exists(), where
-    if n_checkpoints:
+    if n_checkpoints != "auto":
         assert sorted(kept) == [3, 5], where  # written where the schedule says, no more
     last = kept[max(kept)]
     assert max(kept) == resume_step, where
     verify_checkpoint(last, manifest_sha256=(last / "sha").read_text())
     resumed, _ = run(
-        tiny_model_dir, tokenizer, examples, tmp_path / "resumed", config, resume_from=last
+        tiny_model_dir,
+        tokenizer,
+        examples,
+        tmp_path / "resumed",
+        config,
+        every=every,
+        resume_from=last,
     )
 
     expected = full[resume_step:]
@@ -162,7 +182,7 @@ def test_resume_replays_the_uninterrupted_run(  # type: ignore[no-untyped-def]
 def test_checkpoint_verification_refuses_altered_files(  # type: ignore[no-untyped-def]
     tiny_model_dir, tokenizer, examples, tmp_path
 ) -> None:
-    config = TrainConfig(**{**CONFIG.__dict__, "n_epochs": 1})
+    config = hyperparameters(n_epochs=1)
     _, kept = run(tiny_model_dir, tokenizer, examples, tmp_path / "run", config)
     folder = kept[4]
     digest = (folder / "sha").read_text()
@@ -192,7 +212,7 @@ def test_resume_loads_the_optimizer_file_without_unpickling_code(  # type: ignor
         def __reduce__(self):  # type: ignore[no-untyped-def]
             return (exec, ("raise SystemExit('pwned')",))
 
-    config = TrainConfig(**{**CONFIG.__dict__, "n_epochs": 1})
+    config = hyperparameters(n_epochs=1)
     _, kept = run(tiny_model_dir, tokenizer, examples, tmp_path / "run", config)
     torch.save({"optimizer": Evil(), "scheduler": {}}, kept[4] / OPTIMIZER)
     with pytest.raises(pickle.UnpicklingError):

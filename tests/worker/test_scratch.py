@@ -160,14 +160,17 @@ def test_a_failed_job_loses_its_scratch_but_one_taken_over_keeps_the_new_attempt
 
 @pytest.mark.slow
 def test_the_loop_writes_checkpoints_in_the_scratch_dir_it_is_given(tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]
+    from app.jobs.hyperparameters import resolve
     from app.ml.loading import load_base_model, load_tokenizer
+    from app.schemas.jobs import Hyperparameters
     from tests.conftest import chat_rows
     from worker.training.data import encode_dataset
-    from worker.training.loop import TrainConfig, train_lora
+    from worker.training.loop import train_lora
 
     tokenizer = load_tokenizer(tiny_model_dir)
     examples = encode_dataset(tokenizer, chat_rows(2), max_seq_length=64)
-    config = TrainConfig(n_epochs=1, batch_size=2, learning_rate=1e-3)
+    asked = Hyperparameters(n_epochs=1, batch_size=2, learning_rate=1e-3, packing=False)
+    config = resolve(asked, n_examples=len(examples), seed=0)
     for scratch_dir, parent in ((tmp_path / "scratch", None), (None, tempfile.gettempdir())):
         if scratch_dir is not None:
             scratch_dir.mkdir()
@@ -177,7 +180,7 @@ def test_the_loop_writes_checkpoints_in_the_scratch_dir_it_is_given(tmp_path, ti
             tokenizer=tokenizer,
             train_examples=examples,
             valid_examples=[],
-            config=config,
+            hyperparameters=config,
             out_dir=tmp_path / f"out-{parent is None}",
             on_checkpoint=lambda report, seen=seen: seen.append(report.checkpoint_dir),
             scratch_dir=scratch_dir,

@@ -14,8 +14,8 @@ What users wrote is always plain text: a special token's string in a message, pr
 completion or text is split into ordinary tokens (`app/ml/special_tokens.py`); only the
 chat template's structure and the EOS added here are control tokens.
 
-`train_on_inputs=True` trains chat and completion records on every token too ("auto",
-the default, is the rule above; `text` is always trained on everywhere).
+`train_on_inputs=True` trains chat and completion records on every token too (the default,
+False, is the rule above; `text` is always trained on everywhere).
 
 Sequences are truncated to `max_seq_length` (the tail is dropped); `Example.truncated`
 says so, and the job runner reports how many were.
@@ -60,7 +60,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def encode_record(
-    tokenizer: Any, record: dict, *, max_seq_length: int, train_on_inputs: bool | str = "auto"
+    tokenizer: Any, record: dict, *, max_seq_length: int, train_on_inputs: bool = False
 ) -> Example:
     """Token ids and labels for one record (see the module docstring for the rules)."""
     if "messages" in record:
@@ -72,7 +72,7 @@ def encode_record(
         labels = list(input_ids)
     else:
         raise InvalidFile("a record needs 'messages', 'prompt' and 'completion', or 'text'")
-    if train_on_inputs is True:
+    if train_on_inputs:
         labels = list(input_ids)
     return Example(
         input_ids=input_ids[:max_seq_length],
@@ -86,7 +86,7 @@ def encode_dataset(
     records: list[dict],
     *,
     max_seq_length: int,
-    train_on_inputs: bool | str = "auto",
+    train_on_inputs: bool = False,
 ) -> list[Example]:
     """Encode every record, in order (one Example per record)."""
     return [

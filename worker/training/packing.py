@@ -1,4 +1,10 @@
-"""Training sequences: examples one per row, or packed several per row without leaks.
+"""Training batches: which examples each optimizer step trains on, in what rows — one
+example per row, or packed several per row without leaks.
+
+A step is `gradient_accumulation_steps` micro-batches of `batch_size` examples, taken in the
+order of its epoch: a pure function of (seed, epoch), so a resumed run replays the same steps
+(`steps`). The loop trains on these rows and the job runner counts them; both take them
+from here.
 
 Packing puts short examples side by side in one row of up to `max_seq_length` tokens.
 It is exact — each example attends only to itself and its positions restart at 0 —
@@ -7,12 +13,13 @@ turns restarting `position_ids` into a block-diagonal causal mask when no 2-D
 attention mask and no KV cache are given (so every training forward passes
 `use_cache=False`). `packing_is_exact` checks that a given model really does
 that (logits of a packed row equal those of its examples run alone) before a job
-turns packing on; models that ignore `position_ids` keep one example per row.
+turns packing on (`enable_packing`); models that ignore `position_ids` keep one example
+per row.
 
 Under segment attention (`segment_attention.py`: causal attention per example, no mask)
 a row's cost no longer grows with its width squared, so each micro-batch becomes one row
 with no padding at all; otherwise rows hold up to `max_seq_length` tokens (the mask is
-[W, W]). `row_length` makes that choice for the loop and the job's statistics.
+[W, W]). `row_length` makes that choice from the model's attention.
 
 Rows are right-padded to the widest row of their batch; padding positions also
 restart at 0, so padding is a separate segment nobody attends to, and its labels
@@ -23,9 +30,12 @@ plain causal (real tokens precede the padding and never see it).
 from __future__ import annotations
 
 import bisect
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from app.jobs.spec import SupervisedHyperparameters
 from worker.training.data import IGNORE_INDEX, Example
 
 
@@ -37,6 +47,81 @@ class Sequence:
     labels: list[int]
     position_ids: list[int]
     example_ids: list[int]  # indices into the example list, in row order
+
+
+@dataclass
+class Step:
+    """One optimizer step's training data: the rows of each of its micro-batches."""
+
+    epoch: int  # 1-based
+    micro_batches: list[list[Sequence]]
+    ends_epoch: bool
+
+
+def epoch_order(n: int, *, seed: int, epoch: int) -> list[int]:
+    """The shuffled example order of one epoch: a pure function of (seed, epoch)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def count_steps(n_examples: int, hp: SupervisedHyperparameters) -> int:
+    """Optimizer steps of a run: packing or not, a step is the same examples."""
+    micro_batches = math.ceil(n_examples / hp.batch_size)
+    return hp.n_epochs * math.ceil(micro_batches / hp.gradient_accumulation_steps)
+
+
+def steps(
+    examples: list[Example],
+    hp: SupervisedHyperparameters,
+    *,
+    max_len: int | None,
+    epoch: int = 1,
+    next_batch: int = 0,
+) -> Iterator[Step]:
+    """Every optimizer step from micro-batch `next_batch` of `epoch` to the end of training.
+
+    The rows are built a step at a time: packing (when on) puts each micro-batch's examples
+    in as few rows of up to `max_len` tokens as fit (`row_length`), so a step trains on
+    exactly the examples it would unpacked — same loss, less padding."""
+    for current in range(epoch, hp.n_epochs + 1):
+        start = next_batch if current == epoch else 0
+        yield from epoch_steps(examples, hp, max_len=max_len, epoch=current, start=start)
+
+
+def epoch_steps(
+    examples: list[Example],
+    hp: SupervisedHyperparameters,
+    *,
+    max_len: int | None,
+    epoch: int,
+    start: int = 0,
+) -> Iterator[Step]:
+    """The optimizer steps of one epoch, from its micro-batch `start` on."""
+    order = epoch_order(len(examples), seed=hp.seed, epoch=epoch)
+    batches = [order[i : i + hp.batch_size] for i in range(0, len(order), hp.batch_size)]
+    accumulate = hp.gradient_accumulation_steps
+    for first in range(start, len(batches), accumulate):
+        group = batches[first : first + accumulate]
+        yield Step(
+            epoch=epoch,
+            micro_batches=[
+                build_sequences(examples, packing=hp.packing, max_len=max_len, indices=indices)
+                for indices in group
+            ],
+            ends_epoch=first + len(group) >= len(batches),
+        )
+
+
+def enable_packing(model: Any) -> bool:
+    """Prepare `model` to train packed rows: switch it to segment attention where it can
+    (`segment_attention.py`), then check that packing is exact with the attention that will
+    train. False: train one example per row."""
+    from worker.training.segment_attention import use_segment_attention
+
+    use_segment_attention(model)
+    return packing_is_exact(model)
 
 
 def row_length(model: Any, max_seq_length: int) -> int | None:

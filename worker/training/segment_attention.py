@@ -4,7 +4,7 @@ A packed row holds several examples whose position ids restart at 0. transformer
 (sdpa) path turns that into a block-diagonal [W, W] mask: every block is computed, the masked
 ones included, and the fused causal kernel cannot be used. Here each segment gets its own
 causal SDPA call: attention costs the sum of Lᵢ² instead of W², no mask is built, so a whole
-micro-batch fits in one row with no padding at all (`packing.row_capacity`).
+micro-batch fits in one row with no padding at all (`packing.row_length`).
 
 It is a transformers attention implementation (`AttentionInterface` plus a mask function that
 builds nothing: https://huggingface.co/docs/transformers/en/attention_interface). Anything it

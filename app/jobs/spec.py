@@ -1,0 +1,115 @@
+"""The run spec: everything a worker needs to run one fine-tuning job, typed and resolved.
+
+The API builds it when a job is created (request validated, "auto" resolved:
+`app/jobs/hyperparameters.py`) and stores it in the job row's columns (`job_columns`);
+the worker reads it back (`RunSpec.of_job`) and trains from it. It is the one definition of
+what a job runs: the request schema (`app/schemas/jobs.py`) says what may be asked, the
+training loop takes these hyperparameters as they are, with no defaults of its own.
+
+It grows by method: `method` is a union discriminated by `type`, as OpenAI's fine-tuning API
+has `method.type`. Today it has one member, supervised fine-tuning; preference tuning
+(`{"type": "dpo", "hyperparameters": {..., "beta": ...}}`) becomes a second member with its
+own hyperparameters, and a choice orthogonal to the method, such as a quantized base
+(QLoRA), becomes a field of `RunSpec`. The job row keeps the hyperparameters in its
+`hyperparameters` JSON column; a method other than supervised will need a column of its own.
+
+Torch-free and free of the database: the training core (`worker/training`) imports it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+from app.schemas.jobs import LrScheduler
+
+
+class SupervisedHyperparameters(BaseModel):
+    """The resolved hyperparameters of a supervised job (never "auto"): what the API shows as
+    `hyperparameters` and stores on the job row, in this order."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n_epochs: PositiveInt
+    batch_size: PositiveInt  # examples per micro-batch (packing puts them in fewer rows)
+    learning_rate_multiplier: float  # shown to the user; `learning_rate` is what trains
+    learning_rate: float
+    lora_r: PositiveInt
+    lora_alpha: PositiveInt
+    lora_dropout: float
+    lora_target_modules: Literal["all-linear"] | list[str]
+    max_seq_length: PositiveInt
+    warmup_ratio: float
+    weight_decay: float
+    lr_scheduler: LrScheduler  # after a linear warmup
+    # The defaults below are for rows stored before the knob existed; the API always
+    # stores every key. train_on_inputs False is the per-format rule those rows trained with.
+    gradient_accumulation_steps: PositiveInt = 1
+    use_rslora: bool = False
+    use_dora: bool = False
+    gradient_checkpointing: bool = False
+    train_on_inputs: bool = False
+    # asked for; the worker trains packed only where the model isolates packed examples
+    packing: bool = True
+    train_special_tokens: bool | list[str] = False  # a list: token strings
+    seed: int
+    n_checkpoints: PositiveInt  # evenly spaced over the steps, the last at the end
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_checkpoint_per_epoch_on_older_rows(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "n_checkpoints" not in data and "n_epochs" in data:
+            return data | {"n_checkpoints": data["n_epochs"]}
+        return data
+
+
+class SupervisedMethod(BaseModel):
+    """Supervised fine-tuning: next-token loss on the dataset's trainable tokens."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["supervised"] = "supervised"
+    hyperparameters: SupervisedHyperparameters
+
+
+# One member today; new methods join the union (see the module docstring).
+Method = Annotated[SupervisedMethod, Field(discriminator="type")]
+
+
+class RunSpec(BaseModel):
+    """One job's run: what to train, on what, and how."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_model: str  # the allowlist name; the worker maps it to its weights
+    parent_model: str | None  # the ft: adapter this job continues, if any
+    training_file: str
+    validation_file: str | None
+    method: Method
+
+    def job_columns(self) -> dict[str, Any]:
+        """The job row's columns that store this spec."""
+        hyperparameters = self.method.hyperparameters
+        return {
+            "model": self.base_model,
+            "parent_model": self.parent_model,
+            "training_file": self.training_file,
+            "validation_file": self.validation_file,
+            "hyperparameters": hyperparameters.model_dump(),
+            "seed": hyperparameters.seed,  # a copy for the API's top-level `seed`
+        }
+
+    @classmethod
+    def of_job(cls, job: Any) -> RunSpec:
+        """The spec stored in a job row (`app.db.models.Job`, or anything with its columns)."""
+        return cls.model_validate(
+            {
+                "base_model": job.model,
+                "parent_model": job.parent_model,
+                "training_file": job.training_file,
+                "validation_file": job.validation_file,
+                # every stored job is supervised: the row has no method column yet
+                "method": {"type": "supervised", "hyperparameters": job.hyperparameters},
+            }
+        )
