@@ -1,28 +1,6 @@
 from __future__ import annotations
 
-import json
-
-from sqlalchemy import func, select
-
-from app.db.models import File
-from app.db.session import session_scope
-from tests.conftest import chat_rows
-
-
-def jsonl(rows: list[dict]) -> bytes:
-    return "".join(json.dumps(row) + "\n" for row in rows).encode()
-
-
-def upload(client, content: bytes, name: str = "train.jsonl", purpose: str = "fine-tune"):  # type: ignore[no-untyped-def]
-    return client.post("/v1/files", files={"file": (name, content)}, data={"purpose": purpose})
-
-
-def stored_nothing(settings) -> bool:  # type: ignore[no-untyped-def]
-    with session_scope(settings.sqlalchemy_url) as session:
-        rows = session.scalar(select(func.count()).select_from(File))
-    datasets = settings.artifacts_dir / "datasets"
-    leftovers = list((settings.artifacts_dir / "tmp").iterdir())
-    return rows == 0 and not (datasets.exists() and any(datasets.iterdir())) and not leftovers
+from tests.factories import chat_rows, jsonl, stored_nothing, upload
 
 
 def test_upload_list_retrieve_content_delete(client):  # type: ignore[no-untyped-def]

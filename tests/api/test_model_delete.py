@@ -13,13 +13,13 @@ torch = pytest.importorskip("torch")
 
 from sqlalchemy import select  # noqa: E402
 
-from app import registry  # noqa: E402
 from app.db.models import Adapter, Checkpoint, Job  # noqa: E402
 from app.db.session import session_scope  # noqa: E402
 from app.ids import new_id  # noqa: E402
 from app.ml.adapters import save_adapter  # noqa: E402
+from app.registry import service as registry  # noqa: E402
 from app.storage import ArtifactStore  # noqa: E402
-from tests.api.test_inference_api import complete, publish_adapter, random_lora  # noqa: E402
+from tests.factories import complete, publish_adapter, random_lora  # noqa: E402
 
 
 def publish_checkpoint(settings, model_dir, adapter_id: str, *, step: int, seed: int) -> str:  # type: ignore[no-untyped-def]

@@ -18,6 +18,8 @@ from app.inference.types import AdapterIntegrityError  # noqa: E402
 from app.ml.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, file_sha256, save_adapter  # noqa: E402
 from app.ml.loading import load_base_model  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TOKENS = [3, 5, 6]
 
 

@@ -20,7 +20,7 @@ from app.jobs import queue
 from app.jobs import runs as job_runs
 from app.jobs import sweep as sweeper
 from app.storage import ArtifactStore
-from tests.worker.test_run_job import submit
+from tests.factories import chat_rows, submit
 from worker import run_job as run_job_module
 from worker.run_job import run_job
 
@@ -161,7 +161,6 @@ def test_a_failed_job_loses_its_scratch_but_one_taken_over_keeps_the_new_attempt
 @pytest.mark.slow
 def test_the_loop_writes_checkpoints_in_the_scratch_dir_it_is_given(tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]
     from app.ml.loading import load_base_model, load_tokenizer
-    from tests.conftest import chat_rows
     from worker.training.data import encode_dataset
     from worker.training.loop import TrainConfig, train_lora
 
