@@ -47,8 +47,8 @@ from app.ml.tiny_model import build_tiny_model
 from bench.abuse_common import CREATED, TERMINAL, TIMEOUT, Keys, auth, upload, wait_status
 from bench.abuse_jobs import backlog, cancel_storm, heavy_cancel
 from bench.load_api import postgres_env
-from tests.conftest import chat_rows
 from tests.e2e.stack import Stack, cli, free_port, running, stack_env
+from tests.factories import chat_rows
 
 JOB_WAIT_LIMIT = 180.0
 

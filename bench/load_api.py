@@ -28,8 +28,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.ml.tiny_model import build_tiny_model
-from tests.conftest import chat_rows
 from tests.e2e.stack import cli, free_port, running, stack_env
+from tests.factories import chat_rows
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 

@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny local base model, migrated databases, an API client per org."""
+"""Shared fixtures: a tiny local base model, migrated databases, one torch thread.
+
+Test data (bodies, uploads, jobs, adapters) is made in tests/factories.py.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -20,9 +22,23 @@ REDIS_URL = os.environ.get("LORAFORGE_TEST_REDIS", "redis://127.0.0.1:6379/15")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny local base model, built once per run (`loraforge tiny-model` writes the same)."""
     from app.ml.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """A tiny model gains nothing from intra-op threads; on a busy machine they cost 20x.
+
+    Modules that serve the tiny model ask for it (`pytest.mark.usefixtures`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def make_settings(data_dir: Path, model_dir: Path, **overrides):  # type: ignore[no-untyped-def]
@@ -85,20 +101,3 @@ def backend(request, tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]
     settings = make_settings(tmp_path / "data", tiny_model_dir, database_url=url)
     migrate.upgrade(settings)
     return settings
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-def chat_rows(n: int = 12) -> list[dict]:
-    return [
-        {
-            "messages": [
-                {"role": "user", "content": f"code for item {i}?"},
-                {"role": "assistant", "content": f"K{i}-Q"},
-            ]
-        }
-        for i in range(n)
-    ]

@@ -1,10 +1,11 @@
-"""Datasets: upload (capped, validated, stored atomically), list, read, delete."""
+"""Datasets: validate and store a spooled upload atomically (the route caps the spool), list,
+read, delete."""
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Literal
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
@@ -18,38 +19,6 @@ from app.storage import ArtifactStore
 
 PURPOSES = {"fine-tune"}
 Lock = Literal["share", "update"] | None
-CHUNK = 1 << 20
-
-
-def create_file(
-    session: Session,
-    *,
-    organization: Organization,
-    upload: BinaryIO,
-    filename: str,
-    purpose: str,
-    store: ArtifactStore,
-    max_bytes: int,
-    max_lines: int,
-    max_line_bytes: int = MAX_LINE_BYTES,
-) -> File:
-    """Spool the upload (refusing past `max_bytes`), validate it, then store it."""
-    check_upload(filename=filename, purpose=purpose)
-    with store.temp_dir() as tmp:
-        spool = tmp / "upload.jsonl"
-        size, sha256 = _spool(upload, spool, max_bytes=max_bytes)
-        return store_spooled_file(
-            session,
-            organization=organization,
-            spool=spool,
-            size=size,
-            sha256=sha256,
-            filename=filename,
-            purpose=purpose,
-            store=store,
-            max_lines=max_lines,
-            max_line_bytes=max_line_bytes,
-        )
 
 
 def check_upload(*, filename: str, purpose: str | None) -> None:
@@ -138,20 +107,6 @@ def display_name(filename: str) -> str:
     name = filename.replace("\\", "/").rsplit("/", 1)[-1]
     name = "".join(ch for ch in name if ch.isprintable())
     return name[:255] or "upload.jsonl"
-
-
-def _spool(upload: BinaryIO, dest: Path, *, max_bytes: int) -> tuple[int, str]:
-    digest, size = hashlib.sha256(), 0
-    with open(dest, "wb") as out:
-        while chunk := upload.read(CHUNK):
-            size += len(chunk)
-            if size > max_bytes:
-                raise PayloadTooLarge(
-                    f"file is larger than the {max_bytes}-byte limit", param="file"
-                )
-            digest.update(chunk)
-            out.write(chunk)
-    return size, digest.hexdigest()
 
 
 def get_file(

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, case, func, or_, select, update
@@ -29,6 +29,9 @@ from app.registry import service as registry
 from app.statuses import CheckpointStatus, JobStatus, RunOutcome
 
 logger = logging.getLogger(__name__)
+
+# "Now" for leases and the sweep; tests replace it to move time on without sleeping.
+clock: Callable[[], datetime] = utcnow
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ def claim_job(
     session: Session, *, job_id: str, worker: str, lease_seconds: int, max_attempts: int
 ) -> Claim | None:
     """Take the job with one conditional UPDATE; None when someone else has it or it is done."""
-    now = utcnow()
+    now = clock()
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, *_claimable(now, max_attempts))
@@ -94,7 +97,7 @@ def claim_next(
         # Claims are serialised (as SQLite's writer lock does), so the running counts the
         # policy and the cap read are exact; it is held for milliseconds, until commit.
         session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK)))
-    job_id = session.scalar(_next_candidate(utcnow(), max_attempts, max_running_per_org))
+    job_id = session.scalar(_next_candidate(clock(), max_attempts, max_running_per_org))
     if job_id is None:
         return None
     return claim_job(
@@ -146,7 +149,7 @@ def renew_lease(
     renewed = session.execute(
         update(Job)
         .where(*_owned(claim), Job.cancel_requested.is_(False))
-        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds), **(progress or {}))
+        .values(lease_expires_at=clock() + timedelta(seconds=lease_seconds), **(progress or {}))
     ).rowcount
     if renewed != 1:
         still_ours = session.scalar(select(Job.id).where(*_owned(claim)))
@@ -163,7 +166,7 @@ def hold_lease(session: Session, *, claim: Claim, lease_seconds: int) -> RunOutc
     held = session.execute(
         update(Job)
         .where(*_owned(claim))
-        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        .values(lease_expires_at=clock() + timedelta(seconds=lease_seconds))
         .returning(Job.cancel_requested)
     ).scalar_one_or_none()
     if held is None:
@@ -175,7 +178,7 @@ def check_run(session: Session, *, claim: Claim) -> None:
     """The check between micro-batches (a read, no lock): raises RunAborted when the run was
     cancelled, taken over, or its lease lapsed (another attempt may take it at any time)."""
     cancel_requested = session.scalar(
-        select(Job.cancel_requested).where(*_owned(claim), Job.lease_expires_at >= utcnow())
+        select(Job.cancel_requested).where(*_owned(claim), Job.lease_expires_at >= clock())
     )
     if cancel_requested is None or cancel_requested:
         raise RunAborted(RunOutcome.CANCELLED if cancel_requested else RunOutcome.LEASE_LOST)
@@ -347,7 +350,7 @@ def end_run(
 
 def sweep(session: Session, *, requeue_after_seconds: int, max_attempts: int) -> list[str]:
     """Recover from lost messages and dead workers; returns the job ids to enqueue again."""
-    now = utcnow()
+    now = clock()
     expired = list(
         session.scalars(
             select(Job)

@@ -1,4 +1,5 @@
-"""An in-process API (TestClient) over a migrated SQLite database, with a recording queue."""
+"""An in-process API (TestClient) over a migrated SQLite database, with a recording queue,
+a client per organization (acme, globex) and acme's training file."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app import tenancy
-from app.config import get_settings
 from app.db.session import session_scope
 from app.jobs import queue
-from app.main import create_app
+from tests.factories import api_app, uploaded_file
 
 
 @pytest.fixture
@@ -23,9 +23,7 @@ def enqueued(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 @pytest.fixture
 def app(settings, enqueued):  # type: ignore[no-untyped-def]  # noqa: ARG001 (no broker in API tests)
-    application = create_app(settings)
-    application.dependency_overrides[get_settings] = lambda: settings
-    return application
+    return api_app(settings)
 
 
 def api_key(settings, org: str) -> str:  # type: ignore[no-untyped-def]
@@ -46,3 +44,9 @@ def other_client(app, settings) -> Iterator[TestClient]:  # type: ignore[no-unty
     with TestClient(app) as test_client:
         test_client.headers["Authorization"] = f"Bearer {api_key(settings, 'globex')}"
         yield test_client
+
+
+@pytest.fixture
+def training_file(client) -> str:  # type: ignore[no-untyped-def]
+    """A dataset of 30 chat examples uploaded by `client` (organization acme)."""
+    return uploaded_file(client, 30)

@@ -17,7 +17,7 @@ peft = pytest.importorskip("peft")
 from app.ml.loading import load_base_model  # noqa: E402
 from app.registry.download import adapter_archive, public_base_name  # noqa: E402
 from app.storage import ArtifactStore  # noqa: E402
-from tests.api.test_inference_api import publish_adapter  # noqa: E402
+from tests.factories import publish_adapter  # noqa: E402
 
 
 def download(client, model_id: str):  # type: ignore[no-untyped-def]

@@ -11,9 +11,9 @@ from app.config import get_settings
 from app.db.models import ApiKey
 from app.db.session import get_engine, session_scope
 from app.errors import Unauthorized
-from app.main import create_app
 from tests.api.conftest import api_key
 from tests.conftest import make_settings
+from tests.factories import api_app
 
 ADMIN = "adm-" + "s3cr3t" * 6
 
@@ -27,8 +27,7 @@ def admin_settings(settings):  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def admin(admin_settings, enqueued):  # type: ignore[no-untyped-def]  # noqa: ARG001
-    app = create_app(admin_settings)
-    app.dependency_overrides[get_settings] = lambda: admin_settings
+    app = api_app(admin_settings)
     with TestClient(app) as test_client:
         yield test_client
 

@@ -2,8 +2,7 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from tests.api.test_files import jsonl, upload
-from tests.conftest import chat_rows
+from tests.factories import uploaded_file
 
 
 def test_requests_without_a_valid_key_are_401(app):  # type: ignore[no-untyped-def]
@@ -16,7 +15,7 @@ def test_requests_without_a_valid_key_are_401(app):  # type: ignore[no-untyped-d
 
 
 def test_another_organization_sees_404_exactly_like_unknown_ids(client, other_client):  # type: ignore[no-untyped-def]
-    file_id = upload(client, jsonl(chat_rows(3))).json()["id"]
+    file_id = uploaded_file(client, 3)
     job_id = client.post(
         "/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": file_id}
     ).json()["id"]

@@ -16,12 +16,9 @@ import sys
 import pytest
 from fastapi.testclient import TestClient
 
-from app.config import get_settings
-from app.main import create_app
 from tests.api.conftest import api_key
-from tests.api.test_files import jsonl, upload
-from tests.api.test_jobs import job_count
-from tests.conftest import chat_rows, make_settings
+from tests.conftest import make_settings
+from tests.factories import api_app, job_count, publish_adapter, uploaded_file
 
 
 @pytest.fixture
@@ -50,8 +47,7 @@ def client(tmp_path, tiny_model_dir, enqueued, no_hub, caplog):  # type: ignore[
     }
     settings = make_settings(tmp_path / "data", tiny_model_dir, base_models=models)
     migrate.upgrade(settings)
-    app = create_app(settings)
-    app.dependency_overrides[get_settings] = lambda: settings
+    app = api_app(settings)
     with caplog.at_level(logging.ERROR), TestClient(app) as test_client:
         test_client.headers["Authorization"] = f"Bearer {api_key(settings, 'acme')}"
         test_client.settings = settings  # type: ignore[attr-defined]
@@ -82,7 +78,7 @@ def test_models_list_only_usable_bases(client):  # type: ignore[no-untyped-def]
     ],
 )
 def test_job_on_an_unloadable_base_is_refused_naming_it(client, model, reason):  # type: ignore[no-untyped-def]
-    file_id = upload(client, jsonl(chat_rows(4))).json()["id"]
+    file_id = uploaded_file(client, 4)
     response = client.post("/v1/fine_tuning/jobs", json={"model": model, "training_file": file_id})
     assert response.status_code == 400, response.text
     error = response.json()["error"]
@@ -130,14 +126,11 @@ def test_offline_environment_is_read_by_a_fresh_process(tmp_path, tiny_model_dir
 def test_preloading_adapters_of_an_unloadable_base_keeps_the_api_up(
     settings, tiny_model_dir, tmp_path, caplog
 ):  # type: ignore[no-untyped-def]
-    from tests.api.test_inference_api import publish_adapter
-
     adapter = publish_adapter(settings, tiny_model_dir, org="acme", suffix="s", seed=1)
     broken = settings.model_copy(
         update={"base_models": {"tiny": str(tmp_path / "moved")}, "preload_adapters": [adapter]}
     )
-    app = create_app(broken)
-    app.dependency_overrides[get_settings] = lambda: broken
+    app = api_app(broken)
     with caplog.at_level(logging.WARNING), TestClient(app) as client:
         assert client.get("/health").status_code == 200
         client.headers["Authorization"] = f"Bearer {api_key(broken, 'acme')}"

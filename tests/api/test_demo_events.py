@@ -8,7 +8,7 @@ import openai
 from app.cli.demo import new_events
 from app.db.session import session_scope
 from app.jobs.service import add_event
-from tests.worker.test_run_job import submit
+from tests.factories import submit
 
 
 def add_events(settings, job_id: str, first: int, count: int) -> None:  # type: ignore[no-untyped-def]

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from app.config import get_settings
-from app.main import create_app
 from tests.api.conftest import api_key
-from tests.api.test_files import jsonl, stored_nothing, upload
-from tests.conftest import chat_rows, make_settings
+from tests.conftest import make_settings
+from tests.factories import api_app, stored_nothing, upload, uploaded_file
 
 # What every "wrong shape" message shows: the three accepted line shapes.
 SHAPES = ('{"messages": [', '{"prompt": "', '{"text": "')
@@ -21,11 +19,10 @@ def test_no_base_models_configured_names_the_setting(tmp_path, tiny_model_dir, e
 
     settings = make_settings(tmp_path / "data", tiny_model_dir, base_models={})
     migrate.upgrade(settings)
-    app = create_app(settings)
-    app.dependency_overrides[get_settings] = lambda: settings
+    app = api_app(settings)
     with TestClient(app) as client:
         client.headers["Authorization"] = f"Bearer {api_key(settings, 'acme')}"
-        file_id = upload(client, jsonl(chat_rows(4))).json()["id"]
+        file_id = uploaded_file(client, 4)
         response = client.post(
             "/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": file_id}
         )
@@ -36,7 +33,7 @@ def test_no_base_models_configured_names_the_setting(tmp_path, tiny_model_dir, e
 
 
 def test_every_unknown_hyperparameter_is_named(client):  # type: ignore[no-untyped-def]
-    file_id = upload(client, jsonl(chat_rows(4))).json()["id"]
+    file_id = uploaded_file(client, 4)
     response = client.post(
         "/v1/fine_tuning/jobs",
         json={

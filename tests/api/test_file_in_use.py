@@ -14,18 +14,13 @@ from app.files import service as files
 from app.jobs import service as jobs
 from app.schemas.jobs import JobCreate
 from app.storage import ArtifactStore
-from tests.api.test_files import jsonl, upload
-from tests.conftest import chat_rows
+from tests.factories import chat_rows, jsonl, store_dataset, uploaded_file
 
 
 @pytest.fixture
 def settings(backend):  # type: ignore[no-untyped-def]
     """On SQLite and on PostgreSQL."""
     return backend
-
-
-def new_file(client) -> str:  # type: ignore[no-untyped-def]
-    return upload(client, jsonl(chat_rows(5))).json()["id"]
 
 
 def set_status(settings, job_id: str, status: str) -> None:  # type: ignore[no-untyped-def]
@@ -36,7 +31,7 @@ def set_status(settings, job_id: str, status: str) -> None:  # type: ignore[no-u
 @pytest.mark.parametrize("field", ["training_file", "validation_file"])
 @pytest.mark.parametrize("status", ["queued", "running"])
 def test_a_file_in_use_is_refused_with_409_naming_the_job(client, settings, field, status):  # type: ignore[no-untyped-def]
-    used, other = new_file(client), new_file(client)
+    used, other = uploaded_file(client), uploaded_file(client)
     body = {"model": "tiny", "training_file": other, field: used}
     job = client.post("/v1/fine_tuning/jobs", json=body).json()["id"]
     set_status(settings, job, status)
@@ -52,20 +47,17 @@ def test_a_file_in_use_is_refused_with_409_naming_the_job(client, settings, fiel
 
 
 def test_other_organizations_jobs_are_not_counted_or_named(client, other_client):  # type: ignore[no-untyped-def]
-    mine = new_file(client)
-    theirs = new_file(other_client)
+    mine = uploaded_file(client)
+    theirs = uploaded_file(other_client)
     other_client.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": theirs})
     assert client.delete(f"/v1/files/{mine}").status_code == 200
 
 
 def stored_file(settings, store: ArtifactStore) -> str:  # type: ignore[no-untyped-def]
-    """A dataset of organization acme, stored by the domain function (no HTTP)."""
+    """A dataset of organization acme; the races below call the domain functions, no HTTP."""
     with session_scope(settings.sqlalchemy_url) as session:
         org = tenancy.get_or_create_organization(session, name="acme")
-        return files.store_spooled_file(
-            session, organization=org, spool=_spool(settings), size=1, sha256="0" * 64,
-            filename="t.jsonl", purpose="fine-tune", store=store, max_lines=100,
-        ).id  # fmt: skip
+        return store_dataset(session, organization=org, store=store, content=jsonl(chat_rows(3))).id
 
 
 def test_a_delete_racing_a_job_creation_never_leaves_the_job_without_its_file(settings) -> None:  # type: ignore[no-untyped-def]
@@ -127,9 +119,3 @@ def test_a_job_created_on_a_file_being_deleted_is_refused(settings) -> None:  # 
     assert outcome[0].param == "training_file"
     with session_scope(url) as session:
         assert session.query(Job).count() == 0
-
-
-def _spool(settings):  # type: ignore[no-untyped-def]
-    path = settings.data_dir / "spool.jsonl"
-    path.write_bytes(jsonl(chat_rows(3)))
-    return path

@@ -1,35 +1,8 @@
 from __future__ import annotations
 
-import json
-
 import pytest
-from sqlalchemy import func, select
-from sqlalchemy.exc import OperationalError
 
-from app.db.models import File
-from app.db.session import session_scope
-from tests.conftest import chat_rows
-
-
-def jsonl(rows: list[dict]) -> bytes:
-    return "".join(json.dumps(row) + "\n" for row in rows).encode()
-
-
-def upload(client, content: bytes, name: str = "train.jsonl", purpose: str = "fine-tune"):  # type: ignore[no-untyped-def]
-    return client.post("/v1/files", files={"file": (name, content)}, data={"purpose": purpose})
-
-
-def commit_fails(_session) -> None:  # type: ignore[no-untyped-def]
-    """Stands in for `app.db.session.commit` when the database goes away at the commit."""
-    raise OperationalError("COMMIT", {}, ConnectionError("the database went away"))
-
-
-def stored_nothing(settings) -> bool:  # type: ignore[no-untyped-def]
-    with session_scope(settings.sqlalchemy_url) as session:
-        rows = session.scalar(select(func.count()).select_from(File))
-    datasets = settings.artifacts_dir / "datasets"
-    leftovers = list((settings.artifacts_dir / "tmp").iterdir())
-    return rows == 0 and not (datasets.exists() and any(datasets.iterdir())) and not leftovers
+from tests.factories import chat_rows, commit_fails, jsonl, stored_nothing, upload
 
 
 def test_upload_list_retrieve_content_delete(client):  # type: ignore[no-untyped-def]

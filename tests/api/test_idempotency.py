@@ -9,14 +9,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from app import migrate
-from app.config import get_settings
 from app.db.models import File, Job
 from app.db.session import session_scope
-from app.main import create_app
 from tests.api.conftest import api_key
-from tests.api.test_files import jsonl, stored_nothing, upload
-from tests.api.test_jobs import job_count
-from tests.conftest import chat_rows, make_settings
+from tests.conftest import make_settings
+from tests.factories import api_app, chat_rows, job_count, jsonl, stored_nothing, uploaded_file
 
 
 def file_count(settings) -> int:  # type: ignore[no-untyped-def]
@@ -40,7 +37,7 @@ def keyed_upload(client, content: bytes, key: str):  # type: ignore[no-untyped-d
 
 
 def test_job_replay_returns_the_same_job_and_enqueues_once(client, settings, enqueued):  # type: ignore[no-untyped-def]
-    file_id = upload(client, jsonl(chat_rows(5))).json()["id"]
+    file_id = uploaded_file(client, 5)
     first = post_job(client, file_id, "job-1", seed=3)
     replay = post_job(client, file_id, "job-1", seed=3)
     assert first.status_code == replay.status_code == 200
@@ -51,7 +48,7 @@ def test_job_replay_returns_the_same_job_and_enqueues_once(client, settings, enq
 
 
 def test_job_key_reused_with_another_body_is_422_and_creates_nothing(client, settings):  # type: ignore[no-untyped-def]
-    file_id = upload(client, jsonl(chat_rows(5))).json()["id"]
+    file_id = uploaded_file(client, 5)
     post_job(client, file_id, "job-1", seed=3)
     reused = post_job(client, file_id, "job-1", seed=4)
     assert reused.status_code == 422
@@ -61,8 +58,8 @@ def test_job_key_reused_with_another_body_is_422_and_creates_nothing(client, set
 
 
 def test_keys_are_scoped_per_organization(client, other_client, settings):  # type: ignore[no-untyped-def]
-    mine = upload(client, jsonl(chat_rows(5))).json()["id"]
-    theirs = upload(other_client, jsonl(chat_rows(5))).json()["id"]
+    mine = uploaded_file(client, 5)
+    theirs = uploaded_file(other_client, 5)
     a = post_job(client, mine, "shared-key")
     b = post_job(other_client, theirs, "shared-key")
     assert a.status_code == b.status_code == 200 and a.json()["id"] != b.json()["id"]
@@ -108,11 +105,10 @@ def test_malformed_keys_are_refused_and_nothing_is_stored(client, settings, key)
 
 def race(settings, enqueued_ids: list[str]) -> list[str]:  # type: ignore[no-untyped-def]
     """8 concurrent first requests with one key; returns the job ids they answered."""
-    app = create_app(settings)
-    app.dependency_overrides[get_settings] = lambda: settings
+    app = api_app(settings)
     with TestClient(app) as client:
         client.headers["Authorization"] = f"Bearer {api_key(settings, 'acme')}"
-        file_id = upload(client, jsonl(chat_rows(5))).json()["id"]
+        file_id = uploaded_file(client, 5)
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda _: post_job(client, file_id, "race"), range(8)))
     assert {r.status_code for r in answers} == {200}, [r.text for r in answers]

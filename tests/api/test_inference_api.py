@@ -7,89 +7,21 @@ store and one registry row, owned by the caller's organization.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-from app import tenancy  # noqa: E402
-from app.db.models import Job  # noqa: E402
 from app.db.session import session_scope  # noqa: E402
 from app.errors import ServiceUnavailable  # noqa: E402
-from app.ids import new_id  # noqa: E402
 from app.inference import engine as engine_module  # noqa: E402
 from app.inference.scheduler import BaseScheduler  # noqa: E402
-from app.ml.adapters import save_adapter  # noqa: E402
-from app.ml.loading import load_base_model  # noqa: E402
 from app.registry import service as registry  # noqa: E402
 from app.storage import ArtifactStore  # noqa: E402
+from tests.factories import PROMPT, complete, publish_adapter  # noqa: E402
 
-PROMPT = "The quick brown fox"
-
-
-def random_lora(model_dir: Path, *, seed: int, rank: int = 4):  # type: ignore[no-untyped-def]
-    """A PEFT model over the tiny base with random (non-zero) LoRA factors."""
-    torch.manual_seed(seed)
-    return peft.get_peft_model(
-        load_base_model(model_dir, device="cpu"),
-        peft.LoraConfig(
-            r=rank,
-            lora_alpha=2 * rank,
-            init_lora_weights=False,
-            target_modules=["q_proj", "v_proj"],
-        ),
-    )
-
-
-def publish_adapter(
-    settings, model_dir: Path, *, org: str, suffix: str, seed: int, rank: int = 4
-) -> str:  # type: ignore[no-untyped-def]
-    """Write a random-B LoRA for the tiny base into the store and register it; its id."""
-    model = random_lora(model_dir, seed=seed, rank=rank)
-    store = ArtifactStore(settings.artifacts_dir)
-    with session_scope(settings.sqlalchemy_url) as session:
-        organization = tenancy.get_or_create_organization(session, name=org)
-        job = Job(
-            id=new_id("ftjob"),
-            organization_id=organization.id,
-            model="tiny",
-            training_file="file-x",
-            hyperparameters={},
-            seed=seed,
-            status="succeeded",
-        )
-        session.add(job)
-        session.flush()
-        key = f"adapters/{job.id}"
-        with store.temp_dir() as tmp:
-            sha = save_adapter(model, tmp)
-            store.publish_dir(tmp, key)
-        adapter_id = registry.adapter_name(
-            base_model="tiny", organization=org, suffix=suffix, job_id=job.id
-        )
-        registry.register_adapter(
-            session,
-            adapter_id=adapter_id,
-            organization_id=organization.id,
-            base_model="tiny",
-            job_id=job.id,
-            storage_key=key,
-            sha256=sha,
-            size_bytes=1,
-            lora_config={"r": rank},
-        )
-        job.fine_tuned_model = adapter_id
-    return adapter_id
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
@@ -108,10 +40,6 @@ def sse(response) -> list[dict | str]:  # type: ignore[no-untyped-def]
             payload = block[len("data: ") :]
             events.append(payload if payload == "[DONE]" else json.loads(payload))
     return events
-
-
-def complete(client, **body):  # type: ignore[no-untyped-def]
-    return client.post("/v1/completions", json={"prompt": PROMPT, "temperature": 0} | body)
 
 
 def test_completion_json_and_stream_agree(client, adapter):  # type: ignore[no-untyped-def]

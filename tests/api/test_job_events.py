@@ -6,14 +6,13 @@ import re
 
 from app.db.session import session_scope
 from app.jobs import service as jobs
-from tests.api.test_files import jsonl, upload
-from tests.conftest import chat_rows
+from tests.factories import uploaded_file
 
 OPAQUE = re.compile(r"^ftevent-[A-Za-z0-9]{24}$")
 
 
 def new_job(client) -> str:  # type: ignore[no-untyped-def]
-    file_id = upload(client, jsonl(chat_rows(3))).json()["id"]
+    file_id = uploaded_file(client, 3)
     return client.post(
         "/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": file_id}
     ).json()["id"]

@@ -1,26 +1,11 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from app.db.models import Job
 from app.db.session import session_scope
-from tests.api.test_files import jsonl, upload
-from tests.conftest import chat_rows
-
-
-@pytest.fixture
-def training_file(client) -> str:  # type: ignore[no-untyped-def]
-    return upload(client, jsonl(chat_rows(30))).json()["id"]
-
-
-def create(client, **body):  # type: ignore[no-untyped-def]
-    return client.post("/v1/fine_tuning/jobs", json=body)
-
-
-def job_count(settings) -> int:  # type: ignore[no-untyped-def]
-    with session_scope(settings.sqlalchemy_url) as session:
-        return session.scalar(select(func.count()).select_from(Job))
+from tests.factories import create_job, job_count
 
 
 def test_create_resolves_auto_and_enqueues_after_commit(
@@ -36,7 +21,9 @@ def test_create_resolves_auto_and_enqueues_after_commit(
         return True
 
     monkeypatch.setattr(queue, "enqueue_training", enqueue)
-    response = create(client, model="tiny", training_file=training_file, suffix="my-model", seed=7)
+    response = create_job(
+        client, model="tiny", training_file=training_file, suffix="my-model", seed=7
+    )
     assert response.status_code == 200, response.text
     job = response.json()
     assert job["object"] == "fine_tuning.job" and job["id"].startswith("ftjob-")
@@ -51,7 +38,7 @@ def test_create_resolves_auto_and_enqueues_after_commit(
 
 def test_hyperparameters_under_method_supervised(client, training_file):  # type: ignore[no-untyped-def]
     method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "lora_r": 4}}}
-    job = create(client, model="tiny", training_file=training_file, method=method).json()
+    job = create_job(client, model="tiny", training_file=training_file, method=method).json()
     assert job["hyperparameters"]["n_epochs"] == 2 and job["hyperparameters"]["lora_r"] == 4
 
 
@@ -91,7 +78,7 @@ def test_hyperparameters_under_method_supervised(client, training_file):  # type
 def test_bad_job_requests_name_the_field_and_store_nothing(
     client, settings, training_file, body, param, phrase
 ):  # type: ignore[no-untyped-def]
-    response = create(client, **({"model": "tiny", "training_file": training_file} | body))
+    response = create_job(client, **({"model": "tiny", "training_file": training_file} | body))
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and phrase in error["message"]
@@ -100,7 +87,7 @@ def test_bad_job_requests_name_the_field_and_store_nothing(
 
 def test_hyperparameters_in_two_places_is_refused(client, training_file):  # type: ignore[no-untyped-def]
     method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}}
-    response = create(
+    response = create_job(
         client,
         model="tiny",
         training_file=training_file,
@@ -111,7 +98,9 @@ def test_hyperparameters_in_two_places_is_refused(client, training_file):  # typ
 
 
 def test_list_paginates_newest_first(client, training_file):  # type: ignore[no-untyped-def]
-    ids = [create(client, model="tiny", training_file=training_file).json()["id"] for _ in range(5)]
+    ids = [
+        create_job(client, model="tiny", training_file=training_file).json()["id"] for _ in range(5)
+    ]
     first = client.get("/v1/fine_tuning/jobs", params={"limit": 2}).json()
     assert [job["id"] for job in first["data"]] == ids[::-1][:2] and first["has_more"] is True
     rest = client.get(
@@ -122,7 +111,7 @@ def test_list_paginates_newest_first(client, training_file):  # type: ignore[no-
 
 
 def test_cancel_queued_is_immediate_and_idempotent(client, training_file):  # type: ignore[no-untyped-def]
-    job = create(client, model="tiny", training_file=training_file).json()
+    job = create_job(client, model="tiny", training_file=training_file).json()
     first = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
     assert first.status_code == 200 and first.json()["status"] == "cancelled"
     assert first.json()["finished_at"] is not None
@@ -137,7 +126,7 @@ def test_cancel_queued_is_immediate_and_idempotent(client, training_file):  # ty
 
 
 def test_cancel_after_success_is_409(client, settings, training_file):  # type: ignore[no-untyped-def]
-    job = create(client, model="tiny", training_file=training_file).json()
+    job = create_job(client, model="tiny", training_file=training_file).json()
     with session_scope(settings.sqlalchemy_url) as session:
         session.get(Job, job["id"]).status = "succeeded"
     response = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
@@ -145,7 +134,7 @@ def test_cancel_after_success_is_409(client, settings, training_file):  # type: 
 
 
 def test_events_and_checkpoints_pages(client, training_file):  # type: ignore[no-untyped-def]
-    job = create(client, model="tiny", training_file=training_file).json()
+    job = create_job(client, model="tiny", training_file=training_file).json()
     events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()
     assert events["object"] == "list" and events["data"][0]["object"] == "fine_tuning.job.event"
     assert events["data"][0]["type"] == "message" and events["data"][0]["id"].startswith("ftevent-")
@@ -167,7 +156,7 @@ def test_create_answers_202_when_the_broker_is_unreachable(
     from app.jobs import queue
 
     monkeypatch.setattr(queue, "enqueue_training", lambda job_id: False)  # broker down
-    response = create(client, model="tiny", training_file=training_file)
+    response = create_job(client, model="tiny", training_file=training_file)
     assert response.status_code == 202, response.text
     assert response.json()["status"] == "queued" and job_count(settings) == 1  # the sweep sends it
 
@@ -188,11 +177,11 @@ def test_a_database_outage_answers_503_with_retry_after(client, monkeypatch):  #
 
 def test_unknown_special_tokens_to_train_are_refused_at_creation(client, settings, training_file):  # type: ignore[no-untyped-def]
     hp = {"train_special_tokens": ["<|user|>", "<|im_start|>"]}
-    response = create(client, model="tiny", training_file=training_file, hyperparameters=hp)
+    response = create_job(client, model="tiny", training_file=training_file, hyperparameters=hp)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == "hyperparameters.train_special_tokens"
     assert "<|im_start|>" in error["message"] and job_count(settings) == 0
     hp = {"train_special_tokens": True}
-    created = create(client, model="tiny", training_file=training_file, hyperparameters=hp)
+    created = create_job(client, model="tiny", training_file=training_file, hyperparameters=hp)
     assert created.json()["hyperparameters"]["train_special_tokens"] is True

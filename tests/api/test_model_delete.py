@@ -19,8 +19,7 @@ from app.ids import new_id  # noqa: E402
 from app.ml.adapters import save_adapter  # noqa: E402
 from app.registry import service as registry  # noqa: E402
 from app.storage import ArtifactStore  # noqa: E402
-from tests.api.test_files import commit_fails  # noqa: E402
-from tests.api.test_inference_api import complete, publish_adapter, random_lora  # noqa: E402
+from tests.factories import commit_fails, complete, publish_adapter, random_lora  # noqa: E402
 
 
 def publish_checkpoint(settings, model_dir, adapter_id: str, *, step: int, seed: int) -> str:  # type: ignore[no-untyped-def]

@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.api.test_files import jsonl, upload
-from tests.api.test_jobs import create, job_count
-from tests.conftest import chat_rows
-
-
-@pytest.fixture
-def training_file(client) -> str:  # type: ignore[no-untyped-def]
-    return upload(client, jsonl(chat_rows(30))).json()["id"]
+from tests.factories import create_job, job_count
 
 
 @pytest.mark.parametrize(("given", "resolved"), [({}, 5), ({"n_checkpoints": 2}, 2)])
 def test_the_job_shows_how_many_checkpoints_it_writes(client, training_file, given, resolved):  # type: ignore[no-untyped-def]
     """Default: one per epoch, as before the setting existed."""
     hp = {"n_epochs": 5} | given
-    response = create(client, model="tiny", training_file=training_file, hyperparameters=hp)
+    response = create_job(client, model="tiny", training_file=training_file, hyperparameters=hp)
     assert response.status_code == 200, response.text
     assert response.json()["hyperparameters"]["n_checkpoints"] == resolved
 
@@ -26,7 +19,7 @@ def test_the_job_shows_how_many_checkpoints_it_writes(client, training_file, giv
 @pytest.mark.parametrize("value", [0, -1, 101, "many", 2.5, None])
 def test_a_bad_n_checkpoints_is_refused_naming_it(client, settings, training_file, value):  # type: ignore[no-untyped-def]
     hp = {"n_checkpoints": value}
-    response = create(client, model="tiny", training_file=training_file, hyperparameters=hp)
+    response = create_job(client, model="tiny", training_file=training_file, hyperparameters=hp)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == "hyperparameters.n_checkpoints", error

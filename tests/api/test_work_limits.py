@@ -16,11 +16,8 @@ from app import tenancy
 from app.db.models import File
 from app.db.session import new_session, session_scope
 from app.errors import PayloadTooLarge
-from app.files import service as files
 from app.storage import ArtifactStore
-from tests.api.test_files import jsonl, upload
-from tests.api.test_jobs import create, job_count
-from tests.conftest import chat_rows
+from tests.factories import chat_rows, create_job, job_count, jsonl, store_dataset, upload
 
 ROWS = jsonl(chat_rows(12))  # the tiny model has 1024 positions
 
@@ -60,7 +57,7 @@ def training_file(client) -> str:  # type: ignore[no-untyped-def]
 def test_a_job_asking_for_unbounded_work_is_refused_naming_the_limit(
     client, settings, training_file, hyperparameters, param, phrases
 ):  # type: ignore[no-untyped-def]
-    response = create(
+    response = create_job(
         client, model="tiny", training_file=training_file, hyperparameters=hyperparameters
     )
     assert response.status_code == 400, response.text
@@ -72,7 +69,7 @@ def test_a_job_asking_for_unbounded_work_is_refused_naming_the_limit(
 
 def test_work_within_the_bounds_is_accepted(client, training_file):  # type: ignore[no-untyped-def]
     hyperparameters = {"n_epochs": 8, "max_seq_length": 1024, "batch_size": 4}
-    response = create(
+    response = create_job(
         client, model="tiny", training_file=training_file, hyperparameters=hyperparameters
     )
     assert response.status_code == 200, response.text
@@ -105,13 +102,10 @@ def database(request, settings):  # type: ignore[no-untyped-def]
     return pg
 
 
-def store(session, organization, tmp_path, name: str) -> File:  # type: ignore[no-untyped-def]
-    spool = tmp_path / name
-    spool.write_bytes(ROWS)
-    return files.store_spooled_file(
-        session, organization=organization, spool=spool, size=len(ROWS), sha256="0" * 64,
-        filename="t.jsonl", purpose="fine-tune", store=ArtifactStore(tmp_path / "store"),
-        max_lines=100, max_stored_bytes=len(ROWS),
+def store(session, organization, tmp_path) -> File:  # type: ignore[no-untyped-def]
+    return store_dataset(
+        session, organization=organization, store=ArtifactStore(tmp_path / "store"),
+        content=ROWS, max_stored_bytes=len(ROWS),
     )  # fmt: skip
 
 
@@ -122,13 +116,13 @@ def test_the_storage_quota_holds_under_concurrent_uploads(database, tmp_path):  
         tenancy.get_or_create_organization(session, name="acme")
     first, second = new_session(database.sqlalchemy_url), new_session(database.sqlalchemy_url)
     acme = tenancy.get_or_create_organization(first, name="acme")
-    store(first, acme, tmp_path, "a")  # inserted, not yet committed
+    store(first, acme, tmp_path)  # inserted, not yet committed
     outcome: list[object] = []
 
     def upload_second() -> None:
         try:
             org = tenancy.get_or_create_organization(second, name="acme")
-            outcome.append(store(second, org, tmp_path, "b"))
+            outcome.append(store(second, org, tmp_path))
             second.commit()
         except PayloadTooLarge as refused:
             outcome.append(refused)

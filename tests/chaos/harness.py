@@ -41,6 +41,15 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, logs: Pa
     )
 
 
+def assert_never_two_attempts_at_once(stack: ChaosStack) -> None:
+    """In each job's step journal (time order), an attempt never steps after a later one."""
+    by_job: dict[str, list[int]] = {}
+    for entry in sorted(stack.journal("step"), key=lambda e: e["t"]):
+        by_job.setdefault(entry["job"], []).append(entry["attempt"])
+    for job_id, attempts in by_job.items():
+        assert attempts == sorted(attempts), (job_id, attempts)
+
+
 class RedisServer:
     """redis-server on a free loopback port, no RDB, no AOF: a kill loses all messages."""
 

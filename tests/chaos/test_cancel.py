@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests.chaos.harness import FULL, wait_until
-from tests.conftest import chat_rows
+from tests.factories import chat_rows
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.postgres]
 

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from app.db.models import JobEvent
 from app.db.session import session_scope
 from tests.chaos.harness import FULL, wait_until
-from tests.conftest import chat_rows
+from tests.factories import chat_rows
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.postgres]
 

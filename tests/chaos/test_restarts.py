@@ -16,8 +16,8 @@ from collections import Counter
 import httpx
 import pytest
 
-from tests.chaos.harness import FULL, wait_until
-from tests.conftest import chat_rows
+from tests.chaos.harness import FULL, assert_never_two_attempts_at_once, wait_until
+from tests.factories import chat_rows
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.postgres]
 
@@ -66,15 +66,6 @@ def test_jobs_survive_a_redis_restart_that_loses_every_message(make_stack, redis
     assert all(job.status == "succeeded" for job in jobs.values())
     assert sorted(a.job_id for a in stack.adapters(jobs)) == sorted(jobs)  # one adapter each
     assert_never_two_attempts_at_once(stack)
-
-
-def assert_never_two_attempts_at_once(stack) -> None:  # type: ignore[no-untyped-def]
-    """In each job's step journal (time order), an attempt never steps after a later one."""
-    by_job: dict[str, list[int]] = {}
-    for entry in sorted(stack.journal("step"), key=lambda e: e["t"]):
-        by_job.setdefault(entry["job"], []).append(entry["attempt"])
-    for job_id, attempts in by_job.items():
-        assert attempts == sorted(attempts), (job_id, attempts)
 
 
 def test_no_job_is_lost_or_duplicated_when_postgres_restarts_during_a_burst(make_stack, pg_cluster):  # type: ignore[no-untyped-def]

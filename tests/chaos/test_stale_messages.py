@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tests.chaos.harness import FULL, wait_until
-from tests.conftest import chat_rows
+from tests.factories import chat_rows
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.postgres]
 

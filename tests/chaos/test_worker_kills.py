@@ -28,9 +28,8 @@ from sqlalchemy import select
 
 from app.db.models import Checkpoint, JobEvent
 from app.db.session import session_scope
-from tests.chaos.harness import FULL, wait_until
-from tests.chaos.test_restarts import assert_never_two_attempts_at_once
-from tests.conftest import chat_rows
+from tests.chaos.harness import FULL, assert_never_two_attempts_at_once, wait_until
+from tests.factories import chat_rows
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.postgres]
 

@@ -10,9 +10,9 @@ import httpx
 import openai
 import pytest
 
-from tests.api.test_inference_api import publish_adapter
 from tests.conftest import make_settings
 from tests.e2e.stack import cli, free_port, running, stack_env
+from tests.factories import publish_adapter
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

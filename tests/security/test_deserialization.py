@@ -15,6 +15,7 @@ from app.errors import UnsafeModelError
 from app.ml.adapters import ADAPTER_WEIGHTS, check_adapter_dir
 from app.ml.loading import load_base_model
 from app.storage import file_sha256
+from tests.factories import api_app, uploaded_file
 
 pytestmark = pytest.mark.slow  # loads the tiny model
 
@@ -45,10 +46,7 @@ def make_adapter(base_dir: Path, out: Path) -> Path:
 
 def register(settings, client, folder: Path, sha256: str) -> str:  # type: ignore[no-untyped-def]
     """An adapter row of the client's organization whose files are `folder`."""
-    from tests.api.test_files import jsonl, upload
-    from tests.conftest import chat_rows
-
-    file_id = upload(client, jsonl(chat_rows(3))).json()["id"]
+    file_id = uploaded_file(client, 3)
     job = client.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": file_id})
     job = job.json()
     adapter_id = f"ft:tiny:acme:x:{job['id']}"
@@ -112,13 +110,10 @@ def test_base_model_asking_for_remote_code_is_refused(tiny_model_dir, tmp_path, 
         load_base_model(evil, device="cpu")
     from fastapi.testclient import TestClient
 
-    from app.config import get_settings
-    from app.main import create_app
     from tests.api.conftest import api_key
 
     settings.base_models = {"evil": str(evil)}
-    app = create_app(settings)
-    app.dependency_overrides[get_settings] = lambda: settings
+    app = api_app(settings)
     with TestClient(app) as client:
         client.headers["Authorization"] = f"Bearer {api_key(settings, 'acme')}"
         answer = chat(client, "evil")

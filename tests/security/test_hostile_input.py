@@ -16,9 +16,8 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from tests.api.test_files import jsonl, upload
-from tests.conftest import chat_rows
-from tests.security.test_tenant_matrix import calls, tenant_a  # noqa: F401 (fixture)
+from tests.factories import uploaded_file
+from tests.security.tenant_matrix import calls
 
 HOSTILE = [
     "x\x00",
@@ -69,7 +68,7 @@ def assert_refused(response, statuses=(400, 404)) -> None:  # type: ignore[no-un
 
 @pytest.fixture
 def job_id(client) -> str:  # type: ignore[no-untyped-def]
-    file_id = upload(client, jsonl(chat_rows(5))).json()["id"]
+    file_id = uploaded_file(client, 5)
     return client.post(
         "/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": file_id}
     ).json()["id"]
@@ -112,7 +111,7 @@ def test_lone_surrogate_or_nul_in_text_is_refused_at_the_schema(client, text) ->
 ids = st.sampled_from(HOSTILE) | st.text(min_size=1, max_size=40)
 
 
-def test_every_id_taking_operation_refuses_hostile_ids(client, tenant_a) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_every_id_taking_operation_refuses_hostile_ids(client, tenant_a) -> None:  # type: ignore[no-untyped-def]
     operations = calls(tenant_a)
 
     @hypothesis_settings(

@@ -28,7 +28,7 @@ from app.inference import engine as engine_module
 from app.inference.scheduler import BaseScheduler
 from tests.api.conftest import api_key
 from tests.e2e.stack import serving
-from tests.security.test_request_bodies import live_app
+from tests.factories import api_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("enqueued")]  # loads the model
 # Before, a request waiting for room in the batch held a thread of the shared pool (40)
@@ -86,7 +86,7 @@ def wait_admitted(client: httpx.Client, key: str, count: int) -> None:
 def test_open_streams_of_one_tenant_leave_the_others_served(settings):  # type: ignore[no-untyped-def]
     settings.rate_limit_per_second, settings.max_inference_requests_per_org = 0, 0
     attacker, victim = api_key(settings, "attacker"), api_key(settings, "victim")
-    with serving(live_app(settings)) as base_url, ExitStack() as streams:
+    with serving(api_app(settings)) as base_url, ExitStack() as streams:
         with httpx.Client(base_url=base_url, timeout=20) as client:
             for _ in range(STREAMS):
                 streams.enter_context(open_stream(base_url, attacker))
@@ -103,7 +103,7 @@ def test_open_streams_of_one_tenant_leave_the_others_served(settings):  # type: 
 def test_past_its_inference_limit_an_organization_gets_429(settings):  # type: ignore[no-untyped-def]
     settings.rate_limit_per_second, settings.max_inference_requests_per_org = 0, 3
     attacker = api_key(settings, "attacker")
-    with serving(live_app(settings)) as base_url, ExitStack() as streams:
+    with serving(api_app(settings)) as base_url, ExitStack() as streams:
         with httpx.Client(base_url=base_url, timeout=20) as client:
             for _ in range(3):
                 streams.enter_context(open_stream(base_url, attacker))
@@ -124,7 +124,7 @@ def test_a_stream_ends_soon_after_its_key_is_revoked(settings):  # type: ignore[
     key = api_key(settings, "acme")
     body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 900, "stream": True}
     events: list[str] = []
-    with serving(live_app(settings)) as base_url, httpx.Client(timeout=60) as client:
+    with serving(api_app(settings)) as base_url, httpx.Client(timeout=60) as client:
         headers = {"Authorization": f"Bearer {key}"}
         with client.stream("POST", f"{base_url}/v1/completions", json=body, headers=headers) as r:
             assert r.status_code == 200

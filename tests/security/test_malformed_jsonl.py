@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.api.test_files import stored_nothing, upload
+from tests.factories import stored_nothing, upload
 
 U = {"role": "user", "content": "hi"}
 A = {"role": "assistant", "content": "hello"}

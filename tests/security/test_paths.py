@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import random
 from pathlib import Path
@@ -14,12 +13,10 @@ from pydantic import ValidationError
 from app import tenancy
 from app.db.session import session_scope
 from app.errors import InvalidRequest
-from app.files import service as files
 from app.jobs import service as jobs
 from app.schemas.jobs import JobCreate
 from app.storage import ArtifactStore
-from tests.api.test_files import jsonl, upload
-from tests.conftest import chat_rows
+from tests.factories import chat_rows, jsonl, store_dataset, upload, uploaded_file
 
 KNOWN_BAD = [
     "../../../../etc/passwd", "..", ".", "/", "/etc/passwd", "/tmp/x.jsonl", "..\\..\\win.ini",
@@ -83,10 +80,9 @@ def test_hostile_names_never_leave_the_store(settings, canary) -> None:  # type:
         for i, name in enumerate(names):
             filename = name + ".jsonl" if i % 2 else name
             try:
-                row = files.create_file(
-                    session, organization=org, upload=io.BytesIO(content), filename=filename,
-                    purpose="fine-tune", store=store, max_bytes=1 << 20, max_lines=10,
-                )  # fmt: skip
+                row = store_dataset(
+                    session, organization=org, store=store, content=content, filename=filename
+                )
             except InvalidRequest:
                 refused += 1
                 continue
@@ -123,7 +119,7 @@ def _names_as_labels(session, org, names, training_file, base_models) -> dict:  
 
 def test_hostile_names_through_the_api(client, settings, canary) -> None:  # type: ignore[no-untyped-def]
     before, settings.max_active_jobs = tree_digest(canary), 0  # many jobs on purpose
-    file_id = upload(client, jsonl(chat_rows(3))).json()["id"]
+    file_id = uploaded_file(client, 3)
     for name in KNOWN_BAD:
         response = upload(client, jsonl(chat_rows(1)), name=name + ".jsonl")
         assert response.status_code in (200, 400), (name, response.text)

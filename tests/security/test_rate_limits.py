@@ -10,13 +10,10 @@ from fastapi.testclient import TestClient
 
 from app import migrate
 from app.api.rate_limit import TokenBuckets
-from app.config import get_settings
 from app.jobs import service as jobs
-from app.main import create_app
 from tests.api.conftest import api_key
-from tests.api.test_files import jsonl, upload
-from tests.api.test_jobs import job_count
-from tests.conftest import chat_rows, make_settings
+from tests.conftest import make_settings
+from tests.factories import api_app, job_count, uploaded_file
 
 
 class FrozenClock:
@@ -55,8 +52,8 @@ def test_rate_limit_zero_disables_it(app, client, settings):  # type: ignore[no-
 
 def test_active_job_quota_is_per_organization(client, other_client, settings):  # type: ignore[no-untyped-def]
     settings.max_active_jobs = 2
-    mine = upload(client, jsonl(chat_rows(5))).json()["id"]
-    theirs = upload(other_client, jsonl(chat_rows(5))).json()["id"]
+    mine = uploaded_file(client, 5)
+    theirs = uploaded_file(other_client, 5)
     body = {"model": "tiny", "training_file": mine}
     first = [client.post("/v1/fine_tuning/jobs", json=body) for _ in range(2)]
     assert [r.status_code for r in first] == [200, 200]
@@ -82,11 +79,10 @@ def quota_race(settings, monkeypatch) -> list[int]:  # type: ignore[no-untyped-d
         return real_create(*args, **kwargs)
 
     monkeypatch.setattr(jobs, "create_job", slow_create)
-    app = create_app(settings)
-    app.dependency_overrides[get_settings] = lambda: settings
+    app = api_app(settings)
     with TestClient(app) as client:
         client.headers["Authorization"] = f"Bearer {api_key(settings, 'acme')}"
-        file_id = upload(client, jsonl(chat_rows(5))).json()["id"]
+        file_id = uploaded_file(client, 5)
         body = {"model": "tiny", "training_file": file_id}
         with ThreadPoolExecutor(20) as pool:
             answers = list(

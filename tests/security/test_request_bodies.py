@@ -18,19 +18,12 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app.config import get_settings
 from app.db.session import get_engine
-from app.main import create_app
 from tests.api.conftest import api_key
 from tests.e2e.stack import serving
+from tests.factories import api_app
 
 STALLED = 20  # more than SQLite's pool (5 + 10 overflow) holds
-
-
-def live_app(settings):  # type: ignore[no-untyped-def]
-    app = create_app(settings)
-    app.dependency_overrides[get_settings] = lambda: settings
-    return app
 
 
 def stalled_upload(base_url: str, key: str) -> socket.socket:
@@ -51,7 +44,7 @@ def test_stalled_uploads_leave_other_tenants_served(settings):  # type: ignore[n
     settings.rate_limit_per_second = 0
     settings.body_idle_timeout_seconds = 120  # they stay open through the victim's requests
     attacker, victim = api_key(settings, "attacker"), api_key(settings, "victim")
-    with serving(live_app(settings)) as base_url, ExitStack() as sockets:
+    with serving(api_app(settings)) as base_url, ExitStack() as sockets:
         for _ in range(STALLED):
             sockets.enter_context(stalled_upload(base_url, attacker))
         time.sleep(1)  # let every stalled request reach its route
@@ -65,7 +58,7 @@ def test_stalled_uploads_leave_other_tenants_served(settings):  # type: ignore[n
 @pytest.mark.usefixtures("enqueued")
 def test_a_stalled_body_is_answered_408_and_dropped(settings):  # type: ignore[no-untyped-def]
     settings.body_idle_timeout_seconds = 1
-    with serving(live_app(settings)) as base_url:
+    with serving(api_app(settings)) as base_url:
         with stalled_upload(base_url, api_key(settings, "attacker")) as sock:
             answer = b""
             while chunk := sock.recv(4096):  # ends when the server closes the connection
@@ -80,7 +73,7 @@ def test_a_stalled_body_is_answered_408_and_dropped(settings):  # type: ignore[n
 def test_a_trickling_json_body_is_dropped(settings):  # type: ignore[no-untyped-def]
     """Below the minimum rate (one byte at a time), not only when idle."""
     settings.body_idle_timeout_seconds, settings.body_min_bytes_per_second = 1, 1000
-    with serving(live_app(settings)) as base_url:
+    with serving(api_app(settings)) as base_url:
         url = urlparse(base_url)
         with socket.create_connection((url.hostname, url.port), timeout=15) as sock:
             sock.sendall(
@@ -121,7 +114,7 @@ def test_json_body_past_its_cap_is_413(settings, chunked):  # type: ignore[no-un
     settings.max_request_bytes = 64 * 1024
     body = b'{"model": "tiny", "prompt": "' + b"x" * (2 * settings.max_request_bytes) + b'"}'
     pieces = [body[i : i + 8192] for i in range(0, len(body), 8192)]
-    with TestClient(live_app(settings)) as client:
+    with TestClient(api_app(settings)) as client:
         response = client.post(
             "/v1/completions",
             content=iter(pieces) if chunked else body,  # chunked: no Content-Length

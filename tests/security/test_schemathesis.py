@@ -17,11 +17,8 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.config._checks import PositiveDataAcceptanceConfig
 
-from app.config import get_settings
-from app.main import create_app
 from tests.api.conftest import api_key
-from tests.api.test_files import jsonl, upload
-from tests.conftest import chat_rows
+from tests.factories import api_app, chat_rows, jsonl, upload
 
 pytestmark = pytest.mark.slow
 FUZZ = hypothesis_settings(
@@ -42,8 +39,7 @@ def settings(backend):  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def fuzz_app(settings, enqueued):  # type: ignore[no-untyped-def]  # noqa: ARG001
-    app = create_app(settings)
-    app.dependency_overrides[get_settings] = lambda: settings
+    app = api_app(settings)
     settings.rate_limit_per_second = 0  # fuzzing is a flood by design
     return app
 

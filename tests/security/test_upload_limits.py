@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.api.conftest import api_key
-from tests.api.test_files import jsonl, stored_nothing
-from tests.conftest import chat_rows
+from tests.factories import api_app, chat_rows, jsonl, stored_nothing
 
 BOUNDARY = "lfboundary"
 CHUNK = 64 * 1024
@@ -88,13 +87,10 @@ def test_chunked_upload_over_the_cap_stops_reading_and_spooling_at_the_cap(
 def test_upload_with_content_length_over_the_cap_is_refused_before_any_body_is_read(
     app, settings, private_tmp
 ):  # type: ignore[no-untyped-def]
-    from app.config import get_settings
-    from app.main import create_app
 
     settings.max_upload_bytes = 256 * 1024
     (settings.artifacts_dir / "tmp").mkdir(parents=True, exist_ok=True)
-    app = create_app(settings)  # the Content-Length check is built with the cap
-    app.dependency_overrides[get_settings] = lambda: settings
+    app = api_app(settings)  # the Content-Length check is built with the cap
     status, body, pulled, peak = drive(app, settings, 4 * 1024 * 1024, content_length=True)
     assert status == 413 and body["error"]["param"] == "file"
     assert pulled == 0 and peak == 0

@@ -1,16 +1,13 @@
-"""Fixtures for the inference unit tests."""
+"""Fixtures for the inference unit tests (they also ask for `one_torch_thread`)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():  # type: ignore[no-untyped-def]
-    """A tiny model gains nothing from intra-op threads; on a busy machine they cost 20x."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(scope="module")
+def base_dir(tiny_model_dir: Path) -> Path:
+    """The base model the inference tests serve and compare with plain PEFT."""
+    return tiny_model_dir

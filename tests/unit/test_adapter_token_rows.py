@@ -19,6 +19,8 @@ from app.ml.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter  # noq
 from app.ml.loading import load_base_model  # noqa: E402
 from app.storage import file_sha256  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TOKENS = [3, 5, 6]
 
 

@@ -22,13 +22,10 @@ from app.ml.loading import load_base_model, load_tokenizer  # noqa: E402
 from app.ml.tiny_model import build_tiny_model  # noqa: E402
 from app.storage import file_sha256  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PROMPT = "The quick brown fox"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
-
-
-@pytest.fixture(scope="module")
-def base_dir(tiny_model_dir: Path) -> Path:
-    return tiny_model_dir
 
 
 def _make_adapter(base_dir: Path, out: Path, *, seed: int, r: int, targets) -> Path:

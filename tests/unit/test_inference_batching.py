@@ -19,6 +19,8 @@ from app.inference import AdapterRef, InferenceEngine  # noqa: E402
 from app.ml.loading import load_base_model, load_tokenizer  # noqa: E402
 from app.storage import file_sha256  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 MAX_TOKENS = 10
 # (rank, targets): three ranks and three target sets, so one batch mixes all of them.
 SPECS = [
@@ -43,11 +45,6 @@ PROMPTS = [
     "It was a dark and stormy",
     "To be or not",
 ]
-
-
-@pytest.fixture(scope="module")
-def base_dir(tiny_model_dir: Path) -> Path:
-    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -15,18 +15,14 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
 from app.errors import InvalidRequest  # noqa: E402
-from app.inference import AdapterRef, InferenceEngine  # noqa: E402
+from app.inference import AdapterRef  # noqa: E402
 from app.inference import pool as pool_module  # noqa: E402
 from app.inference.text import TextTracker  # noqa: E402
-from app.ml.loading import load_base_model, load_tokenizer  # noqa: E402
+from app.ml.loading import load_base_model  # noqa: E402
 from app.storage import file_sha256  # noqa: E402
+from tests.unit.greedy_text import PROMPT, greedy, new_engine, reference  # noqa: E402
 
-PROMPT = "Once upon a time"
-
-
-@pytest.fixture(scope="module")
-def base_dir(tiny_model_dir: Path) -> Path:
-    return tiny_model_dir
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_adapter(base_dir: Path, out: Path, *, seed: int, **config) -> AdapterRef:  # type: ignore[no-untyped-def]
@@ -45,37 +41,6 @@ def make_adapter(base_dir: Path, out: Path, *, seed: int, **config) -> AdapterRe
 def adapters(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[AdapterRef]:
     root = tmp_path_factory.mktemp("cache-adapters")
     return [make_adapter(base_dir, root / f"a{i}", seed=i) for i in range(4)]
-
-
-def reference(base_dir: Path, adapter: AdapterRef | None, max_tokens: int) -> str:
-    tokenizer = load_tokenizer(base_dir)
-    model = load_base_model(base_dir, device="cpu")
-    if adapter is not None:
-        model = peft.PeftModel.from_pretrained(model, str(adapter.path))
-    ids = torch.tensor([tokenizer(PROMPT).input_ids])
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_tokens,
-        do_sample=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )[0, ids.shape[1] :].tolist()
-    if tokenizer.eos_token_id in out:
-        out = out[: out.index(tokenizer.eos_token_id)]
-    return tokenizer.decode(out, skip_special_tokens=True)
-
-
-def new_engine(base_dir: Path, capacity: int = 8) -> InferenceEngine:
-    return InferenceEngine(
-        base_models={"tiny": str(base_dir)}, max_loaded_adapters=capacity, device="cpu"
-    )
-
-
-def greedy(engine: InferenceEngine, adapter: AdapterRef | None, max_tokens: int = 6) -> str:
-    return engine.generate(
-        base_model="tiny", adapter=adapter, prompt=PROMPT, max_tokens=max_tokens, temperature=0
-    ).text
 
 
 def test_pinned_adapters_are_never_evicted(base_dir, adapters):

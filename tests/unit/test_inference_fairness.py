@@ -21,6 +21,8 @@ from app.inference import InferenceEngine
 from app.inference import engine as engine_module
 from app.inference.fairness import choose_fairly
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 LONG = 1000  # tokens: far longer than the victim's request
 
 

@@ -21,12 +21,9 @@ from app.inference import AdapterRef  # noqa: E402
 from app.ml.adapters import save_adapter  # noqa: E402
 from app.ml.loading import load_base_model  # noqa: E402
 from app.storage import file_sha256  # noqa: E402
-from tests.unit.test_inference_cache import (  # noqa: E402
-    base_dir,  # noqa: F401 (fixture)
-    greedy,
-    new_engine,
-    reference,
-)
+from tests.unit.greedy_text import greedy, new_engine, reference  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SHAPES = {
     "dora": {"use_dora": True},
@@ -47,7 +44,7 @@ def trained_like(base: Path, out: Path, *, seed: int, **config) -> AdapterRef:  
 
 
 @pytest.fixture(scope="module")
-def fallbacks(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, AdapterRef]:  # noqa: F811
+def fallbacks(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, AdapterRef]:
     root = tmp_path_factory.mktemp("fallback-adapters")
     return {
         name: trained_like(base_dir, root / name, seed=10 + i, **config)
@@ -56,7 +53,7 @@ def fallbacks(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_adapters_the_batch_cannot_apply_are_served_like_peft(base_dir, fallbacks, shape):  # noqa: F811
+def test_adapters_the_batch_cannot_apply_are_served_like_peft(base_dir, fallbacks, shape):
     engine = new_engine(base_dir)
     try:
         ref = fallbacks[shape]
@@ -68,7 +65,7 @@ def test_adapters_the_batch_cannot_apply_are_served_like_peft(base_dir, fallback
         engine.close()
 
 
-def test_fallback_streams_with_logprobs_and_stop(base_dir, fallbacks):  # noqa: F811
+def test_fallback_streams_with_logprobs_and_stop(base_dir, fallbacks):
     engine = new_engine(base_dir)
     try:
         ref = fallbacks["dora"]
@@ -85,7 +82,7 @@ def test_fallback_streams_with_logprobs_and_stop(base_dir, fallbacks):  # noqa: 
         engine.close()
 
 
-def test_a_deleted_fallback_adapter_is_refused(base_dir, fallbacks):  # noqa: F811
+def test_a_deleted_fallback_adapter_is_refused(base_dir, fallbacks):
     engine = new_engine(base_dir)
     try:
         ref = fallbacks["embed"]
@@ -97,7 +94,7 @@ def test_a_deleted_fallback_adapter_is_refused(base_dir, fallbacks):  # noqa: F8
         engine.close()
 
 
-def test_the_fallback_checks_the_sha256_and_refuses_foreign_tensors(base_dir, fallbacks, tmp_path):  # noqa: F811
+def test_the_fallback_checks_the_sha256_and_refuses_foreign_tensors(base_dir, fallbacks, tmp_path):
     from safetensors.torch import load_file, save_file
 
     engine = new_engine(base_dir)
@@ -120,7 +117,7 @@ def test_the_fallback_checks_the_sha256_and_refuses_foreign_tensors(base_dir, fa
         engine.close()
 
 
-def test_preloading_a_fallback_adapter_starts_its_scheduler(base_dir, fallbacks, caplog):  # noqa: F811
+def test_preloading_a_fallback_adapter_starts_its_scheduler(base_dir, fallbacks, caplog):
     engine = new_engine(base_dir)
     try:
         engine.preload("tiny", [fallbacks["embed"]])
@@ -130,7 +127,7 @@ def test_preloading_a_fallback_adapter_starts_its_scheduler(base_dir, fallbacks,
         engine.close()
 
 
-def test_fallback_schedulers_are_retired_least_recently_used_and_come_back(base_dir, fallbacks):  # noqa: F811
+def test_fallback_schedulers_are_retired_least_recently_used_and_come_back(base_dir, fallbacks):
     engine = new_engine(base_dir, capacity=1)
     try:
         dora, embed = fallbacks["dora"], fallbacks["embed"]

@@ -7,7 +7,7 @@ from sqlalchemy import select
 
 from app.db.models import Job, JobEvent
 from app.db.session import session_scope
-from tests.worker.test_run_job import submit
+from tests.factories import submit
 from worker import job_inputs
 from worker import run_job as run_job_module
 from worker.run_job import run_job

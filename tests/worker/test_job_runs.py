@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import timedelta
 
@@ -11,7 +12,7 @@ from sqlalchemy import select
 from app.db.models import Job
 from app.db.session import session_scope
 from app.jobs import runs as job_runs
-from tests.worker.test_run_job import submit
+from tests.factories import submit
 
 
 def claim(settings, job_id: str, *, lease_seconds: int, worker: str = "w") -> job_runs.Claim:  # type: ignore[no-untyped-def]
@@ -26,47 +27,66 @@ def sweep(settings) -> list[str]:  # type: ignore[no-untyped-def]
         return job_runs.sweep(session, requeue_after_seconds=3600, max_attempts=3)
 
 
+def keeper_of(job_id: str) -> threading.Thread:
+    """The thread `keep_lease` renews the job's lease from."""
+    [keeper] = [thread for thread in threading.enumerate() if thread.name == f"lease-{job_id}"]
+    return keeper
+
+
+def gives_up(keeper: threading.Thread) -> bool:
+    """True once the keeper stopped by itself (it does when a renewal is refused)."""
+    keeper.join(timeout=60)
+    return not keeper.is_alive()
+
+
 def status(settings, job_id: str) -> str:  # type: ignore[no-untyped-def]
     with session_scope(settings.sqlalchemy_url) as session:
         return session.scalar(select(Job.status).where(Job.id == job_id))
 
 
-def test_keep_lease_holds_a_job_through_a_phase_without_steps(settings):  # type: ignore[no-untyped-def]
+def test_keep_lease_holds_a_job_through_a_phase_without_steps(settings, lease_clock):  # type: ignore[no-untyped-def]
     """Loading a base model or saving a checkpoint takes no step; the lease must not lapse."""
     job_id = submit(settings)
     held = claim(settings, job_id, lease_seconds=1)
     with job_runs.keep_lease(settings.sqlalchemy_url, claim=held, lease_seconds=1):
-        time.sleep(2.5)  # longer than the lease: only the keeper renews it
+        for _ in range(3):  # 2.7 s in all, longer than the lease: only the keeper renews it
+            lease_clock.advance(0.9)
+            lease_clock.wait_for_reads(2)  # so a renewal that read the new time has finished
         assert sweep(settings) == [] and status(settings, job_id) == "running"
-    time.sleep(1.5)  # the keeper stopped with the run: the lease now lapses
+    lease_clock.advance(1.5)  # the keeper stopped with the run: the lease now lapses
     assert sweep(settings) == [job_id] and status(settings, job_id) == "queued"
 
 
-def test_keep_lease_stops_renewing_once_the_job_is_cancelled(settings):  # type: ignore[no-untyped-def]
+def test_keep_lease_stops_renewing_once_the_job_is_cancelled(settings, lease_clock):  # type: ignore[no-untyped-def]
     job_id = submit(settings)
     held = claim(settings, job_id, lease_seconds=1)
     with session_scope(settings.sqlalchemy_url) as session:
         session.get(Job, job_id).cancel_requested = True
     with job_runs.keep_lease(settings.sqlalchemy_url, claim=held, lease_seconds=1):
-        time.sleep(2.5)  # a run stuck before its next step: the sweep ends it as cancelled
+        assert gives_up(keeper_of(job_id))  # its first renewal found the job cancelled
+        lease_clock.advance(2.5)  # a run stuck before its next step: the sweep ends it as cancelled
         assert sweep(settings) == [] and status(settings, job_id) == "cancelled"
     with session_scope(settings.sqlalchemy_url) as session, pytest.raises(job_runs.RunAborted):
         job_runs.renew_lease(session, claim=held, lease_seconds=1)
 
 
-def test_keep_lease_does_not_renew_a_lease_taken_over_by_another_attempt(settings):  # type: ignore[no-untyped-def]
+def test_keep_lease_does_not_renew_a_lease_taken_over_by_another_attempt(settings, lease_clock):  # type: ignore[no-untyped-def]
     job_id = submit(settings)
     stale = claim(settings, job_id, lease_seconds=1, worker="old")
     with job_runs.keep_lease(settings.sqlalchemy_url, claim=stale, lease_seconds=1):
-        with session_scope(settings.sqlalchemy_url) as session:
-            session.get(Job, job_id).lease_expires_at = job_runs.utcnow()  # expired: take over
-        fresh = claim(settings, job_id, lease_seconds=60, worker="new")
-        time.sleep(1.0)
+        keeper = keeper_of(job_id)
+        with session_scope(settings.sqlalchemy_url) as session:  # one transaction: no beat between
+            session.get(Job, job_id).lease_expires_at = lease_clock.now - timedelta(seconds=1)
+            session.flush()
+            fresh = job_runs.claim_job(
+                session, job_id=job_id, worker="new", lease_seconds=60, max_attempts=3
+            )
+        assert gives_up(keeper)  # its next renewal found the lease taken over
     with session_scope(settings.sqlalchemy_url) as session:
         job = session.get_one(Job, job_id)
         assert (job.attempt, job.worker, fresh.attempt) == (2, "new", 2)
-        # the stale keeper beat twice in that second; a renewal would have cut the lease to 1 s
-        assert job.lease_expires_at > job_runs.utcnow() + timedelta(seconds=30)
+        # a renewal by the stale keeper would have cut the lease to 1 s
+        assert job.lease_expires_at > lease_clock.now + timedelta(seconds=30)
 
 
 def test_the_sweep_removes_what_a_dead_attempt_left_but_keeps_recorded_checkpoints(

@@ -17,7 +17,7 @@ import pytest
 from app.cli.demo import TINY_MODEL_HYPERPARAMETERS
 from app.db.models import Adapter, Job
 from app.storage import ArtifactStore
-from tests.worker.test_run_job import load, submit
+from tests.factories import load, submit
 from worker.run_job import run_job
 
 pytestmark = pytest.mark.slow

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import json
 from datetime import timedelta
 
 import pytest
@@ -13,48 +11,15 @@ from app import tenancy
 from app.db.base import utcnow
 from app.db.models import Adapter, Checkpoint, File, Job, JobEvent
 from app.db.session import session_scope
-from app.files import service as files
 from app.jobs import runs as job_runs
 from app.jobs import service as jobs
 from app.ml.adapters import ADAPTER_WEIGHTS
-from app.schemas.jobs import JobCreate
 from app.storage import ArtifactStore, file_sha256
-from tests.conftest import chat_rows
+from tests.factories import load, submit
 from worker import run_job as run_job_module
 from worker.run_job import run_job
 
 pytestmark = pytest.mark.slow
-
-
-def submit(settings, *, rows=None, org="acme", model="tiny", **hyperparameters) -> str:  # type: ignore[no-untyped-def]
-    store = ArtifactStore(settings.artifacts_dir)
-    content = "".join(json.dumps(row) + "\n" for row in rows or chat_rows(6)).encode()
-    hp = {"n_epochs": 2, "batch_size": 3, "learning_rate": 1e-3, "packing": False}
-    hp |= hyperparameters
-    with session_scope(settings.sqlalchemy_url) as session:
-        organization = tenancy.get_or_create_organization(session, name=org)
-        row = files.create_file(
-            session,
-            organization=organization,
-            upload=io.BytesIO(content),
-            filename="t.jsonl",
-            purpose="fine-tune",
-            store=store,
-            max_bytes=10**6,
-            max_lines=1000,
-        )
-        request = JobCreate(
-            model=model, training_file=row.id, suffix="demo", seed=3, hyperparameters=hp
-        )
-        job = jobs.create_job(
-            session, organization=organization, request=request, base_models=settings.base_models
-        )
-        return job.id
-
-
-def load(settings, model, **where):  # type: ignore[no-untyped-def]
-    with session_scope(settings.sqlalchemy_url) as session:
-        return list(session.scalars(select(model).filter_by(**where)))
 
 
 def test_a_job_trains_publishes_and_registers(backend):  # type: ignore[no-untyped-def]

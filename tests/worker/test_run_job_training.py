@@ -21,7 +21,7 @@ from app.errors import InvalidRequest
 from app.ml.adapters import ADAPTER_WEIGHTS
 from app.storage import ArtifactStore
 from tests.conftest import make_settings
-from tests.worker.test_run_job import load, submit
+from tests.factories import api_app, load, submit
 from worker import run_job as run_job_module
 from worker.run_job import run_job
 
@@ -124,11 +124,8 @@ def test_metrics_csv_is_a_downloadable_result_file(settings):  # type: ignore[no
 
 
 def api_client(settings) -> TestClient:  # type: ignore[no-untyped-def]
-    from app.config import get_settings
-    from app.main import create_app
 
-    application = create_app(settings)
-    application.dependency_overrides[get_settings] = lambda: settings
+    application = api_app(settings)
     with session_scope(settings.sqlalchemy_url) as session:
         organization = tenancy.get_or_create_organization(session, name="acme")
         key = tenancy.create_api_key(session, organization=organization)

@@ -20,7 +20,7 @@ from app.jobs import queue
 from app.jobs import runs as job_runs
 from app.jobs import sweep as sweeper
 from app.storage import ArtifactStore
-from tests.worker.test_run_job import submit
+from tests.factories import chat_rows, submit
 from worker import run_job as run_job_module
 from worker.run_job import run_job
 
@@ -163,7 +163,6 @@ def test_the_loop_writes_checkpoints_in_the_scratch_dir_it_is_given(tmp_path, ti
     from app.jobs.hyperparameters import resolve
     from app.ml.loading import load_base_model, load_tokenizer
     from app.schemas.jobs import Hyperparameters
-    from tests.conftest import chat_rows
     from worker.training.data import encode_dataset
     from worker.training.loop import train_lora
 

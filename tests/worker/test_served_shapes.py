@@ -6,12 +6,10 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from app.config import get_settings
 from app.db.models import Job
 from app.db.session import session_scope
-from app.main import create_app
 from tests.api.conftest import api_key, enqueued  # noqa: F401 (fixture)
-from tests.worker.test_run_job import submit
+from tests.factories import api_app, submit
 from worker.run_job import run_job
 
 pytestmark = pytest.mark.slow
@@ -27,8 +25,7 @@ def test_what_the_trainer_makes_is_served(settings, enqueued, hyperparameters): 
     assert run_job(job_id, settings=settings) == "succeeded"
     with session_scope(settings.sqlalchemy_url) as session:
         model = session.get(Job, job_id).fine_tuned_model
-    app = create_app(settings)
-    app.dependency_overrides[get_settings] = lambda: settings
+    app = api_app(settings)
     with TestClient(app) as client:
         client.headers["Authorization"] = f"Bearer {api_key(settings, 'acme')}"
         body = {"model": model, "prompt": "code for item 1?", "max_tokens": 4, "temperature": 0}

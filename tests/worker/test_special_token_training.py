@@ -21,7 +21,7 @@ from app.ml.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS  # noqa: E402
 from app.ml.chat import prompt_ids  # noqa: E402
 from app.ml.loading import load_base_model, load_tokenizer  # noqa: E402
 from app.storage import ArtifactStore, file_sha256  # noqa: E402
-from tests.worker.test_run_job import load, submit  # noqa: E402
+from tests.factories import load, submit  # noqa: E402
 from worker.run_job import run_job  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ from app.db.session import session_scope
 from app.jobs import runs as job_runs
 from app.jobs import service as jobs
 from tests.conftest import make_settings
-from tests.worker.test_run_job import submit
+from tests.factories import submit
 from worker import run_job as run_job_module
 from worker import supervisor
 

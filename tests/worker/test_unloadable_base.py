@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from app.db.models import Job
 from tests.conftest import make_settings
-from tests.worker.test_run_job import load, submit
+from tests.factories import load, submit
 from worker.run_job import run_job
 
 

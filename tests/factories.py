@@ -1,0 +1,210 @@
+"""Test data made the way users make it: one home for what several test modules need.
+
+With a test client, bodies (`chat_rows`, `jsonl`) go through the API: `upload`,
+`uploaded_file`, `create_job`, `complete`. Without one (the worker's tests), `store_dataset`
+stores a dataset with the function POST /v1/files stores it with, and `submit` creates a job
+with the one POST /v1/fine_tuning/jobs calls. `publish_adapter` publishes an adapter the way
+a finished job does. Test modules import helpers from here (or from a helper module beside
+them), never from each other: tests/unit/test_import_rules.py checks it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from app import tenancy
+from app.config import Settings, get_settings
+from app.db.models import File, Job, Organization
+from app.db.session import session_scope
+from app.files import service as files
+from app.ids import new_id
+from app.jobs import service as jobs
+from app.main import create_app
+from app.ml.adapters import save_adapter
+from app.ml.loading import load_base_model
+from app.registry import service as registry
+from app.schemas.jobs import JobCreate
+from app.storage import ArtifactStore
+
+PROMPT = "The quick brown fox"  # what `complete` sends unless told otherwise
+
+
+def chat_rows(n: int = 12) -> list[dict]:
+    """`n` chat examples, each a question and a short answer the tiny model can learn."""
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"code for item {i}?"},
+                {"role": "assistant", "content": f"K{i}-Q"},
+            ]
+        }
+        for i in range(n)
+    ]
+
+
+def jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def api_app(settings: Settings):  # type: ignore[no-untyped-def]
+    """The API over `settings`, as `loraforge api` builds it."""
+    app = create_app(settings)
+    app.dependency_overrides[get_settings] = lambda: settings
+    return app
+
+
+def upload(client, content: bytes, name: str = "train.jsonl", purpose: str = "fine-tune"):  # type: ignore[no-untyped-def]
+    """POST /v1/files; the response, whatever it says."""
+    return client.post("/v1/files", files={"file": (name, content)}, data={"purpose": purpose})
+
+
+def uploaded_file(client, n: int = 5, name: str = "train.jsonl") -> str:  # type: ignore[no-untyped-def]
+    """Upload `n` chat examples; the new file's id."""
+    response = upload(client, jsonl(chat_rows(n)), name=name)
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
+
+
+def create_job(client, **body):  # type: ignore[no-untyped-def]
+    """POST /v1/fine_tuning/jobs; the response, whatever it says."""
+    return client.post("/v1/fine_tuning/jobs", json=body)
+
+
+def complete(client, **body):  # type: ignore[no-untyped-def]
+    """POST /v1/completions, greedy, on `PROMPT` unless `body` says otherwise."""
+    return client.post("/v1/completions", json={"prompt": PROMPT, "temperature": 0} | body)
+
+
+def store_dataset(
+    session: Session,
+    *,
+    organization: Organization,
+    store: ArtifactStore,
+    content: bytes,
+    filename: str = "t.jsonl",
+    max_lines: int = 1000,
+    max_stored_bytes: int = 0,
+) -> File:
+    """Store `content` as POST /v1/files does once the body is spooled, in `session`."""
+    with store.temp_dir() as tmp:
+        spool = tmp / "upload.jsonl"
+        spool.write_bytes(content)
+        return files.store_spooled_file(
+            session, organization=organization, spool=spool, size=len(content),
+            sha256=hashlib.sha256(content).hexdigest(), filename=filename,
+            purpose="fine-tune", store=store, max_lines=max_lines,
+            max_stored_bytes=max_stored_bytes,
+        )  # fmt: skip
+
+
+def submit(settings, *, rows=None, org="acme", model="tiny", **hyperparameters) -> str:  # type: ignore[no-untyped-def]
+    """A queued job of organization `org` on `rows` (6 chat examples); its id.
+
+    Small, fast hyperparameters unless given; nothing is enqueued (the test runs the job).
+    """
+    hp = {"n_epochs": 2, "batch_size": 3, "learning_rate": 1e-3, "packing": False}
+    store = ArtifactStore(settings.artifacts_dir)
+    with session_scope(settings.sqlalchemy_url) as session:
+        organization = tenancy.get_or_create_organization(session, name=org)
+        content = jsonl(rows or chat_rows(6))
+        row = store_dataset(session, organization=organization, store=store, content=content)
+        request = JobCreate(
+            model=model,
+            training_file=row.id,
+            suffix="demo",
+            seed=3,
+            hyperparameters=hp | hyperparameters,
+        )
+        job = jobs.create_job(
+            session, organization=organization, request=request, base_models=settings.base_models
+        )
+        return job.id
+
+
+def load(settings, model, **where):  # type: ignore[no-untyped-def]
+    """Every row of `model` matching `where` (column=value)."""
+    with session_scope(settings.sqlalchemy_url) as session:
+        return list(session.scalars(select(model).filter_by(**where)))
+
+
+def job_count(settings) -> int:  # type: ignore[no-untyped-def]
+    with session_scope(settings.sqlalchemy_url) as session:
+        return session.scalar(select(func.count()).select_from(Job))
+
+
+def stored_nothing(settings) -> bool:  # type: ignore[no-untyped-def]
+    """No file row, no stored dataset and no spool left behind."""
+    with session_scope(settings.sqlalchemy_url) as session:
+        rows = session.scalar(select(func.count()).select_from(File))
+    datasets = settings.artifacts_dir / "datasets"
+    leftovers = list((settings.artifacts_dir / "tmp").iterdir())
+    return rows == 0 and not (datasets.exists() and any(datasets.iterdir())) and not leftovers
+
+
+def random_lora(model_dir: Path, *, seed: int, rank: int = 4):  # type: ignore[no-untyped-def]
+    """A PEFT model over the tiny base with random (non-zero) LoRA factors."""
+    import peft  # here, not above: modules without torch import this one too
+    import torch
+
+    torch.manual_seed(seed)
+    return peft.get_peft_model(
+        load_base_model(model_dir, device="cpu"),
+        peft.LoraConfig(
+            r=rank,
+            lora_alpha=2 * rank,
+            init_lora_weights=False,
+            target_modules=["q_proj", "v_proj"],
+        ),
+    )
+
+
+def publish_adapter(
+    settings, model_dir: Path, *, org: str, suffix: str, seed: int, rank: int = 4
+) -> str:  # type: ignore[no-untyped-def]
+    """Write a random-B LoRA for the tiny base into the store and register it; its id."""
+    model = random_lora(model_dir, seed=seed, rank=rank)
+    store = ArtifactStore(settings.artifacts_dir)
+    with session_scope(settings.sqlalchemy_url) as session:
+        organization = tenancy.get_or_create_organization(session, name=org)
+        job = Job(
+            id=new_id("ftjob"),
+            organization_id=organization.id,
+            model="tiny",
+            training_file="file-x",
+            hyperparameters={},
+            seed=seed,
+            status="succeeded",
+        )
+        session.add(job)
+        session.flush()
+        key = f"adapters/{job.id}"
+        with store.temp_dir() as tmp:
+            sha = save_adapter(model, tmp)
+            store.publish_dir(tmp, key)
+        adapter_id = registry.adapter_name(
+            base_model="tiny", organization=org, suffix=suffix, job_id=job.id
+        )
+        registry.register_adapter(
+            session,
+            adapter_id=adapter_id,
+            organization_id=organization.id,
+            base_model="tiny",
+            job_id=job.id,
+            storage_key=key,
+            sha256=sha,
+            size_bytes=1,
+            lora_config={"r": rank},
+        )
+        job.fine_tuned_model = adapter_id
+    return adapter_id
+
+
+def commit_fails(_session: Session) -> None:
+    """Stands in for `app.db.session.commit` when the database goes away at the commit."""
+    raise OperationalError("COMMIT", {}, ConnectionError("the database went away"))
