@@ -204,7 +204,7 @@ def quota_race(stack: Stack, keys: Keys, quota: int, creates: int = 40) -> dict:
 
 
 # -- the run ----------------------------------------------------------------------------------
-def run_scenario(stack: Stack, keys: Keys, attack, rounds: int):  # type: ignore[no-untyped-def]
+def run_scenario(stack: Stack, keys: Keys, attack, rounds: int):
     stop, result = threading.Event(), {}
     thread = threading.Thread(target=lambda: result.update(attack(stack, keys, stop)))
     thread.start()
@@ -216,7 +216,7 @@ def run_scenario(stack: Stack, keys: Keys, attack, rounds: int):  # type: ignore
     return latencies, statuses, waited, result
 
 
-def report(name: str, latencies, baseline, statuses, waited, base_wait, attacker) -> int:  # type: ignore[no-untyped-def]
+def report(name: str, latencies, baseline, statuses, waited, base_wait, attacker) -> int:
     errors = statuses.get(500, 0) + attacker.get(500, 0)
     for probe, seconds in latencies.items():
         ratio = seconds / baseline[probe]

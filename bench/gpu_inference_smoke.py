@@ -39,7 +39,7 @@ def shared_prefix(a: str, b: str) -> int:
     return n
 
 
-def peft_references(base: Path, refs, device: str) -> dict:  # type: ignore[no-untyped-def]
+def peft_references(base: Path, refs, device: str) -> dict:
     import peft
 
     from app.ml.loading import load_base_model, load_tokenizer
@@ -93,7 +93,7 @@ def main() -> int:
     )
     choices = [None, *refs]
 
-    def run(job):  # type: ignore[no-untyped-def]
+    def run(job):
         adapter, prompt = job
         return engine.generate(
             base_model="bench", adapter=adapter, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0

@@ -84,7 +84,7 @@ def main() -> int:
     )  # fmt: skip
     config = resolve(asked, n_examples=len(examples), seed=0)
 
-    def fresh_base():  # type: ignore[no-untyped-def]
+    def fresh_base():
         model = load_base_model(model_dir, device=device)
         if exact:  # packed rows train with the attention `base` was switched to
             use_segment_attention(model)
@@ -92,7 +92,7 @@ def main() -> int:
 
     steps, kept = [], {}
 
-    def keep(report) -> None:  # type: ignore[no-untyped-def]
+    def keep(report) -> None:
         kept[report.step] = shutil.copytree(report.checkpoint_dir, work / f"ckpt-{report.step}")
 
     # Untimed: CUDA context, kernel loading and first-use costs land here, not on packing.

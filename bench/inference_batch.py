@@ -34,7 +34,7 @@ ROWS, PROMPT = 16, 64
 KS = (1, 2, 4, 8, 16)
 
 
-def engine_model(base: Path, refs) -> tuple:  # type: ignore[no-untyped-def]
+def engine_model(base: Path, refs) -> tuple:
     model = load_base_model(base, device="cpu")
     state, shapes = LoraState(), linear_shapes(model)
     for ref in refs:
@@ -44,7 +44,7 @@ def engine_model(base: Path, refs) -> tuple:  # type: ignore[no-untyped-def]
     return model, state
 
 
-def decode_cache(model, state, ids: torch.Tensor) -> BatchKV:  # type: ignore[no-untyped-def]
+def decode_cache(model, state, ids: torch.Tensor) -> BatchKV:
     """A batch KV cache holding `ids` (one prefill per row, as the engine builds it)."""
     kv = BatchKV(model.config.num_hidden_layers, torch.device("cpu"))
     caches = []
@@ -57,7 +57,7 @@ def decode_cache(model, state, ids: torch.Tensor) -> BatchKV:  # type: ignore[no
     return kv
 
 
-def ours(model, state, kv: BatchKV, ids: torch.Tensor):  # type: ignore[no-untyped-def]
+def ours(model, state, kv: BatchKV, ids: torch.Tensor):
     """prefill(keys) and decode(keys) closures over the engine's model."""
     plans: dict[tuple, Plan] = {}
     step = ids[:, :1]
@@ -85,7 +85,7 @@ def ours(model, state, kv: BatchKV, ids: torch.Tensor):  # type: ignore[no-untyp
     return prefill, decode
 
 
-def peft_prefill(base: Path, refs, ids: torch.Tensor):  # type: ignore[no-untyped-def]
+def peft_prefill(base: Path, refs, ids: torch.Tensor):
     import peft
 
     model = peft.PeftModel.from_pretrained(

@@ -29,7 +29,7 @@ MAX_TOKENS = 16
 PROMPTS = ["The quick brown fox", "Once upon a time", "def main():", "SELECT * FROM"]
 
 
-def burst(engine: InferenceEngine, adapters: list) -> int:  # type: ignore[type-arg]
+def burst(engine: InferenceEngine, adapters: list) -> int:
     """Submit one request per entry at once (greedy); wait for all; tokens generated."""
     requests = [
         engine.submit(
@@ -44,14 +44,14 @@ def burst(engine: InferenceEngine, adapters: list) -> int:  # type: ignore[type-
     return sum(request.result().completion_tokens for request in requests)
 
 
-def throughput(engine: InferenceEngine, waves: list[list]) -> float:  # type: ignore[type-arg]
+def throughput(engine: InferenceEngine, waves: list[list]) -> float:
     """Generated tokens per CPU second of this process (all its threads; see README)."""
     start = time.process_time()
     tokens = sum(burst(engine, wave) for wave in waves)
     return tokens / (time.process_time() - start)
 
 
-def resident(base: Path, refs: list, rounds: int) -> dict[str, float]:  # type: ignore[type-arg]
+def resident(base: Path, refs: list, rounds: int) -> dict[str, float]:
     many = InferenceEngine(base_models={"bench": str(base)}, max_loaded_adapters=128)
     one = InferenceEngine(base_models={"bench": str(base)}, max_loaded_adapters=1)
     many.preload("bench", refs[:100])
@@ -67,7 +67,7 @@ def resident(base: Path, refs: list, rounds: int) -> dict[str, float]:  # type: 
     return {name: median(values[1:]) for name, values in rates.items()}
 
 
-def working_set(base: Path, refs: list, rounds: int) -> dict[str, float]:  # type: ignore[type-arg]
+def working_set(base: Path, refs: list, rounds: int) -> dict[str, float]:
     """Waves of 8 requests on 8 distinct adapters; the cache holds 8."""
     fits = InferenceEngine(base_models={"bench": str(base)}, max_loaded_adapters=8)
     spills = InferenceEngine(base_models={"bench": str(base)}, max_loaded_adapters=8)
@@ -84,7 +84,7 @@ def working_set(base: Path, refs: list, rounds: int) -> dict[str, float]:  # typ
     return {name: median(values[1:]) for name, values in rates.items()}
 
 
-def cold_load(base: Path, refs: list, rounds: int) -> dict[str, float]:  # type: ignore[type-arg]
+def cold_load(base: Path, refs: list, rounds: int) -> dict[str, float]:
     """Read + verify + install one adapter, against a decode step and a prefill of the batch."""
     from app.inference.lora import linear_shapes
 

@@ -70,7 +70,7 @@ class NaiveEngine:
         self.names: dict[str, str] = {}
         self.lock = threading.Lock()
 
-    def submit(self, *, adapter, prompt, max_tokens, **_: object) -> _Done:  # type: ignore[no-untyped-def]
+    def submit(self, *, adapter, prompt, max_tokens, **_: object) -> _Done:
         import peft
 
         with self.lock:
@@ -100,7 +100,7 @@ class NaiveEngine:
         pass
 
 
-def publish(settings: Settings, refs: list) -> tuple[str, list[str]]:  # type: ignore[type-arg]
+def publish(settings: Settings, refs: list) -> tuple[str, list[str]]:
     """Register the adapters (copied into the store) for one organization; key and ids."""
     store = ArtifactStore(settings.artifacts_dir)
     ids = []

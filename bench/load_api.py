@@ -65,7 +65,7 @@ def start_job(base_url: str, key: str) -> str:
     return job_id
 
 
-def client_loop(base_url, key, job_id, stop_at, samples, errors, lock) -> None:  # type: ignore[no-untyped-def]
+def client_loop(base_url, key, job_id, stop_at, samples, errors, lock) -> None:
     paths = [f"/v1/fine_tuning/jobs/{job_id}", f"/v1/fine_tuning/jobs/{job_id}/events?limit=20"]
     mine, failed, i = [], 0, 0
     with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}) as client:

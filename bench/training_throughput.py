@@ -77,7 +77,7 @@ def run_ours(examples: list, *, packing: bool) -> float:
     stamps: list[tuple[float, int]] = []
     last = [0]
 
-    def on_step(report) -> None:  # type: ignore[no-untyped-def]
+    def on_step(report) -> None:
         stamps.append((time.perf_counter(), report.trained_tokens - last[0]))
         last[0] = report.trained_tokens
 
@@ -120,7 +120,7 @@ def run_hf(examples: list) -> float:
         }  # fmt: skip
 
     class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        def on_step_end(self, args, state, control, **kwargs):
             stamps.append((time.perf_counter(), step_tokens[state.global_step - 1]))
 
     torch.manual_seed(SEED)

@@ -41,7 +41,7 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def make_settings(data_dir: Path, model_dir: Path, **overrides):  # type: ignore[no-untyped-def]
+def make_settings(data_dir: Path, model_dir: Path, **overrides):
     from app.config import Settings
 
     values = {
@@ -55,7 +55,7 @@ def make_settings(data_dir: Path, model_dir: Path, **overrides):  # type: ignore
 
 
 @pytest.fixture
-def settings(tmp_path: Path, tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+def settings(tmp_path: Path, tiny_model_dir: Path):
     from app import migrate
 
     settings = make_settings(tmp_path / "data", tiny_model_dir)
@@ -93,7 +93,7 @@ def pg_database_url(pg_admin: str) -> Iterator[str]:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def backend(request, tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]
+def backend(request, tmp_path, tiny_model_dir):
     """Migrated settings on SQLite and on PostgreSQL: a test that takes it runs on both."""
     from app import migrate
 

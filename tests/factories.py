@@ -52,31 +52,31 @@ def jsonl(rows: list[dict]) -> bytes:
     return "".join(json.dumps(row) + "\n" for row in rows).encode()
 
 
-def api_app(settings: Settings):  # type: ignore[no-untyped-def]
+def api_app(settings: Settings):
     """The API over `settings`, as `loraforge api` builds it."""
     app = create_app(settings)
     app.dependency_overrides[get_settings] = lambda: settings
     return app
 
 
-def upload(client, content: bytes, name: str = "train.jsonl", purpose: str = "fine-tune"):  # type: ignore[no-untyped-def]
+def upload(client, content: bytes, name: str = "train.jsonl", purpose: str = "fine-tune"):
     """POST /v1/files; the response, whatever it says."""
     return client.post("/v1/files", files={"file": (name, content)}, data={"purpose": purpose})
 
 
-def uploaded_file(client, n: int = 5, name: str = "train.jsonl") -> str:  # type: ignore[no-untyped-def]
+def uploaded_file(client, n: int = 5, name: str = "train.jsonl") -> str:
     """Upload `n` chat examples; the new file's id."""
     response = upload(client, jsonl(chat_rows(n)), name=name)
     assert response.status_code == 200, response.text
     return response.json()["id"]
 
 
-def create_job(client, **body):  # type: ignore[no-untyped-def]
+def create_job(client, **body):
     """POST /v1/fine_tuning/jobs; the response, whatever it says."""
     return client.post("/v1/fine_tuning/jobs", json=body)
 
 
-def complete(client, **body):  # type: ignore[no-untyped-def]
+def complete(client, **body):
     """POST /v1/completions, greedy, on `PROMPT` unless `body` says otherwise."""
     return client.post("/v1/completions", json={"prompt": PROMPT, "temperature": 0} | body)
 
@@ -103,7 +103,7 @@ def store_dataset(
         )  # fmt: skip
 
 
-def submit(settings, *, rows=None, org="acme", model="tiny", **hyperparameters) -> str:  # type: ignore[no-untyped-def]
+def submit(settings, *, rows=None, org="acme", model="tiny", **hyperparameters) -> str:
     """A queued job of organization `org` on `rows` (6 chat examples); its id.
 
     Small, fast hyperparameters unless given; nothing is enqueued (the test runs the job).
@@ -127,18 +127,18 @@ def submit(settings, *, rows=None, org="acme", model="tiny", **hyperparameters) 
         return job.id
 
 
-def load(settings, model, **where):  # type: ignore[no-untyped-def]
+def load(settings, model, **where):
     """Every row of `model` matching `where` (column=value)."""
     with session_scope(settings.sqlalchemy_url) as session:
         return list(session.scalars(select(model).filter_by(**where)))
 
 
-def job_count(settings) -> int:  # type: ignore[no-untyped-def]
+def job_count(settings) -> int:
     with session_scope(settings.sqlalchemy_url) as session:
         return session.scalar(select(func.count()).select_from(Job))
 
 
-def stored_nothing(settings) -> bool:  # type: ignore[no-untyped-def]
+def stored_nothing(settings) -> bool:
     """No file row, no stored dataset and no spool left behind."""
     with session_scope(settings.sqlalchemy_url) as session:
         rows = session.scalar(select(func.count()).select_from(File))
@@ -147,7 +147,7 @@ def stored_nothing(settings) -> bool:  # type: ignore[no-untyped-def]
     return rows == 0 and not (datasets.exists() and any(datasets.iterdir())) and not leftovers
 
 
-def random_lora(model_dir: Path, *, seed: int, rank: int = 4):  # type: ignore[no-untyped-def]
+def random_lora(model_dir: Path, *, seed: int, rank: int = 4):
     """A PEFT model over the tiny base with random (non-zero) LoRA factors."""
     import peft  # here, not above: modules without torch import this one too
     import torch
@@ -166,7 +166,7 @@ def random_lora(model_dir: Path, *, seed: int, rank: int = 4):  # type: ignore[n
 
 def publish_adapter(
     settings, model_dir: Path, *, org: str, suffix: str, seed: int, rank: int = 4
-) -> str:  # type: ignore[no-untyped-def]
+) -> str:
     """Write a random-B LoRA for the tiny base into the store and register it; its id."""
     model = random_lora(model_dir, seed=seed, rank=rank)
     store = ArtifactStore(settings.artifacts_dir)

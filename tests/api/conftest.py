@@ -22,31 +22,31 @@ def enqueued(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 @pytest.fixture
-def app(settings, enqueued):  # type: ignore[no-untyped-def]  # noqa: ARG001 (no broker in API tests)
+def app(settings, enqueued):  # noqa: ARG001 (no broker in API tests)
     return api_app(settings)
 
 
-def api_key(settings, org: str) -> str:  # type: ignore[no-untyped-def]
+def api_key(settings, org: str) -> str:
     with session_scope(settings.sqlalchemy_url) as session:
         organization = tenancy.get_or_create_organization(session, name=org)
         return tenancy.create_api_key(session, organization=organization)
 
 
 @pytest.fixture
-def client(app, settings) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
+def client(app, settings) -> Iterator[TestClient]:
     with TestClient(app) as test_client:
         test_client.headers["Authorization"] = f"Bearer {api_key(settings, 'acme')}"
         yield test_client
 
 
 @pytest.fixture
-def other_client(app, settings) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
+def other_client(app, settings) -> Iterator[TestClient]:
     with TestClient(app) as test_client:
         test_client.headers["Authorization"] = f"Bearer {api_key(settings, 'globex')}"
         yield test_client
 
 
 @pytest.fixture
-def training_file(client) -> str:  # type: ignore[no-untyped-def]
+def training_file(client) -> str:
     """A dataset of 30 chat examples uploaded by `client` (organization acme)."""
     return uploaded_file(client, 30)

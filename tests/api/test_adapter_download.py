@@ -20,13 +20,13 @@ from app.storage import ArtifactStore  # noqa: E402
 from tests.factories import publish_adapter  # noqa: E402
 
 
-def download(client, model_id: str):  # type: ignore[no-untyped-def]
+def download(client, model_id: str):
     response = client.get(f"/v1/models/{model_id}/adapter")
     assert response.status_code == 200, response.text
     return response
 
 
-def test_the_header_is_the_sha256_of_the_bytes_sent(client, settings, tiny_model_dir):  # type: ignore[no-untyped-def]
+def test_the_header_is_the_sha256_of_the_bytes_sent(client, settings, tiny_model_dir):
     adapter = publish_adapter(settings, tiny_model_dir, org="acme", suffix="dl", seed=3)
     first = download(client, adapter)
     assert first.headers["X-Adapter-SHA256"] == hashlib.sha256(first.content).hexdigest()
@@ -41,7 +41,7 @@ def test_the_header_is_the_sha256_of_the_bytes_sent(client, settings, tiny_model
     assert second.headers["X-Adapter-SHA256"] == first.headers["X-Adapter-SHA256"]
 
 
-def test_the_download_names_the_base_publicly_and_loads_with_peft(  # type: ignore[no-untyped-def]
+def test_the_download_names_the_base_publicly_and_loads_with_peft(
     client, settings, tiny_model_dir, tmp_path
 ):
     adapter = publish_adapter(settings, tiny_model_dir, org="acme", suffix="dl", seed=4)
@@ -61,7 +61,7 @@ def test_the_download_names_the_base_publicly_and_loads_with_peft(  # type: igno
     assert not torch.equal(ours, plain)  # the adapter's weights are in use
 
 
-def test_the_stored_adapter_keeps_the_servers_path(client, settings, tiny_model_dir):  # type: ignore[no-untyped-def]
+def test_the_stored_adapter_keeps_the_servers_path(client, settings, tiny_model_dir):
     adapter = publish_adapter(settings, tiny_model_dir, org="acme", suffix="dl", seed=5)
     download(client, adapter)
     store = ArtifactStore(settings.artifacts_dir)
@@ -70,7 +70,7 @@ def test_the_stored_adapter_keeps_the_servers_path(client, settings, tiny_model_
     assert stored["base_model_name_or_path"] == str(tiny_model_dir)
 
 
-def test_changed_weights_are_the_same_500_at_download_and_inference(  # type: ignore[no-untyped-def]
+def test_changed_weights_are_the_same_500_at_download_and_inference(
     client, settings, tiny_model_dir, caplog
 ):
     adapter = publish_adapter(settings, tiny_model_dir, org="acme", suffix="dl", seed=6)
@@ -101,15 +101,15 @@ def test_changed_weights_are_the_same_500_at_download_and_inference(  # type: ig
         (None, "mine"),  # no longer in the allowlist
     ],
 )
-def test_public_base_name(ref, expected) -> None:  # type: ignore[no-untyped-def]
+def test_public_base_name(ref, expected) -> None:
     assert public_base_name("mine", ref) == expected
 
 
-def test_an_existing_local_directory_is_named_by_the_allowlist_name(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+def test_an_existing_local_directory_is_named_by_the_allowlist_name(tiny_model_dir) -> None:
     assert public_base_name("tiny", str(tiny_model_dir)) == "tiny"
 
 
-def test_the_archive_carries_the_hub_id(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_the_archive_carries_the_hub_id(tmp_path) -> None:
     (tmp_path / "adapter_config.json").write_text(
         json.dumps({"base_model_name_or_path": "/srv/models/qwen", "r": 8})
     )

@@ -19,14 +19,14 @@ ADMIN = "adm-" + "s3cr3t" * 6
 
 
 @pytest.fixture
-def admin_settings(settings):  # type: ignore[no-untyped-def]
+def admin_settings(settings):
     return make_settings(
         settings.data_dir, settings.base_models["tiny"], admin_key=ADMIN, database_url=None
     )
 
 
 @pytest.fixture
-def admin(admin_settings, enqueued):  # type: ignore[no-untyped-def]  # noqa: ARG001
+def admin(admin_settings, enqueued):  # noqa: ARG001
     app = api_app(admin_settings)
     with TestClient(app) as test_client:
         yield test_client
@@ -47,14 +47,12 @@ def database_text(url: str) -> str:
     return "\n".join(chunks)
 
 
-def test_admin_key_is_kept_only_as_a_hash(admin_settings) -> None:  # type: ignore[no-untyped-def]
+def test_admin_key_is_kept_only_as_a_hash(admin_settings) -> None:
     assert ADMIN not in admin_settings.model_dump_json()
     assert admin_settings.admin_key_sha256 == tenancy.hash_key(ADMIN)
 
 
-def test_the_plaintext_leaves_the_environment_and_children_get_only_the_hash(  # type: ignore[no-untyped-def]
-    monkeypatch, tmp_path
-):
+def test_the_plaintext_leaves_the_environment_and_children_get_only_the_hash(monkeypatch, tmp_path):
     """What the README promises: after the settings are read, the process (and every child
     it spawns, as `loraforge up` does) holds only the key's sha256."""
     import os
@@ -82,7 +80,7 @@ def test_the_plaintext_leaves_the_environment_and_children_get_only_the_hash(  #
         get_settings.cache_clear()
 
 
-def test_admin_creates_lists_and_revokes_keys(admin, admin_settings):  # type: ignore[no-untyped-def]
+def test_admin_creates_lists_and_revokes_keys(admin, admin_settings):
     created = admin.post("/v1/admin/organizations/acme/keys", headers=bearer(ADMIN))
     assert created.status_code == 200, created.text
     key = created.json()
@@ -105,7 +103,7 @@ def test_admin_creates_lists_and_revokes_keys(admin, admin_settings):  # type: i
     assert secret not in dump and secret[8:] not in dump and ADMIN not in dump
 
 
-def test_admin_routes_refuse_tenant_wrong_and_missing_keys(admin, admin_settings):  # type: ignore[no-untyped-def]
+def test_admin_routes_refuse_tenant_wrong_and_missing_keys(admin, admin_settings):
     tenant = api_key(admin_settings, "acme")
     routes = [
         ("POST", "/v1/admin/organizations/acme/keys"),
@@ -125,7 +123,7 @@ def test_admin_routes_refuse_tenant_wrong_and_missing_keys(admin, admin_settings
         assert len(session.scalars(select(ApiKey)).all()) == 1  # only the tenant's own key
 
 
-def test_admin_api_is_closed_when_no_admin_key_is_configured(client, settings):  # type: ignore[no-untyped-def]
+def test_admin_api_is_closed_when_no_admin_key_is_configured(client, settings):
     assert settings.admin_key_sha256 is None
     for secret in ("", "anything", api_key(settings, "globex")):
         response = client.get("/v1/admin/keys", headers=bearer(secret) if secret else {})
@@ -134,7 +132,7 @@ def test_admin_api_is_closed_when_no_admin_key_is_configured(client, settings): 
 
 
 @pytest.mark.slow
-def test_cli_lists_and_revokes_keys(tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]
+def test_cli_lists_and_revokes_keys(tmp_path, tiny_model_dir):
     from tests.e2e.stack import cli, stack_env
 
     env = stack_env(tmp_path / "data", tiny_model_dir)

@@ -5,7 +5,7 @@ from fastapi.testclient import TestClient
 from tests.factories import uploaded_file
 
 
-def test_requests_without_a_valid_key_are_401(app):  # type: ignore[no-untyped-def]
+def test_requests_without_a_valid_key_are_401(app):
     with TestClient(app) as anonymous:
         for headers in ({}, {"Authorization": "Bearer lf-wrong"}, {"Authorization": "Basic abc"}):
             response = anonymous.get("/v1/files", headers=headers)
@@ -14,7 +14,7 @@ def test_requests_without_a_valid_key_are_401(app):  # type: ignore[no-untyped-d
         assert anonymous.get("/health").json() == {"status": "ok"}
 
 
-def test_another_organization_sees_404_exactly_like_unknown_ids(client, other_client):  # type: ignore[no-untyped-def]
+def test_another_organization_sees_404_exactly_like_unknown_ids(client, other_client):
     file_id = uploaded_file(client, 3)
     job_id = client.post(
         "/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": file_id}

@@ -27,7 +27,7 @@ def no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub
     from huggingface_hub import constants
 
-    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def refuse(*args, **kwargs):
         raise AssertionError(f"the hub was asked for {args} {kwargs}")
 
     monkeypatch.setattr(huggingface_hub, "model_info", refuse)
@@ -36,7 +36,7 @@ def no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def client(tmp_path, tiny_model_dir, enqueued, no_hub, caplog):  # type: ignore[no-untyped-def]  # noqa: ARG001
+def client(tmp_path, tiny_model_dir, enqueued, no_hub, caplog):  # noqa: ARG001
     from app import migrate
 
     models = {
@@ -50,11 +50,11 @@ def client(tmp_path, tiny_model_dir, enqueued, no_hub, caplog):  # type: ignore[
     app = api_app(settings)
     with caplog.at_level(logging.ERROR), TestClient(app) as test_client:
         test_client.headers["Authorization"] = f"Bearer {api_key(settings, 'acme')}"
-        test_client.settings = settings  # type: ignore[attr-defined]
+        test_client.settings = settings
         yield test_client
 
 
-def test_each_bad_entry_is_reported_at_start(client, caplog):  # type: ignore[no-untyped-def]  # noqa: ARG001
+def test_each_bad_entry_is_reported_at_start(client, caplog):  # noqa: ARG001
     records = caplog.get_records("setup")  # the app started in the fixture
     logged = "\n".join(r.getMessage() for r in records if r.levelno >= logging.ERROR)
     assert "'typo'" in logged and "tinyy is not a directory" in logged
@@ -62,7 +62,7 @@ def test_each_bad_entry_is_reported_at_start(client, caplog):  # type: ignore[no
     assert "'tiny'" not in logged
 
 
-def test_models_list_only_usable_bases(client):  # type: ignore[no-untyped-def]
+def test_models_list_only_usable_bases(client):
     ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
     assert ids == ["tiny"]
     retrieved = client.get("/v1/models/typo")
@@ -77,7 +77,7 @@ def test_models_list_only_usable_bases(client):  # type: ignore[no-untyped-def]
         ("hub", "not in the hub cache"),
     ],
 )
-def test_job_on_an_unloadable_base_is_refused_naming_it(client, model, reason):  # type: ignore[no-untyped-def]
+def test_job_on_an_unloadable_base_is_refused_naming_it(client, model, reason):
     file_id = uploaded_file(client, 4)
     response = client.post("/v1/fine_tuning/jobs", json={"model": model, "training_file": file_id})
     assert response.status_code == 400, response.text
@@ -89,7 +89,7 @@ def test_job_on_an_unloadable_base_is_refused_naming_it(client, model, reason): 
 
 
 @pytest.mark.parametrize("model", ["typo", "dotted", "hub"])
-def test_inference_on_an_unloadable_base_is_503_naming_it(client, model):  # type: ignore[no-untyped-def]
+def test_inference_on_an_unloadable_base_is_503_naming_it(client, model):
     response = client.post(
         "/v1/chat/completions",
         json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
@@ -100,14 +100,14 @@ def test_inference_on_an_unloadable_base_is_503_naming_it(client, model):  # typ
     assert f"base model {model!r} cannot be loaded" in error["message"]
 
 
-def test_the_usable_base_still_serves(client):  # type: ignore[no-untyped-def]
+def test_the_usable_base_still_serves(client):
     response = client.post(
         "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}
     )
     assert response.status_code == 200, response.text
 
 
-def test_offline_environment_is_read_by_a_fresh_process(tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]
+def test_offline_environment_is_read_by_a_fresh_process(tmp_path, tiny_model_dir):
     """The real switch, HF_HUB_OFFLINE=1 with an empty HF_HOME, in a new process."""
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     code = (
@@ -125,7 +125,7 @@ def test_offline_environment_is_read_by_a_fresh_process(tmp_path, tiny_model_dir
 @pytest.mark.usefixtures("enqueued", "no_hub")
 def test_preloading_adapters_of_an_unloadable_base_keeps_the_api_up(
     settings, tiny_model_dir, tmp_path, caplog
-):  # type: ignore[no-untyped-def]
+):
     adapter = publish_adapter(settings, tiny_model_dir, org="acme", suffix="s", seed=1)
     broken = settings.model_copy(
         update={"base_models": {"tiny": str(tmp_path / "moved")}, "preload_adapters": [adapter]}

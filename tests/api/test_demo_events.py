@@ -11,13 +11,13 @@ from app.jobs.service import add_event
 from tests.factories import submit
 
 
-def add_events(settings, job_id: str, first: int, count: int) -> None:  # type: ignore[no-untyped-def]
+def add_events(settings, job_id: str, first: int, count: int) -> None:
     with session_scope(settings.sqlalchemy_url) as session:
         for number in range(first, first + count):
             add_event(session, job_id=job_id, message=f"event {number}")
 
 
-def test_every_event_is_read_once_in_order(client, settings) -> None:  # type: ignore[no-untyped-def]
+def test_every_event_is_read_once_in_order(client, settings) -> None:
     job_id = submit(settings)  # organization acme, the client's
     sdk = openai.OpenAI(
         base_url="http://testserver/v1",

@@ -12,7 +12,7 @@ from tests.factories import api_app, stored_nothing, upload, uploaded_file
 SHAPES = ('{"messages": [', '{"prompt": "', '{"text": "')
 
 
-def test_no_base_models_configured_names_the_setting(tmp_path, tiny_model_dir, enqueued):  # type: ignore[no-untyped-def]  # noqa: ARG001
+def test_no_base_models_configured_names_the_setting(tmp_path, tiny_model_dir, enqueued):  # noqa: ARG001
     from fastapi.testclient import TestClient
 
     from app import migrate
@@ -32,7 +32,7 @@ def test_no_base_models_configured_names_the_setting(tmp_path, tiny_model_dir, e
     assert "none configured" not in message
 
 
-def test_every_unknown_hyperparameter_is_named(client):  # type: ignore[no-untyped-def]
+def test_every_unknown_hyperparameter_is_named(client):
     file_id = uploaded_file(client, 4)
     response = client.post(
         "/v1/fine_tuning/jobs",
@@ -49,7 +49,7 @@ def test_every_unknown_hyperparameter_is_named(client):  # type: ignore[no-untyp
     assert error["param"] == "hyperparameters.epochs"
 
 
-def test_every_unknown_query_parameter_is_named(client):  # type: ignore[no-untyped-def]
+def test_every_unknown_query_parameter_is_named(client):
     response = client.get("/v1/fine_tuning/jobs", params={"limt": 2, "aftr": "x"})
     assert response.status_code == 400, response.text
     message = response.json()["error"]["message"]
@@ -65,7 +65,7 @@ def test_every_unknown_query_parameter_is_named(client):  # type: ignore[no-unty
         (b'{"text": "a",}\r\n', 1, "column 14"),
     ],
 )
-def test_json_syntax_error_gives_line_and_column(client, settings, content, line, phrase):  # type: ignore[no-untyped-def]
+def test_json_syntax_error_gives_line_and_column(client, settings, content, line, phrase):
     response = upload(client, content)
     assert response.status_code == 400, response.text
     message = response.json()["error"]["message"]
@@ -84,7 +84,7 @@ def test_json_syntax_error_gives_line_and_column(client, settings, content, line
         ("train.jsonl", b'{"input": "hi", "output": "hello"}\n', "got keys 'input', 'output'"),
     ],
 )
-def test_wrong_line_shape_shows_the_accepted_shapes(client, settings, name, content, phrase):  # type: ignore[no-untyped-def]
+def test_wrong_line_shape_shows_the_accepted_shapes(client, settings, name, content, phrase):
     response = upload(client, content, name=name)
     assert response.status_code == 400, response.text
     message = response.json()["error"]["message"]

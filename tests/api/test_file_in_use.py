@@ -18,19 +18,19 @@ from tests.factories import chat_rows, jsonl, store_dataset, uploaded_file
 
 
 @pytest.fixture
-def settings(backend):  # type: ignore[no-untyped-def]
+def settings(backend):
     """On SQLite and on PostgreSQL."""
     return backend
 
 
-def set_status(settings, job_id: str, status: str) -> None:  # type: ignore[no-untyped-def]
+def set_status(settings, job_id: str, status: str) -> None:
     with session_scope(settings.sqlalchemy_url) as session:
         session.get(Job, job_id).status = status
 
 
 @pytest.mark.parametrize("field", ["training_file", "validation_file"])
 @pytest.mark.parametrize("status", ["queued", "running"])
-def test_a_file_in_use_is_refused_with_409_naming_the_job(client, settings, field, status):  # type: ignore[no-untyped-def]
+def test_a_file_in_use_is_refused_with_409_naming_the_job(client, settings, field, status):
     used, other = uploaded_file(client), uploaded_file(client)
     body = {"model": "tiny", "training_file": other, field: used}
     job = client.post("/v1/fine_tuning/jobs", json=body).json()["id"]
@@ -46,21 +46,21 @@ def test_a_file_in_use_is_refused_with_409_naming_the_job(client, settings, fiel
     assert client.delete(f"/v1/files/{used}").status_code == 200
 
 
-def test_other_organizations_jobs_are_not_counted_or_named(client, other_client):  # type: ignore[no-untyped-def]
+def test_other_organizations_jobs_are_not_counted_or_named(client, other_client):
     mine = uploaded_file(client)
     theirs = uploaded_file(other_client)
     other_client.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": theirs})
     assert client.delete(f"/v1/files/{mine}").status_code == 200
 
 
-def stored_file(settings, store: ArtifactStore) -> str:  # type: ignore[no-untyped-def]
+def stored_file(settings, store: ArtifactStore) -> str:
     """A dataset of organization acme; the races below call the domain functions, no HTTP."""
     with session_scope(settings.sqlalchemy_url) as session:
         org = tenancy.get_or_create_organization(session, name="acme")
         return store_dataset(session, organization=org, store=store, content=jsonl(chat_rows(3))).id
 
 
-def test_a_delete_racing_a_job_creation_never_leaves_the_job_without_its_file(settings) -> None:  # type: ignore[no-untyped-def]
+def test_a_delete_racing_a_job_creation_never_leaves_the_job_without_its_file(settings) -> None:
     """The creation holds its (uncommitted) job while the delete runs: the delete must wait
     for it and then refuse, never delete the file under a job that is about to exist."""
     store, url = ArtifactStore(settings.artifacts_dir), settings.sqlalchemy_url
@@ -90,7 +90,7 @@ def test_a_delete_racing_a_job_creation_never_leaves_the_job_without_its_file(se
     assert store.path(f"datasets/{file_id}.jsonl").is_file()
 
 
-def test_a_job_created_on_a_file_being_deleted_is_refused(settings) -> None:  # type: ignore[no-untyped-def]
+def test_a_job_created_on_a_file_being_deleted_is_refused(settings) -> None:
     store, url = ArtifactStore(settings.artifacts_dir), settings.sqlalchemy_url
     file_id = stored_file(settings, store)
     outcome: list[BaseException | None] = []

@@ -5,7 +5,7 @@ import pytest
 from tests.factories import chat_rows, commit_fails, jsonl, stored_nothing, upload
 
 
-def test_upload_list_retrieve_content_delete(client):  # type: ignore[no-untyped-def]
+def test_upload_list_retrieve_content_delete(client):
     content = jsonl(chat_rows(3))
     created = upload(client, content)
     assert created.status_code == 200, created.text
@@ -21,7 +21,7 @@ def test_upload_list_retrieve_content_delete(client):  # type: ignore[no-untyped
     assert client.get(f"/v1/files/{body['id']}").status_code == 404
 
 
-def test_invalid_line_is_refused_naming_it_and_nothing_is_stored(client, settings):  # type: ignore[no-untyped-def]
+def test_invalid_line_is_refused_naming_it_and_nothing_is_stored(client, settings):
     content = jsonl(chat_rows(2)) + b'{"messages": [{"role": "user", "content": "hi"}]}\n'
     response = upload(client, content)
     assert response.status_code == 400
@@ -31,13 +31,13 @@ def test_invalid_line_is_refused_naming_it_and_nothing_is_stored(client, setting
     assert stored_nothing(settings)
 
 
-def test_not_json_is_refused(client, settings):  # type: ignore[no-untyped-def]
+def test_not_json_is_refused(client, settings):
     response = upload(client, jsonl(chat_rows(1)) + b"{not json\n")
     assert response.status_code == 400 and "line 2" in response.json()["error"]["message"]
     assert stored_nothing(settings)
 
 
-def test_wrong_purpose_and_extension(client, settings):  # type: ignore[no-untyped-def]
+def test_wrong_purpose_and_extension(client, settings):
     bad_purpose = upload(client, jsonl(chat_rows(1)), purpose="assistants")
     assert bad_purpose.status_code == 400 and bad_purpose.json()["error"]["param"] == "purpose"
     bad_name = upload(client, jsonl(chat_rows(1)), name="train.csv")
@@ -45,7 +45,7 @@ def test_wrong_purpose_and_extension(client, settings):  # type: ignore[no-untyp
     assert stored_nothing(settings)
 
 
-def test_upload_over_the_cap_is_413_and_nothing_is_stored(client, settings):  # type: ignore[no-untyped-def]
+def test_upload_over_the_cap_is_413_and_nothing_is_stored(client, settings):
     settings.max_upload_bytes = 200
     response = upload(client, jsonl(chat_rows(20)))
     assert response.status_code == 413
@@ -53,13 +53,13 @@ def test_upload_over_the_cap_is_413_and_nothing_is_stored(client, settings):  # 
     assert stored_nothing(settings)
 
 
-def test_missing_purpose_names_the_field(client):  # type: ignore[no-untyped-def]
+def test_missing_purpose_names_the_field(client):
     response = client.post("/v1/files", files={"file": ("t.jsonl", jsonl(chat_rows(1)))})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "purpose"
 
 
-def test_a_delete_that_does_not_commit_keeps_the_stored_file(  # type: ignore[no-untyped-def]
+def test_a_delete_that_does_not_commit_keeps_the_stored_file(
     client, monkeypatch: pytest.MonkeyPatch
 ):
     """The bytes go only once the row's deletion has committed: never a row without its file."""

@@ -16,18 +16,18 @@ from tests.conftest import make_settings
 from tests.factories import api_app, chat_rows, job_count, jsonl, stored_nothing, uploaded_file
 
 
-def file_count(settings) -> int:  # type: ignore[no-untyped-def]
+def file_count(settings) -> int:
     with session_scope(settings.sqlalchemy_url) as session:
         return session.scalar(select(func.count()).select_from(File))
 
 
-def post_job(client, file_id: str, key: str | None, **extra):  # type: ignore[no-untyped-def]
+def post_job(client, file_id: str, key: str | None, **extra):
     headers = {"Idempotency-Key": key} if key is not None else {}
     body = {"model": "tiny", "training_file": file_id, **extra}
     return client.post("/v1/fine_tuning/jobs", json=body, headers=headers)
 
 
-def keyed_upload(client, content: bytes, key: str):  # type: ignore[no-untyped-def]
+def keyed_upload(client, content: bytes, key: str):
     return client.post(
         "/v1/files",
         files={"file": ("train.jsonl", content)},
@@ -36,7 +36,7 @@ def keyed_upload(client, content: bytes, key: str):  # type: ignore[no-untyped-d
     )
 
 
-def test_job_replay_returns_the_same_job_and_enqueues_once(client, settings, enqueued):  # type: ignore[no-untyped-def]
+def test_job_replay_returns_the_same_job_and_enqueues_once(client, settings, enqueued):
     file_id = uploaded_file(client, 5)
     first = post_job(client, file_id, "job-1", seed=3)
     replay = post_job(client, file_id, "job-1", seed=3)
@@ -47,7 +47,7 @@ def test_job_replay_returns_the_same_job_and_enqueues_once(client, settings, enq
     assert post_job(client, file_id, None, seed=3).json()["id"] != first.json()["id"]
 
 
-def test_job_key_reused_with_another_body_is_422_and_creates_nothing(client, settings):  # type: ignore[no-untyped-def]
+def test_job_key_reused_with_another_body_is_422_and_creates_nothing(client, settings):
     file_id = uploaded_file(client, 5)
     post_job(client, file_id, "job-1", seed=3)
     reused = post_job(client, file_id, "job-1", seed=4)
@@ -57,7 +57,7 @@ def test_job_key_reused_with_another_body_is_422_and_creates_nothing(client, set
     assert job_count(settings) == 1
 
 
-def test_keys_are_scoped_per_organization(client, other_client, settings):  # type: ignore[no-untyped-def]
+def test_keys_are_scoped_per_organization(client, other_client, settings):
     mine = uploaded_file(client, 5)
     theirs = uploaded_file(other_client, 5)
     a = post_job(client, mine, "shared-key")
@@ -66,7 +66,7 @@ def test_keys_are_scoped_per_organization(client, other_client, settings):  # ty
     assert a.json()["id"] not in b.text and job_count(settings) == 2
 
 
-def test_file_replay_returns_the_same_file_and_stores_once(client, settings):  # type: ignore[no-untyped-def]
+def test_file_replay_returns_the_same_file_and_stores_once(client, settings):
     content = jsonl(chat_rows(4))
     first = keyed_upload(client, content, "upload-1")
     replay = keyed_upload(client, content, "upload-1")
@@ -78,7 +78,7 @@ def test_file_replay_returns_the_same_file_and_stores_once(client, settings):  #
     assert len(list((settings.artifacts_dir / "datasets").iterdir())) == 1
 
 
-def test_a_replay_after_the_file_was_deleted_is_409_saying_so(client, settings):  # type: ignore[no-untyped-def]
+def test_a_replay_after_the_file_was_deleted_is_409_saying_so(client, settings):
     content = jsonl(chat_rows(4))
     file_id = keyed_upload(client, content, "upload-1").json()["id"]
     assert client.delete(f"/v1/files/{file_id}").status_code == 200
@@ -91,7 +91,7 @@ def test_a_replay_after_the_file_was_deleted_is_409_saying_so(client, settings):
 
 
 @pytest.mark.parametrize("key", ["", "x" * 256, "has space", "caf\u00e9"])
-def test_malformed_keys_are_refused_and_nothing_is_stored(client, settings, key):  # type: ignore[no-untyped-def]
+def test_malformed_keys_are_refused_and_nothing_is_stored(client, settings, key):
     headers = {"Idempotency-Key": key.encode("utf-8")}
     response = client.post(
         "/v1/files",
@@ -103,7 +103,7 @@ def test_malformed_keys_are_refused_and_nothing_is_stored(client, settings, key)
     assert stored_nothing(settings)
 
 
-def race(settings, enqueued_ids: list[str]) -> list[str]:  # type: ignore[no-untyped-def]
+def race(settings, enqueued_ids: list[str]) -> list[str]:
     """8 concurrent first requests with one key; returns the job ids they answered."""
     app = api_app(settings)
     with TestClient(app) as client:
@@ -119,12 +119,12 @@ def race(settings, enqueued_ids: list[str]) -> list[str]:  # type: ignore[no-unt
     return list(ids)
 
 
-def test_concurrent_first_requests_create_one_job_sqlite(settings, enqueued):  # type: ignore[no-untyped-def]
+def test_concurrent_first_requests_create_one_job_sqlite(settings, enqueued):
     race(settings, enqueued)
 
 
 @pytest.mark.postgres
-def test_concurrent_first_requests_create_one_job_postgres(  # type: ignore[no-untyped-def]
+def test_concurrent_first_requests_create_one_job_postgres(
     tmp_path, tiny_model_dir, pg_database_url, enqueued
 ):
     settings = make_settings(tmp_path / "pg", tiny_model_dir, database_url=pg_database_url)

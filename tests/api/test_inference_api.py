@@ -25,11 +25,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
-def adapter(settings, tiny_model_dir) -> str:  # type: ignore[no-untyped-def]
+def adapter(settings, tiny_model_dir) -> str:
     return publish_adapter(settings, tiny_model_dir, org="acme", suffix="one", seed=1)
 
 
-def sse(response) -> list[dict | str]:  # type: ignore[no-untyped-def]
+def sse(response) -> list[dict | str]:
     """The events of an SSE body: parsed JSON, or the literal '[DONE]'."""
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/event-stream")
@@ -42,7 +42,7 @@ def sse(response) -> list[dict | str]:  # type: ignore[no-untyped-def]
     return events
 
 
-def test_completion_json_and_stream_agree(client, adapter):  # type: ignore[no-untyped-def]
+def test_completion_json_and_stream_agree(client, adapter):
     whole = complete(client, model=adapter, max_tokens=12)
     assert whole.status_code == 200, whole.text
     body = whole.json()
@@ -72,7 +72,7 @@ def test_completion_json_and_stream_agree(client, adapter):  # type: ignore[no-u
     assert usage["choices"] == [] and usage["usage"] == body["usage"]
 
 
-def test_chat_stream_starts_with_the_role_and_matches_json(client, adapter):  # type: ignore[no-untyped-def]
+def test_chat_stream_starts_with_the_role_and_matches_json(client, adapter):
     body = {
         "model": adapter,
         "messages": [{"role": "user", "content": "hi"}],
@@ -90,7 +90,7 @@ def test_chat_stream_starts_with_the_role_and_matches_json(client, adapter):  # 
     assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
 
 
-def test_completion_logprobs(client, adapter):  # type: ignore[no-untyped-def]
+def test_completion_logprobs(client, adapter):
     body = complete(client, model=adapter, max_tokens=8, logprobs=3).json()
     choice = choice_of(body)
     logprobs = choice["logprobs"]
@@ -117,7 +117,7 @@ def choice_of(body: dict) -> dict:
     return body["choices"][0]
 
 
-def test_stop_and_seed(client):  # type: ignore[no-untyped-def]
+def test_stop_and_seed(client):
     full = choice_of(complete(client, model="tiny", max_tokens=20).json())["text"]
     stop = full[5:7]
     cut = choice_of(complete(client, model="tiny", max_tokens=20, stop=[stop, "zzzz"]).json())
@@ -150,7 +150,7 @@ def test_stop_and_seed(client):  # type: ignore[no-untyped-def]
         ({"best_of": 2}, "best_of"),
     ],
 )
-def test_bad_completion_requests_name_the_field(client, adapter, body, param):  # type: ignore[no-untyped-def]
+def test_bad_completion_requests_name_the_field(client, adapter, body, param):
     response = complete(client, model=adapter, **body)
     assert response.status_code == 400, response.text
     assert response.headers["content-type"].startswith("application/json")
@@ -158,7 +158,7 @@ def test_bad_completion_requests_name_the_field(client, adapter, body, param):  
     assert client.get("/v1/engine/adapters").json()["data"] == []  # nothing ran or loaded
 
 
-def test_bad_chat_requests_name_the_field(client, adapter):  # type: ignore[no-untyped-def]
+def test_bad_chat_requests_name_the_field(client, adapter):
     base = {"model": adapter, "messages": [{"role": "user", "content": "hi"}]}
     for extra, param in [
         ({"top_logprobs": 2}, "top_logprobs"),
@@ -173,7 +173,7 @@ def test_bad_chat_requests_name_the_field(client, adapter):  # type: ignore[no-u
     assert client.get("/v1/engine/adapters").json()["data"] == []
 
 
-def test_unknown_or_foreign_model_is_404_even_when_streaming(client, other_client, adapter):  # type: ignore[no-untyped-def]
+def test_unknown_or_foreign_model_is_404_even_when_streaming(client, other_client, adapter):
     for caller, model in [(client, "ft:tiny:acme::ftjob-nope"), (other_client, adapter)]:
         for stream in (False, True):
             response = complete(caller, model=model, stream=stream)
@@ -181,7 +181,7 @@ def test_unknown_or_foreign_model_is_404_even_when_streaming(client, other_clien
             assert response.json()["error"]["param"] == "model"
 
 
-def test_visibility_counts_per_adapter_and_shows_only_the_callers(  # type: ignore[no-untyped-def]
+def test_visibility_counts_per_adapter_and_shows_only_the_callers(
     client, other_client, adapter, settings, tiny_model_dir
 ):
     theirs = publish_adapter(settings, tiny_model_dir, org="globex", suffix="two", seed=2)
@@ -201,7 +201,7 @@ def test_visibility_counts_per_adapter_and_shows_only_the_callers(  # type: igno
     assert [a["id"] for a in other_client.get("/v1/engine/adapters").json()["data"]] == [theirs]
 
 
-def test_delete_unloads_then_refuses(client, adapter):  # type: ignore[no-untyped-def]
+def test_delete_unloads_then_refuses(client, adapter):
     assert complete(client, model=adapter, max_tokens=2).status_code == 200
     assert client.delete(f"/v1/models/{adapter}").status_code == 200
     (entry,) = client.get("/v1/engine/adapters").json()["data"]
@@ -211,7 +211,7 @@ def test_delete_unloads_then_refuses(client, adapter):  # type: ignore[no-untype
         assert complete(client, model=adapter, stream=stream).status_code == 404
 
 
-def test_tampered_adapter_is_the_servers_fault_before_any_stream(client, adapter, settings):  # type: ignore[no-untyped-def]
+def test_tampered_adapter_is_the_servers_fault_before_any_stream(client, adapter, settings):
     with session_scope(settings.sqlalchemy_url) as session:
         row = registry.find_adapters(session, model_ids=[adapter])[0]
         weights = ArtifactStore(settings.artifacts_dir).path(row.storage_key)
@@ -242,7 +242,7 @@ UNLOADED = ServiceUnavailable("the adapter was unloaded for another; retry")
         (UNLOADED, {**GENERIC, "message": UNLOADED.message, "code": "service_unavailable"}),
     ],
 )
-def test_a_stream_that_fails_midway_is_logged_and_shows_no_internals(  # type: ignore[no-untyped-def]
+def test_a_stream_that_fails_midway_is_logged_and_shows_no_internals(
     client, monkeypatch, caplog, failure, expected
 ):
     """After the 200 is sent, an error ends the stream as an event in OpenAI's envelope: an
@@ -250,7 +250,7 @@ def test_a_stream_that_fails_midway_is_logged_and_shows_no_internals(  # type: i
     with its own message."""
     real = BaseScheduler._step
 
-    def step(self):  # type: ignore[no-untyped-def]
+    def step(self):
         if self.steps >= 2:  # the stream has started: prefill and two steps streamed
             raise failure
         real(self)
@@ -266,7 +266,7 @@ def test_a_stream_that_fails_midway_is_logged_and_shows_no_internals(  # type: i
         assert logged[-1].exc_info is not None  # the traceback
 
 
-def test_a_refused_adapter_is_named_without_the_server_path(client, settings, adapter):  # type: ignore[no-untyped-def]
+def test_a_refused_adapter_is_named_without_the_server_path(client, settings, adapter):
     """The refusal wraps a message that names the adapter's folder; users see no path."""
     job_id = adapter.rsplit(":", 1)[-1]
     (settings.artifacts_dir / "adapters" / job_id / "adapter_model.safetensors").unlink()

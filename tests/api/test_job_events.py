@@ -11,20 +11,20 @@ from tests.factories import uploaded_file
 OPAQUE = re.compile(r"^ftevent-[A-Za-z0-9]{24}$")
 
 
-def new_job(client) -> str:  # type: ignore[no-untyped-def]
+def new_job(client) -> str:
     file_id = uploaded_file(client, 3)
     return client.post(
         "/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": file_id}
     ).json()["id"]
 
 
-def event_ids(client, job_id: str, **params) -> list[str]:  # type: ignore[no-untyped-def]
+def event_ids(client, job_id: str, **params) -> list[str]:
     response = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params=params)
     assert response.status_code == 200, response.text
     return [event["id"] for event in response.json()["data"]]
 
 
-def test_event_ids_do_not_reveal_other_tenants_activity(client, other_client) -> None:  # type: ignore[no-untyped-def]
+def test_event_ids_do_not_reveal_other_tenants_activity(client, other_client) -> None:
     mine = new_job(other_client)
     for _ in range(3):  # another organization's activity between two of my events
         new_job(client)
@@ -34,7 +34,7 @@ def test_event_ids_do_not_reveal_other_tenants_activity(client, other_client) ->
     assert not first[len("ftevent-") :].isdigit() and first != second
 
 
-def test_after_pages_through_every_event_once_in_order(client, settings) -> None:  # type: ignore[no-untyped-def]
+def test_after_pages_through_every_event_once_in_order(client, settings) -> None:
     job_id = new_job(client)
     with session_scope(settings.sqlalchemy_url) as session:
         for i in range(24):
@@ -51,7 +51,7 @@ def test_after_pages_through_every_event_once_in_order(client, settings) -> None
     assert paged == everything
 
 
-def test_an_unknown_or_foreign_event_cursor_is_404(client, other_client) -> None:  # type: ignore[no-untyped-def]
+def test_an_unknown_or_foreign_event_cursor_is_404(client, other_client) -> None:
     mine, theirs = new_job(client), new_job(other_client)
     foreign = event_ids(other_client, theirs)[0]
     for after in (foreign, "ftevent-" + "Z" * 24):

@@ -10,7 +10,7 @@ from tests.factories import create_job, job_count
 
 def test_create_resolves_auto_and_enqueues_after_commit(
     client, settings, training_file, monkeypatch
-):  # type: ignore[no-untyped-def]
+):
     from app.jobs import queue
 
     seen_in_db: list[str] = []
@@ -36,7 +36,7 @@ def test_create_resolves_auto_and_enqueues_after_commit(
     assert job["method"]["supervised"]["hyperparameters"] == hp
 
 
-def test_hyperparameters_under_method_supervised(client, training_file):  # type: ignore[no-untyped-def]
+def test_hyperparameters_under_method_supervised(client, training_file):
     method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "lora_r": 4}}}
     job = create_job(client, model="tiny", training_file=training_file, method=method).json()
     assert job["hyperparameters"]["n_epochs"] == 2 and job["hyperparameters"]["lora_r"] == 4
@@ -77,7 +77,7 @@ def test_hyperparameters_under_method_supervised(client, training_file):  # type
 )
 def test_bad_job_requests_name_the_field_and_store_nothing(
     client, settings, training_file, body, param, phrase
-):  # type: ignore[no-untyped-def]
+):
     response = create_job(client, **({"model": "tiny", "training_file": training_file} | body))
     assert response.status_code == 400, response.text
     error = response.json()["error"]
@@ -85,7 +85,7 @@ def test_bad_job_requests_name_the_field_and_store_nothing(
     assert job_count(settings) == 0
 
 
-def test_hyperparameters_in_two_places_is_refused(client, training_file):  # type: ignore[no-untyped-def]
+def test_hyperparameters_in_two_places_is_refused(client, training_file):
     method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}}
     response = create_job(
         client,
@@ -97,7 +97,7 @@ def test_hyperparameters_in_two_places_is_refused(client, training_file):  # typ
     assert response.status_code == 400 and "not both" in response.json()["error"]["message"]
 
 
-def test_list_paginates_newest_first(client, training_file):  # type: ignore[no-untyped-def]
+def test_list_paginates_newest_first(client, training_file):
     ids = [
         create_job(client, model="tiny", training_file=training_file).json()["id"] for _ in range(5)
     ]
@@ -110,7 +110,7 @@ def test_list_paginates_newest_first(client, training_file):  # type: ignore[no-
     assert client.get("/v1/fine_tuning/jobs", params={"limit": 0}).status_code == 400
 
 
-def test_cancel_queued_is_immediate_and_idempotent(client, training_file):  # type: ignore[no-untyped-def]
+def test_cancel_queued_is_immediate_and_idempotent(client, training_file):
     job = create_job(client, model="tiny", training_file=training_file).json()
     first = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
     assert first.status_code == 200 and first.json()["status"] == "cancelled"
@@ -125,7 +125,7 @@ def test_cancel_queued_is_immediate_and_idempotent(client, training_file):  # ty
     )
 
 
-def test_cancel_after_success_is_409(client, settings, training_file):  # type: ignore[no-untyped-def]
+def test_cancel_after_success_is_409(client, settings, training_file):
     job = create_job(client, model="tiny", training_file=training_file).json()
     with session_scope(settings.sqlalchemy_url) as session:
         session.get(Job, job["id"]).status = "succeeded"
@@ -133,7 +133,7 @@ def test_cancel_after_success_is_409(client, settings, training_file):  # type: 
     assert response.status_code == 409 and response.json()["error"]["code"] == "invalid_state"
 
 
-def test_events_and_checkpoints_pages(client, training_file):  # type: ignore[no-untyped-def]
+def test_events_and_checkpoints_pages(client, training_file):
     job = create_job(client, model="tiny", training_file=training_file).json()
     events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()
     assert events["object"] == "list" and events["data"][0]["object"] == "fine_tuning.job.event"
@@ -152,7 +152,7 @@ def test_events_and_checkpoints_pages(client, training_file):  # type: ignore[no
 
 def test_create_answers_202_when_the_broker_is_unreachable(
     client, settings, training_file, monkeypatch
-):  # type: ignore[no-untyped-def]
+):
     from app.jobs import queue
 
     monkeypatch.setattr(queue, "enqueue_training", lambda job_id: False)  # broker down
@@ -161,12 +161,12 @@ def test_create_answers_202_when_the_broker_is_unreachable(
     assert response.json()["status"] == "queued" and job_count(settings) == 1  # the sweep sends it
 
 
-def test_a_database_outage_answers_503_with_retry_after(client, monkeypatch):  # type: ignore[no-untyped-def]
+def test_a_database_outage_answers_503_with_retry_after(client, monkeypatch):
     from sqlalchemy.exc import OperationalError
 
     from app.jobs import service as jobs
 
-    def down(*_args, **_kwargs):  # type: ignore[no-untyped-def]
+    def down(*_args, **_kwargs):
         raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
 
     monkeypatch.setattr(jobs, "list_jobs", down)
@@ -175,7 +175,7 @@ def test_a_database_outage_answers_503_with_retry_after(client, monkeypatch):  #
     assert response.json()["error"]["code"] == "service_unavailable"
 
 
-def test_unknown_special_tokens_to_train_are_refused_at_creation(client, settings, training_file):  # type: ignore[no-untyped-def]
+def test_unknown_special_tokens_to_train_are_refused_at_creation(client, settings, training_file):
     hp = {"train_special_tokens": ["<|user|>", "<|im_start|>"]}
     response = create_job(client, model="tiny", training_file=training_file, hyperparameters=hp)
     assert response.status_code == 400, response.text

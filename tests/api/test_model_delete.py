@@ -22,7 +22,7 @@ from app.storage import ArtifactStore  # noqa: E402
 from tests.factories import commit_fails, complete, publish_adapter, random_lora  # noqa: E402
 
 
-def publish_checkpoint(settings, model_dir, adapter_id: str, *, step: int, seed: int) -> str:  # type: ignore[no-untyped-def]
+def publish_checkpoint(settings, model_dir, adapter_id: str, *, step: int, seed: int) -> str:
     """Store and record a checkpoint of the adapter's job the way the worker does; its id."""
     store = ArtifactStore(settings.artifacts_dir)
     with session_scope(settings.sqlalchemy_url) as session:
@@ -48,13 +48,13 @@ def publish_checkpoint(settings, model_dir, adapter_id: str, *, step: int, seed:
 
 
 @pytest.fixture
-def model_with_checkpoints(settings, tiny_model_dir):  # type: ignore[no-untyped-def]
+def model_with_checkpoints(settings, tiny_model_dir):
     adapter = publish_adapter(settings, tiny_model_dir, org="acme", suffix="gone", seed=1)
     steps = [publish_checkpoint(settings, tiny_model_dir, adapter, step=s, seed=s) for s in (2, 4)]
     return adapter, steps
 
 
-def stored(settings, model_id: str) -> bool:  # type: ignore[no-untyped-def]
+def stored(settings, model_id: str) -> bool:
     """Whether the files of this adapter or checkpoint are still in the store."""
     store = ArtifactStore(settings.artifacts_dir)
     with session_scope(settings.sqlalchemy_url) as session:
@@ -64,7 +64,7 @@ def stored(settings, model_id: str) -> bool:  # type: ignore[no-untyped-def]
         return store.path(session.get_one(Adapter, model_id).storage_key).exists()
 
 
-def assert_gone(client, model_id: str) -> None:  # type: ignore[no-untyped-def]
+def assert_gone(client, model_id: str) -> None:
     """Not callable (JSON or streamed), not downloadable, not retrievable, not deletable."""
     for stream in (False, True):
         response = complete(client, model=model_id, max_tokens=2, stream=stream)
@@ -78,7 +78,7 @@ def assert_gone(client, model_id: str) -> None:  # type: ignore[no-untyped-def]
         assert response.status_code == 404, response.text
 
 
-def test_deleting_a_model_deletes_and_unloads_its_checkpoints(  # type: ignore[no-untyped-def]
+def test_deleting_a_model_deletes_and_unloads_its_checkpoints(
     client, settings, model_with_checkpoints
 ):
     adapter, checkpoints = model_with_checkpoints
@@ -104,7 +104,7 @@ def test_deleting_a_model_deletes_and_unloads_its_checkpoints(  # type: ignore[n
         assert session.scalars(select(Checkpoint)).all() == []
 
 
-def test_get_and_delete_agree_on_a_checkpoint_id(  # type: ignore[no-untyped-def]
+def test_get_and_delete_agree_on_a_checkpoint_id(
     client, other_client, settings, model_with_checkpoints
 ):
     adapter, (first, second) = model_with_checkpoints
@@ -130,7 +130,7 @@ def test_get_and_delete_agree_on_a_checkpoint_id(  # type: ignore[no-untyped-def
     assert client.delete(f"/v1/models/{adapter}").json()["deleted_checkpoints"] == [second]
 
 
-def test_a_running_jobs_checkpoint_is_not_deleted_under_it(  # type: ignore[no-untyped-def]
+def test_a_running_jobs_checkpoint_is_not_deleted_under_it(
     client, settings, model_with_checkpoints
 ):
     """Its checkpoints are the job's resume points and the worker prunes them: 409."""
@@ -147,7 +147,7 @@ def test_a_running_jobs_checkpoint_is_not_deleted_under_it(  # type: ignore[no-u
     assert stored(settings, first)
 
 
-def test_a_delete_that_does_not_commit_keeps_the_models_files(  # type: ignore[no-untyped-def]
+def test_a_delete_that_does_not_commit_keeps_the_models_files(
     client, settings, model_with_checkpoints, monkeypatch
 ):
     """The files go only once the rows' deletion has committed: the model still answers."""
@@ -163,7 +163,7 @@ def test_a_delete_that_does_not_commit_keeps_the_models_files(  # type: ignore[n
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("second", ["the model", "its checkpoint"])
-def test_concurrent_deletes_wait_for_each_other_postgres(  # type: ignore[no-untyped-def]
+def test_concurrent_deletes_wait_for_each_other_postgres(
     tmp_path, tiny_model_dir, pg_database_url, second
 ):
     """The later delete waits on the row lock and then finds nothing: 404, never a 500."""

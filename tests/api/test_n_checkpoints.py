@@ -8,7 +8,7 @@ from tests.factories import create_job, job_count
 
 
 @pytest.mark.parametrize(("given", "resolved"), [({}, 5), ({"n_checkpoints": 2}, 2)])
-def test_the_job_shows_how_many_checkpoints_it_writes(client, training_file, given, resolved):  # type: ignore[no-untyped-def]
+def test_the_job_shows_how_many_checkpoints_it_writes(client, training_file, given, resolved):
     """Default: one per epoch, as before the setting existed."""
     hp = {"n_epochs": 5} | given
     response = create_job(client, model="tiny", training_file=training_file, hyperparameters=hp)
@@ -17,7 +17,7 @@ def test_the_job_shows_how_many_checkpoints_it_writes(client, training_file, giv
 
 
 @pytest.mark.parametrize("value", [0, -1, 101, "many", 2.5, None])
-def test_a_bad_n_checkpoints_is_refused_naming_it(client, settings, training_file, value):  # type: ignore[no-untyped-def]
+def test_a_bad_n_checkpoints_is_refused_naming_it(client, settings, training_file, value):
     hp = {"n_checkpoints": value}
     response = create_job(client, model="tiny", training_file=training_file, hyperparameters=hp)
     assert response.status_code == 400, response.text

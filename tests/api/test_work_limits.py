@@ -23,14 +23,14 @@ ROWS = jsonl(chat_rows(12))  # the tiny model has 1024 positions
 
 
 @pytest.fixture
-def settings(settings):  # type: ignore[no-untyped-def]
+def settings(settings):
     return settings.model_copy(
         update={"max_examples_per_job": 100, "max_stored_bytes_per_org": 3 * len(ROWS)}
     )
 
 
 @pytest.fixture
-def training_file(client) -> str:  # type: ignore[no-untyped-def]
+def training_file(client) -> str:
     return upload(client, ROWS).json()["id"]
 
 
@@ -56,7 +56,7 @@ def training_file(client) -> str:  # type: ignore[no-untyped-def]
 )
 def test_a_job_asking_for_unbounded_work_is_refused_naming_the_limit(
     client, settings, training_file, hyperparameters, param, phrases
-):  # type: ignore[no-untyped-def]
+):
     response = create_job(
         client, model="tiny", training_file=training_file, hyperparameters=hyperparameters
     )
@@ -67,7 +67,7 @@ def test_a_job_asking_for_unbounded_work_is_refused_naming_the_limit(
     assert job_count(settings) == 0
 
 
-def test_work_within_the_bounds_is_accepted(client, training_file):  # type: ignore[no-untyped-def]
+def test_work_within_the_bounds_is_accepted(client, training_file):
     hyperparameters = {"n_epochs": 8, "max_seq_length": 1024, "batch_size": 4}
     response = create_job(
         client, model="tiny", training_file=training_file, hyperparameters=hyperparameters
@@ -77,7 +77,7 @@ def test_work_within_the_bounds_is_accepted(client, training_file):  # type: ign
 
 def test_uploads_past_the_storage_quota_are_refused_for_that_organization_only(
     client, other_client
-):  # type: ignore[no-untyped-def]
+):
     assert [upload(client, ROWS).status_code for _ in range(3)] == [200] * 3
     response = upload(client, ROWS)
     assert response.status_code == 413
@@ -92,7 +92,7 @@ def test_uploads_past_the_storage_quota_are_refused_for_that_organization_only(
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database(request, settings):  # type: ignore[no-untyped-def]
+def database(request, settings):
     if request.param == "sqlite":
         return settings
     from app import migrate
@@ -102,14 +102,14 @@ def database(request, settings):  # type: ignore[no-untyped-def]
     return pg
 
 
-def store(session, organization, tmp_path) -> File:  # type: ignore[no-untyped-def]
+def store(session, organization, tmp_path) -> File:
     return store_dataset(
         session, organization=organization, store=ArtifactStore(tmp_path / "store"),
         content=ROWS, max_stored_bytes=len(ROWS),
     )  # fmt: skip
 
 
-def test_the_storage_quota_holds_under_concurrent_uploads(database, tmp_path):  # type: ignore[no-untyped-def]
+def test_the_storage_quota_holds_under_concurrent_uploads(database, tmp_path):
     """Room for one file, two uploads at once: the second sees the first (it waits for the
     first's transaction) and is refused; without the lock both would read 0 bytes used."""
     with session_scope(database.sqlalchemy_url) as session:

@@ -19,7 +19,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def make_stack(tmp_path, tiny_model_dir, pg_database_url, redis_server) -> Iterator[Callable]:  # type: ignore[no-untyped-def]
+def make_stack(tmp_path, tiny_model_dir, pg_database_url, redis_server) -> Iterator[Callable]:
     """Build a migrated stack (API started, logged in); workers are added by the test."""
     from app import migrate
     from app.config import Settings

@@ -62,13 +62,13 @@ def _journaled_wake(job_id: str) -> list[str]:
 
 
 @functools.wraps(_real_run_claimed)
-def _journaled_run_claimed(claim, settings) -> str:  # type: ignore[no-untyped-def]
+def _journaled_run_claimed(claim, settings) -> str:
     result = _real_run_claimed(claim, settings)
     record("result", job=claim.job_id, result=result)
     return result
 
 
-def _journaled_on_step(self, report) -> None:  # type: ignore[no-untyped-def]
+def _journaled_on_step(self, report) -> None:
     _real_on_step(self, report)  # renews the lease: raises if this attempt lost the job
     record(
         "step",
@@ -81,7 +81,7 @@ def _journaled_on_step(self, report) -> None:  # type: ignore[no-untyped-def]
         time.sleep(STEP_SLEEP)
 
 
-def _journaled_save(out_dir, **kwargs):  # type: ignore[no-untyped-def]
+def _journaled_save(out_dir, **kwargs):
     """The loop's checkpoint write, journaled, and slowed to a disk's pace when asked."""
     record("save_begin", dir=str(out_dir))
     digest = _real_save(out_dir, **kwargs)
@@ -90,17 +90,17 @@ def _journaled_save(out_dir, **kwargs):  # type: ignore[no-untyped-def]
     return digest
 
 
-def _slow_copytree(src, dst, **kwargs):  # type: ignore[no-untyped-def]
+def _slow_copytree(src, dst, **kwargs):
     """publish_dir's copy into its staging dir, one file at a time with a pause between."""
 
-    def copy(a, b):  # type: ignore[no-untyped-def]
+    def copy(a, b):
         shutil.copy2(a, b)
         time.sleep(SAVE_SLEEP)
 
     return shutil.copytree(src, dst, copy_function=copy, **kwargs)
 
 
-def _journaled_on_checkpoint(self, report) -> None:  # type: ignore[no-untyped-def]
+def _journaled_on_checkpoint(self, report) -> None:
     _real_on_checkpoint(self, report)  # publish, then record in the database
     record("save_end", job=self.claim.job_id, attempt=self.claim.attempt, step=report.step)
 

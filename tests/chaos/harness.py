@@ -30,7 +30,7 @@ FULL = os.environ.get("LORAFORGE_CHAOS_FULL") == "1"
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, logs: Path | None = None):  # type: ignore[no-untyped-def]
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, logs: Path | None = None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if value := predicate():
@@ -90,7 +90,7 @@ class RedisServer:
             self.proc.wait()
 
 
-def _pings(client) -> bool:  # type: ignore[no-untyped-def]
+def _pings(client) -> bool:
     try:
         return bool(client.ping())
     except Exception:

@@ -23,17 +23,17 @@ N_RUNNING, N_QUEUED = (10, 10) if FULL else (1, 1)
 N_AFTER_CRASH = 5 if FULL else 1
 
 
-def cancel(stack, job_id: str) -> dict:  # type: ignore[no-untyped-def]
+def cancel(stack, job_id: str) -> dict:
     response = stack.http.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
     assert response.status_code == 200, response.text
     return response.json()
 
 
-def wait_training(stack, job_id: str) -> None:  # type: ignore[no-untyped-def]
+def wait_training(stack, job_id: str) -> None:
     wait_until(lambda: stack.last_step(job_id) >= 1, 120, f"{job_id} to train", stack.logs)
 
 
-def assert_nothing_published(stack, ids: list[str]) -> None:  # type: ignore[no-untyped-def]
+def assert_nothing_published(stack, ids: list[str]) -> None:
     assert stack.adapters(ids) == []
     adapters_dir = stack.tmp / "data" / "artifacts" / "adapters"
     assert not any((adapters_dir / job_id).exists() for job_id in ids)
@@ -41,7 +41,7 @@ def assert_nothing_published(stack, ids: list[str]) -> None:  # type: ignore[no-
         assert (job.status, job.fine_tuned_model) == ("cancelled", None)
 
 
-def test_cancelled_jobs_stop_publish_nothing_and_queued_ones_never_start(make_stack):  # type: ignore[no-untyped-def]
+def test_cancelled_jobs_stop_publish_nothing_and_queued_ones_never_start(make_stack):
     stack = make_stack(LORAFORGE_CHAOS_STEP_SLEEP="0.3")
     worker = stack.add_worker("w1")
     file_id = stack.upload(chat_rows(16))

@@ -23,7 +23,7 @@ N_JOBS = 3 if FULL else 1
 STEPS = 16  # 16 examples, batch 2, 2 epochs
 
 
-def test_a_redelivered_job_is_trained_once(make_stack):  # type: ignore[no-untyped-def]
+def test_a_redelivered_job_is_trained_once(make_stack):
     stack = make_stack(LORAFORGE_BROKER_VISIBILITY_TIMEOUT="2", LORAFORGE_CHAOS_STEP_SLEEP="0.4")
     stack.add_worker("w1")
     stack.add_worker("w2")

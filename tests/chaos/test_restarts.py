@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.postgres]
 JOB = {"n_epochs": 1, "batch_size": 2}  # 8 examples: 4 steps
 
 
-def test_jobs_survive_a_redis_restart_that_loses_every_message(make_stack, redis_server):  # type: ignore[no-untyped-def]
+def test_jobs_survive_a_redis_restart_that_loses_every_message(make_stack, redis_server):
     stack = make_stack(LORAFORGE_CHAOS_STEP_SLEEP="0.3")
     stack.add_worker("w1")
     file_id = stack.upload(chat_rows(8))
@@ -68,7 +68,7 @@ def test_jobs_survive_a_redis_restart_that_loses_every_message(make_stack, redis
     assert_never_two_attempts_at_once(stack)
 
 
-def test_no_job_is_lost_or_duplicated_when_postgres_restarts_during_a_burst(make_stack, pg_cluster):  # type: ignore[no-untyped-def]
+def test_no_job_is_lost_or_duplicated_when_postgres_restarts_during_a_burst(make_stack, pg_cluster):
     stack = make_stack(
         db_url=pg_cluster.create_database(f"chaos_{uuid.uuid4().hex[:8]}"),
         LORAFORGE_CHAOS_STEP_SLEEP="0.2",

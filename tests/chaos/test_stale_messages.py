@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.postgres]
 N_STALE = 60 if FULL else 10
 
 
-def test_messages_for_cancelled_jobs_start_no_process(make_stack):  # type: ignore[no-untyped-def]
+def test_messages_for_cancelled_jobs_start_no_process(make_stack):
     stack = make_stack()
     file_id = stack.upload(chat_rows(4))
     stale = stack.submit(file_id, N_STALE, n_epochs=1, batch_size=2)

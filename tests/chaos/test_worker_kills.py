@@ -39,11 +39,11 @@ STEPS, INTERVAL = 16, 8
 N_KILLS = int(os.environ.get("LORAFORGE_CHAOS_KILLS", 20 if FULL else 1))
 
 
-def steps_of(stack, job_id: str) -> list[dict]:  # type: ignore[no-untyped-def]
+def steps_of(stack, job_id: str) -> list[dict]:
     return sorted((e for e in stack.journal("step") if e["job"] == job_id), key=lambda e: e["t"])
 
 
-def resumed_from(stack, job_id: str) -> list[int]:  # type: ignore[no-untyped-def]
+def resumed_from(stack, job_id: str) -> list[int]:
     with session_scope(stack.db_url) as session:
         events = session.scalars(
             select(JobEvent).where(
@@ -53,14 +53,14 @@ def resumed_from(stack, job_id: str) -> list[int]:  # type: ignore[no-untyped-de
         return [event.data["step"] for event in events]
 
 
-def recorded_steps(stack, job_id: str) -> list[int]:  # type: ignore[no-untyped-def]
+def recorded_steps(stack, job_id: str) -> list[int]:
     with session_scope(stack.db_url) as session:
         return sorted(
             session.scalars(select(Checkpoint.step_number).where(Checkpoint.job_id == job_id))
         )
 
 
-def test_killed_workers_lose_no_job_and_resume_from_the_last_checkpoint(make_stack):  # type: ignore[no-untyped-def]
+def test_killed_workers_lose_no_job_and_resume_from_the_last_checkpoint(make_stack):
     stack = make_stack(LORAFORGE_CHAOS_STEP_SLEEP="0.15")
     worker = stack.add_worker("w1")
     file_id = stack.upload(chat_rows(16))
@@ -128,7 +128,7 @@ N_SAVE_KILLS = int(os.environ.get("LORAFORGE_CHAOS_SAVE_KILLS", 50 if FULL else 
 SAVE_SLEEP = 0.25  # after the loop's write, and between the files copied into the store
 
 
-def test_a_kill_while_a_checkpoint_is_written_never_resumes_from_half_a_checkpoint(make_stack):  # type: ignore[no-untyped-def]
+def test_a_kill_while_a_checkpoint_is_written_never_resumes_from_half_a_checkpoint(make_stack):
     stack = make_stack(
         LORAFORGE_CHAOS_SAVE_SLEEP=str(SAVE_SLEEP), LORAFORGE_CHAOS_STEP_SLEEP="0.05"
     )
@@ -212,27 +212,27 @@ def test_a_kill_while_a_checkpoint_is_written_never_resumes_from_half_a_checkpoi
     assert_never_two_attempts_at_once(stack)
 
 
-def _training_pid(stack, job_id: str) -> int | None:  # type: ignore[no-untyped-def]
+def _training_pid(stack, job_id: str) -> int | None:
     steps = [e["pid"] for e in stack.journal("step") if e["job"] == job_id]
     return steps[0] if steps else None
 
 
-def _save_began(stack, pid: int, nth: int = 1) -> float | None:  # type: ignore[no-untyped-def]
+def _save_began(stack, pid: int, nth: int = 1) -> float | None:
     """When the process `pid` began its `nth` checkpoint write (None: not yet)."""
     began = [e["t"] for e in stack.journal("save_begin") if e["pid"] == pid]
     return began[nth - 1] if len(began) >= nth else None
 
 
-def _artifacts(stack) -> Path:  # type: ignore[no-untyped-def]
+def _artifacts(stack) -> Path:
     return stack.tmp / "data" / "artifacts"
 
 
-def _scratch(stack, job_id: str) -> list[Path]:  # type: ignore[no-untyped-def]
+def _scratch(stack, job_id: str) -> list[Path]:
     folder = _artifacts(stack) / "tmp" / job_id
     return sorted(folder.iterdir()) if folder.is_dir() else []
 
 
-def _leftovers(stack, ids: list[str]) -> list[str]:  # type: ignore[no-untyped-def]
+def _leftovers(stack, ids: list[str]) -> list[str]:
     """What nobody would clean up: entries under checkpoints/<job>/ that no checkpoint row
     points at, anything under tmp/<job>/, and checkpoint scratch in the system temp dir."""
     with session_scope(stack.db_url) as session:
@@ -252,7 +252,7 @@ def _leftovers(stack, ids: list[str]) -> list[str]:  # type: ignore[no-untyped-d
     return found
 
 
-def _settled_leftovers(stack, ids: list[str], *, timeout: float) -> list[str]:  # type: ignore[no-untyped-def]
+def _settled_leftovers(stack, ids: list[str], *, timeout: float) -> list[str]:
     """The leftovers once cleanup had `timeout` seconds (a job's scratch goes just after
     its terminal state is committed)."""
     deadline = time.monotonic() + timeout

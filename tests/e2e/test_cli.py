@@ -33,7 +33,7 @@ def processes_with_data_dir(data_dir: Path) -> list[int]:
     return found
 
 
-def test_keys_create_prints_only_the_new_key(tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]
+def test_keys_create_prints_only_the_new_key(tmp_path, tiny_model_dir):
     env = stack_env(tmp_path / "data", tiny_model_dir)
     cli(env, "db", "upgrade")
     first, second = (
@@ -50,7 +50,7 @@ def test_keys_create_prints_only_the_new_key(tmp_path, tiny_model_dir):  # type:
     assert bad.returncode == 2 and bad.stdout == "" and "organization names" in bad.stderr
 
 
-def test_up_serves_and_ctrl_c_stops_api_and_worker(tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]
+def test_up_serves_and_ctrl_c_stops_api_and_worker(tmp_path, tiny_model_dir):
     data_dir, port = tmp_path / "data", free_port()
     env = stack_env(data_dir, tiny_model_dir)
     logs = tmp_path / "logs"

@@ -36,7 +36,7 @@ def loraforge(env: dict[str, str], cwd: Path, *args: str) -> subprocess.Complete
     )
 
 
-def test_every_directory_finds_the_same_database(home, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_every_directory_finds_the_same_database(home, tmp_path: Path) -> None:
     assert loraforge(home, REPO, "db", "upgrade").returncode == 0
     made = loraforge(home, tmp_path / "elsewhere", "keys", "create", "--org", "acme")
     assert made.returncode == 0, made.stderr
@@ -49,7 +49,7 @@ def test_every_directory_finds_the_same_database(home, tmp_path: Path) -> None: 
     assert not list(tmp_path.rglob(".loraforge"))  # no database beside the user's files
 
 
-def test_keys_before_any_database_says_which_and_how(home, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_keys_before_any_database_says_which_and_how(home, tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     env = home | {"LORAFORGE_DATA_DIR": str(data_dir)}
     for args in (("keys", "create", "--org", "acme"), ("keys", "list"), ("keys", "revoke", "k")):
@@ -61,7 +61,7 @@ def test_keys_before_any_database_says_which_and_how(home, tmp_path: Path) -> No
     assert not data_dir.exists()  # refusing created nothing
 
 
-def test_data_dir_option_and_an_old_schema(home, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_data_dir_option_and_an_old_schema(home, tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     assert loraforge(home, tmp_path, "--data-dir", str(data_dir), "db", "upgrade").returncode == 0
     assert (data_dir / "loraforge.db").is_file()
@@ -74,7 +74,7 @@ def test_data_dir_option_and_an_old_schema(home, tmp_path: Path) -> None:  # typ
 
 
 @pytest.mark.parametrize("command", [["api", "--port", "1"], ["worker"]])
-def test_servers_refuse_an_unmigrated_database(home, tmp_path: Path, command) -> None:  # type: ignore[no-untyped-def]
+def test_servers_refuse_an_unmigrated_database(home, tmp_path: Path, command) -> None:
     data_dir = tmp_path / "data"
     env = home | {"LORAFORGE_DATA_DIR": str(data_dir)}
     result = loraforge(env, tmp_path, *command)
@@ -83,7 +83,7 @@ def test_servers_refuse_an_unmigrated_database(home, tmp_path: Path, command) ->
     assert "there is no loraforge database" in result.stderr
 
 
-def test_an_old_cwd_database_is_pointed_out(home, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_an_old_cwd_database_is_pointed_out(home, tmp_path: Path) -> None:
     old = tmp_path / "project" / ".loraforge"
     old.mkdir(parents=True)
     (old / "loraforge.db").touch()

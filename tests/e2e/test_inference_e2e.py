@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture
-def served(tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]
+def served(tmp_path, tiny_model_dir):
     """The API (no worker) over a data dir holding three published adapters, one preloaded."""
     data = tmp_path / "data"
     env = stack_env(data, tiny_model_dir, LORAFORGE_MAX_LOADED_ADAPTERS="2")
@@ -34,7 +34,7 @@ def served(tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]
         yield stack, adapters
 
 
-def test_sdk_streaming_logprobs_concurrency_and_preload(served):  # type: ignore[no-untyped-def]
+def test_sdk_streaming_logprobs_concurrency_and_preload(served):
     stack, adapters = served
     key = stack.key("acme")
     client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)

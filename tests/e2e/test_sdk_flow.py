@@ -40,7 +40,7 @@ def dataset() -> bytes:
 
 
 @pytest.fixture(params=["embedded", pytest.param("postgres-redis", marks=pytest.mark.postgres)])
-def stack(request, tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]
+def stack(request, tmp_path, tiny_model_dir):
     port = free_port()
     if request.param == "embedded":
         env = stack_env(tmp_path / "data", tiny_model_dir)
@@ -63,7 +63,7 @@ def stack(request, tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]
         yield running_stack
 
 
-def wait_for(client: openai.OpenAI, job_id: str, stack, timeout: float = 300):  # type: ignore[no-untyped-def]
+def wait_for(client: openai.OpenAI, job_id: str, stack, timeout: float = 300):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.fine_tuning.jobs.retrieve(job_id)
@@ -73,7 +73,7 @@ def wait_for(client: openai.OpenAI, job_id: str, stack, timeout: float = 300):  
     raise AssertionError(f"job {job_id} did not finish:\n" + tail_logs(stack.logs))
 
 
-def local_greedy(model, tokenizer, input_ids: list[int], max_tokens: int) -> str:  # type: ignore[no-untyped-def]
+def local_greedy(model, tokenizer, input_ids: list[int], max_tokens: int) -> str:
     """Plain PEFT greedy decoding, no cache, no engine: the reference."""
     ids = list(input_ids)
     out: list[int] = []
@@ -87,7 +87,7 @@ def local_greedy(model, tokenizer, input_ids: list[int], max_tokens: int) -> str
     return tokenizer.decode(out)
 
 
-def test_sdk_flow_end_to_end(stack, tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]
+def test_sdk_flow_end_to_end(stack, tmp_path, tiny_model_dir):
     client = openai.OpenAI(
         base_url=f"{stack.base_url}/v1", api_key=stack.key("acme"), max_retries=0
     )

@@ -7,5 +7,5 @@ from tests.security.tenant_matrix import TenantA, create_tenant_a
 
 
 @pytest.fixture
-def tenant_a(client, settings) -> TenantA:  # type: ignore[no-untyped-def]  # noqa: F811
+def tenant_a(client, settings) -> TenantA:  # noqa: F811
     return create_tenant_a(client, settings)

@@ -31,7 +31,7 @@ class TenantA:
         ]  # fmt: skip
 
 
-def create_tenant_a(client, settings) -> TenantA:  # type: ignore[no-untyped-def]
+def create_tenant_a(client, settings) -> TenantA:
     """A file, a job, an adapter and a checkpoint of `client`'s organization (acme)."""
     file_id = uploaded_file(client, 5, name="secret-name.jsonl")
     job = client.post(

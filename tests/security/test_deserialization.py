@@ -26,7 +26,7 @@ class Payload:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self):
         return (Path.touch, (self.marker,))
 
 
@@ -44,7 +44,7 @@ def make_adapter(base_dir: Path, out: Path) -> Path:
     return out
 
 
-def register(settings, client, folder: Path, sha256: str) -> str:  # type: ignore[no-untyped-def]
+def register(settings, client, folder: Path, sha256: str) -> str:
     """An adapter row of the client's organization whose files are `folder`."""
     file_id = uploaded_file(client, 3)
     job = client.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": file_id})
@@ -61,12 +61,12 @@ def register(settings, client, folder: Path, sha256: str) -> str:  # type: ignor
     return adapter_id
 
 
-def chat(client, model: str):  # type: ignore[no-untyped-def]
+def chat(client, model: str):
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     return client.post("/v1/chat/completions", json=body)
 
 
-def test_pickled_adapter_is_refused_and_never_unpickled(client, settings, tiny_model_dir, tmp_path):  # type: ignore[no-untyped-def]
+def test_pickled_adapter_is_refused_and_never_unpickled(client, settings, tiny_model_dir, tmp_path):
     marker = tmp_path / "pwned"
     folder = make_adapter(tiny_model_dir, tmp_path / "good")
     (folder / ADAPTER_WEIGHTS).unlink()
@@ -82,7 +82,7 @@ def test_pickled_adapter_is_refused_and_never_unpickled(client, settings, tiny_m
     assert not marker.exists()
 
 
-def test_flipped_byte_is_never_served_or_loaded(client, settings, tiny_model_dir, tmp_path):  # type: ignore[no-untyped-def]
+def test_flipped_byte_is_never_served_or_loaded(client, settings, tiny_model_dir, tmp_path):
     folder = make_adapter(tiny_model_dir, tmp_path / "good")
     adapter_id = register(settings, client, folder, file_sha256(folder / ADAPTER_WEIGHTS))
     good = client.get(f"/v1/models/{adapter_id}/adapter")
@@ -98,7 +98,7 @@ def test_flipped_byte_is_never_served_or_loaded(client, settings, tiny_model_dir
     assert answer.status_code != 200 and "sha256" in answer.json()["error"]["message"]
 
 
-def test_base_model_asking_for_remote_code_is_refused(tiny_model_dir, tmp_path, settings):  # type: ignore[no-untyped-def]
+def test_base_model_asking_for_remote_code_is_refused(tiny_model_dir, tmp_path, settings):
     evil = tmp_path / "evil-model"
     shutil.copytree(tiny_model_dir, evil)
     marker = tmp_path / "remote-code-ran"

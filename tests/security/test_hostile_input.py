@@ -35,12 +35,12 @@ HOSTILE = [
 
 
 @pytest.fixture
-def settings(backend):  # type: ignore[no-untyped-def]
+def settings(backend):
     """On SQLite and on PostgreSQL."""
     return backend
 
 
-def raw(client, method: str, url: str, *, params=None, body=None):  # type: ignore[no-untyped-def]
+def raw(client, method: str, url: str, *, params=None, body=None):
     """Send exactly these characters: path segments percent-encoded from their UTF-8 (lone
     surrogates included), the body as ASCII JSON with \\u escapes."""
     content = json.dumps(body).encode() if body is not None else None
@@ -59,7 +59,7 @@ def path(template: str, values: dict[str, str]) -> str:
     )
 
 
-def assert_refused(response, statuses=(400, 404)) -> None:  # type: ignore[no-untyped-def]
+def assert_refused(response, statuses=(400, 404)) -> None:
     assert response.status_code in statuses, (response.status_code, response.text)
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -67,19 +67,19 @@ def assert_refused(response, statuses=(400, 404)) -> None:  # type: ignore[no-un
 
 
 @pytest.fixture
-def job_id(client) -> str:  # type: ignore[no-untyped-def]
+def job_id(client) -> str:
     file_id = uploaded_file(client, 5)
     return client.post(
         "/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": file_id}
     ).json()["id"]
 
 
-def test_nul_in_a_path_id(client) -> None:  # type: ignore[no-untyped-def]
+def test_nul_in_a_path_id(client) -> None:
     for url in ("/v1/models/x%00", "/v1/files/file-%00", "/v1/fine_tuning/jobs/ftjob-%00"):
         assert_refused(client.get(url))
 
 
-def test_nul_in_a_body_id(client) -> None:  # type: ignore[no-untyped-def]
+def test_nul_in_a_body_id(client) -> None:
     chat = {"model": "x\x00", "messages": [{"role": "user", "content": "hi"}]}
     response = raw(client, "POST", "/v1/chat/completions", body=chat)
     assert_refused(response)
@@ -91,14 +91,14 @@ def test_nul_in_a_body_id(client) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("after", ["ftevent-2147483648", "ftevent-²", "ftevent-\x00", "x"])
-def test_bad_event_cursor(client, job_id, after) -> None:  # type: ignore[no-untyped-def]
+def test_bad_event_cursor(client, job_id, after) -> None:
     response = raw(client, "GET", f"/v1/fine_tuning/jobs/{job_id}/events", params={"after": after})
     assert_refused(response)
     assert response.json()["error"]["param"] == "after"
 
 
 @pytest.mark.parametrize("text", ["\ud800", "a\udc00b", "nul\x00"])
-def test_lone_surrogate_or_nul_in_text_is_refused_at_the_schema(client, text) -> None:  # type: ignore[no-untyped-def]
+def test_lone_surrogate_or_nul_in_text_is_refused_at_the_schema(client, text) -> None:
     chat = {"model": "tiny", "messages": [{"role": "user", "content": text}], "max_tokens": 1}
     response = raw(client, "POST", "/v1/chat/completions", body=chat)
     assert_refused(response, (400,))
@@ -111,7 +111,7 @@ def test_lone_surrogate_or_nul_in_text_is_refused_at_the_schema(client, text) ->
 ids = st.sampled_from(HOSTILE) | st.text(min_size=1, max_size=40)
 
 
-def test_every_id_taking_operation_refuses_hostile_ids(client, tenant_a) -> None:  # type: ignore[no-untyped-def]
+def test_every_id_taking_operation_refuses_hostile_ids(client, tenant_a) -> None:
     operations = calls(tenant_a)
 
     @hypothesis_settings(
@@ -119,7 +119,7 @@ def test_every_id_taking_operation_refuses_hostile_ids(client, tenant_a) -> None
         suppress_health_check=list(HealthCheck),
     )  # fmt: skip
     @given(op=st.sampled_from(sorted(operations)), hostile=ids)
-    def run(op, hostile) -> None:  # type: ignore[no-untyped-def]
+    def run(op, hostile) -> None:
         method, template = op
         for parts, _ in operations[op]:
             swap = dict.fromkeys(parts.get("path", {}), hostile)

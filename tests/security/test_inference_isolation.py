@@ -42,7 +42,7 @@ def slow_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     a 500-token stream stays open for over 25 s, longer than the test needs."""
     real = BaseScheduler._step
 
-    def step(self):  # type: ignore[no-untyped-def]
+    def step(self):
         time.sleep(0.05)
         real(self)
 
@@ -83,7 +83,7 @@ def wait_admitted(client: httpx.Client, key: str, count: int) -> None:
 
 
 @pytest.mark.usefixtures("slow_steps")
-def test_open_streams_of_one_tenant_leave_the_others_served(settings):  # type: ignore[no-untyped-def]
+def test_open_streams_of_one_tenant_leave_the_others_served(settings):
     settings.rate_limit_per_second, settings.max_inference_requests_per_org = 0, 0
     attacker, victim = api_key(settings, "attacker"), api_key(settings, "victim")
     with serving(api_app(settings)) as base_url, ExitStack() as streams:
@@ -100,7 +100,7 @@ def test_open_streams_of_one_tenant_leave_the_others_served(settings):  # type: 
 
 
 @pytest.mark.usefixtures("slow_steps")
-def test_past_its_inference_limit_an_organization_gets_429(settings):  # type: ignore[no-untyped-def]
+def test_past_its_inference_limit_an_organization_gets_429(settings):
     settings.rate_limit_per_second, settings.max_inference_requests_per_org = 0, 3
     attacker = api_key(settings, "attacker")
     with serving(api_app(settings)) as base_url, ExitStack() as streams:
@@ -119,7 +119,7 @@ def test_past_its_inference_limit_an_organization_gets_429(settings):  # type: i
 
 
 @pytest.mark.usefixtures("slow_steps")
-def test_a_stream_ends_soon_after_its_key_is_revoked(settings):  # type: ignore[no-untyped-def]
+def test_a_stream_ends_soon_after_its_key_is_revoked(settings):
     settings.stream_key_check_seconds = 0.2
     key = api_key(settings, "acme")
     body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 900, "stream": True}
@@ -140,7 +140,7 @@ def test_a_stream_ends_soon_after_its_key_is_revoked(settings):  # type: ignore[
     assert len(events) < 900
 
 
-def revoke(settings, secret: str) -> None:  # type: ignore[no-untyped-def]
+def revoke(settings, secret: str) -> None:
     with session_scope(settings.sqlalchemy_url) as session:
         key = session.query(ApiKey).filter_by(key_hash=tenancy.hash_key(secret)).one()
         tenancy.revoke_key(session, key_id=key.id)

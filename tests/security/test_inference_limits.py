@@ -16,14 +16,14 @@ pytestmark = pytest.mark.slow  # loads the tiny model
         ({"prompt": "hi", "max_tokens": 0}, {"max_tokens"}),
     ],
 )
-def test_completion_past_the_limits_is_400(client, body, params) -> None:  # type: ignore[no-untyped-def]
+def test_completion_past_the_limits_is_400(client, body, params) -> None:
     response = client.post("/v1/completions", json={"model": "tiny", **body})
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] in params
 
 
-def test_chat_past_the_context_is_400(client) -> None:  # type: ignore[no-untyped-def]
+def test_chat_past_the_context_is_400(client) -> None:
     messages = [{"role": "user", "content": "word " * 3000}]
     response = client.post(
         "/v1/chat/completions", json={"model": "tiny", "messages": messages, "max_tokens": 4}

@@ -73,7 +73,7 @@ def test_the_corpus_is_large_enough() -> None:
 @pytest.mark.parametrize(("case", "content", "line"), CORPUS, ids=[c[0] for c in CORPUS])
 def test_malformed_file_is_refused_naming_the_line_and_nothing_is_kept(
     client, settings, case, content, line
-):  # type: ignore[no-untyped-def]
+):
     settings.max_lines_per_file = 50
     response = upload(client, content)
     assert response.status_code == 400, (case, response.text)
@@ -88,7 +88,7 @@ def test_malformed_file_is_refused_naming_the_line_and_nothing_is_kept(
     assert client.get("/v1/files").json()["data"] == []
 
 
-def test_windows_line_endings_are_accepted_and_stored_as_sent(client):  # type: ignore[no-untyped-def]
+def test_windows_line_endings_are_accepted_and_stored_as_sent(client):
     content = GOOD.replace(b"\n", b"\r\n") * 3
     response = upload(client, content)
     assert response.status_code == 200, response.text

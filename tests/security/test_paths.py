@@ -56,7 +56,7 @@ def canary(tmp_path: Path) -> Path:
     return folder
 
 
-def assert_only_expected_files(settings) -> None:  # type: ignore[no-untyped-def]
+def assert_only_expected_files(settings) -> None:
     """Every file under the data dir is the DB or a dataset named by a server-made id."""
     for path in settings.data_dir.rglob("*"):
         assert not path.is_symlink(), path
@@ -70,7 +70,7 @@ def assert_only_expected_files(settings) -> None:  # type: ignore[no-untyped-def
 
 
 @pytest.mark.slow
-def test_hostile_names_never_leave_the_store(settings, canary) -> None:  # type: ignore[no-untyped-def]
+def test_hostile_names_never_leave_the_store(settings, canary) -> None:
     before = tree_digest(canary)
     store, content = ArtifactStore(settings.artifacts_dir), jsonl(chat_rows(1))
     names = hostile_names(10_000)
@@ -99,7 +99,7 @@ def test_hostile_names_never_leave_the_store(settings, canary) -> None:  # type:
     assert labels["suffix_ok"] and labels["suffix_refused"] and labels["metadata_ok"]
 
 
-def _names_as_labels(session, org, names, training_file, base_models) -> dict:  # type: ignore[no-untyped-def]
+def _names_as_labels(session, org, names, training_file, base_models) -> dict:
     """The same names as job suffixes and metadata: refused (400) or kept as labels only."""
     counts = {"suffix_ok": 0, "suffix_refused": 0, "metadata_ok": 0, "metadata_refused": 0}
     for i, name in enumerate(names[:2000]):
@@ -117,7 +117,7 @@ def _names_as_labels(session, org, names, training_file, base_models) -> dict:  
     return counts
 
 
-def test_hostile_names_through_the_api(client, settings, canary) -> None:  # type: ignore[no-untyped-def]
+def test_hostile_names_through_the_api(client, settings, canary) -> None:
     before, settings.max_active_jobs = tree_digest(canary), 0  # many jobs on purpose
     file_id = uploaded_file(client, 3)
     for name in KNOWN_BAD:
@@ -135,7 +135,7 @@ def test_hostile_names_through_the_api(client, settings, canary) -> None:  # typ
     assert_only_expected_files(settings)
 
 
-def test_store_refuses_keys_that_escape_and_symlinked_folders(settings, canary) -> None:  # type: ignore[no-untyped-def]
+def test_store_refuses_keys_that_escape_and_symlinked_folders(settings, canary) -> None:
     store = ArtifactStore(settings.artifacts_dir)
     for key in ("../x", "/etc/passwd", "datasets/../../x", "", "."):
         with pytest.raises(ValueError):

@@ -24,7 +24,7 @@ class FrozenClock:
         return self.now
 
 
-def test_rate_limit_refuses_the_noisy_organization_only(app, client, other_client, settings):  # type: ignore[no-untyped-def]
+def test_rate_limit_refuses_the_noisy_organization_only(app, client, other_client, settings):
     clock = FrozenClock()
     app.state.rate_limiter = TokenBuckets(clock=clock)
     settings.rate_limit_per_second, settings.rate_limit_burst = 20.0, 20
@@ -44,13 +44,13 @@ def test_rate_limit_refuses_the_noisy_organization_only(app, client, other_clien
     assert client.get("/v1/fine_tuning/jobs").status_code == 200
 
 
-def test_rate_limit_zero_disables_it(app, client, settings):  # type: ignore[no-untyped-def]
+def test_rate_limit_zero_disables_it(app, client, settings):
     app.state.rate_limiter = TokenBuckets(clock=FrozenClock())
     settings.rate_limit_per_second, settings.rate_limit_burst = 0, 1
     assert {client.get("/v1/files").status_code for _ in range(30)} == {200}
 
 
-def test_active_job_quota_is_per_organization(client, other_client, settings):  # type: ignore[no-untyped-def]
+def test_active_job_quota_is_per_organization(client, other_client, settings):
     settings.max_active_jobs = 2
     mine = uploaded_file(client, 5)
     theirs = uploaded_file(other_client, 5)
@@ -69,12 +69,12 @@ def test_active_job_quota_is_per_organization(client, other_client, settings):  
     assert client.post("/v1/fine_tuning/jobs", json=body).status_code == 200  # a slot freed
 
 
-def quota_race(settings, monkeypatch) -> list[int]:  # type: ignore[no-untyped-def]
+def quota_race(settings, monkeypatch) -> list[int]:
     """20 concurrent creates of one organization against a quota of 5; their statuses."""
     settings.max_active_jobs, settings.rate_limit_per_second = 5, 0
     real_create = jobs.create_job
 
-    def slow_create(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def slow_create(*args, **kwargs):
         time.sleep(0.05)  # widen the window between the count and the insert, as load does
         return real_create(*args, **kwargs)
 
@@ -92,14 +92,14 @@ def quota_race(settings, monkeypatch) -> list[int]:  # type: ignore[no-untyped-d
 
 
 @pytest.mark.usefixtures("enqueued")  # no broker
-def test_active_job_quota_holds_under_concurrency_sqlite(settings, monkeypatch):  # type: ignore[no-untyped-def]
+def test_active_job_quota_holds_under_concurrency_sqlite(settings, monkeypatch):
     assert quota_race(settings, monkeypatch) == [200] * 5 + [429] * 15
     assert job_count(settings) == 5
 
 
 @pytest.mark.postgres
 @pytest.mark.usefixtures("enqueued")
-def test_active_job_quota_holds_under_concurrency_postgres(  # type: ignore[no-untyped-def]
+def test_active_job_quota_holds_under_concurrency_postgres(
     tmp_path, tiny_model_dir, pg_database_url, monkeypatch
 ):
     settings = make_settings(tmp_path / "pg", tiny_model_dir, database_url=pg_database_url)

@@ -40,7 +40,7 @@ def stalled_upload(base_url: str, key: str) -> socket.socket:
 
 
 @pytest.mark.usefixtures("enqueued")
-def test_stalled_uploads_leave_other_tenants_served(settings):  # type: ignore[no-untyped-def]
+def test_stalled_uploads_leave_other_tenants_served(settings):
     settings.rate_limit_per_second = 0
     settings.body_idle_timeout_seconds = 120  # they stay open through the victim's requests
     attacker, victim = api_key(settings, "attacker"), api_key(settings, "victim")
@@ -56,7 +56,7 @@ def test_stalled_uploads_leave_other_tenants_served(settings):  # type: ignore[n
 
 
 @pytest.mark.usefixtures("enqueued")
-def test_a_stalled_body_is_answered_408_and_dropped(settings):  # type: ignore[no-untyped-def]
+def test_a_stalled_body_is_answered_408_and_dropped(settings):
     settings.body_idle_timeout_seconds = 1
     with serving(api_app(settings)) as base_url:
         with stalled_upload(base_url, api_key(settings, "attacker")) as sock:
@@ -70,7 +70,7 @@ def test_a_stalled_body_is_answered_408_and_dropped(settings):  # type: ignore[n
 
 
 @pytest.mark.usefixtures("enqueued")
-def test_a_trickling_json_body_is_dropped(settings):  # type: ignore[no-untyped-def]
+def test_a_trickling_json_body_is_dropped(settings):
     """Below the minimum rate (one byte at a time), not only when idle."""
     settings.body_idle_timeout_seconds, settings.body_min_bytes_per_second = 1, 1000
     with serving(api_app(settings)) as base_url:
@@ -96,9 +96,9 @@ def test_a_trickling_json_body_is_dropped(settings):  # type: ignore[no-untyped-
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
 
 
-def test_pool_exhaustion_answers_503_with_retry_after(client, settings):  # type: ignore[no-untyped-def]
+def test_pool_exhaustion_answers_503_with_retry_after(client, settings):
     pool = get_engine(settings.sqlalchemy_url).pool
-    capacity = pool.size() + pool._max_overflow  # type: ignore[attr-defined]
+    capacity = pool.size() + pool._max_overflow
     with ExitStack() as held:
         for _ in range(capacity):  # every pooled connection taken, as stalled requests did
             held.enter_context(get_engine(settings.sqlalchemy_url).connect())
@@ -110,7 +110,7 @@ def test_pool_exhaustion_answers_503_with_retry_after(client, settings):  # type
 
 @pytest.mark.usefixtures("enqueued")
 @pytest.mark.parametrize("chunked", [False, True])
-def test_json_body_past_its_cap_is_413(settings, chunked):  # type: ignore[no-untyped-def]
+def test_json_body_past_its_cap_is_413(settings, chunked):
     settings.max_request_bytes = 64 * 1024
     body = b'{"model": "tiny", "prompt": "' + b"x" * (2 * settings.max_request_bytes) + b'"}'
     pieces = [body[i : i + 8192] for i in range(0, len(body), 8192)]

@@ -31,20 +31,20 @@ FUZZ = hypothesis_settings(
 
 
 @pytest.fixture
-def settings(backend):  # type: ignore[no-untyped-def]
+def settings(backend):
     """Both databases: PostgreSQL refuses what SQLite takes (a NUL in text, a 32-bit
     overflow), so a 500 may exist on one only."""
     return backend
 
 
 @pytest.fixture
-def fuzz_app(settings, enqueued):  # type: ignore[no-untyped-def]  # noqa: ARG001
+def fuzz_app(settings, enqueued):  # noqa: ARG001
     app = api_app(settings)
     settings.rate_limit_per_second = 0  # fuzzing is a flood by design
     return app
 
 
-def tenant(app, settings, name: str) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def tenant(app, settings, name: str) -> dict[str, str]:
     """A new organization's key, with one valid dataset so job creation can succeed too."""
     from fastapi.testclient import TestClient
 
@@ -55,12 +55,12 @@ def tenant(app, settings, name: str) -> dict[str, str]:  # type: ignore[no-untyp
 
 
 @pytest.fixture
-def auth(fuzz_app, settings) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def auth(fuzz_app, settings) -> dict[str, str]:
     return tenant(fuzz_app, settings, "acme")
 
 
 @pytest.fixture
-def api_schema(fuzz_app):  # type: ignore[no-untyped-def]
+def api_schema(fuzz_app):
     schema = schemathesis.openapi.from_asgi("/openapi.json", fuzz_app)
     schema.config.checks.update(included_check_names=["all"])
     # Schema-valid is not always acceptable here: a JSONL file's lines, whether an id exists
@@ -72,17 +72,17 @@ def api_schema(fuzz_app):  # type: ignore[no-untyped-def]
     return schema
 
 
-def fuzz(operation, mode: GenerationMode, auth: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+def fuzz(operation, mode: GenerationMode, auth: dict[str, str]) -> None:
     @FUZZ
     @given(case=operation.as_strategy(generation_mode=mode))
-    def run(case) -> None:  # type: ignore[no-untyped-def]
+    def run(case) -> None:
         case.call_and_validate(headers=auth)
 
     run()
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
-def test_no_server_errors_and_responses_match_the_schema(api_schema, auth, mode) -> None:  # type: ignore[no-untyped-def]
+def test_no_server_errors_and_responses_match_the_schema(api_schema, auth, mode) -> None:
     failures = []
     operations = [result.ok() for result in api_schema.get_all_operations()]
     assert len(operations) >= 20
@@ -96,7 +96,7 @@ def test_no_server_errors_and_responses_match_the_schema(api_schema, auth, mode)
     assert not failures, "\n\n".join(failures)
 
 
-def test_stateful_sequences_follow_the_links(api_schema, fuzz_app, settings) -> None:  # type: ignore[no-untyped-def]
+def test_stateful_sequences_follow_the_links(api_schema, fuzz_app, settings) -> None:
     """Create → read / cancel / delete chains over the links schemathesis infers.
 
     Each scenario runs in an organization of its own: what earlier scenarios stored (files,
@@ -106,11 +106,11 @@ def test_stateful_sequences_follow_the_links(api_schema, fuzz_app, settings) -> 
     assert len(machine.bundles) >= 5, "no links: the stateful phase would test nothing"
     scenarios = itertools.count()
 
-    class Machine(machine):  # type: ignore[misc,valid-type]
+    class Machine(machine):
         def setup(self) -> None:
             self.headers = tenant(fuzz_app, settings, f"scenario-{next(scenarios)}")
 
-        def get_call_kwargs(self, case) -> dict:  # type: ignore[no-untyped-def]
+        def get_call_kwargs(self, case) -> dict:
             return {"headers": self.headers}
 
     Machine.run(

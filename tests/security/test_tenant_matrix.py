@@ -42,18 +42,18 @@ def unknown(value: str) -> str:
     return re.sub(r"[A-Za-z0-9]{24}", "Z" * 24, value)
 
 
-def send(client, method: str, path: str, parts: dict, swap) -> object:  # type: ignore[no-untyped-def]
+def send(client, method: str, path: str, parts: dict, swap) -> object:
     url = path.format(**{k: swap(v) for k, v in parts.get("path", {}).items()})
     params = {k: swap(v) for k, v in parts.get("params", {}).items()}
     body = {k: swap(v) if isinstance(v, str) else v for k, v in parts.get("json", {}).items()}
     return client.request(method, url, params=params, json=body or None)
 
 
-def test_every_id_taking_operation_is_in_the_matrix(app, tenant_a) -> None:  # type: ignore[no-untyped-def]
+def test_every_id_taking_operation_is_in_the_matrix(app, tenant_a) -> None:
     assert id_operations(app.openapi()) == set(calls(tenant_a))
 
 
-def test_organization_b_gets_404_and_learns_nothing_of_a(client, other_client, tenant_a):  # type: ignore[no-untyped-def]
+def test_organization_b_gets_404_and_learns_nothing_of_a(client, other_client, tenant_a):
     own_file = uploaded_file(other_client, 3)
     own_job = other_client.post(
         "/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": own_file}
@@ -80,7 +80,7 @@ def test_organization_b_gets_404_and_learns_nothing_of_a(client, other_client, t
     assert client.get(f"/v1/models/{tenant_a.adapter}").status_code == 200
 
 
-def test_list_endpoints_never_show_foreign_rows(other_client, tenant_a) -> None:  # type: ignore[no-untyped-def]
+def test_list_endpoints_never_show_foreign_rows(other_client, tenant_a) -> None:
     for path in ("/v1/files", "/v1/fine_tuning/jobs", "/v1/models"):
         response = other_client.get(path)
         assert response.status_code == 200
@@ -92,7 +92,7 @@ def test_list_endpoints_never_show_foreign_rows(other_client, tenant_a) -> None:
 @pytest.mark.parametrize(
     "field", ["organization_id", "status", "attempt", "storage_key", "sha256", "base_model_path"]
 )
-def test_injected_fields_are_refused_and_nothing_is_stored(other_client, field) -> None:  # type: ignore[no-untyped-def]
+def test_injected_fields_are_refused_and_nothing_is_stored(other_client, field) -> None:
     own_file = uploaded_file(other_client, 3)
     body = {"model": "tiny", "training_file": own_file, field: "x"}
     response = other_client.post("/v1/fine_tuning/jobs", json=body)
@@ -100,7 +100,7 @@ def test_injected_fields_are_refused_and_nothing_is_stored(other_client, field) 
     assert other_client.get("/v1/fine_tuning/jobs").json()["data"] == []
 
 
-def test_unknown_query_parameters_are_refused_and_named(other_client) -> None:  # type: ignore[no-untyped-def]
+def test_unknown_query_parameters_are_refused_and_named(other_client) -> None:
     response = other_client.get("/v1/fine_tuning/jobs", params={"limit": 2, "organization_id": "x"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "organization_id"
     assert other_client.get("/v1/fine_tuning/jobs", params={"limit": 2}).status_code == 200

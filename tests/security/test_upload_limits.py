@@ -16,11 +16,11 @@ BOUNDARY = "lfboundary"
 CHUNK = 64 * 1024
 
 
-def spool_bytes(settings) -> int:  # type: ignore[no-untyped-def]
+def spool_bytes(settings) -> int:
     return sum(p.stat().st_size for p in (settings.artifacts_dir / "tmp").rglob("*") if p.is_file())
 
 
-def drive(app, settings, total: int, *, content_length: bool):  # type: ignore[no-untyped-def]
+def drive(app, settings, total: int, *, content_length: bool):
     """POST a `total`-byte file part in 64 KB chunks straight into the ASGI app.
 
     Returns (status, body, bytes the app pulled from the receive channel, peak spool size).
@@ -74,7 +74,7 @@ def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_chunked_upload_over_the_cap_stops_reading_and_spooling_at_the_cap(
     app, settings, private_tmp
-):  # type: ignore[no-untyped-def]
+):
     settings.max_upload_bytes = 256 * 1024
     status, body, pulled, peak = drive(app, settings, 20 * 1024 * 1024, content_length=False)
     assert status == 413 and body["error"]["code"] == "file_too_large"
@@ -86,7 +86,7 @@ def test_chunked_upload_over_the_cap_stops_reading_and_spooling_at_the_cap(
 
 def test_upload_with_content_length_over_the_cap_is_refused_before_any_body_is_read(
     app, settings, private_tmp
-):  # type: ignore[no-untyped-def]
+):
 
     settings.max_upload_bytes = 256 * 1024
     (settings.artifacts_dir / "tmp").mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,7 @@ def test_upload_with_content_length_over_the_cap_is_refused_before_any_body_is_r
     assert stored_nothing(settings) and not any(private_tmp.iterdir())
 
 
-def test_upload_just_under_the_cap_is_stored(app, settings, private_tmp):  # type: ignore[no-untyped-def]
+def test_upload_just_under_the_cap_is_stored(app, settings, private_tmp):
     settings.max_upload_bytes = 256 * 1024
     status, body, _, _ = drive(app, settings, 200 * 1024, content_length=False)
     assert status == 200, body

@@ -25,7 +25,7 @@ TOKENS = [3, 5, 6]
 
 
 @pytest.fixture(scope="module")
-def base(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+def base(tiny_model_dir: Path):
     return load_base_model(tiny_model_dir, device="cpu")
 
 
@@ -43,7 +43,7 @@ def adapter_dir(tiny_model_dir: Path, tmp_path: Path) -> Path:
     return tmp_path / "adapter"
 
 
-def read(base, folder: Path):  # type: ignore[no-untyped-def]
+def read(base, folder: Path):
     ref = AdapterRef("ft:tiny:o:s:ftjob-1", folder, file_sha256(folder / ADAPTER_WEIGHTS))
     return read_adapter(
         ref,
@@ -54,12 +54,12 @@ def read(base, folder: Path):  # type: ignore[no-untyped-def]
     )
 
 
-def edit_config(folder: Path, **changes) -> None:  # type: ignore[no-untyped-def]
+def edit_config(folder: Path, **changes) -> None:
     config = json.loads((folder / ADAPTER_CONFIG).read_text())
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config | changes))
 
 
-def test_token_rows_of_both_layers_are_read(base, adapter_dir) -> None:  # type: ignore[no-untyped-def]
+def test_token_rows_of_both_layers_are_read(base, adapter_dir) -> None:
     weights = read(base, adapter_dir)
     assert sorted(weights.tokens) == ["lm_head", "model.embed_tokens"]
     for name, layer in (("model.embed_tokens", base.model.embed_tokens), ("lm_head", base.lm_head)):
@@ -78,7 +78,7 @@ def test_token_rows_of_both_layers_are_read(base, adapter_dir) -> None:  # type:
         TOKENS,  # PEFT's short form: which layers it covers is implicit
     ],
 )
-def test_token_rows_that_do_not_fit_are_refused(base, adapter_dir, indices) -> None:  # type: ignore[no-untyped-def]
+def test_token_rows_that_do_not_fit_are_refused(base, adapter_dir, indices) -> None:
     if isinstance(indices, list) and indices != TOKENS:
         indices = {"model.embed_tokens": indices, "lm_head": TOKENS}
     edit_config(adapter_dir, trainable_token_indices=indices)
@@ -122,7 +122,7 @@ def test_a_tied_output_layer_is_served_with_the_embedding_rows(tmp_path: Path) -
 
     ids = torch.tensor([tokenizer("hello").input_ids])
 
-    def generate(m) -> list[int]:  # type: ignore[no-untyped-def]
+    def generate(m) -> list[int]:
         out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
                          do_sample=False, eos_token_id=-1, pad_token_id=0)  # fmt: skip
         return out[0, ids.shape[1] :].tolist()

@@ -34,12 +34,12 @@ def test_what_looks_like_a_path(ref: str, is_path: bool) -> None:
     assert looks_like_path(ref) is is_path
 
 
-def test_loading_a_missing_path_never_asks_the_hub(monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_loading_a_missing_path_never_asks_the_hub(monkeypatch, tmp_path: Path) -> None:
     import transformers
 
     from app.ml.loading import load_base_model, load_tokenizer
 
-    def hub(ref, **_):  # type: ignore[no-untyped-def]
+    def hub(ref, **_):
         raise AssertionError(f"from_pretrained was called with {ref}, a path that does not exist")
 
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", hub)
@@ -67,7 +67,7 @@ def fake_cache(root: Path, repo: str) -> None:
 
 
 @pytest.fixture
-def hub(monkeypatch, tmp_path: Path):  # type: ignore[no-untyped-def]
+def hub(monkeypatch, tmp_path: Path):
     """An empty hub cache, online; `answer` sets what the hub says to model_info."""
     import huggingface_hub
     from huggingface_hub import constants
@@ -76,7 +76,7 @@ def hub(monkeypatch, tmp_path: Path):  # type: ignore[no-untyped-def]
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     answers: list[Exception | None] = [None]
 
-    def model_info(repo_id, timeout=None):  # type: ignore[no-untyped-def]  # noqa: ARG001
+    def model_info(repo_id, timeout=None):  # noqa: ARG001
         assert timeout is not None  # never the default, long retry
         if answers[0] is not None:
             raise answers[0]
@@ -86,7 +86,7 @@ def hub(monkeypatch, tmp_path: Path):  # type: ignore[no-untyped-def]
     return answers
 
 
-def test_a_cached_hub_id_loads_offline(hub, monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_cached_hub_id_loads_offline(hub, monkeypatch, tmp_path: Path) -> None:
     from huggingface_hub import constants
 
     fake_cache(tmp_path / "hub", "acme/cached")
@@ -95,7 +95,7 @@ def test_a_cached_hub_id_loads_offline(hub, monkeypatch, tmp_path: Path) -> None
     assert problem("acme/cached") is None
 
 
-def test_an_uncached_hub_id_offline(hub, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_an_uncached_hub_id_offline(hub, monkeypatch) -> None:
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -103,13 +103,13 @@ def test_an_uncached_hub_id_offline(hub, monkeypatch) -> None:  # type: ignore[n
     assert "HF_HUB_OFFLINE" in problem("acme/model")
 
 
-def test_an_uncached_hub_id_without_network(hub) -> None:  # type: ignore[no-untyped-def]
+def test_an_uncached_hub_id_without_network(hub) -> None:
     hub[0] = httpx.ConnectError("no route to host")
     reason = problem("acme/model")
     assert "cannot be reached" in reason and "ConnectError" in reason
 
 
-def test_a_gated_hub_id_without_a_token(hub) -> None:  # type: ignore[no-untyped-def]
+def test_a_gated_hub_id_without_a_token(hub) -> None:
     from huggingface_hub.errors import GatedRepoError
 
     response = httpx.Response(401, request=httpx.Request("GET", "x"))
@@ -117,7 +117,7 @@ def test_a_gated_hub_id_without_a_token(hub) -> None:  # type: ignore[no-untyped
     assert "HF_TOKEN" in problem("meta-llama/Llama-3.2-1B")
 
 
-def test_an_unknown_hub_id_names_both_places_it_looked(hub) -> None:  # type: ignore[no-untyped-def]
+def test_an_unknown_hub_id_names_both_places_it_looked(hub) -> None:
     from huggingface_hub.errors import RepositoryNotFoundError
 
     hub[0] = RepositoryNotFoundError(
@@ -127,5 +127,5 @@ def test_an_unknown_hub_id_names_both_places_it_looked(hub) -> None:  # type: ig
     assert "no local directory" in reason and "no hub repository 'models/tinyy'" in reason
 
 
-def test_a_reachable_hub_id_is_fine(hub) -> None:  # type: ignore[no-untyped-def]  # noqa: ARG001
+def test_a_reachable_hub_id_is_fine(hub) -> None:  # noqa: ARG001
     assert problem("acme/model") is None

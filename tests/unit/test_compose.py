@@ -112,7 +112,7 @@ def test_every_service_that_loads_models_has_a_gpu(gpu: dict) -> None:
 
 
 @pytest.mark.parametrize("variant", ["gpu", "cpu"])
-def test_model_services_get_hub_token_and_a_cache_volume(variant: str, request) -> None:  # type: ignore[no-untyped-def]
+def test_model_services_get_hub_token_and_a_cache_volume(variant: str, request) -> None:
     compose = request.getfixturevalue(variant)
     for name, service in model_services(compose).items():
         environment = service["environment"]

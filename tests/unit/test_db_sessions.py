@@ -14,7 +14,7 @@ from app.db.session import read_session_scope, session_scope
 
 def test_a_read_goes_through_while_a_writer_holds_the_lock_and_a_read_session_cannot_write(
     settings,
-):  # type: ignore[no-untyped-def]
+):
     url = settings.sqlalchemy_url
     with session_scope(url) as writer:  # BEGIN IMMEDIATE: holds SQLite's write lock until exit
         tenancy.get_or_create_organization(writer, name="acme")

@@ -33,7 +33,7 @@ def test_resolve_fills_every_knob_and_keeps_the_seed() -> None:
 @pytest.mark.parametrize(
     ("fmt", "expected"), [("text", True), ("chat", False), ("completion", False)]
 )
-def test_train_on_inputs_auto_follows_the_dataset_format(fmt, expected) -> None:  # type: ignore[no-untyped-def]
+def test_train_on_inputs_auto_follows_the_dataset_format(fmt, expected) -> None:
     resolved = resolve(Hyperparameters(), n_examples=10, seed=1, dataset_format=fmt)
     assert resolved.train_on_inputs is expected
     explicit = resolve(Hyperparameters(train_on_inputs=True), n_examples=10, seed=1)
@@ -65,7 +65,7 @@ def test_continue_from_keeps_the_parent_lora_shape() -> None:
         ({"gradient_checkpoint": True}, "gradient_checkpoint"),
     ],
 )
-def test_bad_hyperparameters_are_refused_naming_the_field(body, field) -> None:  # type: ignore[no-untyped-def]
+def test_bad_hyperparameters_are_refused_naming_the_field(body, field) -> None:
     with pytest.raises(ValidationError) as caught:
         Hyperparameters.model_validate(body)
     assert field in str(caught.value)
@@ -79,7 +79,7 @@ def test_two_different_seeds_are_refused() -> None:
     )
 
 
-def test_target_modules_are_checked_against_the_model_files(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+def test_target_modules_are_checked_against_the_model_files(tiny_model_dir) -> None:
     names = linear_module_names(tiny_model_dir)
     assert "model.layers.0.self_attn.q_proj" in names
     check_target_modules(str(tiny_model_dir), ["q_proj", "v_proj"])
@@ -90,12 +90,12 @@ def test_target_modules_are_checked_against_the_model_files(tiny_model_dir) -> N
     assert "qkv_proj" in caught.value.message and "q_proj" in caught.value.message
 
 
-def test_a_hub_id_is_left_for_the_worker_to_check(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_hub_id_is_left_for_the_worker_to_check(tmp_path) -> None:
     assert linear_module_names(tmp_path / "not-here") is None
     check_target_modules("org/some-hub-model", ["anything"])  # checked when the job starts
 
 
-def test_train_special_tokens_are_checked_against_the_local_vocabulary(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+def test_train_special_tokens_are_checked_against_the_local_vocabulary(tiny_model_dir) -> None:
     from app.jobs.hyperparameters import check_special_tokens
 
     check_special_tokens(str(tiny_model_dir), ["<|user|>", "<|end|>"])
@@ -108,7 +108,7 @@ def test_train_special_tokens_are_checked_against_the_local_vocabulary(tiny_mode
 
 
 @pytest.mark.parametrize("value", ["sometimes", [], [""], ["x" * 101], None, [1]])
-def test_train_special_tokens_takes_a_bool_or_a_list_of_token_strings(value) -> None:  # type: ignore[no-untyped-def]
+def test_train_special_tokens_takes_a_bool_or_a_list_of_token_strings(value) -> None:
     with pytest.raises(ValidationError):
         Hyperparameters(train_special_tokens=value)
     assert Hyperparameters().train_special_tokens is False

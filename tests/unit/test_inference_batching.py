@@ -90,7 +90,7 @@ def references(base_dir: Path, adapters: list[AdapterRef]) -> dict[tuple, list[i
     return found
 
 
-def _generate(model, ids, tokenizer) -> list[int]:  # type: ignore[no-untyped-def]
+def _generate(model, ids, tokenizer) -> list[int]:
     with torch.inference_mode():
         out = model.generate(
             input_ids=ids,
@@ -103,7 +103,7 @@ def _generate(model, ids, tokenizer) -> list[int]:  # type: ignore[no-untyped-de
     return out[0, ids.shape[1] :].tolist()
 
 
-def expected_text(tokenizer, tokens: list[int], max_tokens: int) -> str:  # type: ignore[no-untyped-def]
+def expected_text(tokenizer, tokens: list[int], max_tokens: int) -> str:
     tokens = tokens[:max_tokens]
     if tokenizer.eos_token_id in tokens:
         tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
@@ -135,7 +135,7 @@ def test_1000_concurrent_requests_over_10_adapters_and_base_never_mix_up(
         (rng.choice(choices), rng.choice(PROMPTS), rng.randint(1, MAX_TOKENS)) for _ in range(1000)
     ]
 
-    def run(job):  # type: ignore[no-untyped-def]
+    def run(job):
         adapter, prompt, max_tokens = job
         return engine.generate(
             base_model="tiny",

@@ -25,7 +25,7 @@ from tests.unit.greedy_text import PROMPT, greedy, new_engine, reference  # noqa
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def make_adapter(base_dir: Path, out: Path, *, seed: int, **config) -> AdapterRef:  # type: ignore[no-untyped-def]
+def make_adapter(base_dir: Path, out: Path, *, seed: int, **config) -> AdapterRef:
     torch.manual_seed(seed)
     options = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]} | config
     model = peft.get_peft_model(
@@ -66,7 +66,7 @@ def test_a_slow_load_never_blocks_requests_on_loaded_adapters(base_dir, adapters
     release, started = threading.Event(), threading.Event()
     real = pool_module.read_adapter
 
-    def held(ref, **kwargs):  # type: ignore[no-untyped-def]
+    def held(ref, **kwargs):
         if ref.id == slow.id:
             started.set()
             assert release.wait(timeout=120)
@@ -127,7 +127,7 @@ def test_cancelled_request_leaves_the_batch(base_dir, adapters):
 def test_seeded_sampling_is_the_same_alone_and_in_a_batch(base_dir, adapters):
     engine = new_engine(base_dir)
 
-    def sample(seed: int):  # type: ignore[no-untyped-def]
+    def sample(seed: int):
         return engine.submit(
             base_model="tiny",
             adapter=adapters[0],
@@ -205,7 +205,7 @@ def test_foreign_tensors_are_refused(base_dir, adapters, tmp_path):
 class CharTokenizer:
     """decode() of ids as characters; 0 is EOS."""
 
-    def decode(self, tokens, skip_special_tokens=True):  # type: ignore[no-untyped-def]
+    def decode(self, tokens, skip_special_tokens=True):
         return "".join(chr(t) for t in tokens)
 
 

@@ -32,11 +32,11 @@ def no_eos(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine_module, "eos_token_ids", lambda *_: frozenset())
 
 
-def new_engine(tiny_model_dir: Path, **options) -> InferenceEngine:  # type: ignore[no-untyped-def]
+def new_engine(tiny_model_dir: Path, **options) -> InferenceEngine:
     return InferenceEngine(base_models={"tiny": str(tiny_model_dir)}, device="cpu", **options)
 
 
-def ask(engine: InferenceEngine, owner: str, max_tokens: int, prompt: str = "Once upon a time"):  # type: ignore[no-untyped-def]
+def ask(engine: InferenceEngine, owner: str, max_tokens: int, prompt: str = "Once upon a time"):
     return engine.submit(
         base_model="tiny",
         adapter=None,
@@ -105,7 +105,7 @@ def test_a_prompt_too_long_for_the_context_is_refused_before_tokenizing(
     seen: list[int] = []
     real = engine_module._tokenize
 
-    def recording(tokenizer, prompt, messages):  # type: ignore[no-untyped-def]
+    def recording(tokenizer, prompt, messages):
         seen.append(len(prompt or "") + sum(len(m["content"]) for m in messages or []))
         return real(tokenizer, prompt, messages)
 
@@ -130,7 +130,7 @@ def test_tokenizing_one_request_does_not_hold_up_another(
     entered, release = threading.Event(), threading.Event()
     real = engine_module._tokenize
 
-    def slow_for_one(tokenizer, prompt, messages):  # type: ignore[no-untyped-def]
+    def slow_for_one(tokenizer, prompt, messages):
         if prompt == "slow":
             entered.set()
             release.wait(timeout=20)  # a huge prompt being tokenized

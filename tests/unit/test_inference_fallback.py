@@ -32,7 +32,7 @@ SHAPES = {
 }
 
 
-def trained_like(base: Path, out: Path, *, seed: int, **config) -> AdapterRef:  # type: ignore[no-untyped-def]
+def trained_like(base: Path, out: Path, *, seed: int, **config) -> AdapterRef:
     """Random non-zero weights, saved exactly as the trainer saves them (`save_adapter`)."""
     torch.manual_seed(seed)
     options = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]} | config

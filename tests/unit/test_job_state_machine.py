@@ -52,7 +52,7 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request, tmp_path) -> str:  # type: ignore[no-untyped-def]
+def database_url(request, tmp_path) -> str:
     from app import migrate
 
     url = None if request.param == "sqlite" else request.getfixturevalue("pg_database_url")
@@ -125,7 +125,7 @@ class JobRepository(RuleBasedStateMachine):
 
     # -- workers, current and stale --------------------------------------------------------
     @rule(target=claims, job_id=jobs, worker=st.sampled_from(["w1", "w2"]))
-    def claim(self, job_id: str, worker: str):  # type: ignore[no-untyped-def]
+    def claim(self, job_id: str, worker: str):
         status, attempt, cancel_requested, *_ = snapshot(self.url, job_id)
         lapsed = status == "running" and job_id in self.lapsed
         with session_scope(self.url) as session:
@@ -158,7 +158,7 @@ class JobRepository(RuleBasedStateMachine):
 
     @rule(claim=claims, step=st.integers(1, 5))
     def checkpoint(self, claim: job_runs.Claim, step: int) -> None:
-        def write(session):  # type: ignore[no-untyped-def]
+        def write(session):
             # what Progress.on_epoch does: renew (the fence), then record, one transaction
             job_runs.renew_lease(session, claim=claim, lease_seconds=600)
             job_runs.record_checkpoint(
@@ -212,7 +212,7 @@ class JobRepository(RuleBasedStateMachine):
         if not owns:
             assert snapshot(self.url, claim.job_id) == before
 
-    def _owned_write(self, claim: job_runs.Claim, write) -> None:  # type: ignore[no-untyped-def]
+    def _owned_write(self, claim: job_runs.Claim, write) -> None:
         before = snapshot(self.url, claim.job_id)
         status, attempt, cancel_requested, *_ = before
         try:

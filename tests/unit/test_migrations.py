@@ -78,7 +78,7 @@ def schema_diff(url: str) -> list:
         return compare_metadata(MigrationContext.configure(conn), Base.metadata)
 
 
-def round_trip(settings, down_to: str = FIRST) -> None:  # type: ignore[no-untyped-def]
+def round_trip(settings, down_to: str = FIRST) -> None:
     url = settings.sqlalchemy_url
     migrate.upgrade(settings)
     seed(url)
@@ -92,7 +92,7 @@ def round_trip(settings, down_to: str = FIRST) -> None:  # type: ignore[no-untyp
     assert schema_diff(url) == []
 
 
-def empty_round_trip(settings) -> None:  # type: ignore[no-untyped-def]
+def empty_round_trip(settings) -> None:
     """head → base → head leaves the schema the models describe, and usable."""
     url = settings.sqlalchemy_url
     migrate.upgrade(settings)
@@ -124,12 +124,12 @@ def test_round_trip_postgres(tmp_path: Path, pg_database_url: str) -> None:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def any_settings(request, tmp_path: Path):  # type: ignore[no-untyped-def]
+def any_settings(request, tmp_path: Path):
     url = request.getfixturevalue("pg_database_url") if request.param == "postgres" else None
     return make_settings(tmp_path / "data", tmp_path / "m", database_url=url)
 
 
-def test_events_stored_before_0005_get_opaque_ids_and_page(any_settings) -> None:  # type: ignore[no-untyped-def]
+def test_events_stored_before_0005_get_opaque_ids_and_page(any_settings) -> None:
     from app.jobs import service as jobs
 
     url = any_settings.sqlalchemy_url

@@ -35,18 +35,18 @@ def broker(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[[str], C
     return use
 
 
-def test_a_redis_that_refuses_connections_is_an_outage(broker) -> None:  # type: ignore[no-untyped-def]
+def test_a_redis_that_refuses_connections_is_an_outage(broker) -> None:
     broker(f"redis://127.0.0.1:{closed_port()}/0")
     assert queue.enqueue_training("ftjob-x") is False
 
 
-def test_an_unknown_transport_is_raised_not_taken_for_an_outage(broker) -> None:  # type: ignore[no-untyped-def]
+def test_an_unknown_transport_is_raised_not_taken_for_an_outage(broker) -> None:
     broker("rediss-typo://127.0.0.1:6379/0")
     with pytest.raises(KeyError, match="rediss-typo"):
         queue.enqueue_training("ftjob-x")
 
 
-def test_a_bug_while_sending_is_raised(broker, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_bug_while_sending_is_raised(broker, monkeypatch: pytest.MonkeyPatch) -> None:
     client = broker(f"redis://127.0.0.1:{closed_port()}/0")
 
     def send_task(*_args: object, **_kwargs: object) -> None:

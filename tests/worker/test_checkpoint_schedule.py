@@ -20,7 +20,7 @@ from worker.training.checkpoint import checkpoint_steps
         (3, 10, [1, 2, 3]),  # at most one per step
     ],
 )
-def test_checkpoint_steps(total, n, steps) -> None:  # type: ignore[no-untyped-def]
+def test_checkpoint_steps(total, n, steps) -> None:
     assert checkpoint_steps(total, n) == steps
 
 

@@ -15,7 +15,7 @@ from worker.run_job import run_job
 pytestmark = pytest.mark.slow
 
 
-def shown(settings, job_id: str) -> str:  # type: ignore[no-untyped-def]
+def shown(settings, job_id: str) -> str:
     """Everything a tenant can read about the job: its error and its events."""
     with session_scope(settings.sqlalchemy_url) as session:
         job = session.get(Job, job_id)
@@ -23,12 +23,12 @@ def shown(settings, job_id: str) -> str:  # type: ignore[no-untyped-def]
         return repr(job.error) + "\n".join(events)
 
 
-def test_a_dataset_vanishing_mid_run_fails_without_the_server_path(backend, monkeypatch):  # type: ignore[no-untyped-def]
+def test_a_dataset_vanishing_mid_run_fails_without_the_server_path(backend, monkeypatch):
     """The probe: the stored dataset went away after the job had started."""
     job_id = submit(backend)
     real = job_inputs.read_inputs
 
-    def read_then_lose_the_dataset(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def read_then_lose_the_dataset(*args, **kwargs):
         inputs = real(*args, **kwargs)
         inputs.training_path.unlink()
         return inputs
@@ -40,11 +40,11 @@ def test_a_dataset_vanishing_mid_run_fails_without_the_server_path(backend, monk
     assert str(backend.data_dir) not in text and "/artifacts/" not in text, text
 
 
-def test_an_unexpected_error_naming_a_path_is_scrubbed(backend, monkeypatch):  # type: ignore[no-untyped-def]
+def test_an_unexpected_error_naming_a_path_is_scrubbed(backend, monkeypatch):
     job_id = submit(backend)
     secret_dir = backend.artifacts_dir / "datasets"
 
-    def fail(*_args, **_kwargs):  # type: ignore[no-untyped-def]
+    def fail(*_args, **_kwargs):
         raise OSError(f"cannot map {secret_dir}/shard-00001.bin (errno 12)")
 
     monkeypatch.setattr(run_job_module, "_hyperparameters_to_run", fail)
@@ -53,7 +53,7 @@ def test_an_unexpected_error_naming_a_path_is_scrubbed(backend, monkeypatch):  #
     assert "…/shard-00001.bin" in text and str(backend.data_dir) not in text, text
 
 
-def test_a_stored_dataset_missing_before_the_start_names_the_file(backend):  # type: ignore[no-untyped-def]
+def test_a_stored_dataset_missing_before_the_start_names_the_file(backend):
     job_id = submit(backend)
     for path in (backend.artifacts_dir / "datasets").iterdir():
         path.unlink()

@@ -15,14 +15,14 @@ from app.jobs import runs as job_runs
 from tests.factories import submit
 
 
-def claim(settings, job_id: str, *, lease_seconds: int, worker: str = "w") -> job_runs.Claim:  # type: ignore[no-untyped-def]
+def claim(settings, job_id: str, *, lease_seconds: int, worker: str = "w") -> job_runs.Claim:
     with session_scope(settings.sqlalchemy_url) as session:
         return job_runs.claim_job(
             session, job_id=job_id, worker=worker, lease_seconds=lease_seconds, max_attempts=3
         )
 
 
-def sweep(settings) -> list[str]:  # type: ignore[no-untyped-def]
+def sweep(settings) -> list[str]:
     with session_scope(settings.sqlalchemy_url) as session:
         return job_runs.sweep(session, requeue_after_seconds=3600, max_attempts=3)
 
@@ -39,12 +39,12 @@ def gives_up(keeper: threading.Thread) -> bool:
     return not keeper.is_alive()
 
 
-def status(settings, job_id: str) -> str:  # type: ignore[no-untyped-def]
+def status(settings, job_id: str) -> str:
     with session_scope(settings.sqlalchemy_url) as session:
         return session.scalar(select(Job.status).where(Job.id == job_id))
 
 
-def test_keep_lease_holds_a_job_through_a_phase_without_steps(settings, lease_clock):  # type: ignore[no-untyped-def]
+def test_keep_lease_holds_a_job_through_a_phase_without_steps(settings, lease_clock):
     """Loading a base model or saving a checkpoint takes no step; the lease must not lapse."""
     job_id = submit(settings)
     held = claim(settings, job_id, lease_seconds=1)
@@ -57,7 +57,7 @@ def test_keep_lease_holds_a_job_through_a_phase_without_steps(settings, lease_cl
     assert sweep(settings) == [job_id] and status(settings, job_id) == "queued"
 
 
-def test_keep_lease_stops_renewing_once_the_job_is_cancelled(settings, lease_clock):  # type: ignore[no-untyped-def]
+def test_keep_lease_stops_renewing_once_the_job_is_cancelled(settings, lease_clock):
     job_id = submit(settings)
     held = claim(settings, job_id, lease_seconds=1)
     with session_scope(settings.sqlalchemy_url) as session:
@@ -70,7 +70,7 @@ def test_keep_lease_stops_renewing_once_the_job_is_cancelled(settings, lease_clo
         job_runs.renew_lease(session, claim=held, lease_seconds=1)
 
 
-def test_keep_lease_does_not_renew_a_lease_taken_over_by_another_attempt(settings, lease_clock):  # type: ignore[no-untyped-def]
+def test_keep_lease_does_not_renew_a_lease_taken_over_by_another_attempt(settings, lease_clock):
     job_id = submit(settings)
     stale = claim(settings, job_id, lease_seconds=1, worker="old")
     with job_runs.keep_lease(settings.sqlalchemy_url, claim=stale, lease_seconds=1):
@@ -91,7 +91,7 @@ def test_keep_lease_does_not_renew_a_lease_taken_over_by_another_attempt(setting
 
 def test_the_sweep_removes_what_a_dead_attempt_left_but_keeps_recorded_checkpoints(
     settings, monkeypatch
-):  # type: ignore[no-untyped-def]
+):
     import os
 
     from app.jobs import queue
@@ -125,7 +125,7 @@ def test_the_sweep_removes_what_a_dead_attempt_left_but_keeps_recorded_checkpoin
 @pytest.mark.slow
 def test_a_database_outage_mid_run_leaves_the_job_to_the_sweep_instead_of_failing_it(
     settings, monkeypatch
-):  # type: ignore[no-untyped-def]
+):
     """A dropped connection is the infrastructure's fault, not the job's: no `failed`."""
     from sqlalchemy.exc import OperationalError
 
@@ -134,7 +134,7 @@ def test_a_database_outage_mid_run_leaves_the_job_to_the_sweep_instead_of_failin
     job_id = submit(settings)
     real_on_step = run_job_module.Progress.on_step
 
-    def outage_at_step_two(self, report):  # type: ignore[no-untyped-def]
+    def outage_at_step_two(self, report):
         if report.step == 2:
             raise OperationalError("UPDATE fine_tuning_job", {}, Exception("server closed"))
         real_on_step(self, report)
@@ -152,7 +152,7 @@ def test_a_database_outage_mid_run_leaves_the_job_to_the_sweep_instead_of_failin
 @pytest.mark.parametrize(("pending", "resent"), [(None, True), (0, True), (1, False), (3, False)])
 def test_the_sweep_resends_a_waiting_job_only_when_its_message_may_be_lost(
     settings, monkeypatch, pending, resent
-):  # type: ignore[no-untyped-def]
+):
     """A job queued behind a long one is not lost; copies must not pile up faster than a
     busy worker skips them."""
     from app.jobs import queue

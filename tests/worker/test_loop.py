@@ -37,7 +37,7 @@ RECORDS = [
 ]
 
 
-def hyperparameters(seed: int = 0, **asked) -> SupervisedHyperparameters:  # type: ignore[no-untyped-def]
+def hyperparameters(seed: int = 0, **asked) -> SupervisedHyperparameters:
     """What a job asking for `asked` (packing off) trains with."""
     return resolve(Hyperparameters(packing=False, **asked), n_examples=len(RECORDS), seed=seed)
 
@@ -56,7 +56,7 @@ def base(tiny_model_dir: Path):
     return load_base_model(tiny_model_dir, device="cpu")
 
 
-def train(base, tokenizer, examples, out_dir: Path, config=CONFIG, **callbacks):  # type: ignore[no-untyped-def]
+def train(base, tokenizer, examples, out_dir: Path, config=CONFIG, **callbacks):
     return train_lora(
         model=base,
         tokenizer=tokenizer,

@@ -14,11 +14,11 @@ RECORDS = [{"text": "x" * n} for n in (3, 40, 7, 25, 12, 60, 5, 18, 33, 9)]
 
 
 @pytest.fixture(scope="module")
-def examples(tokenizer) -> list[Example]:  # type: ignore[no-untyped-def]
+def examples(tokenizer) -> list[Example]:
     return encode_dataset(tokenizer, RECORDS, max_seq_length=64)
 
 
-def test_packing_fills_rows_and_keeps_every_example_once(examples) -> None:  # type: ignore[no-untyped-def]
+def test_packing_fills_rows_and_keeps_every_example_once(examples) -> None:
     rows = build_sequences(examples, packing=True, max_len=64)
     assert sorted(i for r in rows for i in r.example_ids) == list(range(len(examples)))
     assert all(len(r.input_ids) <= 64 for r in rows)
@@ -31,13 +31,13 @@ def test_packing_fills_rows_and_keeps_every_example_once(examples) -> None:  # t
             assert row.labels[k] == IGNORE_INDEX
 
 
-def test_without_packing_each_example_is_its_own_row(examples) -> None:  # type: ignore[no-untyped-def]
+def test_without_packing_each_example_is_its_own_row(examples) -> None:
     rows = build_sequences(examples, packing=False, max_len=64)
     assert [r.example_ids for r in rows] == [[i] for i in range(len(examples))]
     assert all(r.position_ids == list(range(len(r.input_ids))) for r in rows)
 
 
-def test_packed_loss_equals_unpacked_loss(tiny_model_dir, examples, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_packed_loss_equals_unpacked_loss(tiny_model_dir, examples, tokenizer) -> None:
     """Per-token losses of packed rows are those of the examples run one by one."""
     model = load_base_model(tiny_model_dir, device="cpu")
     assert packing_is_exact(model)
@@ -45,7 +45,7 @@ def test_packed_loss_equals_unpacked_loss(tiny_model_dir, examples, tokenizer) -
     assert_packed_loss_is_the_loss_alone(model, rows, examples, tokenizer)
 
 
-def assert_packed_loss_is_the_loss_alone(model, rows, examples, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def assert_packed_loss_is_the_loss_alone(model, rows, examples, tokenizer) -> None:
     batch = collate(rows, tokenizer.pad_token_id, torch.device("cpu"))
     with torch.no_grad():
         logits = model(
@@ -68,12 +68,12 @@ class LeakyLM(torch.nn.Module):
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.embed
 
-    def forward(self, input_ids, position_ids=None, use_cache=False):  # type: ignore[no-untyped-def]
+    def forward(self, input_ids, position_ids=None, use_cache=False):
         hidden = self.embed(input_ids).cumsum(dim=1)
         return type("Out", (), {"logits": self.head(hidden)})()
 
 
-def test_steps_take_every_example_once_an_epoch_and_resume_where_they_stopped(examples) -> None:  # type: ignore[no-untyped-def]
+def test_steps_take_every_example_once_an_epoch_and_resume_where_they_stopped(examples) -> None:
     from app.jobs.hyperparameters import resolve
     from app.schemas.jobs import Hyperparameters
     from worker.training.packing import count_steps, steps
@@ -94,7 +94,7 @@ def test_a_model_that_leaks_across_examples_is_not_packed() -> None:
     assert not packing_is_exact(LeakyLM())
 
 
-def test_training_packed_equals_training_unpacked(tiny_model_dir, examples, tokenizer, tmp_path):  # type: ignore[no-untyped-def]
+def test_training_packed_equals_training_unpacked(tiny_model_dir, examples, tokenizer, tmp_path):
     """Packing only removes padding: same steps, same examples, same losses, same adapter."""
     from safetensors.torch import load_file
 
@@ -131,7 +131,7 @@ def test_training_packed_equals_training_unpacked(tiny_model_dir, examples, toke
 
 def test_segment_attention_is_exact_and_packs_a_micro_batch_into_one_row(
     tiny_model_dir, examples, tokenizer
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """Causal attention per example: a packed row's losses are those of its examples run
     alone, with the whole batch in one unpadded row."""
     from worker.training.packing import row_length
@@ -146,7 +146,7 @@ def test_segment_attention_is_exact_and_packs_a_micro_batch_into_one_row(
     assert_packed_loss_is_the_loss_alone(model, [row], examples, tokenizer)
 
 
-def test_segment_attention_leaves_masked_and_cached_calls_to_sdpa(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+def test_segment_attention_leaves_masked_and_cached_calls_to_sdpa(tiny_model_dir) -> None:
     """A padded batch with an attention mask, a batch with no position ids, and generation
     with a KV cache are unchanged."""
     from worker.training.segment_attention import use_segment_attention

@@ -38,7 +38,7 @@ RECORDS = [
 ]
 
 
-def hf_trainer_losses(model, examples, pad_id: int, out_dir) -> list[float]:  # type: ignore[no-untyped-def]
+def hf_trainer_losses(model, examples, pad_id: int, out_dir) -> list[float]:
     from peft import LoraConfig, get_peft_model
     from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainingArguments
@@ -62,7 +62,7 @@ def hf_trainer_losses(model, examples, pad_id: int, out_dir) -> list[float]:  # 
         }
 
     class InOrderTrainer(Trainer):
-        def _get_train_sampler(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        def _get_train_sampler(self, *args, **kwargs):
             return SequentialSampler(self.train_dataset)
 
     torch.manual_seed(SEED)  # as train_lora does before injecting LoRA: identical init
@@ -93,7 +93,7 @@ def hf_trainer_losses(model, examples, pad_id: int, out_dir) -> list[float]:  # 
 
 
 @pytest.mark.slow
-def test_loss_at_step_50_matches_hf_trainer(tiny_model_dir, tokenizer, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_loss_at_step_50_matches_hf_trainer(tiny_model_dir, tokenizer, tmp_path) -> None:
     examples = encode_dataset(tokenizer, RECORDS, max_seq_length=128)
     ours: list[StepReport] = []
     train_lora(

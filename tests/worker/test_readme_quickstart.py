@@ -48,7 +48,7 @@ def test_readme_and_demo_share_the_tiny_model_settings() -> None:
     assert readme["hyperparameters"] == TINY_MODEL_HYPERPARAMETERS
 
 
-def test_readme_quick_start_adapter_answers(settings, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+def test_readme_quick_start_adapter_answers(settings, tiny_model_dir) -> None:
     from app.inference import AdapterRef, InferenceEngine
 
     readme = quick_start()

@@ -47,7 +47,7 @@ ASKED = {
 }
 
 
-def hyperparameters(**changes) -> SupervisedHyperparameters:  # type: ignore[no-untyped-def]
+def hyperparameters(**changes) -> SupervisedHyperparameters:
     return resolve(Hyperparameters(**ASKED | changes), n_examples=len(RECORDS), seed=5)
 
 
@@ -60,7 +60,7 @@ class Interrupted(Exception):
 
 
 @pytest.fixture(scope="module")
-def examples(tokenizer):  # type: ignore[no-untyped-def]
+def examples(tokenizer):
     return encode_dataset(tokenizer, RECORDS, max_seq_length=64)
 
 
@@ -75,7 +75,7 @@ def run(
     stop_at_step=None,
     stop_after_checkpoint=None,
     resume_from=None,
-):  # type: ignore[no-untyped-def]
+):
     """Train; keep a copy of every checkpoint; return (steps seen, checkpoint copies)."""
     steps: list[StepReport] = []
     kept: dict[int, Path] = {}
@@ -121,7 +121,7 @@ def run(
         ("n_checkpoints=5: steps 3, 5, 8, 10, 12", 0, 5, 7, None, 5),
     ],
 )
-def test_resume_replays_the_uninterrupted_run(  # type: ignore[no-untyped-def]
+def test_resume_replays_the_uninterrupted_run(
     tiny_model_dir,
     tokenizer,
     examples,
@@ -179,7 +179,7 @@ def test_resume_replays_the_uninterrupted_run(  # type: ignore[no-untyped-def]
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6, where
 
 
-def test_checkpoint_verification_refuses_altered_files(  # type: ignore[no-untyped-def]
+def test_checkpoint_verification_refuses_altered_files(
     tiny_model_dir, tokenizer, examples, tmp_path
 ) -> None:
     config = hyperparameters(n_epochs=1)
@@ -202,14 +202,14 @@ def test_checkpoint_verification_refuses_altered_files(  # type: ignore[no-untyp
         verify_checkpoint(folder, manifest_sha256=digest)
 
 
-def test_resume_loads_the_optimizer_file_without_unpickling_code(  # type: ignore[no-untyped-def]
+def test_resume_loads_the_optimizer_file_without_unpickling_code(
     tiny_model_dir, tokenizer, examples, tmp_path
 ) -> None:
     """optimizer.pt is read with weights_only=True: a pickle that would run code is refused."""
     import pickle
 
     class Evil:
-        def __reduce__(self):  # type: ignore[no-untyped-def]
+        def __reduce__(self):
             return (exec, ("raise SystemExit('pwned')",))
 
     config = hyperparameters(n_epochs=1)

@@ -22,7 +22,7 @@ from worker.run_job import run_job
 pytestmark = pytest.mark.slow
 
 
-def test_a_job_trains_publishes_and_registers(backend):  # type: ignore[no-untyped-def]
+def test_a_job_trains_publishes_and_registers(backend):
     job_id = submit(backend)
     assert run_job(job_id, settings=backend) == "succeeded"
     [job] = load(backend, Job, id=job_id)
@@ -55,7 +55,7 @@ def test_a_job_trains_publishes_and_registers(backend):  # type: ignore[no-untyp
     assert not any((backend.artifacts_dir / "tmp").iterdir())
 
 
-def test_a_duplicate_delivery_does_nothing(backend):  # type: ignore[no-untyped-def]
+def test_a_duplicate_delivery_does_nothing(backend):
     job_id = submit(backend)
     assert run_job(job_id, settings=backend) == "succeeded"
     events_before = len(load(backend, JobEvent, job_id=job_id))
@@ -64,11 +64,11 @@ def test_a_duplicate_delivery_does_nothing(backend):  # type: ignore[no-untyped-
     assert len(load(backend, Adapter, job_id=job_id)) == 1
 
 
-def test_cancel_during_training_publishes_nothing(settings, monkeypatch):  # type: ignore[no-untyped-def]
+def test_cancel_during_training_publishes_nothing(settings, monkeypatch):
     job_id = submit(settings, n_epochs=3)
     real_on_step = run_job_module.Progress.on_step
 
-    def cancel_at_step_two(self, report):  # type: ignore[no-untyped-def]
+    def cancel_at_step_two(self, report):
         if report.step == 2:
             with session_scope(settings.sqlalchemy_url) as session:
                 organization = tenancy.get_or_create_organization(session, name="acme")
@@ -88,7 +88,7 @@ def test_cancel_during_training_publishes_nothing(settings, monkeypatch):  # typ
     assert steps == [1]  # the step-2 check saw the flag: no later step ran
 
 
-def test_cancel_in_a_long_accumulation_stops_at_the_next_micro_batch(settings, monkeypatch):  # type: ignore[no-untyped-def]
+def test_cancel_in_a_long_accumulation_stops_at_the_next_micro_batch(settings, monkeypatch):
     """One optimizer step is the whole epoch (6 examples, batch 1, accumulation 6): a cancel
     during its second micro-batch must not wait for the step to end (issue 14, finding 6)."""
     from worker.training import loop
@@ -96,7 +96,7 @@ def test_cancel_in_a_long_accumulation_stops_at_the_next_micro_batch(settings, m
     job_id = submit(settings, n_epochs=1, batch_size=1, gradient_accumulation_steps=6)
     micro_batches, real_collate = [], loop.collate
 
-    def cancel_in_the_second(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def cancel_in_the_second(*args, **kwargs):
         micro_batches.append(1)
         if len(micro_batches) == 2:
             with session_scope(settings.sqlalchemy_url) as session:
@@ -111,7 +111,7 @@ def test_cancel_in_a_long_accumulation_stops_at_the_next_micro_batch(settings, m
     assert load(settings, Job, id=job_id)[0].status == "cancelled"
 
 
-def test_a_running_job_shows_its_progress(backend, monkeypatch):  # type: ignore[no-untyped-def]
+def test_a_running_job_shows_its_progress(backend, monkeypatch):
     """trained_tokens, estimated_finish and the step counts fill in while the job runs."""
     from app.api.views import job_view
 
@@ -119,7 +119,7 @@ def test_a_running_job_shows_its_progress(backend, monkeypatch):  # type: ignore
     real_on_step = run_job_module.Progress.on_step
     seen = []
 
-    def on_step(self, report):  # type: ignore[no-untyped-def]
+    def on_step(self, report):
         real_on_step(self, report)
         with session_scope(backend.sqlalchemy_url) as session:
             seen.append(job_view(session.get_one(Job, job_id)).model_dump())
@@ -138,7 +138,7 @@ def test_a_running_job_shows_its_progress(backend, monkeypatch):  # type: ignore
     assert done.trained_tokens == tokens[-1] and done.estimated_finish is None  # not running
 
 
-def test_a_deleted_training_file_fails_the_job_with_an_actionable_error(settings):  # type: ignore[no-untyped-def]
+def test_a_deleted_training_file_fails_the_job_with_an_actionable_error(settings):
     job_id = submit(settings)
     with session_scope(settings.sqlalchemy_url) as session:
         session.delete(session.scalar(select(File)))
@@ -148,7 +148,7 @@ def test_a_deleted_training_file_fails_the_job_with_an_actionable_error(settings
     assert job.error["param"] == "training_file" and "deleted" in job.error["message"]
 
 
-def test_a_max_seq_length_past_the_models_context_fails_the_job_naming_it(settings):  # type: ignore[no-untyped-def]
+def test_a_max_seq_length_past_the_models_context_fails_the_job_naming_it(settings):
     """The API refuses it for a local model; a hub model's context is known only here."""
     job_id = submit(settings)
     with session_scope(settings.sqlalchemy_url) as session:
@@ -161,14 +161,14 @@ def test_a_max_seq_length_past_the_models_context_fails_the_job_naming_it(settin
     assert "1024 positions" in job.error["message"]
 
 
-def test_a_base_model_removed_from_the_allowlist_fails_the_job(settings):  # type: ignore[no-untyped-def]
+def test_a_base_model_removed_from_the_allowlist_fails_the_job(settings):
     job_id = submit(settings)
     assert run_job(job_id, settings=settings.model_copy(update={"base_models": {}})) == "failed"
     [job] = load(settings, Job, id=job_id)
     assert job.error["code"] == "model_not_available" and job.error["param"] == "model"
 
 
-def test_a_live_lease_fences_out_a_second_worker_and_an_expired_one_is_taken_over(settings):  # type: ignore[no-untyped-def]
+def test_a_live_lease_fences_out_a_second_worker_and_an_expired_one_is_taken_over(settings):
     job_id = submit(settings)
     with session_scope(settings.sqlalchemy_url) as session:
         stale = job_runs.claim_job(
@@ -194,7 +194,7 @@ def test_a_live_lease_fences_out_a_second_worker_and_an_expired_one_is_taken_ove
     assert len(load(settings, Adapter, job_id=job_id)) == 1
 
 
-def test_the_sweep_requeues_lost_messages_and_dead_workers(settings):  # type: ignore[no-untyped-def]
+def test_the_sweep_requeues_lost_messages_and_dead_workers(settings):
     queued, dead, cancelled, exhausted = (submit(settings) for _ in range(4))
     past = utcnow() - timedelta(hours=1)
     with session_scope(settings.sqlalchemy_url) as session:
@@ -224,7 +224,7 @@ def test_the_sweep_requeues_lost_messages_and_dead_workers(settings):  # type: i
 
 
 @pytest.mark.parametrize("exact", [True, False])
-def test_the_adapter_records_whether_packing_ran(backend, monkeypatch, exact):  # type: ignore[no-untyped-def]
+def test_the_adapter_records_whether_packing_ran(backend, monkeypatch, exact):
     import worker.training.packing
 
     monkeypatch.setattr(worker.training.packing, "packing_is_exact", lambda model: exact)

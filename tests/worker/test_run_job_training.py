@@ -32,10 +32,10 @@ class WorkerDied(BaseException):
     """Escapes run_job's `except Exception` like a killed process: nothing is recorded."""
 
 
-def die_at(monkeypatch, step: int) -> None:  # type: ignore[no-untyped-def]
+def die_at(monkeypatch, step: int) -> None:
     real = run_job_module.Progress.on_step
 
-    def on_step(self, report):  # type: ignore[no-untyped-def]
+    def on_step(self, report):
         if report.step == step:
             raise WorkerDied
         real(self, report)
@@ -43,23 +43,23 @@ def die_at(monkeypatch, step: int) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(run_job_module.Progress, "on_step", on_step)
 
 
-def expire_lease(settings, job_id: str) -> None:  # type: ignore[no-untyped-def]
+def expire_lease(settings, job_id: str) -> None:
     with session_scope(settings.sqlalchemy_url) as session:
         session.get(Job, job_id).lease_expires_at = utcnow() - timedelta(seconds=1)
 
 
-def weights(settings, job_id: str) -> dict:  # type: ignore[no-untyped-def]
+def weights(settings, job_id: str) -> dict:
     [adapter] = load(settings, Adapter, job_id=job_id)
     return load_file(
         ArtifactStore(settings.artifacts_dir).path(adapter.storage_key) / ADAPTER_WEIGHTS
     )
 
 
-def messages(settings, job_id: str) -> list[JobEvent]:  # type: ignore[no-untyped-def]
+def messages(settings, job_id: str) -> list[JobEvent]:
     return load(settings, JobEvent, job_id=job_id)
 
 
-def test_a_job_whose_worker_died_resumes_exactly_from_its_checkpoint(settings, monkeypatch):  # type: ignore[no-untyped-def]
+def test_a_job_whose_worker_died_resumes_exactly_from_its_checkpoint(settings, monkeypatch):
     hp = {"n_epochs": 3, "lora_dropout": 0.1}
     reference = submit(settings, **hp)
     assert run_job(reference, settings=settings) == "succeeded"
@@ -79,7 +79,7 @@ def test_a_job_whose_worker_died_resumes_exactly_from_its_checkpoint(settings, m
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
 
 
-def test_a_tampered_checkpoint_is_not_resumed_from(settings, monkeypatch):  # type: ignore[no-untyped-def]
+def test_a_tampered_checkpoint_is_not_resumed_from(settings, monkeypatch):
     job_id = submit(settings, n_epochs=3)
     die_at(monkeypatch, 3)
     with pytest.raises(WorkerDied):
@@ -99,7 +99,7 @@ def test_a_tampered_checkpoint_is_not_resumed_from(settings, monkeypatch):  # ty
     assert steps == [1, 2, 1, 2, 3, 4, 5, 6]  # started over
 
 
-def test_metrics_csv_is_a_downloadable_result_file(settings):  # type: ignore[no-untyped-def]
+def test_metrics_csv_is_a_downloadable_result_file(settings):
     job_id = submit(settings)
     assert run_job(job_id, settings=settings) == "succeeded"
     [job] = load(settings, Job, id=job_id)
@@ -123,7 +123,7 @@ def test_metrics_csv_is_a_downloadable_result_file(settings):  # type: ignore[no
     assert client.get(f"/v1/files/{file_id}").json()["purpose"] == "fine-tune-results"
 
 
-def api_client(settings) -> TestClient:  # type: ignore[no-untyped-def]
+def api_client(settings) -> TestClient:
 
     application = api_app(settings)
     with session_scope(settings.sqlalchemy_url) as session:
@@ -134,7 +134,7 @@ def api_client(settings) -> TestClient:  # type: ignore[no-untyped-def]
     return client
 
 
-def test_checkpoints_are_downloadable_and_old_ones_pruned(tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]
+def test_checkpoints_are_downloadable_and_old_ones_pruned(tmp_path, tiny_model_dir):
     """n_checkpoints=4 over 6 steps (3 epochs of 2): steps 2, 3, 5, 6; retention keeps 2."""
     from app import migrate
 
@@ -179,7 +179,7 @@ def test_checkpoints_are_downloadable_and_old_ones_pruned(tmp_path, tiny_model_d
         assert "LORAFORGE_CHECKPOINT_RETENTION" in error["message"]
 
 
-def test_continue_training_from_an_adapter(settings):  # type: ignore[no-untyped-def]
+def test_continue_training_from_an_adapter(settings):
     first = submit(settings, lora_r=4)
     assert run_job(first, settings=settings) == "succeeded"
     [parent] = load(settings, Job, id=first)
@@ -195,21 +195,21 @@ def test_continue_training_from_an_adapter(settings):  # type: ignore[no-untyped
     assert loss[second] < loss[first]  # starts where the parent left off
 
 
-def test_continuing_an_unknown_adapter_is_refused_and_nothing_stored(settings):  # type: ignore[no-untyped-def]
+def test_continuing_an_unknown_adapter_is_refused_and_nothing_stored(settings):
     with pytest.raises(InvalidRequest) as caught:
         submit(settings, model="ft:tiny:acme:demo:ftjob-nope")
     assert caught.value.param == "model"
     assert load(settings, Job) == []
 
 
-def test_unknown_target_modules_are_refused_at_creation(settings):  # type: ignore[no-untyped-def]
+def test_unknown_target_modules_are_refused_at_creation(settings):
     with pytest.raises(InvalidRequest) as caught:
         submit(settings, lora_target_modules=["q_proj", "attn_qkv"])
     assert caught.value.param == "hyperparameters.lora_target_modules"
     assert load(settings, Job) == []
 
 
-def test_unknown_target_modules_fail_the_job_when_only_the_worker_can_check(settings):  # type: ignore[no-untyped-def]
+def test_unknown_target_modules_fail_the_job_when_only_the_worker_can_check(settings):
     job_id = submit(settings, lora_target_modules=["q_proj"])
     with session_scope(settings.sqlalchemy_url) as session:  # e.g. a hub model: unchecked before
         session.get(Job, job_id).hyperparameters = session.get(Job, job_id).hyperparameters | {
@@ -221,7 +221,7 @@ def test_unknown_target_modules_fail_the_job_when_only_the_worker_can_check(sett
     assert "attn_qkv" in job.error["message"] and load(settings, Adapter) == []
 
 
-def test_dataset_statistics_truncation_and_packing_are_reported(settings):  # type: ignore[no-untyped-def]
+def test_dataset_statistics_truncation_and_packing_are_reported(settings):
     rows = [{"text": "y" * n} for n in (10, 20, 90, 12, 8, 15)]  # one longer than 64 tokens
     job_id = submit(settings, rows=rows, max_seq_length=64, packing="auto", batch_size=3)
     assert run_job(job_id, settings=settings) == "succeeded"

@@ -25,19 +25,19 @@ from worker import run_job as run_job_module
 from worker.run_job import run_job
 
 
-def claim(settings, job_id: str, worker: str = "w") -> job_runs.Claim:  # type: ignore[no-untyped-def]
+def claim(settings, job_id: str, worker: str = "w") -> job_runs.Claim:
     with session_scope(settings.sqlalchemy_url) as session:
         return job_runs.claim_job(
             session, job_id=job_id, worker=worker, lease_seconds=60, max_attempts=3
         )
 
 
-def expire_lease(settings, job_id: str) -> None:  # type: ignore[no-untyped-def]
+def expire_lease(settings, job_id: str) -> None:
     with session_scope(settings.sqlalchemy_url) as session:
         session.get(Job, job_id).lease_expires_at = utcnow() - timedelta(seconds=1)
 
 
-def status(settings, job_id: str) -> str:  # type: ignore[no-untyped-def]
+def status(settings, job_id: str) -> str:
     with session_scope(settings.sqlalchemy_url) as session:
         return session.scalar(select(Job.status).where(Job.id == job_id))
 
@@ -55,7 +55,7 @@ def tree(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
-def test_temp_dir_of_an_owner_lives_under_its_folder_and_owners_cannot_escape(tmp_path):  # type: ignore[no-untyped-def]
+def test_temp_dir_of_an_owner_lives_under_its_folder_and_owners_cannot_escape(tmp_path):
     store = ArtifactStore(tmp_path)
     with store.temp_dir(owner="ftjob-a") as path:
         assert path.parent == tmp_path / "tmp" / "ftjob-a"
@@ -70,7 +70,7 @@ def test_temp_dir_of_an_owner_lives_under_its_folder_and_owners_cannot_escape(tm
     assert not (tmp_path / "tmp" / "ftjob-a").exists()
 
 
-def test_the_sweep_removes_a_dead_attempts_scratch_and_touches_nothing_else(settings, monkeypatch):  # type: ignore[no-untyped-def]
+def test_the_sweep_removes_a_dead_attempts_scratch_and_touches_nothing_else(settings, monkeypatch):
     monkeypatch.setattr(queue, "enqueue_training", lambda job_id: True)
     store = ArtifactStore(settings.artifacts_dir)
     dead, live = submit(settings), submit(settings)
@@ -93,7 +93,7 @@ def test_the_sweep_removes_a_dead_attempts_scratch_and_touches_nothing_else(sett
     assert tree(store.root) == expected
 
 
-def test_the_sweep_removes_the_scratch_of_a_job_it_ended(settings, monkeypatch):  # type: ignore[no-untyped-def]
+def test_the_sweep_removes_the_scratch_of_a_job_it_ended(settings, monkeypatch):
     """Cancelled while its worker was dead: no worker will ever clean up after it."""
     monkeypatch.setattr(queue, "enqueue_training", lambda job_id: True)
     store = ArtifactStore(settings.artifacts_dir)
@@ -113,14 +113,14 @@ def test_the_sweep_removes_the_scratch_of_a_job_it_ended(settings, monkeypatch):
 @pytest.mark.slow
 def test_checkpoints_are_written_under_the_jobs_scratch_which_goes_when_it_ends(
     settings, monkeypatch
-):  # type: ignore[no-untyped-def]
+):
     store = ArtifactStore(settings.artifacts_dir)
     job_id = submit(settings)
     scratch(store.scratch_root(job_id), "loraforge-ckpt-dead")  # left by a killed attempt
     written: list[Path] = []
     real = run_job_module.Progress.on_checkpoint
 
-    def on_checkpoint(self, report):  # type: ignore[no-untyped-def]
+    def on_checkpoint(self, report):
         written.append(report.checkpoint_dir)
         real(self, report)
 
@@ -135,7 +135,7 @@ def test_checkpoints_are_written_under_the_jobs_scratch_which_goes_when_it_ends(
 @pytest.mark.slow
 def test_a_failed_job_loses_its_scratch_but_one_taken_over_keeps_the_new_attempts(
     settings, monkeypatch
-):  # type: ignore[no-untyped-def]
+):
     store = ArtifactStore(settings.artifacts_dir)
     failed = submit(settings)
     scratch(store.scratch_root(failed), "tmpleft")
@@ -145,7 +145,7 @@ def test_a_failed_job_loses_its_scratch_but_one_taken_over_keeps_the_new_attempt
 
     taken = submit(settings)
 
-    def taken_over_at_step_one(_self, _report):  # type: ignore[no-untyped-def]
+    def taken_over_at_step_one(_self, _report):
         """The lease lapsed (a long pause), another worker claimed the job, then an error."""
         expire_lease(settings, taken)
         claim(settings, taken, worker="newer")
@@ -159,7 +159,7 @@ def test_a_failed_job_loses_its_scratch_but_one_taken_over_keeps_the_new_attempt
 
 
 @pytest.mark.slow
-def test_the_loop_writes_checkpoints_in_the_scratch_dir_it_is_given(tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]
+def test_the_loop_writes_checkpoints_in_the_scratch_dir_it_is_given(tmp_path, tiny_model_dir):
     from app.jobs.hyperparameters import resolve
     from app.ml.loading import load_base_model, load_tokenizer
     from app.schemas.jobs import Hyperparameters
@@ -191,7 +191,7 @@ def test_the_loop_writes_checkpoints_in_the_scratch_dir_it_is_given(tmp_path, ti
 @pytest.mark.slow
 def test_an_attempt_taking_over_an_expired_lease_first_removes_the_dead_attempts_scratch(
     settings, monkeypatch
-):  # type: ignore[no-untyped-def]
+):
     """A redelivered message may claim the job before the sweep re-queues it."""
     store = ArtifactStore(settings.artifacts_dir)
     job_id = submit(settings)
@@ -202,7 +202,7 @@ def test_an_attempt_taking_over_an_expired_lease_first_removes_the_dead_attempts
     seen: list[list[str]] = []
     real = run_job_module.Progress.on_checkpoint
 
-    def on_checkpoint(self, report):  # type: ignore[no-untyped-def]
+    def on_checkpoint(self, report):
         seen.append(tree(store.path(f"tmp/{job_id}")) + tree(store.path("checkpoints")))
         real(self, report)
 

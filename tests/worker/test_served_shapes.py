@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
     [{"use_dora": True}, {"lora_target_modules": ["embed_tokens"]}],
     ids=["dora", "embed_tokens"],
 )
-def test_what_the_trainer_makes_is_served(settings, enqueued, hyperparameters):  # type: ignore[no-untyped-def]  # noqa: ARG001, F811
+def test_what_the_trainer_makes_is_served(settings, enqueued, hyperparameters):  # noqa: ARG001, F811
     job_id = submit(settings, n_epochs=1, **hyperparameters)
     assert run_job(job_id, settings=settings) == "succeeded"
     with session_scope(settings.sqlalchemy_url) as session:

@@ -58,7 +58,7 @@ def without_token_rows(adapter_dir: Path, out: Path) -> Path:
     return out
 
 
-def test_trained_token_rows_are_saved_loaded_by_peft_and_served(settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_trained_token_rows_are_saved_loaded_by_peft_and_served(settings, tmp_path) -> None:
     base_dir = Path(settings.base_models["tiny"])
     job_id = submit(settings, train_special_tokens=True, n_epochs=4, learning_rate=1e-2)
     assert run_job(job_id, settings=settings) == "succeeded"

@@ -24,24 +24,24 @@ from worker import run_job as run_job_module
 from worker import supervisor
 
 
-def quick_failure(*_args) -> None:  # type: ignore[no-untyped-def]
+def quick_failure(*_args) -> None:
     """Training stand-in: ends the run (failed) at once, so its organization runs 0 jobs."""
     raise run_job_module.JobInputError("stand-in", code="stand_in")
 
 
-def cancel(settings, job_id: str, org: str = "acme") -> str:  # type: ignore[no-untyped-def]
+def cancel(settings, job_id: str, org: str = "acme") -> str:
     with session_scope(settings.sqlalchemy_url) as session:
         organization = tenancy.get_or_create_organization(session, name=org)
         return jobs.cancel_job(session, organization=organization, job_id=job_id).status
 
 
-def rows(settings, *ids: str) -> dict[str, Job]:  # type: ignore[no-untyped-def]
+def rows(settings, *ids: str) -> dict[str, Job]:
     with session_scope(settings.sqlalchemy_url) as session:
         return {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(ids)))}
 
 
 @pytest.fixture
-def deliver(backend, monkeypatch):  # type: ignore[no-untyped-def]
+def deliver(backend, monkeypatch):
     """The Celery task as a worker runs it, for one message (without a broker)."""
     env = {
         "LORAFORGE_DATA_DIR": str(backend.data_dir),
@@ -59,7 +59,7 @@ def deliver(backend, monkeypatch):  # type: ignore[no-untyped-def]
     get_settings.cache_clear()
 
 
-def test_an_organizations_job_starts_before_anothers_backlog_drains(backend, deliver, monkeypatch):  # type: ignore[no-untyped-def]
+def test_an_organizations_job_starts_before_anothers_backlog_drains(backend, deliver, monkeypatch):
     """One worker; A submits 4 jobs, then B one. Messages arrive in that order, but B's
     job starts second: a message only wakes the worker, which picks fairly."""
     monkeypatch.setattr(run_job_module, "_train_and_publish", quick_failure)
@@ -74,7 +74,7 @@ def test_an_organizations_job_starts_before_anothers_backlog_drains(backend, del
     assert {job.attempt for job in jobs_.values()} == {1}  # none claimed twice
 
 
-def test_messages_for_cancelled_jobs_start_no_process(backend, monkeypatch):  # type: ignore[no-untyped-def]
+def test_messages_for_cancelled_jobs_start_no_process(backend, monkeypatch):
     """A stale message costs a read: no child process is forked for it."""
     monkeypatch.setattr(run_job_module, "_train_and_publish", quick_failure)
     forks, real_fork = [], os.fork
@@ -95,7 +95,7 @@ def test_messages_for_cancelled_jobs_start_no_process(backend, monkeypatch):  # 
 
 def test_a_child_that_ignores_a_cancel_is_killed_and_counts_as_active_until_then(
     tmp_path, tiny_model_dir, monkeypatch
-):  # type: ignore[no-untyped-def]
+):
     """The child cancels its own job, then computes on, deaf to it (as one giant step did):
     the supervisor keeps the job `running` (active for the quota; the sweep cannot end it
     while it computes) and kills the child after the grace period."""
@@ -108,7 +108,7 @@ def test_a_child_that_ignores_a_cancel_is_killed_and_counts_as_active_until_then
     job_id = submit(settings)
     seen = tmp_path / "seen"
 
-    def deaf(claim, settings, _store) -> None:  # type: ignore[no-untyped-def]
+    def deaf(claim, settings, _store) -> None:
         assert cancel(settings, claim.job_id) == "running"  # stops "at the next check"
         time.sleep(4)  # longer than the lease: only the supervisor can have renewed it
         with session_scope(settings.sqlalchemy_url) as session:
@@ -127,14 +127,14 @@ def test_a_child_that_ignores_a_cancel_is_killed_and_counts_as_active_until_then
     assert rows(settings, job_id)[job_id].status == "cancelled"
 
 
-def claim_next(settings, cap: int = 0, worker: str = "w") -> job_runs.Claim | None:  # type: ignore[no-untyped-def]
+def claim_next(settings, cap: int = 0, worker: str = "w") -> job_runs.Claim | None:
     with session_scope(settings.sqlalchemy_url) as session:
         return job_runs.claim_next(
             session, worker=worker, lease_seconds=60, max_attempts=3, max_running_per_org=cap
         )
 
 
-def test_an_organization_at_its_running_cap_waits_and_is_taken_when_one_ends(backend):  # type: ignore[no-untyped-def]
+def test_an_organization_at_its_running_cap_waits_and_is_taken_when_one_ends(backend):
     first, second = submit(backend, org="a"), submit(backend, org="a")
     other = submit(backend, org="b")
     running = claim_next(backend, cap=1)
@@ -146,7 +146,7 @@ def test_an_organization_at_its_running_cap_waits_and_is_taken_when_one_ends(bac
     assert claim_next(backend, cap=1).job_id == second
 
 
-def test_concurrent_claims_take_each_job_once_and_keep_the_cap(backend):  # type: ignore[no-untyped-def]
+def test_concurrent_claims_take_each_job_once_and_keep_the_cap(backend):
     from concurrent.futures import ThreadPoolExecutor
 
     backlog = [submit(backend, org="a") for _ in range(3)]
@@ -159,7 +159,7 @@ def test_concurrent_claims_take_each_job_once_and_keep_the_cap(backend):  # type
     assert {job.attempt for job in rows(backend, *taken).values()} == {1}
 
 
-def test_the_supervisors_heartbeat_keeps_a_cancelled_run_active_until_it_stops(backend):  # type: ignore[no-untyped-def]
+def test_the_supervisors_heartbeat_keeps_a_cancelled_run_active_until_it_stops(backend):
     from datetime import timedelta
 
     job_id = submit(backend)

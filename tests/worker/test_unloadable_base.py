@@ -8,7 +8,7 @@ from tests.factories import load, submit
 from worker.run_job import run_job
 
 
-def test_a_job_on_a_base_that_cannot_load_fails_naming_it(settings, tmp_path, tiny_model_dir):  # type: ignore[no-untyped-def]
+def test_a_job_on_a_base_that_cannot_load_fails_naming_it(settings, tmp_path, tiny_model_dir):
     job_id = submit(settings)
     # The allowlist changed between creation and the run: the entry now has a typo.
     moved = make_settings(
