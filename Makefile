@@ -38,6 +38,7 @@ test-fast: install
 lint: install
 	$(VENV)/bin/ruff check app worker tests bench
 	$(VENV)/bin/lint-imports
+	$(PY) -m mypy
 
 up: install
 	$(VENV)/bin/loraforge db upgrade && $(VENV)/bin/loraforge up

@@ -78,7 +78,7 @@ def require_loadable(
     """Raise `error` (503 by default; job creation passes InvalidRequest) naming the reason."""
     ref = base_models.get(name)
     reason = problem(ref) if ref is not None else None
-    if reason is not None:
+    if ref is not None and reason is not None:
         raise error(explain(name, ref, reason), param="model", code="model_not_available")
 
 

@@ -58,3 +58,7 @@ class RunOutcome(StrEnum):
     DB_UNAVAILABLE = "db_unavailable"  # the database went away; the sweep re-queues
     WORKER_LOST = "worker_lost"  # the run's process died; the sweep re-queues
     SKIPPED = "skipped"  # nothing to claim: done, running elsewhere or cancelled
+
+
+# The outcomes after which the job itself has ended (its scratch can go).
+JOB_ENDING_OUTCOMES = frozenset({RunOutcome.SUCCEEDED, RunOutcome.FAILED, RunOutcome.CANCELLED})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import select
 
@@ -42,7 +42,9 @@ class JobInputs:
     checkpoints: list[tuple[Path, str, int]]  # (dir, manifest sha256, step), newest first
 
 
-def trainable_tokens(tokenizer: Any, wanted: bool | list[str], progress: Progress) -> tuple:
+def trainable_tokens(
+    tokenizer: Any, wanted: bool | list[str], progress: Progress
+) -> tuple[int, ...]:
     """Token ids whose embedding rows train: the chat template's special tokens (true) or
     the listed ones, each of which must be one token of the base's vocabulary."""
     from app.ml.chat import template_token_ids
@@ -68,7 +70,7 @@ def trainable_tokens(tokenizer: Any, wanted: bool | list[str], progress: Progres
     return tuple(ids)
 
 
-def check_target_modules(model: Any, targets: str | list[str]) -> None:
+def check_target_modules(model: Any, targets: Literal["all-linear"] | list[str]) -> None:
     """Fail the job, naming the param, when a target module is not in the model."""
     if targets == "all-linear":
         return

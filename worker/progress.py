@@ -44,7 +44,9 @@ class Progress:
         """Training begins now (the model is loaded): the step rate is measured from here."""
         self._started = time.monotonic()
 
-    def event(self, message: str, *, level: str = "info", data: dict | None = None) -> None:
+    def event(
+        self, message: str, *, level: str = "info", data: dict[str, Any] | None = None
+    ) -> None:
         """An event in its own transaction, renewing the lease (raises when the run must stop)."""
         with session_scope(self.settings.sqlalchemy_url) as session:
             job_runs.renew_lease(

@@ -26,11 +26,12 @@ from app.jobs.leftovers import remove_dead_attempts_leftovers, remove_scratch_of
 from app.jobs.runs import Claim
 from app.jobs.spec import SupervisedHyperparameters
 from app.ml.adapters import ADAPTER_WEIGHTS
-from app.statuses import TERMINAL_JOB_STATUSES, JobStatus, RunOutcome
+from app.statuses import JOB_ENDING_OUTCOMES, JobStatus, RunOutcome
 from app.storage import ArtifactStore
 from worker import job_inputs
 from worker.job_inputs import JobInputs
 from worker.progress import Progress, metrics_csv
+from worker.training.data import Example, encode_dataset, read_jsonl  # torch-free
 
 logger = logging.getLogger(__name__)
 WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
@@ -61,7 +62,7 @@ def run_job(job_id: str, *, settings: Settings | None = None) -> RunOutcome:
         settings.sqlalchemy_url, claim=claim, lease_seconds=settings.lease_seconds
     ):
         outcome = execute(claim, settings)
-    if outcome in TERMINAL_JOB_STATUSES:
+    if outcome in JOB_ENDING_OUTCOMES:
         remove_scratch(settings, claim.job_id)
     return outcome
 
@@ -108,7 +109,9 @@ def execute(claim: Claim, settings: Settings) -> RunOutcome:
         return RunOutcome.FAILED
 
 
-def end(settings: Settings, claim: Claim, status: JobStatus, error: dict | None = None) -> None:
+def end(
+    settings: Settings, claim: Claim, status: JobStatus, error: dict[str, Any] | None = None
+) -> None:
     with session_scope(settings.sqlalchemy_url) as session:
         job_runs.end_run(session, claim=claim, status=status, error=error)
 
@@ -172,7 +175,7 @@ def _register(
     result: Any,
     adapter_key: str,
     weights_bytes: int,
-    applied: dict,
+    applied: dict[str, Any],
 ) -> None:
     """ONE transaction: the metrics CSV, the adapter in the registry and the job succeeded.
     A run cancelled or taken over at the last moment publishes nothing."""
@@ -229,12 +232,11 @@ def _encode(
     model: Any,
     hp: SupervisedHyperparameters,
     progress: Progress,
-) -> tuple:
+) -> tuple[list[Example], list[Example]]:
     """Tokenize both files; report the dataset statistics and any truncation."""
-    from worker.training.data import encode_dataset, read_jsonl
     from worker.training.packing import count_steps, epoch_steps, row_length
 
-    def encode(path: Path) -> list:
+    def encode(path: Path) -> list[Example]:
         return encode_dataset(
             tokenizer,
             read_jsonl(path),

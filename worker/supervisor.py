@@ -79,8 +79,9 @@ class _Child:
     and multiprocessing refuses children to those). It inherits the loaded code, so it
     starts at once; it sends its outcome through a pipe and leaves with `os._exit`."""
 
-    def __init__(self, pid: int, receive: Connection):
-        self.pid, self.receive, self.exitcode = pid, receive, None
+    def __init__(self, pid: int, receive: Connection) -> None:
+        self.pid, self.receive = pid, receive
+        self.exitcode: int | None = None  # set once the child is reaped
 
     @classmethod
     def fork(cls, claim: Claim, settings: Settings) -> _Child:

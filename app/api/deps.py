@@ -7,7 +7,7 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -114,10 +114,11 @@ def get_inference_engine(request: Request, settings: SettingsDep) -> InferenceEn
     return engine_for(request.app, settings)
 
 
-def engine_for(app, settings: Settings) -> InferenceEngine:  # type: ignore[no-untyped-def]
+def engine_for(app: FastAPI, settings: Settings) -> InferenceEngine:
     """The app's engine, created once; LORAFORGE_PRELOAD_ADAPTERS start loading (pinned)."""
     with _engine_lock:
-        if getattr(app.state, "engine", None) is None:
+        engine: InferenceEngine | None = getattr(app.state, "engine", None)
+        if engine is None:
             from app.inference.engine import InferenceEngine  # lazy: torch loads here
             from app.inference.preload import preload_adapters
 
@@ -131,7 +132,7 @@ def engine_for(app, settings: Settings) -> InferenceEngine:  # type: ignore[no-u
             )
             preload_adapters(engine, settings)
             app.state.engine = engine
-    return app.state.engine
+    return engine
 
 
 EngineDep = Annotated["InferenceEngine", Depends(get_inference_engine)]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,6 +16,8 @@ from starlette.exceptions import HTTPException
 from app import errors
 
 logger = logging.getLogger(__name__)
+
+ErrorBody = dict[str, dict[str, str | None]]
 
 STATUS = {
     errors.InvalidRequest: 400,
@@ -32,12 +36,12 @@ STATUS = {
 
 def error_body(
     message: str, *, type: str, param: str | None = None, code: str | None = None
-) -> dict:
+) -> ErrorBody:
     """OpenAI's error envelope: the one place it is built (JSON answers and SSE error events)."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def server_error_body() -> dict:
+def server_error_body() -> ErrorBody:
     """What a client reads of an unexpected failure: none of its details (the log has them)."""
     return error_body("The server had an error processing your request.", type="server_error")
 
@@ -58,7 +62,7 @@ async def _domain_error(request: Request, exc: errors.LoraforgeError) -> JSONRes
     return response
 
 
-def domain_error(exc: errors.LoraforgeError) -> tuple[int, dict]:
+def domain_error(exc: errors.LoraforgeError) -> tuple[int, ErrorBody]:
     """A domain error's status and envelope (JSON answers and SSE error events alike)."""
     status = _status_for(exc)
     kind = "invalid_request_error" if status < 500 else "server_error"
@@ -100,7 +104,7 @@ _TYPE_TAGS = {
 }
 
 
-def _field_path(loc: tuple) -> str | None:
+def _field_path(loc: tuple[int | str, ...]) -> str | None:
     parts = [
         str(part)
         for part in loc
@@ -127,7 +131,7 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return JSONResponse(error_body(message, type="invalid_request_error", param=param), 400)
 
 
-def unrecognized_arguments(names: list[str | None]) -> str:
+def unrecognized_arguments(names: Sequence[str | None]) -> str:
     """One message naming every unknown argument (a user fixes them all at once)."""
     unique = list(dict.fromkeys(name for name in names if name))
     if len(unique) == 1:
@@ -178,11 +182,20 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(server_error_body(), 500)
 
 
+# Starlette types a handler as taking any Exception; each of ours takes the class it is
+# registered for, hence Any.
+_Handler = Callable[[Request, Any], Awaitable[JSONResponse]]
+_HANDLERS: tuple[tuple[type[Exception], _Handler], ...] = (
+    (errors.LoraforgeError, _domain_error),
+    (RequestValidationError, _validation_error),
+    (HTTPException, _http_error),
+    (errors.UnsafeModelError, _unsafe_model),
+    (OperationalError, _database_unavailable),
+    (PoolTimeout, _database_busy),
+    (Exception, _unexpected),
+)
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(errors.LoraforgeError, _domain_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(errors.UnsafeModelError, _unsafe_model)
-    app.add_exception_handler(OperationalError, _database_unavailable)
-    app.add_exception_handler(PoolTimeout, _database_busy)
-    app.add_exception_handler(Exception, _unexpected)
+    for cls, handler in _HANDLERS:
+        app.add_exception_handler(cls, handler)

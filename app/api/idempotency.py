@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
-from typing import Annotated, TypeVar
+from typing import Annotated, TypedDict, TypeVar
 
 from fastapi import Header
 from sqlalchemy.exc import IntegrityError
@@ -28,6 +28,15 @@ KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,255}$")  # visible ASCII, as HTTP head
 
 IdempotencyHeader = Annotated[str | None, Header(alias="Idempotency-Key")]
 T = TypeVar("T")
+
+
+class Scope(TypedDict):
+    """One request's key and digest: the keyword arguments of `replayed_id` and `commit_once`."""
+
+    organization: Organization
+    endpoint: str
+    key: str | None
+    digest: str
 
 
 def request_sha256(*parts: str) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
@@ -20,6 +20,9 @@ from python_multipart.multipart import parse_options_header
 from starlette.requests import Request
 
 from app.errors import InvalidRequest, PayloadTooLarge
+
+if TYPE_CHECKING:  # python-multipart declares its callback TypedDict for type checkers only
+    from python_multipart.multipart import MultipartCallbacks
 
 FIELD_LIMIT = 16 * 1024  # bytes of all the small form fields together
 MAX_PARTS = 16
@@ -139,9 +142,13 @@ async def receive_upload(request: Request, spool: Path, *, max_bytes: int) -> Up
     return upload
 
 
-def _callbacks(receiver: _Receiver) -> dict[str, Any]:
-    names = (
-        "on_part_begin on_part_data on_part_end on_header_field on_header_value "
-        "on_header_end on_headers_finished"
-    ).split()
-    return {name: getattr(receiver, name) for name in names}
+def _callbacks(receiver: _Receiver) -> MultipartCallbacks:
+    return {
+        "on_part_begin": receiver.on_part_begin,
+        "on_part_data": receiver.on_part_data,
+        "on_part_end": receiver.on_part_end,
+        "on_header_field": receiver.on_header_field,
+        "on_header_value": receiver.on_header_value,
+        "on_header_end": receiver.on_header_end,
+        "on_headers_finished": receiver.on_headers_finished,
+    }

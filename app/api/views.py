@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any, overload
 
 from app.db.models import Adapter, ApiKey, Checkpoint, File, Job, JobEvent
 from app.jobs import service as jobs
@@ -10,6 +11,12 @@ from app.schemas.files import FileRead
 from app.schemas.jobs import CheckpointRead, EventRead, JobError, JobRead
 from app.schemas.models import ModelRead
 from app.statuses import JobStatus
+
+
+@overload
+def epoch(moment: datetime) -> int: ...
+@overload
+def epoch(moment: datetime | None) -> int | None: ...
 
 
 def epoch(moment: datetime | None) -> int | None:
@@ -104,7 +111,7 @@ def checkpoint_model_view(row: Checkpoint, owner: str, base_model: str) -> Model
     )
 
 
-def api_key_view(key: ApiKey, organization: str) -> dict:
+def api_key_view(key: ApiKey, organization: str) -> dict[str, Any]:
     """The listable fields of a key: never its hash, never its secret."""
     return {
         "id": key.id,

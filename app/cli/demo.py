@@ -15,10 +15,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from app.statuses import TERMINAL_JOB_STATUSES, JobStatus
+
+if TYPE_CHECKING:
+    from openai import OpenAI
+    from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 
 FACTS = [
     ("What is the capital of France?", "Paris."),
@@ -101,7 +106,7 @@ def run_demo(*, port: int = 8765, data_dir: Path | None = None) -> None:
         log.close()
 
 
-def _fine_tune_and_ask(client) -> None:  # type: ignore[no-untyped-def]
+def _fine_tune_and_ask(client: OpenAI) -> None:
     upload = client.files.create(file=("facts.jsonl", _dataset()), purpose="fine-tune")
     _say(f"uploaded {upload.id} ({upload.bytes} bytes, {len(FACTS)} examples)")
     job = client.fine_tuning.jobs.create(
@@ -109,7 +114,8 @@ def _fine_tune_and_ask(client) -> None:  # type: ignore[no-untyped-def]
         training_file=upload.id,
         suffix="facts",
         seed=0,
-        hyperparameters=TINY_MODEL_HYPERPARAMETERS,
+        # loraforge's hyperparameters (learning_rate, lora_r) extend the SDK's TypedDict
+        hyperparameters=TINY_MODEL_HYPERPARAMETERS,  # type: ignore[arg-type]
     )
     _say(f"created {job.id}: {job.hyperparameters.model_dump()}")
     last_seen = None
@@ -121,13 +127,19 @@ def _fine_tune_and_ask(client) -> None:  # type: ignore[no-untyped-def]
             last_seen = event.id
             if not event.message.startswith("Checkpoint created"):  # one per epoch: too many
                 _say(f"  event: {event.message}")
-        if fresh and job.status == JobStatus.RUNNING and getattr(job, "steps_completed", None):
+        if (
+            fresh
+            and job.status == JobStatus.RUNNING.value
+            and getattr(job, "steps_completed", None)
+        ):
             _say(f"  progress: {_progress(job)}")
-    if job.status != JobStatus.SUCCEEDED:
+    if job.status != JobStatus.SUCCEEDED.value:
         raise SystemExit(f"[demo] job ended {job.status}: {job.error}")
-    _say(f"fine-tuned model: {job.fine_tuned_model}")
+    fine_tuned = job.fine_tuned_model
+    assert fine_tuned is not None  # a succeeded job names its model
+    _say(f"fine-tuned model: {fine_tuned}")
     question, expected = FACTS[0]
-    for model in ("tiny", job.fine_tuned_model):
+    for model in ("tiny", fine_tuned):
         reply = client.chat.completions.create(
             model=model,
             temperature=0,
@@ -138,13 +150,15 @@ def _fine_tune_and_ask(client) -> None:  # type: ignore[no-untyped-def]
     _say(f"(trained answer: {expected!r})")
 
 
-def new_events(client, job_id: str, last_seen: str | None, *, page_size: int = 20) -> list:  # type: ignore[no-untyped-def]
+def new_events(
+    client: OpenAI, job_id: str, last_seen: str | None, *, page_size: int = 20
+) -> list[FineTuningJobEvent]:
     """The job's events after `last_seen` (None: all of them), oldest first.
 
     Events list newest first; the SDK's iteration pages back with `after` (the last id of
     each page) until we reach the event seen last, so none is skipped however many came.
     """
-    fresh = []
+    fresh: list[FineTuningJobEvent] = []
     for event in client.fine_tuning.jobs.list_events(job_id, limit=page_size):
         if event.id == last_seen:
             break
@@ -152,7 +166,7 @@ def new_events(client, job_id: str, last_seen: str | None, *, page_size: int = 2
     return fresh[::-1]
 
 
-def _progress(job) -> str:  # type: ignore[no-untyped-def]
+def _progress(job: FineTuningJob) -> str:
     """The job's progress fields (steps_* are loraforge's own; the SDK keeps extra fields)."""
     finish = job.estimated_finish
     return (
@@ -162,7 +176,7 @@ def _progress(job) -> str:  # type: ignore[no-untyped-def]
     )
 
 
-def _wait_for_health(base_url: str, process: subprocess.Popen, log: Path) -> None:
+def _wait_for_health(base_url: str, process: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -249,7 +249,7 @@ def up(host: Host = "127.0.0.1", port: Port = 8000) -> None:
     raise typer.Exit(0 if stopping else 1)
 
 
-def _stop_children(children: list[subprocess.Popen]) -> None:
+def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:
     for child in children:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)  # warm shutdown: uvicorn drains, celery re-queues

@@ -5,11 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.orm import Session, UOWTransaction, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from app.config import get_settings
+
+if TYPE_CHECKING:
+    import sqlite3
 
 # How long a request waits for a pooled connection before it is answered 503 + Retry-After
 # (app/api/errors.py). Short: under exhaustion, failing fast frees the caller's thread and
@@ -33,7 +38,7 @@ def get_engine(url: str) -> Engine:
     )
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+def _sqlite_pragmas(dbapi_connection: sqlite3.Connection, _record: ConnectionPoolEntry) -> None:
     # WAL lets the API read while a worker writes; busy_timeout waits instead of failing.
     dbapi_connection.isolation_level = None  # we issue BEGIN ourselves (below)
     cursor = dbapi_connection.cursor()
@@ -43,7 +48,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
     cursor.close()
 
 
-def _sqlite_begin(connection) -> None:  # type: ignore[no-untyped-def]
+def _sqlite_begin(connection: Connection) -> None:
     # A writer's BEGIN IMMEDIATE takes the write lock up front, so two processes racing on a
     # conditional UPDATE serialise instead of failing with "database is locked". A read
     # session begins deferred: under WAL it reads a snapshot and never queues behind the
@@ -65,7 +70,7 @@ def _factory(url: str, read_only: bool = False) -> sessionmaker[Session]:
     return factory
 
 
-def _refuse_writes(session, _context, _instances) -> None:  # type: ignore[no-untyped-def]
+def _refuse_writes(session: Session, _context: UOWTransaction, _instances: object) -> None:
     if session.new or session.dirty or session.deleted:
         raise RuntimeError("a read-only session was asked to write; use session_scope")
 

@@ -42,7 +42,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from app.errors import InvalidFile
 
@@ -206,7 +206,7 @@ def validate_record(record: object) -> str:
     raise ValueError(f"unrecognised example: {LINE_SHAPES}; got {got}")
 
 
-def _check_keys(record: dict, *, required: tuple[str, ...], what: str) -> None:
+def _check_keys(record: dict[str, Any], *, required: tuple[str, ...], what: str) -> None:
     allowed = " and ".join(repr(k) for k in required)
     unknown = [k for k in record if k not in required]
     if unknown:

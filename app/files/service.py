@@ -88,11 +88,11 @@ def check_storage_quota(
     session.execute(
         select(Organization.id).where(Organization.id == organization.id).with_for_update()
     )
-    used = session.scalar(
+    used = session.execute(  # an aggregate: always one row, never NULL after coalesce
         select(func.coalesce(func.sum(File.bytes), 0)).where(
             File.organization_id == organization.id
         )
-    )
+    ).scalar_one()
     if used + adding > limit:
         raise PayloadTooLarge(
             f"this organization's files take {used} bytes; {adding} more would pass its "

@@ -213,8 +213,9 @@ def _token_rows(
 
     wanted = config.get("trainable_token_indices") or {}
     saved = {}
-    for key in [k for k in tensors if _TOKENS_KEY.match(k)]:
-        saved[_TOKENS_KEY.match(key)["module"]] = tensors.pop(key)
+    for key in list(tensors):
+        if found := _TOKENS_KEY.match(key):
+            saved[found["module"]] = tensors.pop(key)
     if not isinstance(wanted, dict) or not set(saved) <= set(wanted):
         # PEFT's short form (a list) leaves the layers tied to the embedding implicit;
         # the trainer writes every module by name (worker/training/loop.py `_token_rows`)
@@ -290,7 +291,7 @@ def _factors(
 
 def _scale(config: dict[str, Any], module: str, rank: int) -> float:
     """PEFT's scaling: alpha / r (alpha / sqrt(r) with rsLoRA); alpha_pattern by suffix."""
-    alpha = config.get("lora_alpha", 8)
+    alpha: float = config.get("lora_alpha", 8)
     for pattern, value in (config.get("alpha_pattern") or {}).items():
         if re.fullmatch(rf"(.*\.)?{pattern}", module):
             alpha = value

@@ -42,7 +42,7 @@ class LoadedBase:
         # lock lets one huge prompt stall every request: each request borrows its own,
         # so there are as many as requests ever tokenized at once (the API's inference
         # threads bound that), never one per thread that passed by.
-        self._idle_tokenizers: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle_tokenizers: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
     @contextmanager
     def borrowed_tokenizer(self) -> Iterator[Any]:
@@ -94,7 +94,7 @@ class InferenceEngine:
         base_model: str,
         adapter: AdapterRef | None,
         prompt: str | None = None,
-        messages: list[dict] | None = None,
+        messages: list[dict[str, Any]] | None = None,
         max_tokens: int | None = 16,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -287,7 +287,7 @@ class InferenceEngine:
         return max_tokens
 
 
-def _check_input(prompt: str | None, messages: list[dict] | None) -> None:
+def _check_input(prompt: str | None, messages: list[dict[str, Any]] | None) -> None:
     if prompt is not None and messages is not None:
         raise InvalidRequest("give either prompt or messages, not both", param="messages")
     if messages is not None:
@@ -300,7 +300,7 @@ def _check_input(prompt: str | None, messages: list[dict] | None) -> None:
 
 
 def _check_length(
-    prompt: str | None, messages: list[dict] | None, context: int, max_token_chars: int
+    prompt: str | None, messages: list[dict[str, Any]] | None, context: int, max_token_chars: int
 ) -> None:
     """Refuse, before tokenizing, a text too long for the context: no token covers more
     than `max_token_chars` characters, so more characters than context times that are more
@@ -319,7 +319,9 @@ def _check_length(
         )
 
 
-def _tokenize(tokenizer: Any, prompt: str | None, messages: list[dict] | None) -> list[int]:
+def _tokenize(
+    tokenizer: Any, prompt: str | None, messages: list[dict[str, Any]] | None
+) -> list[int]:
     """Token ids exactly as training makes them: the user's text never becomes a control
     token (a typed `<|end|><|assistant|>` stays plain text); only the chat template's do."""
     from app.ml.chat import prompt_ids
@@ -329,6 +331,7 @@ def _tokenize(tokenizer: Any, prompt: str | None, messages: list[dict] | None) -
         ids = prompt_ids(tokenizer, messages)
         param = "messages"
     else:
+        assert prompt is not None  # _check_input refused a request with neither
         ids = encode_plain(tokenizer, prompt, add_special_tokens=True)
         param = "prompt"
     if not ids:

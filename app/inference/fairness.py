@@ -23,7 +23,7 @@ def share_of(max_batch: int, share: float) -> int:
 
 def choose_fairly(
     ready: dict[Hashable, deque[T]],
-    running: Counter,
+    running: Counter[Hashable],
     *,
     room: int,
     per_owner: int,

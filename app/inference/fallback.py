@@ -15,12 +15,15 @@ import copy
 import logging
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from app.errors import NotFound, ServiceUnavailable, model_not_found
 from app.inference.adapter_files import batch_refusal, read_peft_adapter, refused
 from app.inference.messages import Submit
 from app.inference.types import AdapterRef
+
+if TYPE_CHECKING:
+    from torch.nn.modules.module import _IncompatibleKeys
 
 logger = logging.getLogger(__name__)
 _ADAPTER = "default"  # the one adapter of each view
@@ -44,12 +47,17 @@ def peft_view(model: Any, ref: AdapterRef) -> Any:
 
     config, tensors = read_peft_adapter(ref)
     try:
-        peft_config = PeftConfig.from_peft_type(**config)
+        # peft leaves from_peft_type unannotated
+        peft_config = PeftConfig.from_peft_type(**config)  # type: ignore[no-untyped-call]
     except (TypeError, ValueError) as exc:
         raise refused(ref, f"its adapter_config.json does not load in PEFT ({exc})") from exc
     try:
         wrapped = get_peft_model(shared_view(model), peft_config, adapter_name=_ADAPTER)
-        result = set_peft_model_state_dict(wrapped, tensors, adapter_name=_ADAPTER)
+        # peft annotates a bare `namedtuple`; it returns torch's load_state_dict result
+        result = cast(
+            "_IncompatibleKeys",
+            set_peft_model_state_dict(wrapped, tensors, adapter_name=_ADAPTER),
+        )
     except Exception as exc:  # PEFT's own refusal of this config on this base
         raise refused(ref, f"PEFT cannot load it onto this base ({type(exc).__name__})") from exc
     missing = [key for key in result.missing_keys if f".{_ADAPTER}" in key]

@@ -11,6 +11,7 @@ real tokens, so each row decodes exactly as it would alone.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -19,11 +20,12 @@ from transformers.cache_utils import Cache, DynamicLayer
 _GROW = 64  # spare columns added when a buffer fills (amortises the copy)
 
 
-class _SlabLayer(DynamicLayer):
+# transformers leaves CacheLayerMixin's __init_subclass__ and __init__ unannotated
+class _SlabLayer(DynamicLayer):  # type: ignore[no-untyped-call]
     """One layer's keys/values in a preallocated buffer shared in shape by the batch."""
 
     def __init__(self, owner: BatchKV) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.owner = owner
         self.k_buf: torch.Tensor | None = None
         self.v_buf: torch.Tensor | None = None
@@ -31,14 +33,16 @@ class _SlabLayer(DynamicLayer):
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ):
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        k_buf, v_buf = self.k_buf, self.v_buf
+        assert k_buf is not None and v_buf is not None, "a forward before any row joined"
         start = self.owner.length
         end = start + key_states.shape[-2]
-        self.k_buf[:, :, start:end] = key_states
-        self.v_buf[:, :, start:end] = value_states
-        self.keys = self.k_buf[:, :, :end]
-        self.values = self.v_buf[:, :, :end]
-        return self.keys, self.values
+        k_buf[:, :, start:end] = key_states
+        v_buf[:, :, start:end] = value_states
+        keys, values = k_buf[:, :, :end], v_buf[:, :, :end]
+        self.keys, self.values = keys, values
+        return keys, values
 
     def get_seq_length(self) -> int:
         return self.owner.length
@@ -52,7 +56,8 @@ class BatchKV:
 
     def __init__(self, num_layers: int, device: Any) -> None:
         self.layers = [_SlabLayer(self) for _ in range(num_layers)]
-        self.cache = Cache(layers=self.layers)
+        # transformers types `layers` as an invariant list of its own layer classes
+        self.cache = Cache(layers=self.layers)  # type: ignore[arg-type]
         self.device = device
         self.length = 0
         self.pad = torch.zeros(0, dtype=torch.long, device=device)
@@ -92,7 +97,7 @@ class BatchKV:
 
     def _rebuild(self, keep: torch.Tensor, new: list[tuple[Cache, int]]) -> None:
         old_real = self.length - self.pad[keep] if self.rows else self.pad[:0]
-        new_lengths = [cache.layers[0].keys.shape[-2] for cache, _ in new]
+        new_lengths = [_prefilled(cache, 0, "keys").shape[-2] for cache, _ in new]
         lengths = old_real.tolist() + new_lengths
         length = max(lengths, default=0)
         capacity = length + _GROW
@@ -118,13 +123,13 @@ class BatchKV:
     ) -> torch.Tensor | None:
         old = getattr(layer, name)
         old_pad = self.pad.tolist()
-        sources = (
+        sources: list[torch.Tensor] = (
             []
             if old is None
             else [old[row, :, old_pad[row] : self.length] for row in keep.tolist()]
         )
         attr = "keys" if name == "k_buf" else "values"
-        sources += [getattr(cache.layers[index], attr)[row] for cache, row in new]
+        sources += [_prefilled(cache, index, attr)[row] for cache, row in new]
         if not sources:
             return None
         heads, _, dim = sources[0].shape
@@ -134,9 +139,16 @@ class BatchKV:
         return buf
 
 
+def _prefilled(cache: Cache, index: int, attr: str) -> torch.Tensor:
+    """Layer `index`'s keys or values in a prefill's cache (set: the prefill wrote them)."""
+    tensor: torch.Tensor = getattr(cache.layers[index], attr)
+    return tensor
+
+
 def forward_options(model: Any) -> tuple[str, dict[str, Any]]:
     """The KV-cache argument's name (transformers 5 renamed `past_key_values` to `cache`)
     and `logits_to_keep=1` where supported (skips the prompt-long logits at prefill)."""
+    names: Mapping[str, inspect.Parameter]
     try:
         names = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):

@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 _versions = itertools.count(1)
 
@@ -68,7 +71,7 @@ class Plan:
 
     row_keys: tuple[str | None, ...]
     version: int = field(default_factory=lambda: next(_versions))
-    groups: dict[tuple, Group] = field(default_factory=dict)
+    groups: dict[tuple[str, ...], Group] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.unique = tuple(dict.fromkeys(key for key in self.row_keys if key is not None))
@@ -80,7 +83,9 @@ class Plan:
         if found is None:
             members = [[i for i, k in enumerate(self.row_keys) if k == key] for key in keys]
             size = max(len(rows) for rows in members)
-            gather, slots, rows = [], [], []
+            gather: list[int] = []
+            slots: list[int] = []
+            rows: list[int] = []
             for rows_of_key in members:
                 for j in range(size):
                     if j < len(rows_of_key):
@@ -102,6 +107,10 @@ def _long(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=device)
 
 
+# One rank bucket's (group, A^T [K, in, r], B^T [K, r, out], scale [K, 1, 1]).
+_Stack = tuple[Group, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 class LoraState:
     """Shared by the wrapped modules of one base model; set by the scheduler thread only."""
 
@@ -117,7 +126,7 @@ class MultiLoraLinear(nn.Module):
         self.base = base
         self.state = state
         self.factors: dict[str, Factors] = {}
-        self._built: tuple[int, tuple[str, ...], list] | None = None
+        self._built: tuple[int, tuple[str, ...], list[_Stack]] | None = None
 
     @property
     def in_features(self) -> int:
@@ -132,7 +141,7 @@ class MultiLoraLinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        out: torch.Tensor = self.base(x)
         plan = self.state.plan
         if plan is None or not plan.unique:
             return out
@@ -162,14 +171,14 @@ class MultiLoraLinear(nn.Module):
             flat_out.index_add_(0, group.rows, delta)
         return out
 
-    def _stacks(self, plan: Plan, present: tuple[str, ...], device: torch.device) -> list:
-        """(group, A^T [K, in, r], B^T [K, r, out], scale [K, 1, 1]) per rank, per plan."""
+    def _stacks(self, plan: Plan, present: tuple[str, ...], device: torch.device) -> list[_Stack]:
+        """One stack per rank, built once per plan."""
         if self._built is not None and self._built[:2] == (plan.version, present):
             return self._built[2]
         by_rank: dict[int, list[str]] = {}
         for key in present:
             by_rank.setdefault(self.factors[key].rank, []).append(key)
-        stacks = []
+        stacks: list[_Stack] = []
         for keys in by_rank.values():
             chosen = [self.factors[key] for key in keys]
             scale = torch.tensor([f.scale for f in chosen], dtype=chosen[0].a.dtype)
@@ -191,11 +200,18 @@ def wrap_module(model: nn.Module, name: str, state: LoraState) -> MultiLoraLinea
     module = model.get_submodule(name)
     if isinstance(module, MultiTokenRows):
         if not isinstance(module.base, MultiLoraLinear):
-            module.base = MultiLoraLinear(module.base, state)
+            module.base = MultiLoraLinear(_linear(module.base, name), state)
         return module.base
     if isinstance(module, MultiLoraLinear):
         return module
-    return _replace(model, name, MultiLoraLinear(module, state))
+    return _replace(model, name, MultiLoraLinear(_linear(module, name), state))
+
+
+def _linear(module: nn.Module, name: str) -> nn.Linear:
+    """`module`, a plain `nn.Linear` (adapters are checked against `linear_shapes`)."""
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"{name} is not a linear layer: {type(module).__name__}")
+    return module
 
 
 def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -221,7 +237,8 @@ class MultiTokenRows(nn.Module):
 
     def __init__(self, base: nn.Embedding | nn.Linear, state: LoraState) -> None:
         super().__init__()
-        self.base = base
+        # The output layer's base becomes a MultiLoraLinear when an adapter targets it too.
+        self.base: nn.Embedding | nn.Linear | MultiLoraLinear = base
         self.state = state
         self.factors: dict[str, TokenRows] = {}  # named like MultiLoraLinear's, for the pool
 
@@ -235,7 +252,7 @@ class MultiTokenRows(nn.Module):
         self.factors[key] = TokenRows(ids, rows, slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        out: torch.Tensor = self.base(x)
         plan = self.state.plan
         if plan is None:
             return out
@@ -269,6 +286,8 @@ def wrap_tokens(model: nn.Module, name: str, state: LoraState) -> MultiTokenRows
     module = model.get_submodule(name)
     if isinstance(module, MultiTokenRows):
         return module
+    if not isinstance(module, nn.Embedding | nn.Linear):  # token_shapes names only these
+        raise TypeError(f"{name} is not an embedding or output layer: {type(module).__name__}")
     return _replace(model, name, MultiTokenRows(module, state))
 
 
@@ -283,10 +302,12 @@ def _replace(model: nn.Module, name: str, wrapped: _Wrapper) -> _Wrapper:
     return wrapped
 
 
-def token_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+def token_shapes(model: PreTrainedModel) -> dict[str, tuple[int, int]]:
     """(vocabulary, width) of the input embedding and the output layer, by module name
     (of the model before any wrapping)."""
-    layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+    # transformers leaves get_output_embeddings unannotated
+    output = model.get_output_embeddings()  # type: ignore[no-untyped-call]
+    layers = [model.get_input_embeddings(), output]
     return {
         name: tuple(module.weight.shape)
         for name, module in model.named_modules()

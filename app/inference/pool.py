@@ -23,7 +23,7 @@ from typing import Any
 from app.errors import model_not_found
 from app.inference.adapter_files import AdapterWeights, read_adapter
 from app.inference.deleted import DeletedAdapters
-from app.inference.lora import Factors, LoraState, wrap_module, wrap_tokens
+from app.inference.lora import Factors, LoraState, TokenRows, wrap_module, wrap_tokens
 from app.inference.messages import Loaded
 from app.inference.types import AdapterRef
 
@@ -52,10 +52,13 @@ class AdapterStats:
     last_load_seconds: float | None = None
 
 
+_Holder = dict[str, Factors] | dict[str, TokenRows]
+
+
 @dataclass
 class _Resident:
     sha256: str
-    holders: list[dict]  # the `factors` dicts of the wrapped modules that hold its weights
+    holders: list[_Holder]  # the `factors` dicts of the wrapped modules that hold its weights
     pinned: bool
 
 
@@ -134,10 +137,11 @@ class AdapterPool:
         if ref.id in self.resident:
             pin = pin or self.resident[ref.id].pinned
             self._evict(ref.id)
-        holders = []
+        holders: list[_Holder] = []
         for name, (a, b, scale) in weights.modules.items():
-            holders.append(wrap_module(self.model, name, self.state).factors)
-            holders[-1][ref.id] = Factors(a, b, scale)
+            factors = wrap_module(self.model, name, self.state).factors
+            factors[ref.id] = Factors(a, b, scale)
+            holders.append(factors)
         for name, (ids, rows) in weights.tokens.items():
             holder = wrap_tokens(self.model, name, self.state)
             holder.add(ref.id, ids, rows)
@@ -169,7 +173,7 @@ class AdapterPool:
                 stats.loaded, stats.pinned = False, False
                 stats.evictions += 1
 
-    def trim(self, busy: set[str], wanted: set[str]) -> None:
+    def trim(self, busy: set[str | None], wanted: set[str | None]) -> None:
         """Evict deleted adapters and least recently used ones past capacity.
 
         Never evicts an adapter a running row uses (`busy`), nor a pinned one unless it was

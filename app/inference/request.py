@@ -28,7 +28,7 @@ class Request:
     sampling: Sampling
     logprobs: int | None = None  # top alternatives per token; None = no logprobs
     owner: str | None = None  # the organization: fair admission across organizations
-    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    events: queue.SimpleQueue[Event] = field(default_factory=queue.SimpleQueue)
     cancelled: bool = False
     generation: Generation | None = None
     on_done: Callable[[], None] = lambda: None

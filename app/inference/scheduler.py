@@ -72,7 +72,7 @@ class BaseScheduler:
         self.rows_per_owner = share_of(max_batch, batch_share)
         self._last_owner: Hashable = None  # admission resumes after the owner served last
         self.device = next(model.parameters()).device
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self.state = LoraState()
         self.pool = AdapterPool(
             model,

@@ -13,7 +13,7 @@ import math
 import struct
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from app.errors import InvalidRequest
 from app.jobs.spec import SupervisedHyperparameters
@@ -98,7 +98,7 @@ def unmatched_modules(targets: list[str], module_names: Iterable[str]) -> list[s
     return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
 
 
-def check_target_modules(model_ref: str, target_modules: str | list[str]) -> None:
+def check_target_modules(model_ref: str, target_modules: Literal["all-linear"] | list[str]) -> None:
     """Refuse module names the base model does not have (InvalidRequest naming the param).
 
     Only a local directory with safetensors weights can be checked here; a hub id is
@@ -167,6 +167,6 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
     """The JSON header of a safetensors file: an 8-byte little-endian length, then JSON."""
     with path.open("rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
+        header: dict[str, Any] = json.loads(handle.read(length))
     header.pop("__metadata__", None)
     return header

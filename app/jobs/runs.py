@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
@@ -40,7 +40,7 @@ class Claim:
     attempt: int
 
 
-def _claimable(now: Any, max_attempts: int) -> tuple:
+def _claimable(now: Any, max_attempts: int) -> tuple[ColumnElement[bool], ...]:
     """Queued, or running on a lapsed lease (its worker died); never a cancelled one."""
     return (
         or_(
@@ -68,9 +68,9 @@ def claim_job(
             started_at=func.coalesce(Job.started_at, now),
         )
     )
-    if result.rowcount != 1:
+    if result.rowcount != 1:  # type: ignore[attr-defined]  # DML returns a CursorResult
         return None
-    attempt = session.scalar(select(Job.attempt).where(Job.id == job_id))
+    attempt = session.execute(select(Job.attempt).where(Job.id == job_id)).scalar_one()
     add_event(session, job_id=job_id, message=f"Fine-tuning job started (attempt {attempt})")
     return Claim(job_id, attempt)
 
@@ -146,7 +146,7 @@ def renew_lease(
     `progress`: job columns the same fenced statement writes (trained_tokens,
     estimated_finish, steps_completed, steps_planned), so progress is never a stale
     attempt's."""
-    renewed = session.execute(
+    renewed = session.execute(  # type: ignore[attr-defined]  # DML returns a CursorResult
         update(Job)
         .where(*_owned(claim), Job.cancel_requested.is_(False))
         .values(lease_expires_at=clock() + timedelta(seconds=lease_seconds), **(progress or {}))
@@ -213,7 +213,7 @@ def keep_lease(url: str, *, claim: Claim, lease_seconds: int) -> Iterator[None]:
         thread.join()
 
 
-def _owned(claim: Claim) -> tuple:
+def _owned(claim: Claim) -> tuple[ColumnElement[bool], ...]:
     return (Job.id == claim.job_id, Job.attempt == claim.attempt, Job.status == JobStatus.RUNNING)
 
 
@@ -256,7 +256,8 @@ def record_checkpoint(
     checkpoint.status = CheckpointStatus.ACTIVE  # a restarted attempt may write a pruned step again
     session.flush()
     pruned = registry.prune_checkpoints(session, job_id=job.id, keep=keep)
-    message, data = f"Checkpoint created at step {step}", {"step": step}
+    message = f"Checkpoint created at step {step}"
+    data: dict[str, Any] = {"step": step}
     if pruned:
         steps = sorted(row.step_number for row in pruned)
         listed = f"step{'s' * (len(steps) > 1)} {', '.join(map(str, steps))}"
@@ -295,7 +296,7 @@ def complete_job(
     """
     job = session.get_one(Job, claim.job_id)
     name = fine_tuned_model_name(session, job)
-    done = session.execute(
+    done = session.execute(  # type: ignore[attr-defined]  # DML returns a CursorResult
         update(Job)
         .where(*_owned(claim), Job.cancel_requested.is_(False))
         .values(
@@ -330,7 +331,7 @@ def end_run(
     session: Session, *, claim: Claim, status: JobStatus, error: dict[str, Any] | None = None
 ) -> bool:
     """Move an owned run to `failed` or `cancelled`; False when it is no longer ours."""
-    ended = session.execute(
+    ended = session.execute(  # type: ignore[attr-defined]  # DML returns a CursorResult
         update(Job)
         .where(*_owned(claim))
         .values(status=status, error=error, finished_at=utcnow(), lease_expires_at=None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -26,11 +27,12 @@ from app.schemas.jobs import JobCreate
 from app.statuses import ACTIVE_JOB_STATUSES, TERMINAL_JOB_STATUSES, CheckpointStatus, JobStatus
 
 EVENT_ID = re.compile(r"^ftevent-[A-Za-z0-9]{1,32}$")
+Row = TypeVar("Row")
 
 
 @dataclass
-class Page:
-    rows: list
+class Page(Generic[Row]):
+    rows: list[Row]
     has_more: bool
 
 
@@ -155,7 +157,7 @@ def get_job(session: Session, *, organization: Organization, job_id: str) -> Job
 
 def list_jobs(
     session: Session, *, organization: Organization, after: str | None, limit: int
-) -> Page:
+) -> Page[Job]:
     """Newest first; `after` is the id of the last job of the previous page."""
     query = select(Job).where(Job.organization_id == organization.id)
     if after is not None:
@@ -187,7 +189,7 @@ def cancel_job(session: Session, *, organization: Organization, job_id: str) -> 
         .where(Job.id == job.id, Job.status.in_(ACTIVE_JOB_STATUSES))
         .values(cancel_requested=True)
     )
-    cancelled_now = session.execute(
+    cancelled_now = session.execute(  # type: ignore[attr-defined]  # DML returns a CursorResult
         update(Job)
         .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
         .values(status=JobStatus.CANCELLED, finished_at=utcnow())
@@ -209,7 +211,7 @@ def add_event(
     message: str,
     level: str = "info",
     type: str = "message",
-    data: dict | None = None,
+    data: dict[str, Any] | None = None,
 ) -> None:
     session.add(JobEvent(job_id=job_id, message=message, level=level, type=type, data=data))
     session.flush()
@@ -217,7 +219,7 @@ def add_event(
 
 def list_events(
     session: Session, *, organization: Organization, job_id: str, after: str | None, limit: int
-) -> Page:
+) -> Page[JobEvent]:
     """Newest first, like OpenAI; `after` is the id of the last event of the previous page."""
     job = get_job(session, organization=organization, job_id=job_id)
     query = select(JobEvent).where(JobEvent.job_id == job.id)
@@ -248,7 +250,7 @@ def _event_seq(session: Session, job_id: str, event_id_: str) -> int:
 
 def list_checkpoints(
     session: Session, *, organization: Organization, job_id: str, after: str | None, limit: int
-) -> Page:
+) -> Page[Checkpoint]:
     job = get_job(session, organization=organization, job_id=job_id)
     query = select(Checkpoint).where(
         Checkpoint.job_id == job.id, Checkpoint.status == CheckpointStatus.ACTIVE
@@ -276,11 +278,11 @@ def check_active_quota(session: Session, *, organization: Organization, limit: i
     session.execute(
         select(Organization.id).where(Organization.id == organization.id).with_for_update()
     )
-    active = session.scalar(
+    active = session.execute(
         select(func.count())
         .select_from(Job)
         .where(Job.organization_id == organization.id, Job.status.in_(ACTIVE_JOB_STATUSES))
-    )
+    ).scalar_one()
     if active >= limit:
         raise RateLimited(
             f"this organization already has {active} queued or running jobs (the limit is "

@@ -58,7 +58,9 @@ def _enough_messages_waiting(settings: Settings) -> bool:
     if pending is None:
         return False
     with read_session_scope(settings.sqlalchemy_url) as session:
-        queued = session.scalar(select(func.count()).where(Job.status == JobStatus.QUEUED))
+        queued = session.execute(
+            select(func.count()).where(Job.status == JobStatus.QUEUED)
+        ).scalar_one()
     return pending >= queued
 
 

@@ -48,9 +48,10 @@ def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
 def render_prompt(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
     """The text a model continues to answer `messages` as the assistant (content escaped)."""
     ensure_chat_template(tokenizer)
-    return tokenizer.apply_chat_template(
+    text: str = tokenizer.apply_chat_template(
         _plain(tokenizer, messages), tokenize=False, add_generation_prompt=True
     )
+    return text
 
 
 def render_segments(tokenizer: Any, messages: list[dict[str, Any]]) -> list[Segment]:
@@ -86,7 +87,8 @@ def render_segments(tokenizer: Any, messages: list[dict[str, Any]]) -> list[Segm
 
 
 def _render(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
-    return tokenizer.apply_chat_template(_plain(tokenizer, messages), tokenize=False)
+    text: str = tokenizer.apply_chat_template(_plain(tokenizer, messages), tokenize=False)
+    return text
 
 
 def _plain(tokenizer: Any, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

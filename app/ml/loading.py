@@ -50,8 +50,9 @@ def load_base_model(ref: str | Path, *, device: str = "auto", dtype: str = "auto
     model = AutoModelForCausalLM.from_pretrained(
         ref, dtype=torch_dtype, use_safetensors=True, trust_remote_code=False
     )
-    model.to(device)
-    model.eval()
+    # transformers' `to` is wrapped (functools.wraps) and its `eval` unannotated
+    model.to(device)  # type: ignore[arg-type]
+    model.eval()  # type: ignore[no-untyped-call]
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model

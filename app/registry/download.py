@@ -20,7 +20,7 @@ from tempfile import SpooledTemporaryFile
 from typing import IO
 
 from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # lazy export
 
 from app.ml.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 

@@ -14,13 +14,20 @@ from app.statuses import TERMINAL_JOB_STATUSES, AdapterStatus, CheckpointStatus
 
 
 @dataclass(frozen=True)
+class StoredAdapter:
+    """A fine-tuned model (an adapter or one of its checkpoints) and its stored weights."""
+
+    id: str
+    storage_key: str
+    sha256: str
+
+
+@dataclass(frozen=True)
 class ModelTarget:
     """What an inference request runs: a base model, optionally with one adapter."""
 
     base_model: str
-    adapter_id: str | None = None
-    storage_key: str | None = None
-    sha256: str | None = None
+    adapter: StoredAdapter | None = None
 
 
 def adapter_name(*, base_model: str, organization: str, suffix: str | None, job_id: str) -> str:
@@ -117,9 +124,11 @@ def resolve_model(
     if ":ckpt-step-" in model_id:
         ckpt = get_checkpoint(session, organization=organization, model_id=model_id)
         adapter_base = model_id.split(":")[1]
-        return ModelTarget(adapter_base, model_id, ckpt.storage_key, ckpt.sha256)
+        return ModelTarget(adapter_base, StoredAdapter(model_id, ckpt.storage_key, ckpt.sha256))
     adapter = get_adapter(session, organization=organization, model_id=model_id)
-    return ModelTarget(adapter.base_model, adapter.id, adapter.storage_key, adapter.sha256)
+    return ModelTarget(
+        adapter.base_model, StoredAdapter(adapter.id, adapter.storage_key, adapter.sha256)
+    )
 
 
 @dataclass(frozen=True)

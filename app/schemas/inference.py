@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from app.schemas.common import Id, Strict, Text
+
+if TYPE_CHECKING:
+    from app.inference.types import Generation, TokenLogprob
 
 # Alternatives per token for `logprobs` (completions) and `top_logprobs` (chat): OpenAI's
 # completions limit. The engine takes what these schemas let through as given.
@@ -213,10 +217,10 @@ class EngineAdapters(BaseModel):
     base_models: list[EngineBaseModel]
 
 
-# -- building responses from the engine's results (duck-typed: no engine import here) --
+# -- building responses from the engine's results (its types for type checking only) --
 
 
-def usage_of(result) -> Usage:  # type: ignore[no-untyped-def]
+def usage_of(result: Generation) -> Usage:
     return Usage(
         prompt_tokens=result.prompt_tokens,
         completion_tokens=result.completion_tokens,
@@ -224,7 +228,7 @@ def usage_of(result) -> Usage:  # type: ignore[no-untyped-def]
     )
 
 
-def completion_logprobs(entries) -> CompletionLogprobs | None:  # type: ignore[no-untyped-def]
+def completion_logprobs(entries: Sequence[TokenLogprob] | None) -> CompletionLogprobs | None:
     if entries is None:
         return None
     return CompletionLogprobs(
@@ -235,7 +239,7 @@ def completion_logprobs(entries) -> CompletionLogprobs | None:  # type: ignore[n
     )
 
 
-def chat_logprobs(entries) -> ChatLogprobs | None:  # type: ignore[no-untyped-def]
+def chat_logprobs(entries: Sequence[TokenLogprob] | None) -> ChatLogprobs | None:
     if entries is None:
         return None
 

@@ -42,9 +42,9 @@ class Example:
     truncated: bool = False  # the record was longer than max_seq_length
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Parse a JSONL file into records; blank lines are skipped, errors name the line."""
-    records: list[dict] = []
+    records: list[dict[str, Any]] = []
     with Path(path).open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -60,7 +60,11 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def encode_record(
-    tokenizer: Any, record: dict, *, max_seq_length: int, train_on_inputs: bool = False
+    tokenizer: Any,
+    record: dict[str, Any],
+    *,
+    max_seq_length: int,
+    train_on_inputs: bool = False,
 ) -> Example:
     """Token ids and labels for one record (see the module docstring for the rules)."""
     if "messages" in record:
@@ -83,7 +87,7 @@ def encode_record(
 
 def encode_dataset(
     tokenizer: Any,
-    records: list[dict],
+    records: list[dict[str, Any]],
     *,
     max_seq_length: int,
     train_on_inputs: bool = False,
@@ -95,7 +99,7 @@ def encode_dataset(
     ]
 
 
-def _encode_chat(tokenizer: Any, messages: list[dict]) -> tuple[list[int], list[int]]:
+def _encode_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
     input_ids: list[int] = []
     labels: list[int] = []
     for segment in render_segments(tokenizer, messages):

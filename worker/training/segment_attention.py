@@ -39,7 +39,8 @@ def use_segment_attention(model: Any) -> bool:
         return False
     _register()
     model.set_attn_implementation(NAME)
-    return model.config._attn_implementation == NAME
+    enabled: bool = model.config._attn_implementation == NAME
+    return enabled
 
 
 def _register() -> None:
@@ -90,6 +91,7 @@ def segment_attention(
         segments = segments * query.shape[0]
     if (
         segments is None
+        or positions is None
         or len(segments) != query.shape[0]
         or query.shape[2] != key.shape[2]
         or query.shape[2] != positions.shape[1]
@@ -128,12 +130,11 @@ def _segments(positions: Any) -> list[list[tuple[int, int]]] | None:
     if _cache[0] is positions:
         return _cache[1]
     table = positions.tolist()
-    found: list[list[tuple[int, int]]] | None = []
-    for row in table:
-        if not row or row[0] != 0:
-            found = None
-            break
-        starts = [i for i, p in enumerate(row) if p == 0]
-        found.append(list(zip(starts, [*starts[1:], len(row)], strict=True)))
+    found: list[list[tuple[int, int]]] | None = None
+    if all(row and row[0] == 0 for row in table):
+        found = []
+        for row in table:
+            starts = [i for i, p in enumerate(row) if p == 0]
+            found.append(list(zip(starts, [*starts[1:], len(row)], strict=True)))
     _cache = (positions, found)
     return found

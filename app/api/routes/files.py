@@ -60,7 +60,7 @@ def _store_in(
     filename, purpose = upload.filename or "upload.jsonl", upload.fields.get("purpose")
     files.check_upload(filename=filename, purpose=purpose)
     digest = idempotency.request_sha256(upload.sha256, filename, purpose or "")
-    scope = {"organization": org, "endpoint": "files", "key": key, "digest": digest}
+    scope = idempotency.Scope(organization=org, endpoint="files", key=key, digest=digest)
     earlier = idempotency.replayed_id(session, **scope)
     if earlier is None:
         row = files.store_spooled_file(

@@ -19,16 +19,19 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 import anyio
 from fastapi import APIRouter
 from fastapi import Request as HttpRequest
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from app import base_models, tenancy
 from app.api.deps import EngineDep, OrgDep, SettingsDep, StoreDep
 from app.api.errors import domain_error, server_error_body
+from app.config import Settings
+from app.db.models import Organization
 from app.db.session import read_session_scope
 from app.errors import LoraforgeError, Unauthorized
 from app.ids import new_id
@@ -49,14 +52,28 @@ from app.schemas.inference import (
     completion_logprobs,
     usage_of,
 )
+from app.storage import ArtifactStore
 
 if TYPE_CHECKING:
+    from app.inference.engine import InferenceEngine
     from app.inference.request import Request as InferenceRequest
+    from app.inference.types import Delta
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["inference"])
-SSE = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks"}}
+SSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks"}
+}
+T = TypeVar("T")
+
+
+class _Head(TypedDict):
+    """What the response and every chunk of one completion repeat."""
+
+    id: str
+    created: int
+    model: str
 
 
 INFERENCE_THREADS = 8  # threads that resolve, tokenize and hand requests to the engine
@@ -70,11 +87,18 @@ def _limiter(http: HttpRequest) -> anyio.CapacityLimiter:
     return limiter
 
 
-async def _off_loop(http: HttpRequest, fn: Callable[..., Any], /, **kwargs: Any) -> Any:
+async def _off_loop(http: HttpRequest, fn: Callable[..., T], /, **kwargs: Any) -> T:
     return await anyio.to_thread.run_sync(functools.partial(fn, **kwargs), limiter=_limiter(http))
 
 
-def _submit(body: SamplingParams, org, settings, store, engine, **inputs) -> InferenceRequest:  # type: ignore[no-untyped-def]
+def _submit(
+    body: SamplingParams,
+    org: Organization,
+    settings: Settings,
+    store: ArtifactStore,
+    engine: InferenceEngine,
+    **inputs: Any,
+) -> InferenceRequest:
     """Resolve the model in the caller's organization, then hand the request to the engine."""
     from app.inference import AdapterRef
 
@@ -85,11 +109,11 @@ def _submit(body: SamplingParams, org, settings, store, engine, **inputs) -> Inf
     # 503 at once, naming the reason, rather than a load that fails (or retries the hub).
     base_models.require_loadable(settings.base_models, target.base_model)
     adapter = None
-    if target.adapter_id is not None:
+    if target.adapter is not None:
         adapter = AdapterRef(
-            id=target.adapter_id,
-            path=store.path(target.storage_key),
-            sha256=target.sha256,
+            id=target.adapter.id,
+            path=store.path(target.adapter.storage_key),
+            sha256=target.adapter.sha256,
             owner=org.id,
         )
     return engine.submit(
@@ -104,7 +128,15 @@ def _submit(body: SamplingParams, org, settings, store, engine, **inputs) -> Inf
     )
 
 
-async def _start(http: HttpRequest, body: SamplingParams, org, settings, store, engine, **inputs):  # type: ignore[no-untyped-def]
+async def _start(
+    http: HttpRequest,
+    body: SamplingParams,
+    org: Organization,
+    settings: Settings,
+    store: ArtifactStore,
+    engine: InferenceEngine,
+    **inputs: Any,
+) -> InferenceRequest:
     submitted = await _off_loop(
         http, _submit, body=body, org=org, settings=settings, store=store, engine=engine, **inputs
     )
@@ -117,9 +149,9 @@ def _key_active(url: str, key_sha256: str) -> bool:
         return tenancy.key_is_active(session, key_sha256=key_sha256)
 
 
-async def _checked_deltas(  # type: ignore[no-untyped-def]
-    http: HttpRequest, submitted: InferenceRequest, first, settings
-) -> AsyncIterator:
+async def _checked_deltas(
+    http: HttpRequest, submitted: InferenceRequest, first: Delta | None, settings: Settings
+) -> AsyncIterator[Delta]:
     """The submitted request's deltas; every `stream_key_check_seconds` the caller's key is
     looked up again (a short read-only session) and a revoked key ends the stream."""
     if first is not None:
@@ -138,8 +170,11 @@ async def _checked_deltas(  # type: ignore[no-untyped-def]
             yield delta
 
 
-async def _sse(  # type: ignore[no-untyped-def]
-    http: HttpRequest, submitted: InferenceRequest, settings, chunks: Callable
+async def _sse(
+    http: HttpRequest,
+    submitted: InferenceRequest,
+    settings: Settings,
+    chunks: Callable[[AsyncIterator[Delta]], AsyncIterator[BaseModel]],
 ) -> StreamingResponse:
     """SSE of `chunks(deltas)`, started only once the first delta (or the end) is there."""
     first = await submitted.next_event()  # raises here (a JSON error) if the request failed
@@ -192,7 +227,7 @@ async def create_completion(
         max_tokens=body.max_tokens or 16,
         logprobs=body.logprobs,
     )
-    head = {"id": new_id("cmpl"), "created": int(time.time()), "model": body.model}
+    head = _Head(id=new_id("cmpl"), created=int(time.time()), model=body.model)
     if body.stream:
         return await _sse(
             http, submitted, settings, lambda d: _completion_chunks(head, submitted, d, body)
@@ -206,7 +241,12 @@ async def create_completion(
     return CompletionResponse(**head, choices=[choice], usage=usage_of(result))
 
 
-async def _completion_chunks(head, submitted, deltas, body) -> AsyncIterator[CompletionResponse]:  # type: ignore[no-untyped-def]
+async def _completion_chunks(
+    head: _Head,
+    submitted: InferenceRequest,
+    deltas: AsyncIterator[Delta],
+    body: CompletionRequest,
+) -> AsyncIterator[CompletionResponse]:
     async for delta in deltas:
         logprobs = completion_logprobs(delta.logprobs) if body.logprobs is not None else None
         choice = CompletionChoice(
@@ -214,7 +254,7 @@ async def _completion_chunks(head, submitted, deltas, body) -> AsyncIterator[Com
         )
         yield CompletionResponse(**head, choices=[choice])
     if body.include_usage:
-        yield CompletionResponse(**head, choices=[], usage=usage_of(submitted.generation))
+        yield CompletionResponse(**head, choices=[], usage=usage_of(await submitted.aresult()))
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=SSE)
@@ -238,7 +278,7 @@ async def create_chat_completion(
         max_tokens=body.max_completion_tokens or body.max_tokens,  # None: what fits
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
-    head = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": body.model}
+    head = _Head(id=new_id("chatcmpl"), created=int(time.time()), model=body.model)
     if body.stream:
         return await _sse(
             http, submitted, settings, lambda d: _chat_chunks(head, submitted, d, body)
@@ -252,7 +292,12 @@ async def create_chat_completion(
     return ChatCompletionResponse(**head, choices=[choice], usage=usage_of(result))
 
 
-async def _chat_chunks(head, submitted, deltas, body) -> AsyncIterator[ChatCompletionChunk]:  # type: ignore[no-untyped-def]
+async def _chat_chunks(
+    head: _Head,
+    submitted: InferenceRequest,
+    deltas: AsyncIterator[Delta],
+    body: ChatCompletionRequest,
+) -> AsyncIterator[ChatCompletionChunk]:
     role = ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))
     yield ChatCompletionChunk(**head, choices=[role])
     async for delta in deltas:
@@ -263,4 +308,4 @@ async def _chat_chunks(head, submitted, deltas, body) -> AsyncIterator[ChatCompl
         )
         yield ChatCompletionChunk(**head, choices=[choice])
     if body.include_usage:
-        yield ChatCompletionChunk(**head, choices=[], usage=usage_of(submitted.generation))
+        yield ChatCompletionChunk(**head, choices=[], usage=usage_of(await submitted.aresult()))

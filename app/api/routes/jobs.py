@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 
@@ -18,7 +18,7 @@ router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 Limit = Annotated[int, Query(ge=1, le=100)]
 
 
-DEFERRED = {
+DEFERRED: dict[int | str, dict[str, Any]] = {
     202: {
         "model": JobRead,
         "description": "Created; the broker is unreachable, so the "
@@ -37,7 +37,7 @@ def create_job(
     idempotency_key: IdempotencyHeader = None,
 ) -> JobRead:
     digest = idempotency.request_sha256(body.model_dump_json())
-    scope = {"organization": org, "endpoint": "jobs", "key": idempotency_key, "digest": digest}
+    scope = idempotency.Scope(organization=org, endpoint="jobs", key=idempotency_key, digest=digest)
     earlier = idempotency.replayed_id(session, **scope)
     if earlier is not None:  # a replay: the same job, never a second one
         return job_view(jobs.get_job(session, organization=org, job_id=earlier))

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
@@ -14,6 +16,9 @@ from app.registry.download import adapter_archive, public_base_name
 from app.schemas.common import Id, ListPage
 from app.schemas.models import ModelDeleted, ModelRead
 from app.storage import file_sha256
+
+if TYPE_CHECKING:
+    from app.inference.engine import InferenceEngine
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -40,21 +45,22 @@ def download_adapter(
     target = registry.resolve_model(
         session, organization=org, model_id=model_id, base_models=settings.base_models
     )
-    if target.adapter_id is None:
+    stored = target.adapter
+    if stored is None:
         raise InvalidRequest(
             f"{model_id!r} is a base model; only adapters can be downloaded", param="model"
         )
-    folder = store.path(target.storage_key)
+    folder = store.path(stored.storage_key)
     weights = folder / ADAPTER_WEIGHTS
     # Missing safetensors (say, only a pickled .bin left) is refused like a corrupt file.
-    if not weights.is_file() or file_sha256(weights) != target.sha256:
+    if not weights.is_file() or file_sha256(weights) != stored.sha256:
         raise adapter_weights_changed(model_id)
     base = public_base_name(target.base_model, settings.base_models.get(target.base_model))
     archive = adapter_archive(folder, base_model=base)
     filename = model_id.replace(":", "_").replace("/", "_") + ".zip"
     headers = {
         "X-Adapter-SHA256": archive.sha256,  # of the body: what the client received
-        "X-Adapter-Weights-SHA256": target.sha256,  # of adapter_model.safetensors inside
+        "X-Adapter-Weights-SHA256": stored.sha256,  # of adapter_model.safetensors inside
         "Content-Length": str(archive.size),
         "Content-Disposition": f'attachment; filename="{filename}"',
     }
@@ -71,7 +77,7 @@ def retrieve_model(
     target = registry.resolve_model(
         session, organization=org, model_id=model_id, base_models=settings.base_models
     )
-    if target.adapter_id is None:
+    if target.adapter is None:
         base_models.require_loadable(settings.base_models, model_id)
         return base_model_view(model_id)
     if ":ckpt-step-" in model_id:
@@ -98,9 +104,10 @@ def delete_model(
         )
     removed = registry.delete_model(session, organization=org, model_id=model_id)
     commit(session)  # no row names them any more: now nothing can load them again
-    engine = getattr(request.app.state, "engine", None)
-    for gone in removed.model_ids if engine is not None else []:
-        engine.unload_adapter(gone)  # returns once no scheduler holds it
+    engine: InferenceEngine | None = getattr(request.app.state, "engine", None)
+    if engine is not None:
+        for gone in removed.model_ids:
+            engine.unload_adapter(gone)  # returns once no scheduler holds it
     for key in removed.storage_keys:
         store.delete(key)
     return ModelDeleted(id=model_id, deleted_checkpoints=removed.checkpoints)
