@@ -91,7 +91,9 @@ def store_dataset(
     max_lines: int = 1000,
     max_stored_bytes: int = 0,
 ) -> File:
-    """Store `content` as POST /v1/files does once the body is spooled, in `session`."""
+    """Store `content` as POST /v1/files does, in `session`: the name and purpose are checked,
+    then the spooled body is stored."""
+    files.check_upload(filename=filename, purpose="fine-tune")
     with store.temp_dir() as tmp:
         spool = tmp / "upload.jsonl"
         spool.write_bytes(content)
