@@ -22,6 +22,7 @@ from app.ml.chat import prompt_ids  # noqa: E402
 from app.ml.loading import load_base_model, load_tokenizer  # noqa: E402
 from app.storage import ArtifactStore, file_sha256  # noqa: E402
 from tests.factories import load, submit  # noqa: E402
+from tests.unit.greedy_text import peft_greedy  # noqa: E402
 from worker.run_job import run_job  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -31,19 +32,9 @@ MESSAGES = [{"role": "user", "content": "code for item 3?"}]
 
 def greedy(base_dir: Path, adapter_dir: Path | None, max_tokens: int = 12) -> str:
     """Greedy text of the base (+ the adapter, loaded by PEFT), fp32, with generate()."""
-    tokenizer = load_tokenizer(base_dir)
-    model = load_base_model(base_dir, device="cpu")
-    if adapter_dir is not None:
-        model = peft.PeftModel.from_pretrained(model, adapter_dir)
-    ids = torch.tensor([prompt_ids(tokenizer, MESSAGES)])
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_tokens,
-        do_sample=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )[0, ids.shape[1] :].tolist()
+    tokenizer, out = peft_greedy(
+        base_dir, adapter_dir, lambda tokenizer: prompt_ids(tokenizer, MESSAGES), max_tokens
+    )
     return tokenizer.decode(out, skip_special_tokens=True)
 
 
