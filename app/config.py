@@ -75,7 +75,8 @@ class Settings(BaseSettings):
     stop_grace_seconds: float = 10.0
     # Bounds on one job's work (app/jobs/limits.py) and on an organization's stored files.
     max_tokens_per_step: int = 1 << 20  # batch_size * gradient_accumulation * max_seq_length
-    max_examples_per_job: int = 10_000_000  # n_epochs * training examples
+    # n_epochs * training examples + n_checkpoints * validation examples
+    max_examples_per_job: int = 10_000_000
     max_stored_bytes_per_org: int = 10 << 30  # bytes of files; 413 past it
     # One tenant must not stall the others. 0 disables a limit.
     max_request_bytes: int = 2 * 1024 * 1024  # JSON bodies (uploads: max_upload_bytes)

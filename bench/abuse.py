@@ -9,6 +9,10 @@ the victim's median latency as a ratio to the quiet baseline (target <= 2x), the
 wait as a ratio, and every HTTP 500 seen by anyone (target 0).
 
     .venv/bin/python -m bench.abuse [--postgres] [--probes 10] [--only stalled-uploads,backlog,...]
+        [--shared-cores]
+
+The API runs on a core of its own; the worker and the bench's clients share the rest
+(`role_cpus`: as on separate machines). `--shared-cores` puts everything on all cores.
 
 The worker-side attacks (bench/abuse_jobs.py) run against the stack's one worker
 (`loraforge worker`, concurrency 1: a resident pool process that claims by the fair policy
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import statistics
 import sys
@@ -204,6 +209,24 @@ def quota_race(stack: Stack, keys: Keys, quota: int, creates: int = 40) -> dict:
 
 
 # -- the run ----------------------------------------------------------------------------------
+def role_cpus(*, shared: bool) -> tuple[list[set[int] | None] | None, str]:
+    """CPUs for the API and the worker, and a line saying so; pins this process (the clients).
+
+    In production the API, the workers and the tenants' clients are different machines. On
+    one small machine they would share its cores, and the victim would then measure the
+    attacker's client threads and the worker's training competing with the API for CPU,
+    not the service letting one tenant stall another. So by default the API gets the first
+    core to itself; the worker (and the jobs it forks) and this process's clients share the
+    others. `--shared-cores` measures everything on all cores, as before.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    if shared or len(cores) < 2:
+        return None, f"shared cores: API, worker and clients on {len(cores)}"
+    api, rest = {cores[0]}, set(cores[1:])
+    os.sched_setaffinity(0, rest)
+    return [api, rest], f"API on CPU {cores[0]}; worker and clients on CPU {sorted(rest)}"
+
+
 def run_scenario(stack: Stack, keys: Keys, attack, rounds: int):
     stop, result = threading.Event(), {}
     thread = threading.Thread(target=lambda: result.update(attack(stack, keys, stop)))
@@ -233,20 +256,27 @@ def main() -> None:
     parser.add_argument("--postgres", action="store_true")
     parser.add_argument("--probes", type=int, default=10, help="victim rounds per scenario")
     parser.add_argument("--only", default=",".join(SCENARIOS))
+    parser.add_argument(
+        "--shared-cores",
+        action="store_true",
+        help="run the API, the worker and the bench's clients on all cores together",
+    )
     args = parser.parse_args()
+    cpus, layout = role_cpus(shared=args.shared_cores)
     root = Path(tempfile.mkdtemp(prefix="loraforge-abuse-"))
     model = build_tiny_model(root / "model")
     extra = postgres_env(f"loraforge_abuse_{uuid.uuid4().hex[:8]}") if args.postgres else {}
     env = stack_env(root / "data", model, **extra)
     cli(env, "db", "upgrade")
     port = free_port()
-    with running([["api", "--port", str(port)], ["worker"]], env, root / "logs", port) as stack:
+    commands = [["api", "--port", str(port)], ["worker"]]
+    with running(commands, env, root / "logs", port, cpus=cpus) as stack:
         keys = Keys(stack.key("attacker"), stack.key("victim"), "", "")
         keys.victim_file = upload(stack.base_url, keys.victim, chat_rows(8))
         keys.attacker_file = upload(stack.base_url, keys.attacker, chat_rows(8))
         measure_victim(stack, keys, 1)  # warm: the model loads on the first completion
         print(f"backend {'postgresql+redis' if args.postgres else 'sqlite+filesystem'}; "
-              f"{args.probes} victim rounds per scenario")  # fmt: skip
+              f"{args.probes} victim rounds per scenario; {layout}")  # fmt: skip
         baseline, statuses = measure_victim(stack, keys, args.probes)
         base_wait = job_wait(stack, keys)
         errors = report("quiet", baseline, baseline, statuses, base_wait, base_wait, {})

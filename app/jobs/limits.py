@@ -2,7 +2,8 @@
 
 Without them one request could hold a GPU for an unbounded time: one optimizer step of
 batch 256 * accumulation 1024 * 65536 tokens is a whole epoch that no cancel interrupts
-between steps, and n_epochs * examples sets how many steps there are. Each is refused
+between steps, and n_epochs * examples sets how many steps there are (plus the
+validation set, evaluated whole at each checkpoint). Each is refused
 with a 400 naming the field and the limit; 0 disables a limit.
 """
 
@@ -19,7 +20,8 @@ from app.model_config import context_length
 @dataclass(frozen=True)
 class WorkLimits:
     max_tokens_per_step: int = 0  # batch_size * gradient_accumulation_steps * max_seq_length
-    max_examples_per_job: int = 0  # n_epochs * training examples
+    # n_epochs * training examples + n_checkpoints * validation examples
+    max_examples_per_job: int = 0
 
     @classmethod
     def of(cls, settings: Settings) -> WorkLimits:
@@ -30,6 +32,7 @@ def check_job_work(
     resolved: SupervisedHyperparameters,
     *,
     n_examples: int,
+    n_validation_examples: int = 0,
     base_model: str,
     model_ref: str,
     limits: WorkLimits,
@@ -52,12 +55,17 @@ def check_job_work(
             param="hyperparameters",  # a product of three fields; the message names them
             code="too_many_tokens_per_step",
         )
-    examples = resolved.n_epochs * n_examples
+    # Each checkpoint computes the loss over the whole validation set: forward passes that
+    # hold the GPU like training ones, so they count against the same bound.
+    examples = resolved.n_epochs * n_examples + resolved.n_checkpoints * n_validation_examples
     if limits.max_examples_per_job and examples > limits.max_examples_per_job:
+        terms, values = "n_epochs * training examples", f"{resolved.n_epochs} * {n_examples}"
+        if n_validation_examples:
+            terms += " + n_checkpoints * validation examples"
+            values += f" + {resolved.n_checkpoints} * {n_validation_examples}"
         raise InvalidRequest(
-            f"n_epochs * training examples is {resolved.n_epochs} * {n_examples} = "
-            f"{examples} examples to train; this server allows at most "
-            f"{limits.max_examples_per_job} per job",
+            f"{terms} is {values} = {examples} examples to run; this server allows at "
+            f"most {limits.max_examples_per_job} per job",
             param="hyperparameters.n_epochs",
             code="too_many_examples",
         )

@@ -51,14 +51,18 @@ def create_job(
     """
     base_model, parent = _base_and_parent(session, organization, request.model, base_models)
     training = _fine_tune_file(session, organization, request.training_file, "training_file")
+    validation = None
     if request.validation_file is not None:
-        _fine_tune_file(session, organization, request.validation_file, "validation_file")
+        validation = _fine_tune_file(
+            session, organization, request.validation_file, "validation_file"
+        )
     spec = _run_spec(request, base_model=base_model, parent=parent, training=training)
     resolved = spec.method.hyperparameters
     hyperparameters.check_target_modules(base_models[base_model], resolved.lora_target_modules)
     check_job_work(
         resolved,
         n_examples=training.examples,
+        n_validation_examples=validation.examples if validation is not None else 0,
         base_model=base_model,
         model_ref=base_models[base_model],
         limits=limits or WorkLimits(),

@@ -75,6 +75,21 @@ def test_work_within_the_bounds_is_accepted(client, training_file):
     assert response.status_code == 200, response.text
 
 
+def test_the_validation_set_counts_once_per_checkpoint(client, settings, training_file):
+    """Each checkpoint evaluates the whole validation set: 8 * 12 training examples fit the
+    bound of 100, but not with 2 checkpoints * 12 validation examples on top."""
+    body = {"model": "tiny", "training_file": training_file, "validation_file": training_file}
+    response = create_job(client, **body, hyperparameters={"n_epochs": 8, "n_checkpoints": 2})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "hyperparameters.n_epochs"
+    assert "8 * 12 + 2 * 12 = 120 examples" in error["message"], error["message"]
+    assert "n_checkpoints * validation examples" in error["message"]
+    assert job_count(settings) == 0
+    response = create_job(client, **body, hyperparameters={"n_epochs": 7, "n_checkpoints": 1})
+    assert response.status_code == 200, response.text  # 7 * 12 + 1 * 12 = 96
+
+
 def test_uploads_past_the_storage_quota_are_refused_for_that_organization_only(
     client, other_client
 ):

@@ -62,13 +62,22 @@ def stack_env(data_dir: Path, model_dir: Path, **extra: str) -> dict[str, str]:
 
 @contextmanager
 def running(
-    commands: list[list[str]], env: dict[str, str], logs: Path, port: int
+    commands: list[list[str]],
+    env: dict[str, str],
+    logs: Path,
+    port: int,
+    cpus: list[set[int] | None] | None = None,
 ) -> Iterator[Stack]:
-    """Run `loraforge` subcommands as children; stop them with SIGTERM (as Ctrl-C would)."""
+    """Run `loraforge` subcommands as children; stop them with SIGTERM (as Ctrl-C would).
+
+    `cpus[i]`, when given, pins command i (and all it starts) to those CPUs from its first
+    instruction, so the roles can be measured as if on machines of their own."""
     logs.mkdir(parents=True, exist_ok=True)
     children = []
     for index, command in enumerate(commands):
         log = open(logs / f"{index}-{command[0]}.log", "w")
+        pinned = cpus[index] if cpus else None
+        pin = (lambda cores=pinned: os.sched_setaffinity(0, cores)) if pinned else None
         children.append(
             subprocess.Popen(
                 [sys.executable, "-m", "app.cli", *command],
@@ -76,6 +85,7 @@ def running(
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=pin,
             )
         )
     base_url = f"http://127.0.0.1:{port}"
