@@ -257,6 +257,13 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=10, help="victim rounds per scenario")
     parser.add_argument("--only", default=",".join(SCENARIOS))
     parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="LORAFORGE_NAME=VALUE",
+        help="a setting for the stack (repeatable), e.g. LORAFORGE_INFERENCE_BATCH_SHARE_PER_ORG=1",
+    )
+    parser.add_argument(
         "--shared-cores",
         action="store_true",
         help="run the API, the worker and the bench's clients on all cores together",
@@ -266,7 +273,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="loraforge-abuse-"))
     model = build_tiny_model(root / "model")
     extra = postgres_env(f"loraforge_abuse_{uuid.uuid4().hex[:8]}") if args.postgres else {}
-    env = stack_env(root / "data", model, **extra)
+    env = stack_env(root / "data", model, **extra, **dict(s.split("=", 1) for s in args.set))
     cli(env, "db", "upgrade")
     port = free_port()
     commands = [["api", "--port", str(port)], ["worker"]]

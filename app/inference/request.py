@@ -3,6 +3,11 @@
 The scheduler thread `put`s `Delta`s, then the final `Generation` (or the error that ended
 the request). The caller reads them from a thread (`result()`, `deltas()`) or, without
 holding a thread, from the event loop (`attach()` then `next_event()`, `aresult()`).
+
+On the event loop, the work per stream follows the reader's pace, not the model's: a wake-up
+is sent only when the reader waits, and `next_event` returns every delta that arrived
+meanwhile as one. Under load (many streams, one core) a stream then costs the loop one chunk
+per turn instead of one per token, and the loop keeps time for other requests.
 `cancel()` (a client that went away) makes the scheduler drop the row at its next step.
 `on_done` runs when the request ends or is cancelled: it frees the organization's
 admission slot (`engine.py`); it may run more than once, so it must be idempotent.
@@ -34,6 +39,8 @@ class Request:
     on_done: Callable[[], None] = lambda: None
     _ready: asyncio.Event | None = None
     _wake: Callable[[], object] | None = None
+    _waiting: bool = False  # the reader is (about to be) asleep: the next put wakes it
+    _held: Event | None = None  # the end, read while merging the deltas before it
 
     @property
     def key(self) -> str | None:
@@ -45,7 +52,8 @@ class Request:
         if isinstance(item, Generation | BaseException):
             self.on_done()
         wake = self._wake
-        if wake is not None:
+        if wake is not None and self._waiting:
+            self._waiting = False
             wake()
 
     def cancel(self) -> None:
@@ -75,21 +83,35 @@ class Request:
         self._wake = lambda: loop.call_soon_threadsafe(ready.set)
 
     async def next_event(self, timeout: float | None = None) -> Delta | None:
-        """The next delta; None at the end (`generation` is set) or after `timeout` seconds
-        with nothing new (`generation` still None). Raises the error that ended it."""
+        """The deltas that arrived since the last call, as one; None at the end
+        (`generation` is set) or after `timeout` seconds with nothing new (`generation`
+        still None). Raises the error that ended it."""
         assert self._ready is not None, "attach() first"
         while True:
-            try:
-                return self._taken(self.events.get_nowait())
-            except queue.Empty:
-                pass
+            arrived = self._arrived()
+            if arrived is not None:
+                return self._taken(arrived)
             self._ready.clear()
-            if not self.events.empty():  # put between get_nowait and clear: no wake lost
+            self._waiting = True  # before the check: a put after it sees the flag and wakes
+            if not self.events.empty():
                 continue
             try:
                 await asyncio.wait_for(self._ready.wait(), timeout)
             except TimeoutError:
                 return None
+
+    def _arrived(self) -> Event | None:
+        """What arrived, consecutive deltas merged; None when nothing did."""
+        first, self._held = self._held or _get_nowait(self.events), None
+        if not isinstance(first, Delta):
+            return first
+        merged = first
+        while (later := _get_nowait(self.events)) is not None:
+            if not isinstance(later, Delta):
+                self._held = later  # the end: returned by the next call
+                break
+            merged = merged.followed_by(later)
+        return merged
 
     async def aresult(self) -> Generation:
         while self.generation is None:
@@ -103,3 +125,10 @@ class Request:
             self.generation = item
             return None
         return item
+
+
+def _get_nowait(events: queue.SimpleQueue[Event]) -> Event | None:
+    try:
+        return events.get_nowait()
+    except queue.Empty:
+        return None

@@ -19,14 +19,23 @@ class TextTracker:
         self.text = ""  # text of `tokens`, cut at a matched stop string
         self.shown = 0  # characters of `text` already handed out
         self.finish_reason: str | None = None
+        # Incremental detokenization (as TGI and vLLM do it): each token decodes a window of
+        # a few tokens, never the whole generation again (that costs O(n) per token, and a
+        # batch of long streams then spends its steps in the tokenizer). The window starts
+        # one decoded piece back, so a tokenizer that drops a sequence's leading space
+        # (SentencePiece) still gives this piece's; the text equals decoding all tokens.
+        self._window = 0  # where the window starts in `tokens`
+        self._decoded = 0  # tokens whose text is in `text`
+        self._window_text = ""  # the text of tokens[_window:_decoded]
 
     def push(self, token: int) -> str:
         """Add one generated token; return the text that became safe to show."""
         if token in self.eos_ids:
             self.finish_reason = "stop"
+            self._decode_new(final=True)
             return self._flush()
         self.tokens.append(token)
-        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        self._decode_new()
         cut = _earliest(self.text, self.stops)
         if cut is not None:
             self.text = self.text[:cut]
@@ -41,7 +50,24 @@ class TextTracker:
     def finish(self, reason: str) -> str:
         """End the row (e.g. max_tokens reached); return the text still held back."""
         self.finish_reason = self.finish_reason or reason
+        if self.finish_reason != "stop":  # a matched stop string cut the text: nothing after
+            self._decode_new(final=True)
         return self._flush()
+
+    def _decode_new(self, *, final: bool = False) -> None:
+        """Append the text of the tokens not decoded yet. Held back while it ends in a
+        partial character (U+FFFD: the next token may complete it), unless `final`."""
+        if self._decoded == len(self.tokens):
+            return
+        window = self.tokenizer.decode(self.tokens[self._window :], skip_special_tokens=True)
+        if len(window) <= len(self._window_text) or (window.endswith("\ufffd") and not final):
+            return
+        self.text += window[len(self._window_text) :]
+        self._window, self._decoded = self._decoded, len(self.tokens)
+        # decoded on its own, as the next window will start: the same context both times
+        self._window_text = self.tokenizer.decode(
+            self.tokens[self._window : self._decoded], skip_special_tokens=True
+        )
 
     def _flush(self) -> str:
         piece = self.text[self.shown :] if len(self.text) > self.shown else ""

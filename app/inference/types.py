@@ -40,6 +40,14 @@ class Delta:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
 
+    def followed_by(self, later: Delta) -> Delta:
+        """This piece and the next as one (the text and logprobs of both, in order)."""
+        return Delta(
+            self.text + later.text,
+            self.logprobs + later.logprobs,
+            later.finish_reason or self.finish_reason,
+        )
+
 
 @dataclass
 class Generation:

@@ -242,3 +242,54 @@ def test_a_checkpoint_folder_with_optimizer_state_is_served(base_dir, adapters, 
     engine = new_engine(base_dir)
     assert greedy(engine, ckpt) == reference(base_dir, adapters[0], 6)
     engine.close()
+
+
+class ByteTokenizer:
+    """Byte-level ids (GPT-2 style): a character may span tokens; 0 is EOS, 1 a special token."""
+
+    calls: list[int]
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def decode(self, tokens, skip_special_tokens=True):
+        self.calls.append(len(tokens))
+        kept = [t for t in tokens if t > 1 or not skip_special_tokens]
+        return bytes(kept).decode("utf-8", errors="replace")
+
+
+class LeadingSpaceTokenizer:
+    """SentencePiece style: '▁' marks a space, and a sequence's leading space is dropped."""
+
+    def __init__(self, pieces: list[str]) -> None:
+        self.pieces = pieces
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return "".join(self.pieces[t] for t in tokens).replace("▁", " ").removeprefix(" ")
+
+
+def test_text_tracker_text_is_the_whole_decode_from_a_window_per_token():
+    """Multi-byte characters split across tokens are held until whole; each token decodes a
+    few tokens, never the whole generation again (no O(n) work per token)."""
+    tokenizer = ByteTokenizer()
+    text = "naïve café ß 日本語 🎉 " * 40
+    tokens = list(text.encode())
+    tokens[10:10] = [1]  # a special token: no text
+    tracker = TextTracker(tokenizer, (), frozenset({0}))
+    pieces = [tracker.push(token) for token in tokens]
+    assert all("\ufffd" not in piece for piece in pieces)
+    pieces.append(tracker.push(0))
+    assert "".join(pieces) == tracker.text == text
+    assert max(tokenizer.calls) <= 8  # the longest character is 4 bytes
+    cut = TextTracker(ByteTokenizer(), (), frozenset({0}))
+    assert "".join(cut.push(t) for t in "é".encode()[:1]) == ""
+    assert cut.finish("length") == "\ufffd"  # a partial character at the end shows as such
+
+
+def test_text_tracker_keeps_the_spaces_a_sequence_decode_would_drop():
+    pieces = ["▁Once", "▁upon", "▁a", "▁time", ",", "▁the", "▁end"]
+    tokenizer = LeadingSpaceTokenizer(pieces)
+    tracker = TextTracker(tokenizer, (), frozenset({99}))
+    ids = list(range(len(pieces)))
+    shown = "".join(tracker.push(i) for i in ids[:5]) + tracker.finish("length")
+    assert shown == tracker.text == tokenizer.decode(ids[:5]) == "Once upon a time,"
