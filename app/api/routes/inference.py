@@ -128,18 +128,10 @@ def _submit(
     )
 
 
-async def _start(
-    http: HttpRequest,
-    body: SamplingParams,
-    org: Organization,
-    settings: Settings,
-    store: ArtifactStore,
-    engine: InferenceEngine,
-    **inputs: Any,
-) -> InferenceRequest:
-    submitted = await _off_loop(
-        http, _submit, body=body, org=org, settings=settings, store=store, engine=engine, **inputs
-    )
+async def _start(http: HttpRequest, submit: Callable[[], InferenceRequest]) -> InferenceRequest:
+    """Run `submit` (a `_submit` with its arguments) on inference's threads; attach the
+    request to this event loop, which then waits for its tokens without a thread."""
+    submitted = await _off_loop(http, submit)
     submitted.attach()
     return submitted
 
@@ -218,14 +210,17 @@ async def create_completion(
 ) -> Any:
     submitted = await _start(
         http,
-        body,
-        org,
-        settings,
-        store,
-        engine,
-        prompt=body.prompt,
-        max_tokens=body.max_tokens or 16,
-        logprobs=body.logprobs,
+        functools.partial(
+            _submit,
+            body,
+            org,
+            settings,
+            store,
+            engine,
+            prompt=body.prompt,
+            max_tokens=body.max_tokens or 16,
+            logprobs=body.logprobs,
+        ),
     )
     head = _Head(id=new_id("cmpl"), created=int(time.time()), model=body.model)
     if body.stream:
@@ -269,14 +264,17 @@ async def create_chat_completion(
     messages = [message.model_dump(exclude_none=True) for message in body.messages]
     submitted = await _start(
         http,
-        body,
-        org,
-        settings,
-        store,
-        engine,
-        messages=messages,
-        max_tokens=body.max_completion_tokens or body.max_tokens,  # None: what fits
-        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        functools.partial(
+            _submit,
+            body,
+            org,
+            settings,
+            store,
+            engine,
+            messages=messages,
+            max_tokens=body.max_completion_tokens or body.max_tokens,  # None: what fits
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        ),
     )
     head = _Head(id=new_id("chatcmpl"), created=int(time.time()), model=body.model)
     if body.stream:
