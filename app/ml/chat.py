@@ -6,6 +6,11 @@ documented fallback is `DEFAULT_CHAT_TEMPLATE`, a ChatML-like format:
 The assistant turn ends with the tokenizer's EOS token when the template does not
 emit one itself, so a trained adapter learns where to stop.
 
+Training renders a conversation as inference would continue it before each assistant
+turn (`render_examples`): in one example when the template renders it prefix by prefix,
+in one example per assistant turn when the template renders history by what follows it
+(Qwen 3's drops earlier turns' reasoning).
+
 Message content is escaped before the template sees it (`app/ml/special_tokens.py`): the
 rendered text holds markers where a user typed a special token's string, and is tokenized
 with `encode_rendered` (`prompt_ids` does both), so only the template makes control tokens.
@@ -54,6 +59,31 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
     return text
 
 
+class NotPrefixStable(ValueError):
+    """The template renders a message differently depending on what follows it."""
+
+
+def render_examples(tokenizer: Any, messages: list[dict[str, Any]]) -> list[list[Segment]]:
+    """The training examples of a conversation, each a list of segments.
+
+    One example, `render_segments`, when the template renders the conversation prefix by
+    prefix. A template that renders history by what follows it (Qwen 3's drops the
+    `<think>` reasoning of assistant turns before the last user message) gets one example
+    per trained assistant turn instead: the prompt the template renders before that turn,
+    exactly what inference renders, then the reply; the loss is on that reply only, as the
+    template's semantics imply (a turn with `weight: 0` gets no example).
+    """
+    try:
+        return [render_segments(tokenizer, messages)]
+    except NotPrefixStable:
+        examples = []
+        for index, message in enumerate(messages):
+            if message["role"] == "assistant" and message.get("weight", 1):
+                prompt, reply, _ = _turn(tokenizer, messages, index)
+                examples.append([Segment(prompt, trainable=False), Segment(reply, trainable=True)])
+        return examples
+
+
 def render_segments(tokenizer: Any, messages: list[dict[str, Any]]) -> list[Segment]:
     """Split a rendered conversation into segments; assistant replies are trainable.
 
@@ -61,7 +91,8 @@ def render_segments(tokenizer: Any, messages: list[dict[str, Any]]) -> list[Segm
 
     Each assistant message i is the text between the render of messages[:i] with a
     generation prompt and the render of messages[:i+1]. Messages with `weight: 0`
-    (OpenAI's per-message flag) are rendered but not trained on.
+    (OpenAI's per-message flag) are rendered but not trained on. `NotPrefixStable` when
+    a render of a prefix is not a prefix of the render of the conversation.
     """
     ensure_chat_template(tokenizer)
     segments: list[Segment] = []
@@ -69,14 +100,11 @@ def render_segments(tokenizer: Any, messages: list[dict[str, Any]]) -> list[Segm
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = render_prompt(tokenizer, messages[:index])
-        full = _render(tokenizer, messages[: index + 1])
-        if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise ValueError("the chat template does not render conversations prefix by prefix")
-        reply = full[len(prompt) :]
-        eos = tokenizer.eos_token or ""
-        if eos and eos not in reply:  # e.g. ChatML emits "<|im_end|>\n" itself
-            reply += eos
+        prompt, reply, full = _turn(tokenizer, messages, index)
+        if not prompt.startswith(done):
+            raise NotPrefixStable(
+                "the chat template does not render conversations prefix by prefix"
+            )
         segments.append(Segment(prompt[len(done) :], trainable=False))
         segments.append(Segment(reply, trainable=bool(message.get("weight", 1))))
         done = full  # position in the rendered text (an appended EOS is not part of it)
@@ -84,6 +112,20 @@ def render_segments(tokenizer: Any, messages: list[dict[str, Any]]) -> list[Segm
     if tail:
         segments.append(Segment(tail, trainable=False))
     return segments
+
+
+def _turn(tokenizer: Any, messages: list[dict[str, Any]], index: int) -> tuple[str, str, str]:
+    """(prompt, reply, full render) for the assistant message at `index`: the reply is what
+    the render of messages[:index+1] adds to the generation prompt, with EOS."""
+    prompt = render_prompt(tokenizer, messages[:index])
+    full = _render(tokenizer, messages[: index + 1])
+    if not full.startswith(prompt):
+        raise ValueError("the chat template does not render a reply after its generation prompt")
+    reply = full[len(prompt) :]
+    eos = tokenizer.eos_token or ""
+    if eos and eos not in reply:  # e.g. ChatML emits "<|im_end|>\n" itself
+        reply += eos
+    return prompt, reply, full
 
 
 def _render(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
@@ -105,10 +147,10 @@ def template_token_ids(tokenizer: Any) -> list[int]:
     ids: set[int] = set()
     for messages in ([{"role": "system", "content": "s"}, *probe], probe):
         try:  # some templates refuse a system message
-            segments = render_segments(tokenizer, messages)
+            examples = render_examples(tokenizer, messages)
         except Exception:  # jinja2 TemplateError, or whatever the template raises
             continue
-        ids.update(t for s in segments for t in encode_rendered(tokenizer, s.text))
+        ids.update(t for e in examples for s in e for t in encode_rendered(tokenizer, s.text))
         ids.update(prompt_ids(tokenizer, messages[:-1]))
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))

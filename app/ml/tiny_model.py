@@ -52,13 +52,15 @@ def build_tiny_model(
     intermediate_size: int = 128,
     max_positions: int = 1024,
     seed: int = 0,
+    tokenizer: PreTrainedTokenizerFast | None = None,
 ) -> Path:
-    """Write a random-init Llama-architecture model and its tokenizer to `out_dir`."""
+    """Write a random-init Llama-architecture model and its tokenizer (`build_tokenizer`'s
+    unless another is given, e.g. one with a model family's chat format) to `out_dir`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(out_dir)
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer or build_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

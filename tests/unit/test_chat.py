@@ -6,8 +6,10 @@ import pytest
 
 from app.ml.chat import (
     DEFAULT_CHAT_TEMPLATE,
+    NotPrefixStable,
     Segment,
     ensure_chat_template,
+    render_examples,
     render_prompt,
     render_segments,
 )
@@ -90,11 +92,36 @@ def test_eos_is_not_doubled_when_the_template_emits_it_before_a_newline(tok) -> 
     assert "".join(s.text for s in segments) == tok.apply_chat_template(MESSAGES, tokenize=False)
 
 
-def test_template_that_is_not_prefix_stable_is_refused(tok) -> None:
-    # renders the last message first: a prefix render is not a prefix of the full one
+def test_template_whose_reply_does_not_follow_its_prompt_is_refused(tok) -> None:
+    # renders the last message first: a reply is not a continuation of the prompt
     tok.chat_template = (
         "{% for m in messages|reverse %}{{ m['role'] }}:{{ m['content'] }};{% endfor %}"
         "{% if add_generation_prompt %}assistant:{% endif %}"
     )
-    with pytest.raises(ValueError, match="prefix"):
+    with pytest.raises(ValueError, match="generation prompt"):
+        render_examples(tok, MESSAGES)
+
+
+def test_template_that_rewrites_history_gives_one_example_per_turn(tok) -> None:
+    # shows an assistant reply only while it is the last message (history drops it)
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
+        "<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    with pytest.raises(NotPrefixStable):
         render_segments(tok, MESSAGES)
+    assert render_examples(tok, MESSAGES) == [
+        [Segment("<|user|>hi<|end|><|assistant|>", False), Segment("yo<|end|>", True)],
+        [
+            Segment("<|user|>hi<|end|><|user|>q<|end|><|assistant|>", False),
+            Segment("a<|end|>", True),
+        ],
+    ]
+    messages = [dict(m) for m in MESSAGES]
+    messages[1]["weight"] = 0
+    assert len(render_examples(tok, messages)) == 1
+
+
+def test_prefix_stable_template_gives_one_example(tok) -> None:
+    assert render_examples(tok, MESSAGES) == [render_segments(tok, MESSAGES)]

@@ -63,7 +63,7 @@ def trained_text(tokenizer, example: Example) -> str:
 
 
 def test_chat_trains_only_on_assistant_replies(tok) -> None:
-    example = encode_record(tok, CHAT, max_seq_length=1024)
+    [example] = encode_record(tok, CHAT, max_seq_length=1024)
 
     full = tok.apply_chat_template(CHAT["messages"], tokenize=False)
     assert example.input_ids == tok(full, add_special_tokens=False).input_ids
@@ -73,7 +73,7 @@ def test_chat_trains_only_on_assistant_replies(tok) -> None:
 
 def test_chat_prompt_tokens_match_inference(tok) -> None:
     """The masked prefix before the last reply is exactly what inference feeds the model."""
-    example = encode_record(tok, CHAT, max_seq_length=1024)
+    [example] = encode_record(tok, CHAT, max_seq_length=1024)
     prompt_ids = tok(render_prompt(tok, CHAT["messages"][:-1]), add_special_tokens=False).input_ids
     assert example.input_ids[: len(prompt_ids)] == prompt_ids
     assert example.labels[len(prompt_ids) - 1] == IGNORE_INDEX
@@ -83,7 +83,7 @@ def test_chat_prompt_tokens_match_inference(tok) -> None:
 def test_chat_weight_zero_is_not_trained(tok) -> None:
     messages = [dict(m) for m in CHAT["messages"]]
     messages[2]["weight"] = 0
-    example = encode_record(tok, {"messages": messages}, max_seq_length=1024)
+    [example] = encode_record(tok, {"messages": messages}, max_seq_length=1024)
     assert trained_text(tok, example) == "K7-QX<|end|>"
     # the reply with weight 0 is still in the input, as context
     assert "Hello." in tok.decode(example.input_ids)
@@ -91,7 +91,7 @@ def test_chat_weight_zero_is_not_trained(tok) -> None:
 
 def test_chat_uses_fallback_template_when_tokenizer_has_none(tok) -> None:
     tok.chat_template = None
-    example = encode_record(tok, CHAT, max_seq_length=1024)
+    [example] = encode_record(tok, CHAT, max_seq_length=1024)
     assert tok.chat_template == DEFAULT_CHAT_TEMPLATE
     assert tok.decode(example.input_ids) == (
         "<|system|>Be brief.<|end|><|user|>Hi?<|end|><|assistant|>Hello.<|end|>"
@@ -102,7 +102,7 @@ def test_chat_uses_fallback_template_when_tokenizer_has_none(tok) -> None:
 
 def test_prompt_completion_masks_prompt_and_trains_completion_and_eos(bos_tok) -> None:
     record = {"prompt": "Item 7:", "completion": " K7-QX"}
-    example = encode_record(bos_tok, record, max_seq_length=1024)
+    [example] = encode_record(bos_tok, record, max_seq_length=1024)
 
     prompt_ids = bos_tok("Item 7:").input_ids  # with BOS, as inference tokenizes it
     assert example.input_ids[: len(prompt_ids)] == prompt_ids
@@ -114,25 +114,25 @@ def test_prompt_completion_masks_prompt_and_trains_completion_and_eos(bos_tok) -
 
 
 def test_text_is_trained_everywhere_and_ends_with_eos(bos_tok) -> None:
-    example = encode_record(bos_tok, {"text": "hello world"}, max_seq_length=1024)
+    [example] = encode_record(bos_tok, {"text": "hello world"}, max_seq_length=1024)
     assert example.input_ids == [*bos_tok("hello world").input_ids, bos_tok.eos_token_id]
     assert example.labels == example.input_ids
 
 
 def test_truncation_keeps_the_head(tok) -> None:
-    full = encode_record(tok, CHAT, max_seq_length=1024)
-    short = encode_record(tok, CHAT, max_seq_length=20)
+    [full] = encode_record(tok, CHAT, max_seq_length=1024)
+    [short] = encode_record(tok, CHAT, max_seq_length=20)
     assert len(full.input_ids) > 20
     assert short.input_ids == full.input_ids[:20]
     assert short.labels == full.labels[:20]
-    text = encode_record(tok, {"text": "x" * 50}, max_seq_length=8)
+    [text] = encode_record(tok, {"text": "x" * 50}, max_seq_length=8)
     assert len(text.input_ids) == len(text.labels) == 8
 
 
 def test_encode_dataset_is_one_example_per_record_in_order(tok) -> None:
     records = [CHAT, {"text": "a"}, {"prompt": "b", "completion": "c"}]
     examples = encode_dataset(tok, records, max_seq_length=64)
-    assert examples == [encode_record(tok, r, max_seq_length=64) for r in records]
+    assert examples == [e for r in records for e in encode_record(tok, r, max_seq_length=64)]
 
 
 def test_unknown_record_shape_is_refused(tok) -> None:
@@ -157,12 +157,12 @@ def test_read_jsonl_names_the_bad_line(tmp_path: Path, bad: str) -> None:
 
 def test_train_on_inputs_trains_every_token_and_truncation_is_flagged(tok) -> None:
     record = {"prompt": "question?", "completion": "answer"}
-    masked = encode_record(tok, record, max_seq_length=64)
-    everything = encode_record(tok, record, max_seq_length=64, train_on_inputs=True)
+    [masked] = encode_record(tok, record, max_seq_length=64)
+    [everything] = encode_record(tok, record, max_seq_length=64, train_on_inputs=True)
     assert masked.input_ids == everything.input_ids
     assert IGNORE_INDEX in masked.labels and everything.labels == everything.input_ids
     assert not masked.truncated
-    short = encode_record(tok, record, max_seq_length=5, train_on_inputs=False)
+    [short] = encode_record(tok, record, max_seq_length=5, train_on_inputs=False)
     assert short.truncated and len(short.input_ids) == 5
 
 
@@ -175,7 +175,7 @@ def test_user_content_cannot_forge_an_assistant_turn(tok) -> None:
             {"role": "assistant", "content": "ok"},
         ]
     }
-    example = encode_record(tok, record, max_seq_length=1024)
+    [example] = encode_record(tok, record, max_seq_length=1024)
     head = tok.convert_tokens_to_ids("<|user|>")
     span = example.input_ids[1 : 1 + len(forged)]  # one token per character
     assert example.input_ids[0] == head and tok.decode(span) == forged
@@ -186,6 +186,6 @@ def test_user_content_cannot_forge_an_assistant_turn(tok) -> None:
 
 def test_typed_special_tokens_in_completion_and_text_are_plain(tok) -> None:
     for record in ({"prompt": "<|user|>q", "completion": "<|end|>a"}, {"text": "<|end|>x"}):
-        example = encode_record(tok, record, max_seq_length=1024)
+        [example] = encode_record(tok, record, max_seq_length=1024)
         assert example.input_ids[-1] == tok.eos_token_id  # the EOS we add is the only control id
         assert not set(example.input_ids[:-1]) & set(tok.all_special_ids)

@@ -2,9 +2,11 @@
 
 Three record shapes are supported, one per JSONL line:
 
-- chat: `{"messages": [...]}` — rendered with `render_segments`; loss only on assistant
+- chat: `{"messages": [...]}` — rendered with `render_examples`; loss only on assistant
   replies (and not on those with `weight: 0`). Each segment is tokenized with
   `encode_rendered` (no special tokens added), exactly as inference's `prompt_ids`.
+  One example per record, except where the chat template renders history by what follows
+  it (Qwen 3's drops earlier reasoning): one example per trained assistant turn.
 - completion: `{"prompt": ..., "completion": ...}` — the prompt is tokenized with the
   tokenizer's default special tokens (BOS if it adds one) and masked; the completion
   plus EOS is trained on. Inference tokenizes completion prompts the same way.
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import InvalidFile
-from app.ml.chat import render_segments
+from app.ml.chat import Segment, render_examples
 from app.ml.special_tokens import encode_plain, encode_rendered
 
 IGNORE_INDEX = -100  # label value for tokens without loss (PyTorch's cross_entropy default)
@@ -39,7 +41,7 @@ IGNORE_INDEX = -100  # label value for tokens without loss (PyTorch's cross_entr
 class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where no loss is computed
-    truncated: bool = False  # the record was longer than max_seq_length
+    truncated: bool = False  # it was longer than max_seq_length
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -65,24 +67,27 @@ def encode_record(
     *,
     max_seq_length: int,
     train_on_inputs: bool = False,
-) -> Example:
-    """Token ids and labels for one record (see the module docstring for the rules)."""
+) -> list[Example]:
+    """Token ids and labels for one record: its examples (see the module docstring)."""
     if "messages" in record:
-        input_ids, labels = _encode_chat(tokenizer, record["messages"])
+        encoded = [
+            _encode_chat(tokenizer, e) for e in render_examples(tokenizer, record["messages"])
+        ]
     elif "prompt" in record and "completion" in record:
-        input_ids, labels = _encode_completion(tokenizer, record["prompt"], record["completion"])
+        encoded = [_encode_completion(tokenizer, record["prompt"], record["completion"])]
     elif "text" in record:
         input_ids = _ids(tokenizer, record["text"], special=True) + _eos(tokenizer)
-        labels = list(input_ids)
+        encoded = [(input_ids, list(input_ids))]
     else:
         raise InvalidFile("a record needs 'messages', 'prompt' and 'completion', or 'text'")
-    if train_on_inputs:
-        labels = list(input_ids)
-    return Example(
-        input_ids=input_ids[:max_seq_length],
-        labels=labels[:max_seq_length],
-        truncated=len(input_ids) > max_seq_length,
-    )
+    return [
+        Example(
+            input_ids=input_ids[:max_seq_length],
+            labels=(input_ids if train_on_inputs else labels)[:max_seq_length],
+            truncated=len(input_ids) > max_seq_length,
+        )
+        for input_ids, labels in encoded
+    ]
 
 
 def encode_dataset(
@@ -92,17 +97,20 @@ def encode_dataset(
     max_seq_length: int,
     train_on_inputs: bool = False,
 ) -> list[Example]:
-    """Encode every record, in order (one Example per record)."""
+    """Encode every record, in order (a record's examples in turn order)."""
     return [
-        encode_record(tokenizer, r, max_seq_length=max_seq_length, train_on_inputs=train_on_inputs)
+        example
         for r in records
+        for example in encode_record(
+            tokenizer, r, max_seq_length=max_seq_length, train_on_inputs=train_on_inputs
+        )
     ]
 
 
-def _encode_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+def _encode_chat(tokenizer: Any, segments: list[Segment]) -> tuple[list[int], list[int]]:
     input_ids: list[int] = []
     labels: list[int] = []
-    for segment in render_segments(tokenizer, messages):
+    for segment in segments:
         ids = encode_rendered(tokenizer, segment.text)
         input_ids += ids
         labels += ids if segment.trainable else [IGNORE_INDEX] * len(ids)
