@@ -84,6 +84,8 @@ class Settings(BaseSettings):
     body_min_bytes_per_second: float = 10_000.0  # a body's pace after the first idle timeout
     max_inference_requests_per_org: int = 32  # running + waiting, per API process
     inference_batch_share_per_org: float = 0.5  # of a batch's rows one organization may hold
+    # OS niceness of the inference scheduler threads: control routes and admission run first
+    inference_thread_nice: int = Field(default=10, ge=0, le=19)
     stream_key_check_seconds: float = 5.0  # a revoked key ends its open streams this fast
 
     @field_validator("data_dir", mode="after")

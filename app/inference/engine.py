@@ -68,10 +68,12 @@ class InferenceEngine:
         max_batch_size: int = 16,
         max_requests_per_owner: int = 0,
         batch_share_per_owner: float = 1.0,
+        scheduler_nice: int = 0,
     ) -> None:
         """`max_requests_per_owner`: running + waiting requests of one organization (429
         past it; 0: no limit). `batch_share_per_owner`: the fraction of a batch's rows one
-        organization may hold (`fairness.py`)."""
+        organization may hold (`fairness.py`). `scheduler_nice`: the OS niceness of the
+        scheduler threads (`scheduler.run_nicer`)."""
         if max_loaded_adapters < 1:
             raise ValueError("max_loaded_adapters must be at least 1")
         if max_batch_size < 1:
@@ -83,9 +85,12 @@ class InferenceEngine:
         self._context: dict[str, int] = {}
         self._deleted = DeletedAdapters()  # the one record, shared with every base's pool
         self._per_owner, self._batch_share = max_requests_per_owner, batch_share_per_owner
+        self._nice = scheduler_nice
         self._admitted: dict[str, set[object]] = {}  # owner -> its unfinished requests
         self._lock = threading.Lock()  # guards _context and _admitted
-        self._fallbacks = Fallbacks(capacity=max_loaded_adapters, max_batch=max_batch_size)
+        self._fallbacks = Fallbacks(
+            capacity=max_loaded_adapters, max_batch=max_batch_size, nice=scheduler_nice
+        )
 
     # -- requests ----------------------------------------------------------------------
     def submit(
@@ -258,6 +263,7 @@ class InferenceEngine:
                     max_batch=self._max_batch,
                     batch_share=self._batch_share,
                     deleted=self._deleted,
+                    nice=self._nice,
                 )
                 base.shapes = linear_shapes(model)
         return base

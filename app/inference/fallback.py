@@ -70,8 +70,8 @@ def peft_view(model: Any, ref: AdapterRef) -> Any:
 class Fallbacks:
     """Per engine: one scheduler per fallback adapter, least recently used retired first."""
 
-    def __init__(self, *, capacity: int, max_batch: int) -> None:
-        self.capacity, self.max_batch = capacity, max_batch
+    def __init__(self, *, capacity: int, max_batch: int, nice: int = 0) -> None:
+        self.capacity, self.max_batch, self.nice = capacity, max_batch, nice
         self._schedulers: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._reasons: dict[tuple[str, str], str | None] = {}
         self._lock = threading.Lock()  # held while a view loads: fallback requests only wait
@@ -119,6 +119,7 @@ class Fallbacks:
                 eos_ids=base.scheduler.eos_ids,
                 capacity=1,
                 max_batch=self.max_batch,
+                nice=self.nice,
             )
         except Exception:  # the caller gets the error; the log keeps it too
             logger.warning("loading adapter %s on the PEFT fallback failed", ref.id, exc_info=True)

@@ -14,6 +14,7 @@ Everything here runs on the scheduler thread, except `submit`, `preload`, `unloa
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections import Counter, deque
@@ -65,9 +66,12 @@ class BaseScheduler:
         max_batch: int,
         batch_share: float = 1.0,
         deleted: DeletedAdapters | None = None,
+        nice: int = 0,
     ) -> None:
-        """`deleted`: the engine's record of deleted adapters (a fresh one if not given)."""
+        """`deleted`: the engine's record of deleted adapters (a fresh one if not given).
+        `nice`: the OS niceness of this scheduler's thread (`run_nicer`)."""
         self.name, self.model, self.tokenizer, self.eos_ids = name, model, tokenizer, eos_ids
+        self.nice = nice
         self.max_batch = max_batch
         self.rows_per_owner = share_of(max_batch, batch_share)
         self._last_owner: Hashable = None  # admission resumes after the owner served last
@@ -143,6 +147,7 @@ class BaseScheduler:
 
     # -- the loop --------------------------------------------------------------------
     def _loop(self) -> None:
+        run_nicer(self.nice)
         while True:
             try:
                 self._drain(block=not self.rows and not self._startable())
@@ -373,3 +378,23 @@ class BaseScheduler:
                 row.logprobs if request.logprobs is not None else None,
             )
         )
+
+
+def run_nicer(nice: int) -> None:
+    """Lower the calling thread's OS priority by `nice` (Linux: niceness is per thread).
+
+    A batch that never empties keeps its scheduler thread busy; on a CPU-bound server it
+    would then take the core from the threads that answer `/health`, files and jobs, and that
+    admit other tenants' requests. At a higher niceness the OS runs those first whenever they
+    have work, and the batch takes the rest. On a GPU the thread mostly waits on the device,
+    and this costs nothing. Where the OS refuses (another platform), the thread runs as is.
+    """
+    if nice <= 0:
+        return
+    thread = threading.get_native_id()
+    try:  # niceness is absolute: add to what the process runs at (a CI under `nice`, say)
+        os.setpriority(
+            os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + nice)
+        )
+    except OSError as exc:
+        logger.info("could not lower the inference thread's priority: %s", exc)
