@@ -17,10 +17,11 @@ from app import base_models
 from app.config import Settings
 from app.db.models import Adapter, Checkpoint, File, Job
 from app.db.session import session_scope
-from app.errors import CheckpointError, JobInputError
+from app.errors import CheckpointError, InvalidRequest, JobInputError
+from app.jobs import limits
 from app.jobs.hyperparameters import unmatched_modules
 from app.jobs.runs import Claim
-from app.jobs.spec import RunSpec
+from app.jobs.spec import RunSpec, SupervisedHyperparameters
 from app.ml.adapters import ADAPTER_WEIGHTS
 from app.model_config import context_of
 from app.statuses import AdapterStatus, CheckpointStatus
@@ -81,6 +82,17 @@ def check_target_modules(model: Any, targets: Literal["all-linear"] | list[str])
             code="invalid_lora_target_modules",
             param=TARGET_MODULES_PARAM,
         )
+
+
+def check_examples(
+    hp: SupervisedHyperparameters, n_train: int, n_valid: int, bounds: limits.WorkLimits
+) -> None:
+    """Fail the job when the examples its files encode to pass the bound (the API counted
+    lines; a template that rewrites history trains one example per assistant turn)."""
+    try:
+        limits.check_examples(hp, n_train, n_valid, bounds)
+    except InvalidRequest as exc:
+        raise JobInputError(exc.message, code=exc.code, param=exc.param) from exc
 
 
 def check_context(model: Any, max_seq_length: int) -> None:

@@ -23,6 +23,7 @@ from app.errors import JobInputError, RunAborted, public_message
 from app.files import service as files
 from app.jobs import runs as job_runs
 from app.jobs.leftovers import remove_dead_attempts_leftovers, remove_scratch_of_ended_jobs
+from app.jobs.limits import WorkLimits
 from app.jobs.runs import Claim
 from app.jobs.spec import SupervisedHyperparameters
 from app.ml.adapters import ADAPTER_WEIGHTS
@@ -128,6 +129,7 @@ def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -
     hp = _hyperparameters_to_run(inputs.spec.method.hyperparameters, model, progress)
     token_ids = job_inputs.trainable_tokens(tokenizer, hp.train_special_tokens, progress)
     train, valid = _encode(inputs, tokenizer, model, hp, progress)
+    job_inputs.check_examples(hp, len(train), len(valid), WorkLimits.of(settings))
     progress.announce_checkpoints(count_steps(len(train), hp), hp.n_checkpoints)
     resume_from = job_inputs.resume_point(inputs, progress)
     with store.temp_dir(owner=claim.job_id) as out:

@@ -55,6 +55,17 @@ def check_job_work(
             param="hyperparameters",  # a product of three fields; the message names them
             code="too_many_tokens_per_step",
         )
+    check_examples(resolved, n_examples, n_validation_examples, limits)
+
+
+def check_examples(
+    resolved: SupervisedHyperparameters,
+    n_examples: int,
+    n_validation_examples: int,
+    limits: WorkLimits,
+) -> None:
+    """The examples bound, at creation on the files' lines and again in the worker on the
+    examples they encode to (a chat template that rewrites history trains one per turn)."""
     # Each checkpoint computes the loss over the whole validation set: forward passes that
     # hold the GPU like training ones, so they count against the same bound.
     examples = resolved.n_epochs * n_examples + resolved.n_checkpoints * n_validation_examples

@@ -71,3 +71,27 @@ def test_adapter_trained_on_multi_turn_chats_answers(family: Family, tmp_path: P
     # test should)
     assert answer.text.removeprefix(" ").startswith("<think>\n"), answer.text
     assert not base.text.startswith("<think>"), base.text
+
+
+def test_the_examples_bound_counts_the_turns_a_template_trains(tmp_path: Path) -> None:
+    """The API counts a file's lines (3 here: 2 epochs * 3 = 6 fit a bound of 8); Qwen 3's
+    template trains each record as one example per assistant turn (2 * 6 = 12), so the
+    worker fails the job before training, naming the bound, instead of running past it."""
+    from app import migrate
+    from app.db.models import Job
+    from tests.conftest import make_settings
+    from tests.factories import load, submit
+    from worker.run_job import run_job
+
+    [qwen3] = [family for family in FAMILIES if family.name == "qwen3"]
+    base_dir = build_tiny_model(tmp_path / "base", tokenizer=qwen3.tokenizer())
+    settings = make_settings(
+        tmp_path / "data", base_dir, max_examples_per_job=8, base_models={"qwen3": str(base_dir)}
+    )
+    migrate.upgrade(settings)
+    job_id = submit(settings, rows=RECORDS, model="qwen3", n_epochs=2, batch_size=2)
+    assert run_job(job_id, settings=settings) == "failed"
+    [job] = load(settings, Job, id=job_id)
+    assert job.error["code"] == "too_many_examples", job.error
+    assert "2 * 6 = 12 examples" in job.error["message"]
+    assert job.error["param"] == "hyperparameters.n_epochs"
