@@ -125,6 +125,11 @@ class AdapterIntegrityError(InvalidRequest):
     code = "adapter_integrity"
 
 
+class NotPrefixStable(ValueError):
+    """A chat template renders a message differently depending on what follows it (Qwen 3's
+    drops earlier reasoning): training renders such a conversation per assistant turn."""
+
+
 class IdempotencyKeyReused(InvalidRequest):
     """An Idempotency-Key replayed with a different request body (422, as Stripe does)."""
 

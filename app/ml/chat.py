@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from app.errors import NotPrefixStable
 from app.ml.special_tokens import encode_rendered, escape, special_token_ids
 
 DEFAULT_CHAT_TEMPLATE = (
@@ -57,10 +58,6 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
         _plain(tokenizer, messages), tokenize=False, add_generation_prompt=True
     )
     return text
-
-
-class NotPrefixStable(ValueError):
-    """The template renders a message differently depending on what follows it."""
 
 
 def render_examples(tokenizer: Any, messages: list[dict[str, Any]]) -> list[list[Segment]]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from app.errors import NotPrefixStable
 from app.ml.chat import (
     DEFAULT_CHAT_TEMPLATE,
-    NotPrefixStable,
     Segment,
     ensure_chat_template,
     render_examples,
