@@ -16,8 +16,8 @@ from app.inference import InferenceEngine
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def niceness_of(thread_name: str) -> int:
-    [thread] = [t for t in threading.enumerate() if t.name == thread_name]
+def scheduler_niceness(engine: InferenceEngine, base_model: str) -> int:
+    thread = engine._bases[base_model].scheduler._thread  # this engine's, not another test's
     assert thread.native_id is not None
     return os.getpriority(os.PRIO_PROCESS, thread.native_id)
 
@@ -28,7 +28,7 @@ def test_the_scheduler_thread_runs_at_the_configured_niceness(base_dir: Path, ni
     try:
         engine.generate(base_model="tiny", adapter=None, prompt="hi", max_tokens=1)
         ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        assert niceness_of("engine-tiny") == min(19, ours + nice)
+        assert scheduler_niceness(engine, "tiny") == min(19, ours + nice)
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == ours  # only it
     finally:
         engine.close()
