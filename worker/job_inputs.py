@@ -7,6 +7,8 @@ once with a code and the param at fault, and is never retried.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -89,23 +91,25 @@ def check_examples(
 ) -> None:
     """Fail the job when the examples its files encode to pass the bound (the API counted
     lines; a template that rewrites history trains one example per assistant turn)."""
-    try:
+    with _failing_the_job():
         limits.check_examples(hp, n_train, n_valid, bounds)
-    except InvalidRequest as exc:
-        raise JobInputError(exc.message, code=exc.code, param=exc.param) from exc
 
 
-def check_context(model: Any, max_seq_length: int) -> None:
+def check_context(model: Any, max_seq_length: int, base_model: str) -> None:
     """Fail the job when max_seq_length passes the model's context (the API checks local
     models at creation; a hub model is known only now)."""
-    context = context_of(model.config.to_dict())
-    if context is not None and max_seq_length > context:
-        raise JobInputError(
-            f"max_seq_length {max_seq_length} is longer than the base model's context "
-            f"({context} positions)",
-            code="max_seq_length_too_long",
-            param="hyperparameters.max_seq_length",
-        )
+    with _failing_the_job():
+        limits.check_context(max_seq_length, context_of(model.config.to_dict()), base_model)
+
+
+@contextmanager
+def _failing_the_job() -> Iterator[None]:
+    """A bound the API checks at creation, checked here on what only the worker knows: its
+    refusal fails the job, with the same message, code and param."""
+    try:
+        yield
+    except InvalidRequest as exc:
+        raise JobInputError(exc.message, code=exc.code, param=exc.param) from exc
 
 
 def resume_point(inputs: JobInputs, progress: Progress) -> Path | None:

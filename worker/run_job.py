@@ -25,7 +25,7 @@ from app.jobs import runs as job_runs
 from app.jobs.leftovers import remove_dead_attempts_leftovers, remove_scratch_of_ended_jobs
 from app.jobs.limits import WorkLimits
 from app.jobs.runs import Claim
-from app.jobs.spec import SupervisedHyperparameters
+from app.jobs.spec import RunSpec, SupervisedHyperparameters
 from app.ml.adapters import ADAPTER_WEIGHTS
 from app.statuses import JOB_ENDING_OUTCOMES, JobStatus, RunOutcome
 from app.storage import ArtifactStore
@@ -126,7 +126,7 @@ def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -
     progress = Progress(claim, settings, store)
     tokenizer = load_tokenizer(inputs.base_model_ref)
     model = load_base_model(inputs.base_model_ref, device=settings.device)
-    hp = _hyperparameters_to_run(inputs.spec.method.hyperparameters, model, progress)
+    hp = _hyperparameters_to_run(inputs.spec, model, progress)
     token_ids = job_inputs.trainable_tokens(tokenizer, hp.train_special_tokens, progress)
     train, valid = _encode(inputs, tokenizer, model, hp, progress)
     job_inputs.check_examples(hp, len(train), len(valid), WorkLimits.of(settings))
@@ -210,14 +210,15 @@ def _register(
 
 
 def _hyperparameters_to_run(
-    hp: SupervisedHyperparameters, model: Any, progress: Progress
+    spec: RunSpec, model: Any, progress: Progress
 ) -> SupervisedHyperparameters:
     """The job's hyperparameters checked against the loaded model, with `packing` as it
     will run: on only where the model isolates packed examples."""
     from worker.training.packing import enable_packing
 
+    hp = spec.method.hyperparameters
     job_inputs.check_target_modules(model, hp.lora_target_modules)
-    job_inputs.check_context(model, hp.max_seq_length)
+    job_inputs.check_context(model, hp.max_seq_length, spec.base_model)
     if not hp.packing or enable_packing(model):
         return hp
     progress.event(

@@ -39,14 +39,7 @@ def check_job_work(
 ) -> None:
     """Refuse (InvalidRequest naming the field) a job whose work exceeds a bound."""
     max_seq_length = resolved.max_seq_length
-    context = context_length(model_ref)
-    if context is not None and max_seq_length > context:
-        raise InvalidRequest(
-            f"max_seq_length {max_seq_length} is longer than the context of base model "
-            f"{base_model!r} ({context} positions)",
-            param="hyperparameters.max_seq_length",
-            code="max_seq_length_too_long",
-        )
+    check_context(max_seq_length, context_length(model_ref), base_model)
     per_step = resolved.batch_size * resolved.gradient_accumulation_steps * max_seq_length
     if limits.max_tokens_per_step and per_step > limits.max_tokens_per_step:
         raise InvalidRequest(
@@ -56,6 +49,18 @@ def check_job_work(
             code="too_many_tokens_per_step",
         )
     check_examples(resolved, n_examples, n_validation_examples, limits)
+
+
+def check_context(max_seq_length: int, context: int | None, base_model: str) -> None:
+    """max_seq_length within the base model's context (None: the config declares none). At
+    creation for a local model; in the worker once a hub model's config is loaded."""
+    if context is not None and max_seq_length > context:
+        raise InvalidRequest(
+            f"max_seq_length {max_seq_length} is longer than the context of base model "
+            f"{base_model!r} ({context} positions)",
+            param="hyperparameters.max_seq_length",
+            code="max_seq_length_too_long",
+        )
 
 
 def check_examples(
