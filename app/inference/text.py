@@ -35,8 +35,9 @@ class TextTracker:
             self._decode_new(final=True)
             return self._flush()
         self.tokens.append(token)
+        searched = len(self.text)  # no stop string starts wholly before this
         self._decode_new()
-        cut = _earliest(self.text, self.stops)
+        cut = _earliest(self.text, self.stops, searched)
         if cut is not None:
             self.text = self.text[:cut]
             self.finish_reason = "stop"
@@ -75,19 +76,21 @@ class TextTracker:
         return piece
 
 
-def _earliest(text: str, stops: tuple[str, ...]) -> int | None:
-    found = [index for index in (text.find(stop) for stop in stops) if index >= 0]
+def _earliest(text: str, stops: tuple[str, ...], searched: int) -> int | None:
+    """Where the first stop string starts; only what may overlap the text after `searched`
+    (the text before it was searched already) is searched again."""
+    starts = (text.find(stop, max(0, searched - len(stop) + 1)) for stop in stops)
+    found = [index for index in starts if index >= 0]
     return min(found) if found else None
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing characters might still turn into a stop string or a character."""
+    """How many trailing characters might still turn into a stop string (a partial character
+    never reaches `text` before the end: `_decode_new` holds it)."""
     hold = 0
     for stop in stops:
         for size in range(min(len(stop) - 1, len(text)), hold, -1):
             if text.endswith(stop[:size]):
                 hold = size
                 break
-    if text.endswith("\ufffd"):
-        hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
     return hold
