@@ -32,3 +32,16 @@ def test_the_scheduler_thread_runs_at_the_configured_niceness(base_dir: Path, ni
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == ours  # only it
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("value", ["-1", "20"])
+def test_a_niceness_outside_0_to_19_is_refused_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    from pydantic import ValidationError
+
+    from app.config import Settings
+
+    monkeypatch.setenv("LORAFORGE_INFERENCE_THREAD_NICE", value)
+    with pytest.raises(ValidationError, match="inference_thread_nice"):
+        Settings()
