@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
-from app.schemas.jobs import LrScheduler
+from app.schemas.jobs import LrScheduler, Quantization
 
 
 class SupervisedHyperparameters(BaseModel):
@@ -55,6 +55,7 @@ class SupervisedHyperparameters(BaseModel):
     train_special_tokens: bool | list[str] = False  # a list: token strings
     seed: int
     n_checkpoints: PositiveInt  # evenly spaced over the steps, the last at the end
+    quantization: Quantization = "none"  # the base's precision while training (QLoRA)
 
     @model_validator(mode="before")
     @classmethod

@@ -13,6 +13,7 @@ Suffix = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,40}$")]
 ModuleName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]{1,100}$")]
 TokenString = Annotated[str, Field(min_length=1, max_length=100)]
 LrScheduler = Literal["linear", "cosine", "constant"]
+Quantization = Literal["none", "nf4", "int8"]
 
 
 class Hyperparameters(Strict):
@@ -50,6 +51,9 @@ class Hyperparameters(Strict):
     # Together's name: checkpoints written, evenly spaced over the steps, the last at the
     # end (at most one per step). "auto": one per epoch (n_epochs).
     n_checkpoints: Auto | Annotated[int, Field(ge=1, le=100)] = "auto"
+    # The base's precision while training (QLoRA): "nf4" 4-bit NormalFloat, "int8" 8-bit,
+    # both through bitsandbytes; the LoRA weights stay in full precision.
+    quantization: Quantization = "none"
 
     @model_validator(mode="after")
     def _one_learning_rate(self) -> Hyperparameters:
