@@ -228,7 +228,7 @@ def list_events(
     job = get_job(session, organization=organization, job_id=job_id)
     query = select(JobEvent).where(JobEvent.job_id == job.id)
     if after is not None:
-        query = query.where(JobEvent.seq < _event_seq(session, job.id, after))
+        query = query.where(JobEvent.seq < event_seq(session, job.id, after, param="after"))
     rows = list(session.scalars(query.order_by(JobEvent.seq.desc()).limit(limit + 1)))
     return Page(rows=rows[:limit], has_more=len(rows) > limit)
 
@@ -237,18 +237,19 @@ def event_id(event: JobEvent) -> str:
     return event.public_id
 
 
-def _event_seq(session: Session, job_id: str, event_id_: str) -> int:
-    """Where a page starts: the internal order of the job's event `event_id_` (never shown)."""
+def event_seq(session: Session, job_id: str, event_id_: str, *, param: str) -> int:
+    """Where a page or a stream starts: the internal order of the job's event `event_id_`
+    (never shown); `param` names where the client sent the id."""
     if not EVENT_ID.match(event_id_):
         raise InvalidRequest(
-            f"after must be an event id like 'ftevent-…' from this job; got {event_id_[:80]!r}",
-            param="after",
+            f"{param} must be an event id like 'ftevent-…' from this job; got {event_id_[:80]!r}",
+            param=param,
         )
     seq = session.scalar(
         select(JobEvent.seq).where(JobEvent.job_id == job_id, JobEvent.public_id == event_id_)
     )
     if seq is None:
-        raise NotFound(f"No such event of job {job_id}: {event_id_}", param="after")
+        raise NotFound(f"No such event of job {job_id}: {event_id_}", param=param)
     return seq
 
 

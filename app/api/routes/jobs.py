@@ -1,14 +1,18 @@
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Header, Query, Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.api import idempotency
 from app.api.deps import OrgDep, ReadSessionDep, SessionDep, SettingsDep
 from app.api.idempotency import IdempotencyHeader
 from app.api.views import checkpoint_view, event_view, job_view
-from app.jobs import queue
+from app.db.models import Job, JobEvent
+from app.errors import InvalidRequest
+from app.jobs import event_feed, queue
 from app.jobs import service as jobs
 from app.jobs.limits import WorkLimits
 from app.schemas.common import Id, ListPage
@@ -74,12 +78,45 @@ def cancel_job(job_id: Id, org: OrgDep, session: SessionDep) -> JobRead:
     return job_view(jobs.cancel_job(session, organization=org, job_id=job_id))
 
 
-@router.get("/{job_id}/events", response_model=ListPage[EventRead])
+EVENT_STREAM: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"text/event-stream": {}},
+        "description": "JSON, or with stream=true Server-Sent Events: each event (`id:` its "
+        "id, `data:` the event object), oldest first, after `Last-Event-ID`; once the job has "
+        "ended, one `event: end` whose data is the job",
+    }
+}
+
+
+@router.get("/{job_id}/events", response_model=ListPage[EventRead], responses=EVENT_STREAM)
 def list_events(
-    job_id: Id, org: OrgDep, session: ReadSessionDep, after: Id | None = None, limit: Limit = 20
-) -> ListPage[EventRead]:
+    job_id: Id,
+    org: OrgDep,
+    session: ReadSessionDep,
+    settings: SettingsDep,
+    after: Id | None = None,
+    limit: Limit = 20,
+    stream: bool = False,
+    last_event_id: Annotated[str | None, Header(max_length=255)] = None,
+) -> ListPage[EventRead] | EventSourceResponse:
+    if stream:
+        if after is not None:
+            raise InvalidRequest("a stream resumes after Last-Event-ID, not after", param="after")
+        start = event_feed.stream_start(
+            session, organization=org, job_id=job_id, last_event_id=last_event_id
+        )
+        feed = event_feed.follow(settings.sqlalchemy_url, job_id=job_id, after_seq=start)
+        return EventSourceResponse(_server_sent(feed), send_timeout=30)
     page = jobs.list_events(session, organization=org, job_id=job_id, after=after, limit=limit)
     return ListPage(data=[event_view(event) for event in page.rows], has_more=page.has_more)
+
+
+async def _server_sent(feed: AsyncIterator[JobEvent | Job]) -> AsyncIterator[ServerSentEvent]:
+    async for item in feed:
+        if isinstance(item, Job):
+            yield ServerSentEvent(event="end", data=job_view(item).model_dump_json())
+        else:
+            yield ServerSentEvent(id=item.public_id, data=event_view(item).model_dump_json())
 
 
 @router.get("/{job_id}/checkpoints", response_model=ListPage[CheckpointRead])
