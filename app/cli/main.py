@@ -1,4 +1,5 @@
-"""The `loraforge` command (typer): run the stack, migrate, manage keys, build a demo model."""
+"""The `loraforge` command (typer): run the stack, migrate, manage keys, build a demo model;
+the client commands (app/cli/client) talk to a running server."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from app.cli.client import register as register_client_commands
 from app.config import Settings, get_settings
 
 cli = typer.Typer(
@@ -23,6 +25,7 @@ db_cli = typer.Typer(help="Database schema (Alembic).", no_args_is_help=True)
 keys_cli = typer.Typer(help="API keys.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
 cli.add_typer(keys_cli, name="keys")
+register_client_commands(cli)  # files, jobs, models, chat: a server's API over HTTP
 
 Host = Annotated[str, typer.Option(help="Interface to bind.")]
 Port = Annotated[int, typer.Option(help="TCP port.")]

@@ -26,6 +26,9 @@ from app.ml.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest zip timestamp: no build time leaks in
 _UNIX, _FILE_0644 = 3, 0o100644 << 16
+# The download's headers: the sha256 of the body (the zip as sent) and of the weights inside.
+ARCHIVE_SHA256_HEADER = "X-Adapter-SHA256"
+WEIGHTS_SHA256_HEADER = "X-Adapter-Weights-SHA256"
 _CHUNK = 1 << 20
 
 

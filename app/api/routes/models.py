@@ -12,7 +12,12 @@ from app.db.session import commit
 from app.errors import InvalidRequest, adapter_weights_changed
 from app.ml.adapters import ADAPTER_WEIGHTS
 from app.registry import service as registry
-from app.registry.download import adapter_archive, public_base_name
+from app.registry.download import (
+    ARCHIVE_SHA256_HEADER,
+    WEIGHTS_SHA256_HEADER,
+    adapter_archive,
+    public_base_name,
+)
 from app.schemas.common import Id, ListPage
 from app.schemas.models import ModelDeleted, ModelRead
 from app.storage import file_sha256
@@ -59,8 +64,8 @@ def download_adapter(
     archive = adapter_archive(folder, base_model=base)
     filename = model_id.replace(":", "_").replace("/", "_") + ".zip"
     headers = {
-        "X-Adapter-SHA256": archive.sha256,  # of the body: what the client received
-        "X-Adapter-Weights-SHA256": stored.sha256,  # of adapter_model.safetensors inside
+        ARCHIVE_SHA256_HEADER: archive.sha256,  # of the body: what the client received
+        WEIGHTS_SHA256_HEADER: stored.sha256,  # of adapter_model.safetensors inside
         "Content-Length": str(archive.size),
         "Content-Disposition": f'attachment; filename="{filename}"',
     }
