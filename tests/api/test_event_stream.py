@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app import tenancy
 from app.db.session import get_engine, session_scope
 from app.jobs import event_feed
 from app.jobs import service as jobs
@@ -152,3 +153,30 @@ def test_a_foreign_job_or_event_id_is_refused_before_any_stream(
         )
         assert response.status_code == status, response.text
         assert response.json()["error"]["param"] == param or param is None
+
+
+def test_a_stream_ends_with_an_error_event_once_its_key_is_revoked(
+    client, settings, server
+) -> None:
+    settings.stream_key_check_seconds = 0.1
+    job_id = new_job(client)
+    events = stream(server, client, job_id)
+    assert next(events)["event"] == "message"
+    with session_scope(settings.sqlalchemy_url) as session:
+        key_id = tenancy.list_api_keys(session, organization="acme")[0][0].id
+        tenancy.revoke_key(session, key_id=key_id)
+    (last,) = list(events)
+    assert last["event"] == "error" and last["data"]["error"]["code"] == "invalid_api_key"
+
+
+def test_a_stream_lasts_at_most_its_bound_and_resumes_where_it_stopped(
+    client, settings, server, monkeypatch
+) -> None:
+    monkeypatch.setattr(event_feed, "STREAM_MAX_SECONDS", 0.3)
+    job_id = new_job(client)
+    first = list(stream(server, client, job_id))  # the job is still queued: no end event
+    assert [e["event"] for e in first] == ["message"]
+    with session_scope(settings.sqlalchemy_url) as session:
+        jobs.add_event(session, job_id=job_id, message="later")
+    again = list(stream(server, client, job_id, **{"Last-Event-ID": first[-1]["id"]}))
+    assert [e["data"]["message"] for e in again] == ["later"]

@@ -1,17 +1,19 @@
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.api import idempotency
 from app.api.deps import OrgDep, ReadSessionDep, SessionDep, SettingsDep
+from app.api.errors import domain_error
 from app.api.idempotency import IdempotencyHeader
 from app.api.views import checkpoint_view, event_view, job_view
 from app.db.models import Job, JobEvent
-from app.errors import InvalidRequest
+from app.errors import InvalidRequest, LoraforgeError
 from app.jobs import event_feed, queue
 from app.jobs import service as jobs
 from app.jobs.limits import WorkLimits
@@ -83,7 +85,8 @@ EVENT_STREAM: dict[int | str, dict[str, Any]] = {
         "content": {"text/event-stream": {}},
         "description": "JSON, or with stream=true Server-Sent Events: each event (`id:` its "
         "id, `data:` the event object), oldest first, after `Last-Event-ID`; once the job has "
-        "ended, one `event: end` whose data is the job",
+        "ended, one `event: end` whose data is the job. A stream lasts at most an hour (reconnect "
+        "with Last-Event-ID); a revoked key ends it with `event: error` (OpenAI's envelope)",
     }
 }
 
@@ -92,6 +95,7 @@ EVENT_STREAM: dict[int | str, dict[str, Any]] = {
 def list_events(
     job_id: Id,
     org: OrgDep,
+    http: Request,
     session: ReadSessionDep,
     settings: SettingsDep,
     after: Id | None = None,
@@ -105,18 +109,27 @@ def list_events(
         start = event_feed.stream_start(
             session, organization=org, job_id=job_id, last_event_id=last_event_id
         )
-        feed = event_feed.follow(settings.sqlalchemy_url, job_id=job_id, after_seq=start)
+        feed = event_feed.follow(
+            settings.sqlalchemy_url,
+            job_id=job_id,
+            after_seq=start,
+            key_sha256=http.state.key_sha256,
+            key_check_seconds=settings.stream_key_check_seconds,
+        )
         return EventSourceResponse(_server_sent(feed), send_timeout=30)
     page = jobs.list_events(session, organization=org, job_id=job_id, after=after, limit=limit)
     return ListPage(data=[event_view(event) for event in page.rows], has_more=page.has_more)
 
 
 async def _server_sent(feed: AsyncIterator[JobEvent | Job]) -> AsyncIterator[ServerSentEvent]:
-    async for item in feed:
-        if isinstance(item, Job):
-            yield ServerSentEvent(event="end", data=job_view(item).model_dump_json())
-        else:
-            yield ServerSentEvent(id=item.public_id, data=event_view(item).model_dump_json())
+    try:
+        async for item in feed:
+            if isinstance(item, Job):
+                yield ServerSentEvent(event="end", data=job_view(item).model_dump_json())
+            else:
+                yield ServerSentEvent(id=item.public_id, data=event_view(item).model_dump_json())
+    except LoraforgeError as exc:  # a revoked key, once the 200 is sent: an error event
+        yield ServerSentEvent(event="error", data=json.dumps(domain_error(exc)[1]))
 
 
 @router.get("/{job_id}/checkpoints", response_model=ListPage[CheckpointRead])

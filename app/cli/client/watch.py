@@ -8,6 +8,7 @@ the job itself is read for its progress. The exit code says how the job ended.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,6 +142,8 @@ class Watch:
             ):
                 if kind == "end":
                     return JobRead.model_validate_json(data)
+                if kind == "error":  # the server ended the stream for a reason (a revoked key)
+                    raise ApiError(400, json.loads(data))
                 self.last_event_id = event_id or self.last_event_id
                 self.board.show_event(EventRead.model_validate_json(data))
                 if time.monotonic() - self.job_read_at > JOB_REFRESH_SECONDS:
