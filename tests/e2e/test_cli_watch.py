@@ -65,9 +65,9 @@ def test_create_watch_trains_to_the_end_across_an_api_restart(tmp_path, tiny_mod
             watcher.kill()
     shown = err.read_text()
     assert code == 0, shown + logs
+    (job,) = jobs
     steps = f"{job['steps_planned']}/{job['steps_planned']}"
     assert "stream lost" in shown and steps in shown and "tok/s" in shown  # the bar at its end
-    (job,) = jobs
     assert job["status"] == "succeeded" and job["fine_tuned_model"].startswith("ft:tiny:acme:")
     assert out.read_text().strip().splitlines()[-1] == job["fine_tuned_model"]
     # resumed after the last event seen: nothing shown twice
