@@ -12,6 +12,7 @@ from app.api.deps import OrgDep, ReadSessionDep, SessionDep, SettingsDep
 from app.api.errors import domain_error
 from app.api.idempotency import IdempotencyHeader
 from app.api.views import checkpoint_view, event_view, job_view
+from app.config import Settings
 from app.db.models import Job, JobEvent
 from app.errors import InvalidRequest, LoraforgeError
 from app.jobs import event_feed, queue
@@ -109,16 +110,22 @@ def list_events(
         start = event_feed.stream_start(
             session, organization=org, job_id=job_id, last_event_id=last_event_id
         )
-        feed = event_feed.follow(
-            settings.sqlalchemy_url,
-            job_id=job_id,
-            after_seq=start,
-            key_sha256=http.state.key_sha256,
-            key_check_seconds=settings.stream_key_check_seconds,
-        )
-        return EventSourceResponse(_server_sent(feed), send_timeout=30)
+        return _event_stream(http, settings, job_id=job_id, after_seq=start)
     page = jobs.list_events(session, organization=org, job_id=job_id, after=after, limit=limit)
     return ListPage(data=[event_view(event) for event in page.rows], has_more=page.has_more)
+
+
+def _event_stream(
+    http: Request, settings: Settings, *, job_id: str, after_seq: int
+) -> EventSourceResponse:
+    feed = event_feed.follow(
+        settings.sqlalchemy_url,
+        job_id=job_id,
+        after_seq=after_seq,
+        key_sha256=http.state.key_sha256,
+        key_check_seconds=settings.stream_key_check_seconds,
+    )
+    return EventSourceResponse(_server_sent(feed), send_timeout=30)
 
 
 async def _server_sent(feed: AsyncIterator[JobEvent | Job]) -> AsyncIterator[ServerSentEvent]:
