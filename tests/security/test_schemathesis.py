@@ -38,9 +38,12 @@ def settings(backend):
 
 
 @pytest.fixture
-def fuzz_app(settings, enqueued):  # noqa: ARG001
+def fuzz_app(settings, enqueued, monkeypatch):  # noqa: ARG001
     app = api_app(settings)
     settings.rate_limit_per_second = 0  # fuzzing is a flood by design
+    # No worker runs here, so a job's event stream (`stream=true`) would last its whole
+    # bound: keep the fuzzed streams to a moment.
+    monkeypatch.setattr("app.jobs.event_feed.STREAM_MAX_SECONDS", 0.5)
     return app
 
 
