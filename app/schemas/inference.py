@@ -199,6 +199,18 @@ class EngineAdapter(BaseModel):
     last_load_seconds: float | None
 
 
+class EngineKvCache(BaseModel):
+    """The base model's KV cache budget (the same for everyone) and the caller's own use."""
+
+    budget_tokens: int  # cache cells (one token, every layer) the budget holds
+    budget_bytes: int
+    bytes_per_token: int  # 2 x layers x KV heads x head dim x dtype bytes
+    fraction: float  # LORAFORGE_KV_CACHE_FRACTION
+    cached_tokens: int  # the caller's running requests: tokens cached now
+    reserved_tokens: int  # the caller's running requests: prompt + max_tokens each
+    waiting_for_cache: int  # the caller's requests whose turn came, waiting for cache
+
+
 class EngineBaseModel(BaseModel):
     name: str
     running: int
@@ -209,6 +221,7 @@ class EngineBaseModel(BaseModel):
     max_batch_size: int
     max_loaded_adapters: int
     loaded: list[str]  # the caller's resident adapters, least recently used first
+    kv_cache: EngineKvCache
 
 
 class EngineAdapters(BaseModel):
