@@ -21,7 +21,6 @@ import queue
 import threading
 from collections import Counter, deque
 from collections.abc import Hashable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,52 +28,19 @@ import torch
 from app.errors import model_not_found
 from app.inference.deleted import DeletedAdapters
 from app.inference.fairness import OwnerCounters, choose_fairly, share_of
-from app.inference.kv import BatchKV, forward_options, peak_cells
+from app.inference.kv import BatchKV, forward_options
 from app.inference.kv_budget import KvBudget
 from app.inference.lora import LoraState, Plan, linear_shapes, token_shapes
 from app.inference.messages import Loaded, Message, Preload, Stop, Submit, Unload
-from app.inference.padding import choose_slab
 from app.inference.pool import AdapterPool
 from app.inference.request import Request
 from app.inference.sampling import choose_tokens, make_generator, token_logprob
+from app.inference.slabs import CellCounts, Row, Slab, horizon, plan_admission, projected_peak
 from app.inference.text import TextTracker
-from app.inference.types import AdapterRef, Delta, Generation, TokenLogprob
+from app.inference.types import AdapterRef, Delta, Generation
 
 logger = logging.getLogger(__name__)
 _CACHE_RETRY_SECONDS = 0.05  # idle, held back by cache another scheduler of the base holds
-
-
-@dataclass(eq=False)
-class _Row:
-    request: Request
-    tracker: TextTracker
-    generator: Any
-    last: int = -1  # the token the next decode step feeds
-    produced: int = 0
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    pending: list[TokenLogprob] = field(default_factory=list)  # not yet streamed
-
-    @property
-    def cached(self) -> int:
-        """Tokens this row caches between two steps (the last one is fed next)."""
-        return len(self.request.input_ids) + self.produced - 1
-
-    @property
-    def left(self) -> int:
-        """Decode steps this row may still run (each caches one more token)."""
-        return self.request.sampling.max_tokens - self.produced
-
-
-@dataclass(eq=False)
-class _Slab:
-    """Running rows that share one left-padded KV slab and one forward per step."""
-
-    kv: BatchKV
-    rows: list[_Row] = field(default_factory=list)
-    plan: Plan | None = None
-
-    def projection(self) -> list[tuple[int, int]]:
-        return [(row.cached, row.left) for row in self.rows]
 
 
 class _Stop(Exception):
@@ -127,7 +93,7 @@ class BaseScheduler:
         self.budget = kv_budget if kv_budget is not None else KvBudget.measure(model, kv_fraction)
         self.group_by_length = group_by_length
         self.waiting: deque[Request] = deque()
-        self.slabs: list[_Slab] = []
+        self.slabs: list[Slab] = []
         self._held_back: list[Request] = []  # chosen by fairness, waiting for KV cache
         self._preloads: dict[str, list[threading.Event]] = {}  # id -> preload() callers
         self.steps = 0  # decode steps
@@ -136,7 +102,7 @@ class BaseScheduler:
         self.per_owner = OwnerCounters()  # the same, per organization: what a tenant sees
         self.forwards = 0  # decode forwards (one per slab per step)
         # summed over decode steps: cells allocated (spare included), padded width, real
-        self.cells = {"allocated": 0, "padded": 0, "real": 0, "peak_allocated": 0}
+        self.cells = CellCounts()
         self._cache_arg, self._extra = forward_options(model)
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._thread.start()
@@ -164,7 +130,7 @@ class BaseScheduler:
         self.pool.close()
 
     @property
-    def rows(self) -> list[_Row]:
+    def rows(self) -> list[Row]:
         """Every running row, slab by slab (a new list: the scheduler moves them)."""
         return [row for slab in list(self.slabs) for row in list(slab.rows)]
 
@@ -187,7 +153,11 @@ class BaseScheduler:
             "waiting_for_cache": sum(everyone or r.owner == owner for r in held_back),
         }
         if everyone:  # the whole engine's figures: never shown to a tenant
-            cache |= {"held_tokens": self.budget.held(), "forwards": self.forwards, **self.cells}
+            cache |= {
+                "held_tokens": self.budget.held(),
+                "forwards": self.forwards,
+                **self.cells.as_dict(),
+            }
         return {
             "name": self.name,
             "running": sum(everyone or r.request.owner == owner for r in running),
@@ -304,10 +274,17 @@ class BaseScheduler:
         )
         # In that order, while the KV budget holds them; the first that does not fit keeps
         # its turn (and those after it theirs) until rows end and free cache.
-        planned = self._within_budget(chosen)
+        planned = plan_admission(
+            self.slabs,
+            chosen,
+            room=self.budget.room_for(self),
+            by_length=self.group_by_length,
+            new_slab=lambda: Slab(BatchKV(self.num_layers, self.device)),
+        )
         self._held_back = chosen[len(planned) :]
-        if planned:
-            self._last_owner = last_owner if not self._held_back else planned[-1][0].owner
+        if not planned:
+            return
+        self._last_owner = last_owner if not self._held_back else planned[-1][0].owner
         slab_of = {id(request): slab for request, slab in planned}
         for request, _ in planned:
             self.waiting.remove(request)
@@ -316,7 +293,7 @@ class BaseScheduler:
         by_length: dict[int, list[Request]] = {}
         for request, _ in planned:
             by_length.setdefault(len(request.input_ids), []).append(request)
-        joining: dict[int, tuple[_Slab, list[_Row], list[tuple[Any, int]]]] = {}
+        joining: dict[int, tuple[Slab, list[Row], list[tuple[Any, int]]]] = {}
         for group in by_length.values():
             try:
                 live, cache = self._prefill(group)
@@ -330,49 +307,23 @@ class BaseScheduler:
                 _, joined, caches = joining.setdefault(id(slab), (slab, [], []))
                 joined.append(row)
                 caches.append((cache, index))
-        for slab, joined, caches in joining.values():
-            self._join(slab, joined, caches)
+        pending = list(joining.values())
+        for index, (slab, joined, caches) in enumerate(pending):
+            try:
+                slab.kv.join(caches, horizon(slab.rows + joined))
+            except Exception as exc:  # e.g. out of memory: these rows and those after never start
+                for _, never, _ in pending[index:]:
+                    for row in never:
+                        row.request.put(exc)
+                raise
+            slab.rows.extend(joined)
+            if slab not in self.slabs:
+                self.slabs.append(slab)
         self._hold()
-
-    def _join(self, slab: _Slab, joined: list[_Row], caches: list[tuple[Any, int]]) -> None:
-        try:
-            slab.kv.join(caches, _horizon(slab.rows + joined))
-        except Exception as exc:  # e.g. out of memory: these rows never started
-            for row in joined:
-                row.request.put(exc)
-            raise
-        slab.rows.extend(joined)
-        if slab not in self.slabs:
-            self.slabs.append(slab)
-
-    def _within_budget(self, chosen: list[Request]) -> list[tuple[Request, _Slab]]:
-        """The longest prefix of `chosen` the KV budget holds, each with the slab it joins
-        (`padding.choose_slab`; a new one where it fits none). The rows that prefill ends
-        at once join no slab, which only lowers the projection admitted here."""
-        slabs = list(self.slabs)
-        projected = [slab.projection() for slab in slabs]
-        room = self.budget.room_for(self)
-        planned: list[tuple[Request, _Slab]] = []
-        for request in chosen:
-            row = (len(request.input_ids), request.sampling.max_tokens - 1)
-            lengths = [[cached for cached, _ in rows] for rows in projected]
-            index = choose_slab(lengths, row[0], by_length=self.group_by_length)
-            trial = [list(rows) for rows in projected]
-            if index is None:
-                trial.append([row])
-            else:
-                trial[index].append(row)
-            if peak_cells(trial) > room:
-                break
-            if index is None:
-                slabs.append(_Slab(BatchKV(self.num_layers, self.device)))
-            projected = trial
-            planned.append((request, slabs[-1 if index is None else index]))
-        return planned
 
     def _hold(self) -> None:
         """Tell the budget the most cache this scheduler's running rows can reach."""
-        self.budget.hold(self, peak_cells([slab.projection() for slab in self.slabs]))
+        self.budget.hold(self, projected_peak(self.slabs))
 
     def _startable_by_owner(self) -> dict[Hashable, deque[Request]]:
         """Waiting requests that can start now, per owner, in arrival order."""
@@ -386,7 +337,7 @@ class BaseScheduler:
                 self.pool.load(request.adapter)
         return ready
 
-    def _prefill(self, group: list[Request]) -> tuple[list[tuple[int, _Row]], Any]:
+    def _prefill(self, group: list[Request]) -> tuple[list[tuple[int, Row]], Any]:
         """Prefill same-length prompts; (index in the group, row) of those not yet done."""
         for request in group:
             if request.adapter is not None:
@@ -396,7 +347,7 @@ class BaseScheduler:
         with torch.inference_mode():
             out = self.model(input_ids=ids, use_cache=True, **self._extra)
         rows = [
-            _Row(
+            Row(
                 request,
                 TextTracker(self.tokenizer, request.sampling.stop, self.eos_ids),
                 None
@@ -421,14 +372,14 @@ class BaseScheduler:
         self.peak_batch = max(self.peak_batch, len(keys))
         self.mixed_steps += len(set(keys)) > 1
         self.per_owner.record((row.request.owner, row.request.key) for row in rows)
-        self._count_cells()
+        self.cells.count(self.slabs)
         for slab in list(self.slabs):
             self._step_slab(slab)
         self.slabs = [slab for slab in self.slabs if slab.rows]
         self.steps += 1
         self._hold()
 
-    def _step_slab(self, slab: _Slab) -> None:
+    def _step_slab(self, slab: Slab) -> None:
         rows, kv = slab.rows, slab.kv
         keys = tuple(row.request.key for row in rows)
         if slab.plan is None or slab.plan.row_keys != keys:
@@ -444,7 +395,7 @@ class BaseScheduler:
                 **{self._cache_arg: kv.cache},
                 **self._extra,
             )
-        kv.advance(_horizon(rows) - 1)  # each row is about to produce one more token
+        kv.advance(horizon(rows) - 1)  # each row is about to produce one more token
         self.forwards += 1
         logits = out.logits[:, -1]
         tokens = choose_tokens(logits, [(row.request.sampling, row.generator) for row in rows])
@@ -455,17 +406,9 @@ class BaseScheduler:
         ]
         if len(keep) != len(rows):
             slab.rows = [rows[index] for index in keep]
-            kv.keep(keep, _horizon(slab.rows))
+            kv.keep(keep, horizon(slab.rows))
 
-    def _count_cells(self) -> None:
-        """What the slabs hold this step: allocated (spare too), padded width, real tokens."""
-        allocated = sum(slab.kv.rows * slab.kv.capacity() for slab in self.slabs)
-        self.cells["allocated"] += allocated
-        self.cells["padded"] += sum(slab.kv.rows * slab.kv.length for slab in self.slabs)
-        self.cells["real"] += sum(row.cached for row in self.rows)
-        self.cells["peak_allocated"] = max(self.cells["peak_allocated"], allocated)
-
-    def _advance(self, row: _Row, token: int, logits: torch.Tensor) -> bool:
+    def _advance(self, row: Row, token: int, logits: torch.Tensor) -> bool:
         """Record one generated token for `row`; stream what became visible. True = done."""
         request, tracker = row.request, row.tracker
         row.produced += 1
@@ -487,7 +430,7 @@ class BaseScheduler:
             self._complete(row)
         return done
 
-    def _complete(self, row: _Row) -> None:
+    def _complete(self, row: Row) -> None:
         request = row.request
         prompt = len(request.input_ids)
         if request.adapter is not None:
@@ -501,11 +444,6 @@ class BaseScheduler:
                 row.logprobs if request.logprobs is not None else None,
             )
         )
-
-
-def _horizon(rows: list[_Row]) -> int:
-    """The most decode steps any of `rows` may still run."""
-    return max((row.left for row in rows), default=0)
 
 
 def run_nicer(nice: int) -> None:
