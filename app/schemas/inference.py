@@ -211,6 +211,27 @@ class EngineKvCache(BaseModel):
     waiting_for_cache: int  # the caller's requests whose turn came, waiting for cache
 
 
+class EngineCacheTotals(EngineKvCache):
+    """Admin only (GET /v1/admin/engine/cache): one base model's figures over every
+    organization; the per-use fields above count every organization's requests here."""
+
+    name: str
+    running: int
+    waiting: int
+    steps: int  # decode steps
+    forwards: int  # decode forwards: one per KV slab per step
+    held_tokens: int  # what the running rows can reach together (the budget admits by it)
+    allocated: int  # cells allocated, summed over decode steps (spare columns included)
+    padded: int  # cells of the slabs' padded width, summed over decode steps
+    real: int  # tokens really cached, summed over decode steps
+    peak_allocated: int  # the most cells allocated at one step
+
+
+class EngineCacheList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EngineCacheTotals]
+
+
 class EngineBaseModel(BaseModel):
     name: str
     running: int
