@@ -175,3 +175,35 @@ def test_mixed_lengths_answer_as_alone_in_either_layout(
     # by length, the short rows decoded in their own slab (more forwards than steps) and
     # padded less of what was allocated; in one slab, every step was one forward
     assert (state["kv_cache"]["forwards"] > state["steps"]) == by_length
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_peak_cells_is_never_below_what_a_slab_really_allocates(seed: int) -> None:
+    """The guarantee admission relies on: replay random rows through a real `BatchKV` (join,
+    decode steps, rows leaving) and compare its allocation at every moment."""
+    import random
+    from types import SimpleNamespace
+
+    import torch
+
+    from app.inference.kv import BatchKV
+
+    rng = random.Random(seed)
+    rows = [(rng.randint(1, 300), rng.randint(1, 150)) for _ in range(rng.randint(1, 6))]
+    kv = BatchKV(1, torch.device("cpu"))
+    prefilled = [
+        (SimpleNamespace(layers=[SimpleNamespace(keys=t, values=t)]), 0)
+        for t in (torch.zeros(1, 1, cached, 1) for cached, _ in rows)
+    ]
+    left = [steps for _, steps in rows]
+    kv.join(prefilled, max(left))
+    seen = kv.rows * kv.capacity()
+    while kv.rows:
+        kv.advance(max(left) - 1)  # a decode step: one column more for every row
+        seen = max(seen, kv.rows * kv.capacity())
+        left = [steps - 1 for steps in left]
+        kept = [index for index, steps in enumerate(left) if steps > 0]
+        left = [left[index] for index in kept]
+        kv.keep(kept, max(left, default=0))
+        seen = max(seen, kv.rows * kv.capacity())
+    assert seen <= peak_cells([rows])
