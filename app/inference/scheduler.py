@@ -377,7 +377,8 @@ class BaseScheduler:
             self._step_slab(slab)
         self.slabs = [slab for slab in self.slabs if slab.rows]
         self.steps += 1
-        self._hold()
+        if len(self.rows) != len(rows):  # rows that run as projected keep the same peak
+            self._hold()
 
     def _step_slab(self, slab: Slab) -> None:
         rows, kv = slab.rows, slab.kv
