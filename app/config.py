@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     # Adapter ids ("ft:…,ft:…") loaded when the API starts and never evicted (pinned).
     preload_adapters: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_batch_size: int = 16  # sequences per base model in one forward pass
+    # Of the memory free once a base model has loaded (CUDA: the device's; CPU: available
+    # RAM), what its KV cache may hold; requests past it wait (app/inference/kv_budget.py).
+    kv_cache_fraction: float = Field(default=0.5, gt=0, le=1)
     inference_enabled: bool = True  # serve completions from this API process
     metrics_every_steps: int = 10  # a job's `metrics` event every N optimizer steps
     # A worker's lease on its job: a dead worker's job is re-queued about this long after.

@@ -130,6 +130,7 @@ def engine_for(app: FastAPI, settings: Settings) -> InferenceEngine:
                 max_requests_per_owner=settings.max_inference_requests_per_org,
                 batch_share_per_owner=settings.inference_batch_share_per_org,
                 scheduler_nice=settings.inference_thread_nice,
+                kv_cache_fraction=settings.kv_cache_fraction,
             )
             preload_adapters(engine, settings)
             app.state.engine = engine

@@ -120,6 +120,8 @@ class Fallbacks:
                 capacity=1,
                 max_batch=self.max_batch,
                 nice=self.nice,
+                kv_budget=base.scheduler.budget,  # same device, same weights: one budget
+                group_by_length=base.scheduler.group_by_length,
             )
         except Exception:  # the caller gets the error; the log keeps it too
             logger.warning("loading adapter %s on the PEFT fallback failed", ref.id, exc_info=True)

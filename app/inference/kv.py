@@ -6,6 +6,10 @@ writes one column. Rows join after their own prefill (copied in, right-aligned) 
 when they finish (their row is dropped); leading columns that every row pads are trimmed
 then. A left-padded row is masked by `attention_mask()`; its position ids count only its
 real tokens, so each row decodes exactly as it would alone.
+
+A slab costs rows x its longest row: the scheduler keeps rows of very different lengths in
+separate slabs (`padding.py`), and `peak_cells` bounds what a set of slabs will ever hold,
+which is what the KV budget admits against (`kv_budget.py`).
 """
 
 from __future__ import annotations
@@ -79,28 +83,33 @@ class BatchKV:
         """[rows, 1]: the position id of the token each row feeds next."""
         return (self.length - self.pad).unsqueeze(1)
 
-    def advance(self) -> None:
-        """Commit the column the last forward wrote; grow the buffers when they are full."""
+    def real_lengths(self) -> list[int]:
+        """Tokens each row really caches (its columns minus its padding)."""
+        return (self.length - self.pad).tolist() if self.rows else []
+
+    def advance(self, horizon: int = _GROW) -> None:
+        """Commit the column the last forward wrote; grow the buffers when they are full.
+        `horizon`: the most decode steps any row still has (spare columns past it are waste)."""
         self.length += 1
         if self.length >= self.capacity():
-            self._rebuild(torch.arange(self.rows, device=self.device), [])
+            self._rebuild(torch.arange(self.rows, device=self.device), [], horizon)
 
-    def keep(self, rows: list[int]) -> None:
+    def keep(self, rows: list[int], horizon: int = _GROW) -> None:
         """Drop every row not in `rows` (finished or cancelled sequences)."""
         if len(rows) == self.rows:
             return
-        self._rebuild(torch.tensor(rows, dtype=torch.long, device=self.device), [])
+        self._rebuild(torch.tensor(rows, dtype=torch.long, device=self.device), [], horizon)
 
-    def join(self, prefilled: list[tuple[Cache, int]]) -> None:
+    def join(self, prefilled: list[tuple[Cache, int]], horizon: int = _GROW) -> None:
         """Append rows (a prefill's cache and the row in it), right-aligned."""
-        self._rebuild(torch.arange(self.rows, device=self.device), prefilled)
+        self._rebuild(torch.arange(self.rows, device=self.device), prefilled, horizon)
 
-    def _rebuild(self, keep: torch.Tensor, new: list[tuple[Cache, int]]) -> None:
+    def _rebuild(self, keep: torch.Tensor, new: list[tuple[Cache, int]], horizon: int) -> None:
         old_real = self.length - self.pad[keep] if self.rows else self.pad[:0]
         new_lengths = [_prefilled(cache, 0, "keys").shape[-2] for cache, _ in new]
         lengths = old_real.tolist() + new_lengths
         length = max(lengths, default=0)
-        capacity = length + _GROW
+        capacity = length + _spare(horizon)
         pad = [length - n for n in lengths]
         for index, layer in enumerate(self.layers):
             layer.k_buf, layer.v_buf = (
@@ -137,6 +146,36 @@ class BatchKV:
         for row, (source, offset) in enumerate(zip(sources, pad, strict=True)):
             buf[row, :, offset : offset + source.shape[1]] = source
         return buf
+
+
+def _spare(horizon: int) -> int:
+    """Columns a rebuilt buffer holds past its length: a chunk (amortises the copy), but
+    never more than the rows can still write (`horizon` decode steps, +1: the column the
+    next forward writes before its row is dropped)."""
+    return min(_GROW, max(0, horizon) + 1)
+
+
+def peak_cells(slabs: list[list[tuple[int, int]]]) -> int:
+    """The most cache cells (token slots per layer, padding and spare included) that slabs
+    whose rows are (tokens cached now, decode steps left) will ever hold at once.
+
+    Exact for this module's layout: at step t a slab holds its rows with steps left >= t,
+    each as wide as the longest (max cached + t) plus the spare `_rebuild` gives. Between
+    two rows' ends that only grows, so the peak is at t = 0 or at some row's last step.
+    Rows that end early (EOS, a cancel) or join later (admitted against this) only lower
+    what is already projected, so admission against it never runs out mid-stream.
+    """
+    ends = {0} | {left for slab in slabs for _, left in slab}
+    peak = 0
+    for t in ends:
+        total = 0
+        for slab in slabs:
+            alive = [(cached, left) for cached, left in slab if left >= t]
+            if alive:
+                width = max(cached for cached, _ in alive) + t
+                total += len(alive) * (width + _spare(max(left for _, left in alive) - t))
+        peak = max(peak, total)
+    return peak
 
 
 def _prefilled(cache: Cache, index: int, attr: str) -> torch.Tensor:

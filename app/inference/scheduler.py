@@ -2,10 +2,12 @@
 
 Continuous batching: between two decode steps the thread takes in messages (`messages.py`:
 new requests, finished adapter loads, preloads, deletions), prefills the requests that can
-start (their adapter is resident, the batch has room), and appends them to the running
-batch; rows leave as soon as they finish. Each decode step is one forward pass over all
-running rows, whatever adapter each uses (`lora.Plan`), over one KV cache (`kv.BatchKV`).
-A request whose adapter is still loading waits without holding up the others.
+start (their adapter is resident, the batch has room, the KV budget holds what they can
+reach: `kv_budget.py`), and appends them to the running batch; rows leave as soon as they
+finish. The running rows live in one or more KV slabs (`kv.BatchKV`), rows of close lengths
+together (`padding.py`); each decode step is one forward pass per slab over its rows,
+whatever adapter each uses (`lora.Plan`). A request whose adapter is still loading, or that
+the KV budget cannot take yet, waits without holding up the others.
 
 Everything here runs on the scheduler thread, except `submit`, `preload`, `unload` and
 `stop`, which only enqueue a message, and `load_info`, which reads copies.
@@ -19,7 +21,6 @@ import queue
 import threading
 from collections import Counter, deque
 from collections.abc import Hashable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,26 +29,18 @@ from app.errors import model_not_found
 from app.inference.deleted import DeletedAdapters
 from app.inference.fairness import OwnerCounters, choose_fairly, share_of
 from app.inference.kv import BatchKV, forward_options
+from app.inference.kv_budget import KvBudget
 from app.inference.lora import LoraState, Plan, linear_shapes, token_shapes
 from app.inference.messages import Loaded, Message, Preload, Stop, Submit, Unload
 from app.inference.pool import AdapterPool
 from app.inference.request import Request
 from app.inference.sampling import choose_tokens, make_generator, token_logprob
+from app.inference.slabs import CellCounts, Row, Slab, horizon, plan_admission, projected_peak
 from app.inference.text import TextTracker
-from app.inference.types import AdapterRef, Delta, Generation, TokenLogprob
+from app.inference.types import AdapterRef, Delta, Generation
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class _Row:
-    request: Request
-    tracker: TextTracker
-    generator: Any
-    last: int = -1  # the token the next decode step feeds
-    produced: int = 0
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    pending: list[TokenLogprob] = field(default_factory=list)  # not yet streamed
+_CACHE_RETRY_SECONDS = 0.05  # idle, held back by cache another scheduler of the base holds
 
 
 class _Stop(Exception):
@@ -67,9 +60,14 @@ class BaseScheduler:
         batch_share: float = 1.0,
         deleted: DeletedAdapters | None = None,
         nice: int = 0,
+        kv_budget: KvBudget | None = None,
+        kv_fraction: float = 0.5,
+        group_by_length: bool = True,
     ) -> None:
         """`deleted`: the engine's record of deleted adapters (a fresh one if not given).
-        `nice`: the OS niceness of this scheduler's thread (`run_nicer`)."""
+        `nice`: the OS niceness of this scheduler's thread (`run_nicer`). `kv_budget`: one
+        shared with the base's other schedulers, else `kv_fraction` of the free memory.
+        `group_by_length=False`: one KV slab for every row (the benchmark's old layout)."""
         self.name, self.model, self.tokenizer, self.eos_ids = name, model, tokenizer, eos_ids
         self.nice = nice
         self.max_batch = max_batch
@@ -91,15 +89,20 @@ class BaseScheduler:
             deleted=deleted if deleted is not None else DeletedAdapters(),
         )
         config = getattr(model.config, "text_config", None) or model.config
-        self.kv = BatchKV(config.num_hidden_layers, self.device)
+        self.num_layers = config.num_hidden_layers
+        self.budget = kv_budget if kv_budget is not None else KvBudget.measure(model, kv_fraction)
+        self.group_by_length = group_by_length
         self.waiting: deque[Request] = deque()
-        self.rows: list[_Row] = []
+        self.slabs: list[Slab] = []
+        self._held_back: list[Request] = []  # chosen by fairness, waiting for KV cache
         self._preloads: dict[str, list[threading.Event]] = {}  # id -> preload() callers
         self.steps = 0  # decode steps
         self.mixed_steps = 0  # decode steps whose rows span more than one model
         self.peak_batch = 0
         self.per_owner = OwnerCounters()  # the same, per organization: what a tenant sees
-        self._plan: Plan | None = None
+        self.forwards = 0  # decode forwards (one per slab per step)
+        # summed over decode steps: cells allocated (spare included), padded width, real
+        self.cells = CellCounts()
         self._cache_arg, self._extra = forward_options(model)
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._thread.start()
@@ -126,23 +129,44 @@ class BaseScheduler:
         self._thread.join(timeout=30)
         self.pool.close()
 
+    @property
+    def rows(self) -> list[Row]:
+        """Every running row, slab by slab (a new list: the scheduler moves them)."""
+        return [row for slab in list(self.slabs) for row in list(slab.rows)]
+
     def load_info(self, owner: Hashable = None, *, everyone: bool = True) -> dict[str, Any]:
         """Batch state; `everyone=False`: `owner`'s running and waiting requests only."""
-        running = [row.request for row in list(self.rows)]  # copies: the scheduler moves them
-        waiting = list(self.waiting)
+        running = self.rows  # copies: the scheduler moves them
+        waiting, held_back = list(self.waiting), list(self._held_back)
         counters = (
             {"steps": self.steps, "mixed_steps": self.mixed_steps, "peak_batch": self.peak_batch}
             if everyone
             else self.per_owner[owner]
         )
+        mine = [row for row in running if everyone or row.request.owner == owner]
+        cache = {
+            **self.budget.describe(),
+            "cached_tokens": sum(row.cached for row in mine),
+            "reserved_tokens": sum(
+                len(row.request.input_ids) + row.request.sampling.max_tokens for row in mine
+            ),
+            "waiting_for_cache": sum(everyone or r.owner == owner for r in held_back),
+        }
+        if everyone:  # the whole engine's figures: never shown to a tenant
+            cache |= {
+                "held_tokens": self.budget.held(),
+                "forwards": self.forwards,
+                **self.cells.as_dict(),
+            }
         return {
             "name": self.name,
-            "running": sum(everyone or r.owner == owner for r in running),
+            "running": sum(everyone or r.request.owner == owner for r in running),
             "waiting": sum(everyone or r.owner == owner for r in waiting),
             **counters,
             "max_batch_size": self.max_batch,
             "max_loaded_adapters": self.pool.capacity,
             "loaded": self.pool.lru_order(),
+            "kv_cache": cache,
         }
 
     # -- the loop --------------------------------------------------------------------
@@ -150,28 +174,33 @@ class BaseScheduler:
         run_nicer(self.nice)
         while True:
             try:
-                self._drain(block=not self.rows and not self._startable())
+                idle = not self.slabs
+                self._drain(
+                    block=idle and (bool(self._held_back) or not self._startable()),
+                    timeout=_CACHE_RETRY_SECONDS if self._held_back else None,
+                )
                 self._admit()
-                if self.rows:
+                if self.slabs:
                     self._step()
                 self._trim()
             except _Stop:
+                self.budget.hold(self, 0)
                 return
             except Exception as exc:  # never let the thread die: fail what was running
                 logger.exception("inference step failed on %s", self.name)
                 for row in self.rows:
                     row.request.put(exc)
-                self.rows, self._plan = [], None
-                self.kv.keep([])
+                self.slabs = []
+                self.budget.hold(self, 0)
 
     def _startable(self) -> bool:
         return len(self.rows) < self.max_batch and any(
             r.adapter is None or self.pool.ready(r.adapter) for r in self.waiting
         )
 
-    def _drain(self, *, block: bool) -> None:
+    def _drain(self, *, block: bool, timeout: float | None = None) -> None:
         try:
-            message = self.inbox.get() if block else self.inbox.get_nowait()
+            message = self.inbox.get(timeout=timeout) if block else self.inbox.get_nowait()
             while True:
                 self._handle(message)
                 message = self.inbox.get_nowait()
@@ -235,21 +264,36 @@ class BaseScheduler:
     # -- admission: prefill new requests, then join the batch --------------------------
     def _admit(self) -> None:
         # Organizations take turns into the batch's room, none past its share (fairness.py).
-        chosen, self._last_owner = choose_fairly(
+        rows = self.rows
+        chosen, last_owner = choose_fairly(
             self._startable_by_owner(),
-            Counter(row.request.owner for row in self.rows),
-            room=self.max_batch - len(self.rows),
+            Counter(row.request.owner for row in rows),
+            room=self.max_batch - len(rows),
             per_owner=self.rows_per_owner,
             last_owner=self._last_owner,
         )
-        for request in chosen:
+        # In that order, while the KV budget holds them; the first that does not fit keeps
+        # its turn (and those after it theirs) until rows end and free cache.
+        planned = plan_admission(
+            self.slabs,
+            chosen,
+            room=self.budget.room_for(self),
+            by_length=self.group_by_length,
+            new_slab=lambda: Slab(BatchKV(self.num_layers, self.device)),
+        )
+        self._held_back = chosen[len(planned) :]
+        if not planned:
+            return
+        self._last_owner = last_owner if not self._held_back else planned[-1][0].owner
+        slab_of = {id(request): slab for request, slab in planned}
+        for request, _ in planned:
             self.waiting.remove(request)
         # Same-length prompts prefill together: one forward, no padding, so every row is
         # computed exactly as it would be alone.
         by_length: dict[int, list[Request]] = {}
-        for request in chosen:
+        for request, _ in planned:
             by_length.setdefault(len(request.input_ids), []).append(request)
-        joined, caches = [], []
+        joining: dict[int, tuple[Slab, list[Row], list[tuple[Any, int]]]] = {}
         for group in by_length.values():
             try:
                 live, cache = self._prefill(group)
@@ -259,16 +303,27 @@ class BaseScheduler:
                     request.put(exc)
                 continue
             for index, row in live:
+                slab = slab_of[id(row.request)]
+                _, joined, caches = joining.setdefault(id(slab), (slab, [], []))
                 joined.append(row)
                 caches.append((cache, index))
-        if caches:
+        pending = list(joining.values())
+        for index, (slab, joined, caches) in enumerate(pending):
             try:
-                self.kv.join(caches)
-            except Exception as exc:  # e.g. out of memory: these rows never started
-                for row in joined:
-                    row.request.put(exc)
+                slab.kv.join(caches, horizon(slab.rows + joined))
+            except Exception as exc:  # e.g. out of memory: these rows and those after never start
+                for _, never, _ in pending[index:]:
+                    for row in never:
+                        row.request.put(exc)
                 raise
-            self.rows.extend(joined)
+            slab.rows.extend(joined)
+            if slab not in self.slabs:
+                self.slabs.append(slab)
+        self._hold()
+
+    def _hold(self) -> None:
+        """Tell the budget the most cache this scheduler's running rows can reach."""
+        self.budget.hold(self, projected_peak(self.slabs))
 
     def _startable_by_owner(self) -> dict[Hashable, deque[Request]]:
         """Waiting requests that can start now, per owner, in arrival order."""
@@ -282,7 +337,7 @@ class BaseScheduler:
                 self.pool.load(request.adapter)
         return ready
 
-    def _prefill(self, group: list[Request]) -> tuple[list[tuple[int, _Row]], Any]:
+    def _prefill(self, group: list[Request]) -> tuple[list[tuple[int, Row]], Any]:
         """Prefill same-length prompts; (index in the group, row) of those not yet done."""
         for request in group:
             if request.adapter is not None:
@@ -292,7 +347,7 @@ class BaseScheduler:
         with torch.inference_mode():
             out = self.model(input_ids=ids, use_cache=True, **self._extra)
         rows = [
-            _Row(
+            Row(
                 request,
                 TextTracker(self.tokenizer, request.sampling.stop, self.eos_ids),
                 None
@@ -312,37 +367,49 @@ class BaseScheduler:
 
     # -- one decode step over the whole batch -------------------------------------------
     def _step(self) -> None:
-        keys = tuple(row.request.key for row in self.rows)
-        if self._plan is None or self._plan.row_keys != keys:
-            self._plan = Plan(keys)
+        rows = self.rows
+        keys = [row.request.key for row in rows]
         self.peak_batch = max(self.peak_batch, len(keys))
         self.mixed_steps += len(set(keys)) > 1
-        self.per_owner.record((row.request.owner, row.request.key) for row in self.rows)
-        self.state.plan = self._plan
-        ids = torch.tensor([[row.last] for row in self.rows], dtype=torch.long, device=self.device)
+        self.per_owner.record((row.request.owner, row.request.key) for row in rows)
+        self.cells.count(self.slabs)
+        for slab in list(self.slabs):
+            self._step_slab(slab)
+        self.slabs = [slab for slab in self.slabs if slab.rows]
+        self.steps += 1
+        if len(self.rows) != len(rows):  # rows that run as projected keep the same peak
+            self._hold()
+
+    def _step_slab(self, slab: Slab) -> None:
+        rows, kv = slab.rows, slab.kv
+        keys = tuple(row.request.key for row in rows)
+        if slab.plan is None or slab.plan.row_keys != keys:
+            slab.plan = Plan(keys)
+        self.state.plan = slab.plan
+        ids = torch.tensor([[row.last] for row in rows], dtype=torch.long, device=self.device)
         with torch.inference_mode():
             out = self.model(
                 input_ids=ids,
-                attention_mask=self.kv.attention_mask(),
-                position_ids=self.kv.positions(),
+                attention_mask=kv.attention_mask(),
+                position_ids=kv.positions(),
                 use_cache=True,
-                **{self._cache_arg: self.kv.cache},
+                **{self._cache_arg: kv.cache},
                 **self._extra,
             )
-        self.kv.advance()
-        self.steps += 1
+        kv.advance(horizon(rows) - 1)  # each row is about to produce one more token
+        self.forwards += 1
         logits = out.logits[:, -1]
-        tokens = choose_tokens(logits, [(row.request.sampling, row.generator) for row in self.rows])
+        tokens = choose_tokens(logits, [(row.request.sampling, row.generator) for row in rows])
         keep = [
             index
-            for index, (row, token) in enumerate(zip(self.rows, tokens, strict=True))
+            for index, (row, token) in enumerate(zip(rows, tokens, strict=True))
             if not row.request.cancelled and not self._advance(row, token, logits[index])
         ]
-        if len(keep) != len(self.rows):
-            self.kv.keep(keep)
-            self.rows = [self.rows[index] for index in keep]
+        if len(keep) != len(rows):
+            slab.rows = [rows[index] for index in keep]
+            kv.keep(keep, horizon(slab.rows))
 
-    def _advance(self, row: _Row, token: int, logits: torch.Tensor) -> bool:
+    def _advance(self, row: Row, token: int, logits: torch.Tensor) -> bool:
         """Record one generated token for `row`; stream what became visible. True = done."""
         request, tracker = row.request, row.tracker
         row.produced += 1
@@ -364,7 +431,7 @@ class BaseScheduler:
             self._complete(row)
         return done
 
-    def _complete(self, row: _Row) -> None:
+    def _complete(self, row: Row) -> None:
         request = row.request
         prompt = len(request.input_ids)
         if request.adapter is not None:

@@ -199,6 +199,39 @@ class EngineAdapter(BaseModel):
     last_load_seconds: float | None
 
 
+class EngineKvCache(BaseModel):
+    """The base model's KV cache budget (the same for everyone) and the caller's own use."""
+
+    budget_tokens: int  # cache cells (one token, every layer) the budget holds
+    budget_bytes: int
+    bytes_per_token: int  # 2 x layers x KV heads x head dim x dtype bytes
+    fraction: float  # LORAFORGE_KV_CACHE_FRACTION
+    cached_tokens: int  # the caller's running requests: tokens cached now
+    reserved_tokens: int  # the caller's running requests: prompt + max_tokens each
+    waiting_for_cache: int  # the caller's requests whose turn came, waiting for cache
+
+
+class EngineCacheTotals(EngineKvCache):
+    """Admin only (GET /v1/admin/engine/cache): one base model's figures over every
+    organization; the per-use fields above count every organization's requests here."""
+
+    name: str
+    running: int
+    waiting: int
+    steps: int  # decode steps
+    forwards: int  # decode forwards: one per KV slab per step
+    held_tokens: int  # what the running rows can reach together (the budget admits by it)
+    allocated: int  # cells allocated, summed over decode steps (spare columns included)
+    padded: int  # cells of the slabs' padded width, summed over decode steps
+    real: int  # tokens really cached, summed over decode steps
+    peak_allocated: int  # the most cells allocated at one step
+
+
+class EngineCacheList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EngineCacheTotals]
+
+
 class EngineBaseModel(BaseModel):
     name: str
     running: int
@@ -209,6 +242,7 @@ class EngineBaseModel(BaseModel):
     max_batch_size: int
     max_loaded_adapters: int
     loaded: list[str]  # the caller's resident adapters, least recently used first
+    kv_cache: EngineKvCache
 
 
 class EngineAdapters(BaseModel):

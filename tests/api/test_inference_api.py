@@ -13,9 +13,11 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
+from app import tenancy  # noqa: E402
 from app.db.session import session_scope  # noqa: E402
 from app.errors import ServiceUnavailable  # noqa: E402
 from app.inference import engine as engine_module  # noqa: E402
+from app.inference import kv_budget  # noqa: E402
 from app.inference.scheduler import BaseScheduler  # noqa: E402
 from app.registry import service as registry  # noqa: E402
 from app.storage import ArtifactStore  # noqa: E402
@@ -276,3 +278,46 @@ def test_a_refused_adapter_is_named_without_the_server_path(client, settings, ad
         message = response.json()["error"]["message"]
         assert adapter in message and str(settings.data_dir) not in message, message
         assert "/artifacts/" not in message, message
+
+
+def test_the_kv_cache_view_shows_the_budget_and_only_the_callers_use(
+    client, other_client, settings, monkeypatch
+):
+    """Issue 15: the budget and what waits for it are visible; issue 14: only one's own."""
+    monkeypatch.setattr(engine_module, "eos_token_ids", lambda *_: frozenset())  # no early end
+    monkeypatch.setattr(kv_budget, "free_bytes", lambda _device: 1_000_000)
+    assert complete(client, model="tiny", max_tokens=1).status_code == 200  # the engine runs
+    too_big = complete(client, model="tiny", max_tokens=600)  # more than the whole budget
+    assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "max_tokens"
+    assert "max_tokens 600" in too_big.json()["error"]["message"]
+    with session_scope(settings.sqlalchemy_url) as session:
+        acme = tenancy.get_or_create_organization(session, name="acme").id
+    engine = client.app.state.engine
+    held = [
+        engine.submit(base_model="tiny", adapter=None, prompt=PROMPT, max_tokens=400, owner=acme)
+        for _ in range(2)  # each fits alone, not both: the second waits for cache
+    ]
+    try:
+        next(held[0].deltas())
+        for _ in range(200):  # bounded: until the first runs and the second is held back
+            mine = client.get("/v1/engine/adapters").json()["base_models"][0]["kv_cache"]
+            if mine["waiting_for_cache"] == 1 and mine["cached_tokens"] > 0:
+                break
+        theirs = other_client.get("/v1/engine/adapters").json()["base_models"][0]
+    finally:
+        for request in held:
+            request.cancel()
+    assert mine["waiting_for_cache"] == 1, mine
+    assert (
+        mine["budget_tokens"]
+        == int(1_000_000 * settings.kv_cache_fraction) // mine["bytes_per_token"]
+    )
+    assert mine["cached_tokens"] > 0 and mine["reserved_tokens"] == len(PROMPT) + 400, mine
+    budget = ("budget_tokens", "budget_bytes", "bytes_per_token", "fraction")
+    assert theirs["kv_cache"] == {
+        **{key: mine[key] for key in budget},  # the budget, but nothing of acme's load
+        "cached_tokens": 0,
+        "reserved_tokens": 0,
+        "waiting_for_cache": 0,
+    }
+    assert (theirs["running"], theirs["waiting"]) == (0, 0)

@@ -1,10 +1,11 @@
-"""Admin API: API keys of every organization, behind the admin key (LORAFORGE_ADMIN_KEY)."""
+"""Admin API, behind the admin key (LORAFORGE_ADMIN_KEY): API keys of every organization,
+and the inference engine's KV cache across organizations (a tenant sees only its own)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel
 
 from app import tenancy
@@ -12,6 +13,7 @@ from app.api.deps import AdminDep, ReadSessionDep, SessionDep
 from app.api.views import api_key_view
 from app.db.session import commit
 from app.schemas.common import Id, ListPage
+from app.schemas.inference import EngineCacheList, EngineCacheTotals
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[AdminDep])
 OrgName = Annotated[str, Path(pattern=tenancy.ORG_NAME.pattern)]
@@ -50,3 +52,23 @@ def list_keys(
 def revoke_key(key_id: Annotated[Id, Path(max_length=64)], session: SessionDep) -> ApiKeyRead:
     key = tenancy.revoke_key(session, key_id=key_id)
     return ApiKeyRead(**api_key_view(key, tenancy.organization_name(session, key)))
+
+
+@router.get("/engine/cache", response_model=EngineCacheList)
+def engine_cache(request: Request) -> EngineCacheList:
+    """Per base model: the KV budget, every organization's use of it, and the padding
+    counters. Never starts the engine."""
+    engine = getattr(request.app.state, "engine", None)
+    bases = [] if engine is None else engine.stats()["base_models"]
+    return EngineCacheList(
+        data=[
+            EngineCacheTotals(
+                name=base["name"],
+                running=base["running"],
+                waiting=base["waiting"],
+                steps=base["steps"],
+                **base["kv_cache"],
+            )
+            for base in bases
+        ]
+    )

@@ -1,7 +1,9 @@
 """GET /v1/engine/adapters: what this API process's inference engine holds, and its counters.
 
 Shows only the caller's organization's adapters (hits, misses, last use, requests and
-tokens, resident or not) and, per base model, the batch state. Never starts the engine.
+tokens, resident or not) and, per base model, the batch state and the KV cache: the budget
+(the same for everyone) and the caller's own running, reserved and waiting requests, never
+another organization's. Never starts the engine.
 """
 
 from __future__ import annotations
