@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from app.errors import adapter_weights_changed
-from app.ml.adapters import ADAPTER_WEIGHTS
+from app.ml.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from app.storage import ArtifactCorrupt, ArtifactMissing, ArtifactStore, LocalStore
 
 INCOMING = ".incoming"  # downloads in progress; renamed into place once complete
@@ -54,7 +54,8 @@ class AdapterCache:
             weights = manifest.files.get(ADAPTER_WEIGHTS) if manifest else None
             if weights is None or weights.sha256 != address:
                 raise ArtifactCorrupt(f"{key} does not hold the weights recorded for it")
-            self.store.local_dir(key, tmp / "files")
+            # a checkpoint's resume state (optimizer, RNG) is never served: not fetched
+            self.store.local_dir(key, tmp / "files", names=(ADAPTER_CONFIG, ADAPTER_WEIGHTS))
             try:
                 os.rename(tmp / "files", entry)
             except OSError:  # another thread or process fetched it first: same content

@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,15 +120,18 @@ class ArtifactStore(ABC):
             raise
         return dest
 
-    def local_dir(self, key: str, into: Path) -> Path:
+    def local_dir(self, key: str, into: Path, names: Collection[str] | None = None) -> Path:
         """A local folder holding the published directory `key`: only the files its
-        manifest names, each checked against its sha256 on the way (`ArtifactCorrupt`),
-        downloaded into `into` (`ArtifactMissing` when it is not published)."""
+        manifest names (of those, only `names` when given), each checked against its sha256
+        on the way (`ArtifactCorrupt`), downloaded into `into` (`ArtifactMissing` when it
+        is not published)."""
         manifest = self.manifest(key)
         if manifest is None:
             raise ArtifactMissing(f"{key} is not published")
         into.mkdir(parents=True, exist_ok=True)
         for name, entry in manifest.files.items():
+            if names is not None and name not in names:
+                continue
             with self.open(f"{key}/{name}") as src:
                 copy_checked(src, into / name, entry, what=f"{key}/{name}")
         return into

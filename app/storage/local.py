@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -88,7 +88,7 @@ class LocalStore(ArtifactStore):
             raise ArtifactMissing(f"{key} is not stored")
         return self.path(key)  # renamed into place whole: no copy needed
 
-    def local_dir(self, key: str, into: Path) -> Path:
+    def local_dir(self, key: str, into: Path, names: Collection[str] | None = None) -> Path:
         path = self.path(key)
         if not path.is_dir():
             raise ArtifactMissing(f"{key} is not published")

@@ -51,9 +51,13 @@ class S3Store(ArtifactStore):
     def _path(self, key: str) -> str:
         return f"{self.base}/{check_key(key)}"
 
+    def put(self, local: Path, path: str) -> None:
+        """Upload one file: past two parts of CHUNK bytes it goes multipart, read a part at
+        a time (never the whole file in memory); the object appears once complete."""
+        self.fs.put_file(str(local), path, chunksize=CHUNK)
+
     def publish_file(self, src: Path, key: str) -> None:
-        # Parts of CHUNK bytes: a file past two parts goes multipart, read a part at a time.
-        self.fs.put_file(str(src), self._path(key), chunksize=CHUNK)
+        self.put(src, self._path(key))
         src.unlink(missing_ok=True)
 
     def publish_dir(self, src: Path, key: str) -> Manifest:
@@ -62,7 +66,7 @@ class S3Store(ArtifactStore):
         files = {}
         for item in sorted(p for p in src.iterdir() if p.is_file()):
             files[item.name] = FileEntry(item.stat().st_size, file_sha256(item))
-            self.fs.put_file(str(item), f"{self._path(key)}/{item.name}", chunksize=CHUNK)
+            self.put(item, f"{self._path(key)}/{item.name}")
         manifest = Manifest(files)
         self.fs.pipe_file(f"{self._path(key)}/{Manifest.NAME}", manifest.to_bytes())
         return manifest

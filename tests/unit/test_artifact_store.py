@@ -200,3 +200,40 @@ def test_the_manifest_round_trips() -> None:
         b'{"format": 1, "files": {"a": {"size": 3, "sha256": "%s"}}}' % sha(b"abc").encode()
     )
     assert Manifest.from_bytes(manifest.to_bytes()) == manifest
+
+
+def test_the_cache_fetches_only_the_adapter_of_a_checkpoint(s3_storage_url, tmp_path) -> None:
+    store = S3Store(s3_storage_url, scratch=tmp_path / "scratch")
+    src = adapter_dir(tmp_path / "out", b"w")
+    (src / "optimizer.pt").write_bytes(b"o" * 4000)
+    store.publish_dir(src, "checkpoints/ftjob-1/step-4")
+    cache = AdapterCache(store, tmp_path / "cache", max_bytes=1 << 20)
+    folder = cache.folder(model_id="ft:c", key="checkpoints/ftjob-1/step-4", sha256=sha(b"w"))
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+
+
+def test_the_sweep_removes_what_a_crash_left_in_the_object_store(
+    settings, s3_storage_url, tmp_path, monkeypatch
+) -> None:
+    from app.jobs.leftovers import remove_dead_attempts_leftovers
+
+    on_s3 = settings.model_copy(update={"storage_url": s3_storage_url})
+    store = open_store(on_s3)
+    store.publish_dir(adapter_dir(tmp_path / "kept", b"k"), "checkpoints/ftjob-7/step-4")
+    for key in ("checkpoints/ftjob-7/step-8", "adapters/ftjob-7"):
+        with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
+            crash_after(store, patched, uploads=1)
+            store.publish_dir(adapter_dir(tmp_path / "half", b"h"), key)
+    before = time.time() + 1
+    removed = remove_dead_attempts_leftovers(on_s3, ["ftjob-7"], older_than=before)
+    # no row records step-4 either (this test has no job): every unrecorded entry goes
+    assert sorted(removed) == [
+        "adapters/ftjob-7",
+        "checkpoints/ftjob-7/step-4",
+        "checkpoints/ftjob-7/step-8",
+    ]
+    assert store.entries("checkpoints/ftjob-7") == store.entries("adapters/ftjob-7") == []
+    assert remove_dead_attempts_leftovers(on_s3, ["ftjob-7"], older_than=before) == []
