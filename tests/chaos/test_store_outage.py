@@ -29,6 +29,7 @@ def test_an_object_store_outage_mid_training_loses_no_job(make_stack, s3_server)
     file_id = stack.upload(chat_rows(16))
     [job_id] = stack.submit(file_id, 1, **JOB)
     wait_until(lambda: stack.last_step(job_id) >= 6, 120, "step 6", stack.logs)
+    paused_at = stack.last_step(job_id)
     s3_server.pause()
     try:
         time.sleep(OUTAGE_SECONDS)
@@ -39,7 +40,7 @@ def test_an_object_store_outage_mid_training_loses_no_job(make_stack, s3_server)
     jobs = stack.wait_terminal([job_id], 240)
     saved = [e for e in stack.journal("save_end") if e["job"] == job_id]
     print(
-        f"\nstore outage {OUTAGE_SECONDS}s at step {stack.last_step(job_id)}: checkpoints "
+        f"\nstore outage {OUTAGE_SECONDS}s from step {paused_at}: checkpoints "
         f"recorded during it {during}; job {jobs[job_id].status} after attempt "
         f"{jobs[job_id].attempt}; first checkpoint published {saved[0]['t'] - back:+.1f}s "
         "after the store came back"
