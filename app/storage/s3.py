@@ -73,7 +73,9 @@ class S3Store(ArtifactStore):
 
     def delete(self, key: str) -> None:
         path = self._path(key)
-        self.fs.rm(f"{path}/{Manifest.NAME}") if self._is_file(f"{path}/{Manifest.NAME}") else None
+        manifest = f"{path}/{Manifest.NAME}"
+        if self._is_file(manifest):  # first: from here on no reader trusts the rest
+            self.fs.rm(manifest)
         found = self.fs.find(path)  # a file itself, or everything under the prefix
         if found:
             self.fs.rm(found)
