@@ -11,15 +11,23 @@ from __future__ import annotations
 import time
 
 import pytest
+from sqlalchemy import select
 
+from app.db.models import Checkpoint
+from app.db.session import session_scope
 from tests.chaos.harness import wait_until
-from tests.chaos.test_worker_kills import recorded_steps
 from tests.factories import chat_rows
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.postgres]
 
 OUTAGE_SECONDS = 20
 JOB = {"n_epochs": 2, "batch_size": 2}  # 16 examples: 16 steps, checkpoints at 8 and 16
+
+
+def recorded_steps(stack, job_id: str) -> list[int]:
+    with session_scope(stack.db_url) as session:
+        query = select(Checkpoint.step_number).where(Checkpoint.job_id == job_id)
+        return sorted(session.scalars(query))
 
 
 @pytest.mark.parametrize("storage_env", ["s3"], indirect=True)
