@@ -237,3 +237,19 @@ def test_the_sweep_removes_what_a_crash_left_in_the_object_store(
     ]
     assert store.entries("checkpoints/ftjob-7") == store.entries("adapters/ftjob-7") == []
     assert remove_dead_attempts_leftovers(on_s3, ["ftjob-7"], older_than=before) == []
+
+
+def test_a_large_file_goes_up_in_parts_and_comes_back_whole(
+    s3_storage_url, tmp_path, monkeypatch
+) -> None:
+    from app.storage import s3
+
+    monkeypatch.setattr(s3, "CHUNK", 5 << 20)  # S3's smallest part, to keep the test small
+    store = S3Store(s3_storage_url, scratch=tmp_path / "scratch")
+    blob = os.urandom(1 << 20) * 11  # 11 MiB: three parts
+    (tmp_path / "big").write_bytes(blob)
+    store.publish_file(tmp_path / "big", "datasets/file-big.jsonl")
+    etag = store.fs.info(f"{store.base}/datasets/file-big.jsonl")["ETag"]
+    assert etag.strip('"').endswith("-3")  # a multipart upload's ETag counts its parts
+    (tmp_path / "back").mkdir()
+    assert store.local_file("datasets/file-big.jsonl", tmp_path / "back").read_bytes() == blob
