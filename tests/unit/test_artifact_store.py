@@ -12,7 +12,14 @@ import pytest
 
 from app.errors import IntegrityFailure
 from app.inference.adapter_cache import AdapterCache
-from app.storage import ArtifactCorrupt, ArtifactMissing, LocalStore, Manifest, open_store
+from app.storage import (
+    ArtifactCorrupt,
+    ArtifactMissing,
+    LocalStore,
+    Manifest,
+    file_sha256,
+    open_store,
+)
 from app.storage.s3 import S3Store
 
 
@@ -253,3 +260,24 @@ def test_a_large_file_goes_up_in_parts_and_comes_back_whole(
     assert etag.strip('"').endswith("-3")  # a multipart upload's ETag counts its parts
     (tmp_path / "back").mkdir()
     assert store.local_file("datasets/file-big.jsonl", tmp_path / "back").read_bytes() == blob
+
+
+def test_preloaded_adapters_come_from_this_hosts_cache(
+    settings, tiny_model_dir, s3_storage_url
+) -> None:
+    from app.inference.preload import preload_adapters
+    from tests.factories import publish_adapter
+
+    on_s3 = settings.model_copy(update={"storage_url": s3_storage_url})
+    adapter = publish_adapter(on_s3, tiny_model_dir, org="acme", suffix="pre", seed=1)
+    preloaded = {}
+
+    class Engine:  # records what it is handed; the real load is the pool's
+        def preload(self, base_model, refs):
+            preloaded[base_model] = refs
+
+    wanted = on_s3.model_copy(update={"preload_adapters": [adapter, "ft:unknown"]})
+    assert preload_adapters(Engine(), wanted) == [adapter]
+    [ref] = preloaded["tiny"]
+    assert ref.path.parent == settings.data_dir / "adapter-cache"
+    assert file_sha256(ref.path / "adapter_model.safetensors") == ref.sha256
