@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=default_data_dir)
     database_url: str | None = None  # None: SQLite in the data dir
     broker_url: str | None = None  # None: Celery's filesystem broker in the data dir
+    # Where artifacts live: None (the data dir's artifacts/), file:///abs/path, or
+    # s3://bucket/optional/prefix (endpoint and credentials the standard AWS way).
+    storage_url: str | None = None
+    # Bytes of adapter files an inference process keeps on local disk (object-store backend).
+    adapter_cache_bytes: int = Field(default=10 << 30, ge=0)
     # "name=path-or-hub-id,…": the only base models a job or a request may name.
     base_models: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     max_upload_bytes: int = 100 * 1024 * 1024  # one uploaded file; 413 past it
@@ -90,6 +95,19 @@ class Settings(BaseSettings):
     # OS niceness of the inference scheduler threads: control routes and admission run first
     inference_thread_nice: int = Field(default=10, ge=0, le=19)
     stream_key_check_seconds: float = 5.0  # a revoked key ends its open streams this fast
+
+    @field_validator("storage_url", mode="after")
+    @classmethod
+    def _check_storage_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if value.startswith("s3://") and len(value) > len("s3://"):
+            return value
+        if value.startswith("file:///"):
+            return value
+        raise ValueError(
+            f"LORAFORGE_STORAGE_URL must be file:///abs/path or s3://bucket[/prefix]; got {value!r}"
+        )
 
     @field_validator("data_dir", mode="after")
     @classmethod

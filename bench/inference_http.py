@@ -38,7 +38,7 @@ from app.inference import Generation, InferenceEngine
 from app.main import create_app
 from app.ml.loading import load_base_model, load_tokenizer
 from app.registry import service as registry
-from app.storage import ArtifactStore
+from app.storage import LocalStore
 from bench.inference_common import build_adapters, build_base, median
 from tests.e2e.stack import free_port
 
@@ -102,7 +102,7 @@ class NaiveEngine:
 
 def publish(settings: Settings, refs: list) -> tuple[str, list[str]]:
     """Register the adapters (copied into the store) for one organization; key and ids."""
-    store = ArtifactStore(settings.artifacts_dir)
+    store = LocalStore(settings.artifacts_dir)
     ids = []
     with session_scope(settings.sqlalchemy_url) as session:
         org = tenancy.get_or_create_organization(session, name="bench")

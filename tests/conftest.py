@@ -101,3 +101,21 @@ def backend(request, tmp_path, tiny_model_dir):
     settings = make_settings(tmp_path / "data", tiny_model_dir, database_url=url)
     migrate.upgrade(settings)
     return settings
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3 protocol server (moto) on loopback, for this test session."""
+    from tests.e2e.stack import free_port
+    from tests.object_store import moto_server
+
+    with moto_server(free_port(), tmp_path_factory.mktemp("moto") / "moto.log") as server:
+        yield server
+
+
+@pytest.fixture
+def s3_storage_url(s3_server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An empty prefix on the S3 server, with this process's AWS settings pointing there."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    return s3_server.storage_url()

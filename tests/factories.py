@@ -30,7 +30,7 @@ from app.ml.adapters import save_adapter
 from app.ml.loading import load_base_model
 from app.registry import service as registry
 from app.schemas.jobs import JobCreate
-from app.storage import ArtifactStore
+from app.storage import ArtifactStore, open_store
 
 PROMPT = "The quick brown fox"  # what `complete` sends unless told otherwise
 
@@ -111,7 +111,7 @@ def submit(settings, *, rows=None, org="acme", model="tiny", **hyperparameters) 
     Small, fast hyperparameters unless given; nothing is enqueued (the test runs the job).
     """
     hp = {"n_epochs": 2, "batch_size": 3, "learning_rate": 1e-3, "packing": False}
-    store = ArtifactStore(settings.artifacts_dir)
+    store = open_store(settings)
     with session_scope(settings.sqlalchemy_url) as session:
         organization = tenancy.get_or_create_organization(session, name=org)
         content = jsonl(rows or chat_rows(6))
@@ -171,7 +171,7 @@ def publish_adapter(
 ) -> str:
     """Write a random-B LoRA for the tiny base into the store and register it; its id."""
     model = random_lora(model_dir, seed=seed, rank=rank)
-    store = ArtifactStore(settings.artifacts_dir)
+    store = open_store(settings)
     with session_scope(settings.sqlalchemy_url) as session:
         organization = tenancy.get_or_create_organization(session, name=org)
         job = Job(

@@ -27,7 +27,7 @@ from app.jobs.spec import RunSpec, SupervisedHyperparameters
 from app.ml.adapters import ADAPTER_WEIGHTS
 from app.model_config import context_of
 from app.statuses import AdapterStatus, CheckpointStatus
-from app.storage import ArtifactStore, file_sha256
+from app.storage import ArtifactCorrupt, ArtifactMissing, ArtifactStore, file_sha256
 from worker.progress import Progress
 
 TARGET_MODULES_PARAM = "hyperparameters.lora_target_modules"
@@ -42,7 +42,9 @@ class JobInputs:
     training_path: Path
     validation_path: Path | None
     parent_adapter: Path | None  # a verified adapter to continue training
-    checkpoints: list[tuple[Path, str, int]]  # (dir, manifest sha256, step), newest first
+    checkpoints: list[tuple[str, str, int]]  # (key, manifest sha256, step), newest first
+    store: ArtifactStore  # where the checkpoints are fetched from, on resume
+    scratch: Path  # this host's copy of the inputs (under the job's scratch)
 
 
 def trainable_tokens(
@@ -113,13 +115,15 @@ def _failing_the_job() -> Iterator[None]:
 
 
 def resume_point(inputs: JobInputs, progress: Progress) -> Path | None:
-    """The newest checkpoint whose files match their recorded sha256 (None: start over)."""
+    """The newest checkpoint whose files match their recorded sha256 (None: start over),
+    fetched from the store into this host's scratch one at a time, newest first."""
     from worker.training.checkpoint import verify_checkpoint
 
-    for folder, manifest_sha256, step in inputs.checkpoints:
+    for key, manifest_sha256, step in inputs.checkpoints:
         try:
+            folder = inputs.store.local_dir(key, inputs.scratch / f"resume-step-{step}")
             verify_checkpoint(folder, manifest_sha256=manifest_sha256)
-        except CheckpointError as error:
+        except (CheckpointError, ArtifactMissing, ArtifactCorrupt) as error:
             progress.event(f"Skipping checkpoint at step {step}: {error}", level="warn")
             continue
         progress.event(f"Resuming from the checkpoint at step {step}", data={"step": step})
@@ -127,25 +131,14 @@ def resume_point(inputs: JobInputs, progress: Progress) -> Path | None:
     return None
 
 
-def read_inputs(claim: Claim, settings: Settings, store: ArtifactStore) -> JobInputs:
+def read_inputs(claim: Claim, settings: Settings, store: ArtifactStore, scratch: Path) -> JobInputs:
+    """The job's run spec and inputs, the stored ones copied into `scratch` on this host
+    (the local backend hands out its own paths) once the database session is closed."""
     with session_scope(settings.sqlalchemy_url) as session:
         job = session.get_one(Job, claim.job_id)
         spec = RunSpec.of_job(job)
-        ref = settings.base_models.get(spec.base_model)
-        if ref is None:
-            raise JobInputError(
-                f"base model {spec.base_model!r} is no longer in this server's allowlist",
-                code="model_not_available",
-                param="model",
-            )
-        reason = base_models.problem(ref)
-        if reason is not None:  # fail at once, naming why, instead of a hub lookup that retries
-            raise JobInputError(
-                base_models.explain(spec.base_model, ref, reason),
-                code="model_not_available",
-                param="model",
-            )
-        paths = {}
+        ref = _base_model_ref(spec, settings)
+        datasets = {}
         for param, file_id in (
             ("training_file", spec.training_file),
             ("validation_file", spec.validation_file),
@@ -153,30 +146,59 @@ def read_inputs(claim: Claim, settings: Settings, store: ArtifactStore) -> JobIn
             if file_id is None:
                 continue
             row = session.get(File, file_id)
-            if (
-                row is None
-                or row.organization_id != job.organization_id
-                or not store.path(row.storage_key).is_file()
-            ):
-                raise JobInputError(
-                    f"{param} {file_id} was deleted before training started",
-                    code="file_not_found",
-                    param=param,
-                )
-            paths[param] = store.path(row.storage_key)
-        return JobInputs(
-            spec=spec,
-            organization_id=job.organization_id,
-            base_model_ref=ref,
-            training_path=paths["training_file"],
-            validation_path=paths.get("validation_file"),
-            parent_adapter=_parent_adapter(session, job, store),
-            checkpoints=_checkpoints(session, job, store) if claim.attempt > 1 else [],
+            if row is None or row.organization_id != job.organization_id:
+                raise _deleted(param, file_id)
+            datasets[param] = (file_id, row.storage_key)
+        organization_id = job.organization_id
+        parent = _parent_adapter(session, job)
+        checkpoints = _checkpoints(session, job) if claim.attempt > 1 else []
+    paths = {}
+    for param, (file_id, key) in datasets.items():
+        try:
+            paths[param] = store.local_file(key, scratch)
+        except ArtifactMissing:
+            raise _deleted(param, file_id) from None
+    return JobInputs(
+        spec=spec,
+        organization_id=organization_id,
+        base_model_ref=ref,
+        training_path=paths["training_file"],
+        validation_path=paths.get("validation_file"),
+        parent_adapter=_fetch_parent(parent, store, scratch),
+        checkpoints=checkpoints,
+        store=store,
+        scratch=scratch,
+    )
+
+
+def _base_model_ref(spec: RunSpec, settings: Settings) -> str:
+    ref = settings.base_models.get(spec.base_model)
+    if ref is None:
+        raise JobInputError(
+            f"base model {spec.base_model!r} is no longer in this server's allowlist",
+            code="model_not_available",
+            param="model",
         )
+    reason = base_models.problem(ref)
+    if reason is not None:  # fail at once, naming why, instead of a hub lookup that retries
+        raise JobInputError(
+            base_models.explain(spec.base_model, ref, reason),
+            code="model_not_available",
+            param="model",
+        )
+    return ref
 
 
-def _parent_adapter(session: Any, job: Job, store: ArtifactStore) -> Path | None:
-    """The adapter a continued job starts from, checked against its recorded sha256."""
+def _deleted(param: str, file_id: str) -> JobInputError:
+    return JobInputError(
+        f"{param} {file_id} was deleted before training started",
+        code="file_not_found",
+        param=param,
+    )
+
+
+def _parent_adapter(session: Any, job: Job) -> tuple[str, str, str] | None:
+    """(model id, storage key, weights sha256) of the adapter a continued job starts from."""
     if job.parent_model is None:
         return None
     parent = session.get(Adapter, job.parent_model)
@@ -186,17 +208,31 @@ def _parent_adapter(session: Any, job: Job, store: ArtifactStore) -> Path | None
             code="model_not_found",
             param="model",
         )
-    folder = store.path(parent.storage_key)
-    if file_sha256(folder / ADAPTER_WEIGHTS) != parent.sha256:
+    return job.parent_model, parent.storage_key, parent.sha256
+
+
+def _fetch_parent(
+    parent: tuple[str, str, str] | None, store: ArtifactStore, scratch: Path
+) -> Path | None:
+    """The parent adapter in this host's scratch, checked against its recorded sha256."""
+    if parent is None:
+        return None
+    model_id, key, sha256 = parent
+    try:
+        folder = store.local_dir(key, scratch / "parent")
+        intact = file_sha256(folder / ADAPTER_WEIGHTS) == sha256
+    except (ArtifactMissing, ArtifactCorrupt, FileNotFoundError):
+        intact = False
+    if not intact:
         raise JobInputError(
-            f"the stored files of {job.parent_model} do not match their sha256",
+            f"the stored files of {model_id} do not match their sha256",
             code="integrity_error",
             param="model",
         )
     return folder
 
 
-def _checkpoints(session: Any, job: Job, store: ArtifactStore) -> list[tuple[Path, str, int]]:
+def _checkpoints(session: Any, job: Job) -> list[tuple[str, str, int]]:
     rows = session.scalars(
         select(Checkpoint)
         .where(
@@ -206,4 +242,4 @@ def _checkpoints(session: Any, job: Job, store: ArtifactStore) -> list[tuple[Pat
         )
         .order_by(Checkpoint.step_number.desc())
     )
-    return [(store.path(r.storage_key), r.state_sha256, r.step_number) for r in rows]
+    return [(r.storage_key, r.state_sha256, r.step_number) for r in rows]

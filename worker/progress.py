@@ -137,7 +137,7 @@ class Progress:
                 step=report.step,
                 metrics=metrics,
                 storage_key=key,
-                sha256=file_sha256(self.store.path(key) / ADAPTER_WEIGHTS),
+                sha256=file_sha256(report.checkpoint_dir / ADAPTER_WEIGHTS),
                 state_sha256=report.manifest_sha256,
                 keep=self.settings.checkpoint_retention,
             )

@@ -28,7 +28,7 @@ from app.jobs.runs import Claim
 from app.jobs.spec import RunSpec, SupervisedHyperparameters
 from app.ml.adapters import ADAPTER_WEIGHTS
 from app.statuses import JOB_ENDING_OUTCOMES, JobStatus, RunOutcome
-from app.storage import ArtifactStore
+from app.storage import ArtifactStore, open_store
 from worker import job_inputs
 from worker.job_inputs import JobInputs
 from worker.progress import Progress, metrics_csv
@@ -81,7 +81,7 @@ def remove_scratch(settings: Settings, job_id: str) -> None:
 def execute(claim: Claim, settings: Settings) -> RunOutcome:
     """Run a claimed job to its end: succeeded, failed, cancelled, lease_lost or
     db_unavailable. The caller holds the lease between steps and removes the scratch."""
-    store = ArtifactStore(settings.artifacts_dir)
+    store = open_store(settings)
     if claim.attempt > 1:
         # What earlier attempts left (fenced off by this claim): the sweep removes it when
         # it re-queues the job, but a redelivered message can take over a lapsed lease first.
@@ -118,11 +118,18 @@ def end(
 
 
 def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -> None:
+    with store.temp_dir(owner=claim.job_id) as inputs_dir:  # this host's copy of the inputs
+        _train_and_publish_from(claim, settings, store, inputs_dir)
+
+
+def _train_and_publish_from(
+    claim: Claim, settings: Settings, store: ArtifactStore, inputs_dir: Path
+) -> None:
     from app.ml.loading import load_base_model, load_tokenizer
     from worker.training.loop import train_lora
     from worker.training.packing import count_steps
 
-    inputs = job_inputs.read_inputs(claim, settings, store)
+    inputs = job_inputs.read_inputs(claim, settings, store, inputs_dir)
     progress = Progress(claim, settings, store)
     tokenizer = load_tokenizer(inputs.base_model_ref)
     model = load_base_model(inputs.base_model_ref, device=settings.device)
@@ -151,7 +158,7 @@ def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -
             scratch_dir=store.scratch_root(claim.job_id),
         )
         key = f"adapters/{claim.job_id}"
-        published = store.publish_dir(out, key)
+        published = store.publish_dir(out, key)  # uploaded, its manifest last
     applied = {  # what ran, not what was asked
         "packing": hp.packing,
         "train_special_tokens": tokenizer.convert_ids_to_tokens(list(token_ids)) or False,
@@ -163,7 +170,7 @@ def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -
         organization_id=inputs.organization_id,
         result=result,
         adapter_key=key,
-        weights_bytes=(published / ADAPTER_WEIGHTS).stat().st_size,
+        weights_bytes=published.files[ADAPTER_WEIGHTS].size,
         applied=applied,
     )
 

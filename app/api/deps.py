@@ -18,7 +18,7 @@ from app.config import Settings, get_settings
 from app.db.models import Organization
 from app.db.session import read_session_scope, session_scope
 from app.errors import Forbidden, InvalidRequest, ServiceUnavailable, Unauthorized
-from app.storage import ArtifactStore
+from app.storage import ArtifactStore, open_store
 
 if TYPE_CHECKING:
     from app.inference.engine import InferenceEngine
@@ -97,7 +97,7 @@ AdminDep = Depends(require_admin)
 
 
 def get_store(settings: SettingsDep) -> ArtifactStore:
-    return ArtifactStore(settings.artifacts_dir)
+    return open_store(settings)
 
 
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]

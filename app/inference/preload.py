@@ -10,10 +10,11 @@ import logging
 from typing import Any
 
 from app.db.session import session_scope
-from app.errors import NotFound, ServiceUnavailable
+from app.errors import IntegrityFailure, NotFound, ServiceUnavailable
+from app.inference.adapter_cache import adapter_cache
 from app.inference.types import AdapterRef
 from app.registry import service as registry
-from app.storage import ArtifactStore
+from app.storage import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -23,19 +24,24 @@ def preload_adapters(engine: Any, settings: Any) -> list[str]:
     wanted = list(settings.preload_adapters)
     if not wanted:
         return []
-    store = ArtifactStore(settings.artifacts_dir)
+    cache = adapter_cache(
+        open_store(settings), data_dir=settings.data_dir, max_bytes=settings.adapter_cache_bytes
+    )
     with session_scope(settings.sqlalchemy_url) as session:
-        rows = registry.find_adapters(session, model_ids=wanted)
-        refs = {
-            row.id: (
-                row.base_model,
-                AdapterRef(
-                    row.id, store.path(row.storage_key), row.sha256, owner=row.organization_id
-                ),
-            )
-            for row in rows
-        }
-    for missing in [i for i in wanted if i not in refs]:
+        rows = [
+            (row.id, row.base_model, row.storage_key, row.sha256, row.organization_id)
+            for row in registry.find_adapters(session, model_ids=wanted)
+        ]
+    refs = {}
+    for model_id, base_model, key, sha256, owner in rows:  # fetched with no session open
+        try:
+            folder = cache.folder(model_id=model_id, key=key, sha256=sha256)
+        except IntegrityFailure as exc:
+            logger.warning("LORAFORGE_PRELOAD_ADAPTERS: skipped: %s", exc.message)
+            continue
+        refs[model_id] = (base_model, AdapterRef(model_id, folder, sha256, owner=owner))
+    found = {row[0] for row in rows}
+    for missing in [i for i in wanted if i not in found]:
         logger.warning("LORAFORGE_PRELOAD_ADAPTERS: %s is not an active adapter; skipped", missing)
     by_base: dict[str, list[AdapterRef]] = {}
     for base_model, ref in refs.values():

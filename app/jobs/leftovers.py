@@ -1,8 +1,9 @@
 """What dead attempts leave in the store, and its removal.
 
-A `kill -9` during training leaves the attempt's scratch under `tmp/<job>/` (checkpoints
-half-written by the loop, the adapter's out dir) and, under `checkpoints/<job>/`, half-copied
-staging dirs or checkpoints renamed into place but never recorded. None of it is ever read
+A `kill -9` during training leaves the attempt's scratch under `tmp/<job>/` on its host
+(checkpoints half-written by the loop, the adapter's out dir) and, in the store, under
+`checkpoints/<job>/` and `adapters/<job>/`, half-copied staging dirs or half-uploaded objects
+(no manifest) and checkpoints published but never recorded. None of it is ever read
 (only recorded, sha256-checked checkpoints are resumed from); this removes it: the sweep when
 it re-queues a dead attempt's job or sees a job ended, a new attempt when it takes a job over.
 """
@@ -10,14 +11,15 @@ it re-queues a dead attempt's job or sees a job ended, a new attempt when it tak
 from __future__ import annotations
 
 import logging
+import shutil
 
 from sqlalchemy import select
 
 from app.config import Settings
-from app.db.models import Checkpoint, Job
+from app.db.models import Adapter, Checkpoint, Job
 from app.db.session import read_session_scope
 from app.statuses import TERMINAL_JOB_STATUSES, CheckpointStatus
-from app.storage import ArtifactStore
+from app.storage import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ def remove_dead_attempts_leftovers(
     claimed by the caller's new attempt; only entries older than `older_than` (the sweep's
     start, or the claim) are touched, so an attempt that claimed since keeps its files.
     """
-    store = ArtifactStore(settings.artifacts_dir)
+    store = open_store(settings)
     with read_session_scope(settings.sqlalchemy_url) as session:
         recorded = set(  # a pruned row's files were due to go after its commit: not kept
             session.scalars(
@@ -43,31 +45,27 @@ def remove_dead_attempts_leftovers(
                 )
             )
         )
+        registered = set(session.scalars(select(Adapter.job_id).where(Adapter.job_id.in_(job_ids))))
     removed = []
     for job_id in job_ids:
-        for folder in (f"checkpoints/{job_id}", f"tmp/{job_id}"):
-            for key, mtime in _entries(store, folder):
-                if key not in recorded and mtime < older_than:
-                    store.delete(key)
-                    removed.append(key)
+        stored = store.entries(f"checkpoints/{job_id}")
+        inside = store.entries(f"adapters/{job_id}")
+        if inside and job_id not in registered:  # published (or half) but never registered
+            stored.append((f"adapters/{job_id}", max(mtime for _, mtime in inside)))
+        for key, mtime in stored:
+            if key not in recorded and mtime < older_than:
+                store.delete(key)
+                removed.append(key)
+        for path, mtime in store.scratch_entries(job_id):  # this host's scratch
+            if mtime < older_than:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(f"tmp/{job_id}/{path.name}")
     if removed:
         logger.info("removed leftovers of dead attempts: %s", removed)
     return removed
-
-
-def _entries(store: ArtifactStore, folder: str) -> list[tuple[str, float]]:
-    """(key, mtime) of each entry of `folder` in the store; one that vanished is skipped."""
-    entries = []
-    try:
-        children = list(store.path(folder).iterdir())
-    except FileNotFoundError:
-        return []
-    for entry in children:
-        try:
-            entries.append((f"{folder}/{entry.name}", entry.stat().st_mtime))
-        except FileNotFoundError:  # removed since the listing
-            continue
-    return entries
 
 
 def remove_scratch_of_ended_jobs(settings: Settings, job_ids: list[str] | None = None) -> list[str]:
@@ -76,9 +74,9 @@ def remove_scratch_of_ended_jobs(settings: Settings, job_ids: list[str] | None =
     attempts while its worker was dead), or one whose worker failed to clean up. Terminal
     states absorb, so no attempt will ever write there again; a job that is not terminal
     (e.g. re-queued to a newer attempt) keeps its scratch."""
-    store = ArtifactStore(settings.artifacts_dir)
+    store = open_store(settings)
     if job_ids is None:
-        job_ids = [p.name for p in (store.root / "tmp").iterdir() if p.name.startswith("ftjob-")]
+        job_ids = store.scratch_owners()
     if not job_ids:
         return []
     with read_session_scope(settings.sqlalchemy_url) as session:

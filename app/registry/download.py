@@ -1,4 +1,5 @@
-"""The downloadable form of a stored adapter: a deterministic zip that loads anywhere.
+"""The downloadable form of a stored adapter: a deterministic zip that loads anywhere,
+streamed from the artifact store (local or object store) into the zip.
 
 The zip holds PEFT's two files. Its bytes depend only on the stored files and the base
 model's public name (fixed timestamps and attributes, stored uncompressed), so the sha256
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # lazy export
 
 from app.ml.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from app.storage import ArtifactCorrupt, ArtifactMissing, ArtifactStore
 
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest zip timestamp: no build time leaks in
 _UNIX, _FILE_0644 = 3, 0o100644 << 16
@@ -52,18 +53,35 @@ def public_base_name(name: str, ref: str | None) -> str:
     return ref
 
 
-def adapter_archive(folder: Path, *, base_model: str) -> Archive:
-    """The zip of the adapter in `folder`, its config naming `base_model`."""
-    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+def adapter_archive(
+    store: ArtifactStore, key: str, *, base_model: str, weights_sha256: str
+) -> Archive:
+    """The zip of the adapter published at `key`, its config naming `base_model`.
+
+    The weights stream from the store into the zip a chunk at a time, hashed on the way:
+    bytes that are not the recorded `weights_sha256` are refused (`ArtifactCorrupt`) and
+    nothing is sent. `ArtifactMissing` when the adapter is not published.
+    """
+    manifest = store.manifest(key)
+    weights = manifest.files.get(ADAPTER_WEIGHTS) if manifest else None
+    if weights is None:  # none, or only a pickled .bin: refused like a corrupt file
+        raise ArtifactMissing(f"{key} holds no {ADAPTER_WEIGHTS}")
+    with store.open(f"{key}/{ADAPTER_CONFIG}") as src:
+        config = json.loads(src.read())
     config["base_model_name_or_path"] = base_model
     body = SpooledTemporaryFile(max_size=64 << 20)
+    digest = hashlib.sha256()
     with zipfile.ZipFile(body, "w", zipfile.ZIP_STORED) as bundle:
         bundle.writestr(_entry(ADAPTER_CONFIG), json.dumps(config, indent=2, sort_keys=True))
-        weights = folder / ADAPTER_WEIGHTS
         entry = _entry(ADAPTER_WEIGHTS)
-        entry.file_size = weights.stat().st_size  # decides zip64 up front, as a size must
-        with weights.open("rb") as src, bundle.open(entry, "w") as dest:
-            shutil.copyfileobj(src, dest, _CHUNK)
+        entry.file_size = weights.size  # decides zip64 up front, as a size must
+        with store.open(f"{key}/{ADAPTER_WEIGHTS}") as src, bundle.open(entry, "w") as dest:
+            while chunk := src.read(_CHUNK):
+                digest.update(chunk)
+                dest.write(chunk)
+    if digest.hexdigest() != weights_sha256.strip().lower():
+        body.close()
+        raise ArtifactCorrupt(f"{key}/{ADAPTER_WEIGHTS} does not match its recorded sha256")
     size = body.tell()
     body.seek(0)
     digest = hashlib.sha256()

@@ -16,7 +16,7 @@ peft = pytest.importorskip("peft")
 
 from app.ml.loading import load_base_model  # noqa: E402
 from app.registry.download import adapter_archive, public_base_name  # noqa: E402
-from app.storage import ArtifactStore  # noqa: E402
+from app.storage import LocalStore  # noqa: E402
 from tests.factories import publish_adapter  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def test_the_download_names_the_base_publicly_and_loads_with_peft(
 def test_the_stored_adapter_keeps_the_servers_path(client, settings, tiny_model_dir):
     adapter = publish_adapter(settings, tiny_model_dir, org="acme", suffix="dl", seed=5)
     download(client, adapter)
-    store = ArtifactStore(settings.artifacts_dir)
+    store = LocalStore(settings.artifacts_dir)
     job_id = adapter.rsplit(":", 1)[1]
     stored = json.loads((store.path(f"adapters/{job_id}") / "adapter_config.json").read_text())
     assert stored["base_model_name_or_path"] == str(tiny_model_dir)
@@ -75,7 +75,7 @@ def test_changed_weights_are_the_same_500_at_download_and_inference(
 ):
     adapter = publish_adapter(settings, tiny_model_dir, org="acme", suffix="dl", seed=6)
     job_id = adapter.rsplit(":", 1)[1]
-    weights = ArtifactStore(settings.artifacts_dir).path(f"adapters/{job_id}")
+    weights = LocalStore(settings.artifacts_dir).path(f"adapters/{job_id}")
     blob = bytearray((weights / "adapter_model.safetensors").read_bytes())
     blob[-1] ^= 0xFF
     (weights / "adapter_model.safetensors").write_bytes(bytes(blob))
@@ -110,11 +110,15 @@ def test_an_existing_local_directory_is_named_by_the_allowlist_name(tiny_model_d
 
 
 def test_the_archive_carries_the_hub_id(tmp_path) -> None:
-    (tmp_path / "adapter_config.json").write_text(
+    (tmp_path / "adapters" / "x").mkdir(parents=True)
+    (tmp_path / "adapters/x/adapter_config.json").write_text(
         json.dumps({"base_model_name_or_path": "/srv/models/qwen", "r": 8})
     )
-    (tmp_path / "adapter_model.safetensors").write_bytes(b"weights")
-    archive = adapter_archive(tmp_path, base_model="Qwen/Qwen2.5-0.5B")
+    (tmp_path / "adapters/x/adapter_model.safetensors").write_bytes(b"weights")
+    archive = adapter_archive(
+        LocalStore(tmp_path), "adapters/x", base_model="Qwen/Qwen2.5-0.5B",
+        weights_sha256=hashlib.sha256(b"weights").hexdigest(),
+    )  # fmt: skip
     body = archive.body.read()
     assert hashlib.sha256(body).hexdigest() == archive.sha256 and len(body) == archive.size
     with zipfile.ZipFile(io.BytesIO(body)) as bundle:

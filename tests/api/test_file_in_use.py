@@ -13,7 +13,7 @@ from app.errors import InvalidRequest, InvalidState
 from app.files import service as files
 from app.jobs import service as jobs
 from app.schemas.jobs import JobCreate
-from app.storage import ArtifactStore
+from app.storage import LocalStore
 from tests.factories import chat_rows, jsonl, store_dataset, uploaded_file
 
 
@@ -53,7 +53,7 @@ def test_other_organizations_jobs_are_not_counted_or_named(client, other_client)
     assert client.delete(f"/v1/files/{mine}").status_code == 200
 
 
-def stored_file(settings, store: ArtifactStore) -> str:
+def stored_file(settings, store: LocalStore) -> str:
     """A dataset of organization acme; the races below call the domain functions, no HTTP."""
     with session_scope(settings.sqlalchemy_url) as session:
         org = tenancy.get_or_create_organization(session, name="acme")
@@ -63,7 +63,7 @@ def stored_file(settings, store: ArtifactStore) -> str:
 def test_a_delete_racing_a_job_creation_never_leaves_the_job_without_its_file(settings) -> None:
     """The creation holds its (uncommitted) job while the delete runs: the delete must wait
     for it and then refuse, never delete the file under a job that is about to exist."""
-    store, url = ArtifactStore(settings.artifacts_dir), settings.sqlalchemy_url
+    store, url = LocalStore(settings.artifacts_dir), settings.sqlalchemy_url
     file_id = stored_file(settings, store)
     outcome: list[BaseException | None] = []
 
@@ -91,7 +91,7 @@ def test_a_delete_racing_a_job_creation_never_leaves_the_job_without_its_file(se
 
 
 def test_a_job_created_on_a_file_being_deleted_is_refused(settings) -> None:
-    store, url = ArtifactStore(settings.artifacts_dir), settings.sqlalchemy_url
+    store, url = LocalStore(settings.artifacts_dir), settings.sqlalchemy_url
     file_id = stored_file(settings, store)
     outcome: list[BaseException | None] = []
 

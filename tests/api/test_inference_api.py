@@ -20,7 +20,7 @@ from app.inference import engine as engine_module  # noqa: E402
 from app.inference import kv_budget  # noqa: E402
 from app.inference.scheduler import BaseScheduler  # noqa: E402
 from app.registry import service as registry  # noqa: E402
-from app.storage import ArtifactStore  # noqa: E402
+from app.storage import LocalStore  # noqa: E402
 from tests.factories import PROMPT, complete, publish_adapter  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -216,7 +216,7 @@ def test_delete_unloads_then_refuses(client, adapter):
 def test_tampered_adapter_is_the_servers_fault_before_any_stream(client, adapter, settings):
     with session_scope(settings.sqlalchemy_url) as session:
         row = registry.find_adapters(session, model_ids=[adapter])[0]
-        weights = ArtifactStore(settings.artifacts_dir).path(row.storage_key)
+        weights = LocalStore(settings.artifacts_dir).path(row.storage_key)
     blob = weights / "adapter_model.safetensors"
     blob.write_bytes(blob.read_bytes()[:-1] + b"\x00")
     for stream in (False, True):

@@ -18,13 +18,13 @@ from app.db.session import session_scope  # noqa: E402
 from app.ids import new_id  # noqa: E402
 from app.ml.adapters import save_adapter  # noqa: E402
 from app.registry import service as registry  # noqa: E402
-from app.storage import ArtifactStore  # noqa: E402
+from app.storage import LocalStore  # noqa: E402
 from tests.factories import commit_fails, complete, publish_adapter, random_lora  # noqa: E402
 
 
 def publish_checkpoint(settings, model_dir, adapter_id: str, *, step: int, seed: int) -> str:
     """Store and record a checkpoint of the adapter's job the way the worker does; its id."""
-    store = ArtifactStore(settings.artifacts_dir)
+    store = LocalStore(settings.artifacts_dir)
     with session_scope(settings.sqlalchemy_url) as session:
         adapter = session.get_one(Adapter, adapter_id)
         key = f"checkpoints/{adapter.job_id}/step-{step}"
@@ -56,7 +56,7 @@ def model_with_checkpoints(settings, tiny_model_dir):
 
 def stored(settings, model_id: str) -> bool:
     """Whether the files of this adapter or checkpoint are still in the store."""
-    store = ArtifactStore(settings.artifacts_dir)
+    store = LocalStore(settings.artifacts_dir)
     with session_scope(settings.sqlalchemy_url) as session:
         if ":ckpt-step-" in model_id:
             job_id, step = model_id.split(":")[4], model_id.rsplit("-", 1)[1]

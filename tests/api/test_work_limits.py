@@ -16,7 +16,7 @@ from app import tenancy
 from app.db.models import File
 from app.db.session import new_session, session_scope
 from app.errors import PayloadTooLarge
-from app.storage import ArtifactStore
+from app.storage import LocalStore
 from tests.factories import chat_rows, create_job, job_count, jsonl, store_dataset, upload
 
 ROWS = jsonl(chat_rows(12))  # the tiny model has 1024 positions
@@ -119,7 +119,7 @@ def database(request, settings):
 
 def store(session, organization, tmp_path) -> File:
     return store_dataset(
-        session, organization=organization, store=ArtifactStore(tmp_path / "store"),
+        session, organization=organization, store=LocalStore(tmp_path / "store"),
         content=ROWS, max_stored_bytes=len(ROWS),
     )  # fmt: skip
 

@@ -19,7 +19,18 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def make_stack(tmp_path, tiny_model_dir, pg_database_url, redis_server) -> Iterator[Callable]:
+def storage_env(request) -> dict[str, str]:
+    """Where the stack keeps artifacts: the local data dir, or (a test parametrized
+    `indirect` with "s3") a prefix on a moto S3 server on loopback."""
+    if getattr(request, "param", "local") == "s3":
+        return {"LORAFORGE_STORAGE_URL": request.getfixturevalue("s3_storage_url")}
+    return {}
+
+
+@pytest.fixture
+def make_stack(
+    tmp_path, tiny_model_dir, pg_database_url, redis_server, storage_env
+) -> Iterator[Callable]:
     """Build a migrated stack (API started, logged in); workers are added by the test."""
     from app import migrate
     from app.config import Settings
@@ -29,7 +40,7 @@ def make_stack(tmp_path, tiny_model_dir, pg_database_url, redis_server) -> Itera
     def make(db_url: str | None = None, **env: str) -> ChaosStack:
         db_url = db_url or pg_database_url
         migrate.upgrade(Settings(data_dir=tmp_path / "data", database_url=db_url))
-        stack = ChaosStack(tmp_path, tiny_model_dir, db_url, redis_server, **env)
+        stack = ChaosStack(tmp_path, tiny_model_dir, db_url, redis_server, **(storage_env | env))
         stacks.append(stack)
         stack.start_api()
         stack.login()

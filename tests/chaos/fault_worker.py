@@ -8,7 +8,7 @@ child of it). Nothing here changes what the worker decides; it records deliverie
 pool process that claimed it) to an append-only JSONL file, and can
 slow steps down (`LORAFORGE_CHAOS_STEP_SLEEP`) so kills land mid-training, and
 checkpoint writes (`LORAFORGE_CHAOS_SAVE_SLEEP`: a pause after the loop writes the
-files and between the files published) so kills land mid-write.
+files and between the files published: copied, or uploaded) so kills land mid-write.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import worker.tasks
-from app import storage
+from app.storage import local, s3
 from worker import run_job as run_job_module
 from worker import supervisor
 from worker.celery_app import celery_app
@@ -100,6 +100,15 @@ def _slow_copytree(src, dst, **kwargs):
     return shutil.copytree(src, dst, copy_function=copy, **kwargs)
 
 
+_real_s3_put = s3.S3Store.put
+
+
+def _slow_s3_put(self, local, path) -> None:
+    """The object store's upload of one file of a directory, with a pause after it."""
+    _real_s3_put(self, local, path)
+    time.sleep(SAVE_SLEEP)
+
+
 def _journaled_on_checkpoint(self, report) -> None:
     _real_on_checkpoint(self, report)  # publish, then record in the database
     record("save_end", job=self.claim.job_id, attempt=self.claim.attempt, step=report.step)
@@ -113,7 +122,8 @@ loop.save_checkpoint = _journaled_save
 _real_on_checkpoint = run_job_module.Progress.on_checkpoint
 run_job_module.Progress.on_checkpoint = _journaled_on_checkpoint
 if SAVE_SLEEP:
-    storage.shutil = SimpleNamespace(copytree=_slow_copytree, rmtree=shutil.rmtree)
+    local.shutil = SimpleNamespace(copytree=_slow_copytree, rmtree=shutil.rmtree)
+    s3.S3Store.put = _slow_s3_put
 
 if os.environ.get("LORAFORGE_CHAOS_PRELOAD", "1") == "1":
     # Import the ML stack once in the master, so each forked child starts in a fraction of

@@ -8,7 +8,8 @@ sweep can recover the job). Every job must resume from its last recorded checkpo
 losing at most one checkpoint interval, with one attempt running at a time.
 
 Fault 3: the kill lands while a checkpoint is being written (the files into scratch,
-the copy into the store's staging dir, the rename, the database row), alternately the
+the copy into the store's staging dir and the rename, or on an object store the uploads
+and the manifest last; the database row), alternately the
 first and the second write of the run. A checkpoint the database does not record with a
 matching manifest is never resumed from; a kill inside the second write resumes from the
 first. Nothing the dead attempts left (scratch under `tmp/<job>/`, staging dirs,
@@ -60,6 +61,11 @@ def recorded_steps(stack, job_id: str) -> list[int]:
         )
 
 
+# Each runs with the artifacts on the local disk and in an S3 server (published manifest-last).
+BACKENDS = pytest.mark.parametrize("storage_env", ["local", "s3"], indirect=True)
+
+
+@BACKENDS
 def test_killed_workers_lose_no_job_and_resume_from_the_last_checkpoint(make_stack):
     stack = make_stack(LORAFORGE_CHAOS_STEP_SLEEP="0.15")
     worker = stack.add_worker("w1")
@@ -128,6 +134,7 @@ N_SAVE_KILLS = int(os.environ.get("LORAFORGE_CHAOS_SAVE_KILLS", 50 if FULL else 
 SAVE_SLEEP = 0.25  # after the loop's write, and between the files copied into the store
 
 
+@BACKENDS
 def test_a_kill_while_a_checkpoint_is_written_never_resumes_from_half_a_checkpoint(make_stack):
     stack = make_stack(
         LORAFORGE_CHAOS_SAVE_SLEEP=str(SAVE_SLEEP), LORAFORGE_CHAOS_STEP_SLEEP="0.05"
@@ -227,6 +234,15 @@ def _artifacts(stack) -> Path:
     return stack.tmp / "data" / "artifacts"
 
 
+def _store(stack):
+    """The stack's artifact store (a local dir, or the S3 prefix it was given)."""
+    from app.config import Settings
+    from app.storage import open_store
+
+    url = stack.env.get("LORAFORGE_STORAGE_URL")
+    return open_store(Settings(data_dir=stack.tmp / "data", storage_url=url))
+
+
 def _scratch(stack, job_id: str) -> list[Path]:
     folder = _artifacts(stack) / "tmp" / job_id
     return sorted(folder.iterdir()) if folder.is_dir() else []
@@ -240,12 +256,12 @@ def _leftovers(stack, ids: list[str]) -> list[str]:
             session.scalars(select(Checkpoint.storage_key).where(Checkpoint.job_id.in_(ids)))
         )
     root = _artifacts(stack)
+    store = _store(stack)
     found = [
-        str(entry.relative_to(root))
+        key
         for job_id in ids
-        if (root / "checkpoints" / job_id).is_dir()
-        for entry in (root / "checkpoints" / job_id).iterdir()
-        if str(entry.relative_to(root)) not in recorded
+        for key, _ in store.entries(f"checkpoints/{job_id}")
+        if key not in recorded
     ]
     found += [str(entry.relative_to(root)) for job_id in ids for entry in _scratch(stack, job_id)]
     found += [f"$TMPDIR/{p.name}" for p in stack.system_tmp.glob("loraforge-ckpt-*")]

@@ -1,7 +1,9 @@
 """The whole data path through the real stack, driven by the unmodified `openai` SDK.
 
-Run once on the embedded default (`loraforge up`: SQLite + filesystem broker) and
-once on PostgreSQL + Redis (`loraforge api` + `loraforge worker` processes).
+Run once on the embedded default (`loraforge up`: SQLite + filesystem broker), once on
+PostgreSQL + Redis (`loraforge api` + `loraforge worker` processes), and once more with
+the artifacts in an S3 server (moto, on loopback) and the api and the worker on data dirs
+of their own, as on two hosts that share nothing but PostgreSQL, Redis and the store.
 """
 
 from __future__ import annotations
@@ -39,7 +41,13 @@ def dataset() -> bytes:
     return "".join(json.dumps(row) + "\n" for row in rows).encode()
 
 
-@pytest.fixture(params=["embedded", pytest.param("postgres-redis", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    params=[
+        "embedded",
+        pytest.param("postgres-redis", marks=pytest.mark.postgres),
+        pytest.param("postgres-redis-s3", marks=pytest.mark.postgres),
+    ]
+)
 def stack(request, tmp_path, tiny_model_dir):
     port = free_port()
     if request.param == "embedded":
@@ -49,16 +57,20 @@ def stack(request, tmp_path, tiny_model_dir):
         import redis
 
         redis.Redis.from_url(REDIS_URL).flushdb()
-        env = stack_env(
-            tmp_path / "data",
-            tiny_model_dir,
-            LORAFORGE_DATABASE_URL=request.getfixturevalue("pg_database_url"),
-            LORAFORGE_BROKER_URL=REDIS_URL,
-        )
+        services = {
+            "LORAFORGE_DATABASE_URL": request.getfixturevalue("pg_database_url"),
+            "LORAFORGE_BROKER_URL": REDIS_URL,
+        }
+        if request.param.endswith("-s3"):
+            services["LORAFORGE_STORAGE_URL"] = request.getfixturevalue("s3_storage_url")
+        env = stack_env(tmp_path / "data", tiny_model_dir, **services)
         from tests.e2e.stack import cli
 
         cli(env, "db", "upgrade")
         commands = [["api", "--port", str(port)], ["worker"]]
+        if request.param.endswith("-s3"):  # two hosts: no directory in common
+            hosts = [tmp_path / "api-host", tmp_path / "worker-host"]
+            commands = [["--data-dir", str(h), *c] for h, c in zip(hosts, commands, strict=True)]
     with running(commands, env, tmp_path / "logs", port) as running_stack:
         yield running_stack
 
@@ -121,6 +133,19 @@ def test_sdk_flow_end_to_end(stack, tmp_path, tiny_model_dir):
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert [c.step_number for c in checkpoints] == [6, 4, 2]
     assert checkpoints[0].metrics.valid_loss is not None
+
+    if "LORAFORGE_STORAGE_URL" in stack.env:  # in the store; on neither host's disk
+        from app.config import Settings
+        from app.storage import open_store
+
+        store = open_store(
+            Settings(data_dir=tmp_path, storage_url=stack.env["LORAFORGE_STORAGE_URL"])
+        )
+        assert store.exists(f"datasets/{training.id}.jsonl")
+        assert store.manifest(f"adapters/{job.id}") is not None
+        assert len(store.entries(f"checkpoints/{job.id}")) == 3
+        for kind in ("datasets", "adapters", "checkpoints"):
+            assert not list(tmp_path.glob(f"*-host/artifacts/{kind}")), kind
 
     # 4. registry
     listed = {m.id for m in client.models.list().data}

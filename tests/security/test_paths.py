@@ -15,7 +15,7 @@ from app.db.session import session_scope
 from app.errors import InvalidRequest
 from app.jobs import service as jobs
 from app.schemas.jobs import JobCreate
-from app.storage import ArtifactStore
+from app.storage import LocalStore
 from tests.factories import chat_rows, jsonl, store_dataset, upload, uploaded_file
 
 KNOWN_BAD = [
@@ -72,7 +72,7 @@ def assert_only_expected_files(settings) -> None:
 @pytest.mark.slow
 def test_hostile_names_never_leave_the_store(settings, canary) -> None:
     before = tree_digest(canary)
-    store, content = ArtifactStore(settings.artifacts_dir), jsonl(chat_rows(1))
+    store, content = LocalStore(settings.artifacts_dir), jsonl(chat_rows(1))
     names = hostile_names(10_000)
     stored = refused = 0
     with session_scope(settings.sqlalchemy_url) as session:
@@ -136,7 +136,7 @@ def test_hostile_names_through_the_api(client, settings, canary) -> None:
 
 
 def test_store_refuses_keys_that_escape_and_symlinked_folders(settings, canary) -> None:
-    store = ArtifactStore(settings.artifacts_dir)
+    store = LocalStore(settings.artifacts_dir)
     for key in ("../x", "/etc/passwd", "datasets/../../x", "", "."):
         with pytest.raises(ValueError):
             store.path(key)

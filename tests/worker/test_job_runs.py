@@ -96,12 +96,12 @@ def test_the_sweep_removes_what_a_dead_attempt_left_but_keeps_recorded_checkpoin
 
     from app.jobs import queue
     from app.jobs import sweep as sweeper
-    from app.storage import ArtifactStore
+    from app.storage import LocalStore
 
     monkeypatch.setattr(queue, "enqueue_training", lambda job_id: True)
     job_id = submit(settings)
     held = claim(settings, job_id, lease_seconds=60)
-    folder = ArtifactStore(settings.artifacts_dir).path(f"checkpoints/{job_id}")
+    folder = LocalStore(settings.artifacts_dir).path(f"checkpoints/{job_id}")
     for name in ("step-2", "step-4", ".staging-x1", "step-6"):
         (folder / name).mkdir(parents=True)
         (folder / name / "adapter_model.safetensors").write_bytes(b"half")

@@ -16,7 +16,7 @@ import pytest
 
 from app.cli.demo import TINY_MODEL_HYPERPARAMETERS
 from app.db.models import Adapter, Job
-from app.storage import ArtifactStore
+from app.storage import LocalStore
 from tests.factories import load, submit
 from worker.run_job import run_job
 
@@ -65,7 +65,7 @@ def test_readme_quick_start_adapter_answers(settings, tiny_model_dir) -> None:
             base_model="tiny",
             adapter=AdapterRef(
                 id=job.fine_tuned_model,
-                path=ArtifactStore(settings.artifacts_dir).path(adapter.storage_key),
+                path=LocalStore(settings.artifacts_dir).path(adapter.storage_key),
                 sha256=adapter.sha256,
             ),
             messages=[{"role": "user", "content": readme["question"]}],

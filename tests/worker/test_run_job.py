@@ -14,7 +14,7 @@ from app.db.session import session_scope
 from app.jobs import runs as job_runs
 from app.jobs import service as jobs
 from app.ml.adapters import ADAPTER_WEIGHTS
-from app.storage import ArtifactStore, file_sha256
+from app.storage import LocalStore, file_sha256
 from tests.factories import load, submit
 from worker import run_job as run_job_module
 from worker.run_job import run_job
@@ -29,7 +29,7 @@ def test_a_job_trains_publishes_and_registers(backend):
     assert job.status == "succeeded" and job.finished_at is not None and job.error is None
     assert job.fine_tuned_model == f"ft:tiny:acme:demo:{job_id}" and job.trained_tokens > 0
     [adapter] = load(backend, Adapter, job_id=job_id)
-    store = ArtifactStore(backend.artifacts_dir)
+    store = LocalStore(backend.artifacts_dir)
     folder = store.path(adapter.storage_key)
     assert sorted(p.name for p in folder.iterdir()) == [
         "adapter_config.json",

@@ -19,7 +19,7 @@ from app.db.models import Adapter, Checkpoint, File, Job, JobEvent
 from app.db.session import session_scope
 from app.errors import InvalidRequest
 from app.ml.adapters import ADAPTER_WEIGHTS
-from app.storage import ArtifactStore
+from app.storage import LocalStore
 from tests.conftest import make_settings
 from tests.factories import api_app, load, submit
 from worker import run_job as run_job_module
@@ -50,9 +50,7 @@ def expire_lease(settings, job_id: str) -> None:
 
 def weights(settings, job_id: str) -> dict:
     [adapter] = load(settings, Adapter, job_id=job_id)
-    return load_file(
-        ArtifactStore(settings.artifacts_dir).path(adapter.storage_key) / ADAPTER_WEIGHTS
-    )
+    return load_file(LocalStore(settings.artifacts_dir).path(adapter.storage_key) / ADAPTER_WEIGHTS)
 
 
 def messages(settings, job_id: str) -> list[JobEvent]:
@@ -86,9 +84,7 @@ def test_a_tampered_checkpoint_is_not_resumed_from(settings, monkeypatch):
         run_job(job_id, settings=settings)
     monkeypatch.undo()
     [checkpoint] = load(settings, Checkpoint, job_id=job_id)
-    state = (
-        ArtifactStore(settings.artifacts_dir).path(checkpoint.storage_key) / "trainer_state.json"
-    )
+    state = LocalStore(settings.artifacts_dir).path(checkpoint.storage_key) / "trainer_state.json"
     state.write_text(state.read_text().replace('"next_batch": 0', '"next_batch": 1'))
     expire_lease(settings, job_id)
     assert run_job(job_id, settings=settings) == "succeeded"

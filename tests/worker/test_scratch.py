@@ -19,7 +19,7 @@ from app.db.session import session_scope
 from app.jobs import queue
 from app.jobs import runs as job_runs
 from app.jobs import sweep as sweeper
-from app.storage import ArtifactStore
+from app.storage import LocalStore
 from tests.factories import chat_rows, submit
 from worker import run_job as run_job_module
 from worker.run_job import run_job
@@ -56,7 +56,7 @@ def tree(root: Path) -> list[str]:
 
 
 def test_temp_dir_of_an_owner_lives_under_its_folder_and_owners_cannot_escape(tmp_path):
-    store = ArtifactStore(tmp_path)
+    store = LocalStore(tmp_path)
     with store.temp_dir(owner="ftjob-a") as path:
         assert path.parent == tmp_path / "tmp" / "ftjob-a"
     assert not path.exists() and (tmp_path / "tmp" / "ftjob-a").is_dir()
@@ -72,7 +72,7 @@ def test_temp_dir_of_an_owner_lives_under_its_folder_and_owners_cannot_escape(tm
 
 def test_the_sweep_removes_a_dead_attempts_scratch_and_touches_nothing_else(settings, monkeypatch):
     monkeypatch.setattr(queue, "enqueue_training", lambda job_id: True)
-    store = ArtifactStore(settings.artifacts_dir)
+    store = LocalStore(settings.artifacts_dir)
     dead, live = submit(settings), submit(settings)
     claim(settings, dead)
     claim(settings, live)  # its worker is alive: lease held
@@ -96,7 +96,7 @@ def test_the_sweep_removes_a_dead_attempts_scratch_and_touches_nothing_else(sett
 def test_the_sweep_removes_the_scratch_of_a_job_it_ended(settings, monkeypatch):
     """Cancelled while its worker was dead: no worker will ever clean up after it."""
     monkeypatch.setattr(queue, "enqueue_training", lambda job_id: True)
-    store = ArtifactStore(settings.artifacts_dir)
+    store = LocalStore(settings.artifacts_dir)
     job_id = submit(settings)
     claim(settings, job_id)
     scratch(store.scratch_root(job_id), "loraforge-ckpt-k1")
@@ -114,7 +114,7 @@ def test_the_sweep_removes_the_scratch_of_a_job_it_ended(settings, monkeypatch):
 def test_checkpoints_are_written_under_the_jobs_scratch_which_goes_when_it_ends(
     settings, monkeypatch
 ):
-    store = ArtifactStore(settings.artifacts_dir)
+    store = LocalStore(settings.artifacts_dir)
     job_id = submit(settings)
     scratch(store.scratch_root(job_id), "loraforge-ckpt-dead")  # left by a killed attempt
     written: list[Path] = []
@@ -136,7 +136,7 @@ def test_checkpoints_are_written_under_the_jobs_scratch_which_goes_when_it_ends(
 def test_a_failed_job_loses_its_scratch_but_one_taken_over_keeps_the_new_attempts(
     settings, monkeypatch
 ):
-    store = ArtifactStore(settings.artifacts_dir)
+    store = LocalStore(settings.artifacts_dir)
     failed = submit(settings)
     scratch(store.scratch_root(failed), "tmpleft")
     no_model = settings.model_copy(update={"base_models": {}})
@@ -193,7 +193,7 @@ def test_an_attempt_taking_over_an_expired_lease_first_removes_the_dead_attempts
     settings, monkeypatch
 ):
     """A redelivered message may claim the job before the sweep re-queues it."""
-    store = ArtifactStore(settings.artifacts_dir)
+    store = LocalStore(settings.artifacts_dir)
     job_id = submit(settings)
     claim(settings, job_id)  # attempt 1, then killed: its lease lapses, no sweep runs
     scratch(store.scratch_root(job_id), "loraforge-ckpt-dead", "tmpdeadout")

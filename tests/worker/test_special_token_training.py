@@ -20,7 +20,7 @@ from app.inference import AdapterRef, InferenceEngine  # noqa: E402
 from app.ml.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS  # noqa: E402
 from app.ml.chat import prompt_ids  # noqa: E402
 from app.ml.loading import load_base_model, load_tokenizer  # noqa: E402
-from app.storage import ArtifactStore, file_sha256  # noqa: E402
+from app.storage import LocalStore, file_sha256  # noqa: E402
 from tests.factories import load, submit  # noqa: E402
 from tests.unit.greedy_text import peft_greedy  # noqa: E402
 from worker.run_job import run_job  # noqa: E402
@@ -59,7 +59,7 @@ def test_trained_token_rows_are_saved_loaded_by_peft_and_served(settings, tmp_pa
         "Training the embeddings of 4 tokens" in e.message
         for e in load(settings, JobEvent, job_id=job_id)
     )
-    folder = ArtifactStore(settings.artifacts_dir).path(adapter.storage_key)
+    folder = LocalStore(settings.artifacts_dir).path(adapter.storage_key)
 
     # the rows of the template's tokens moved away from the base's: every output row, and
     # the input rows of the tokens the data holds (it has no system message)

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -17,6 +19,7 @@ from app.files import service as files
 from app.schemas.common import Deleted, Id, ListPage
 from app.schemas.files import FileRead
 from app.storage import ArtifactStore
+from app.storage.base import CHUNK
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -91,15 +94,27 @@ CONTENT_TYPES = {".jsonl": "application/jsonl", ".csv": "text/csv"}
 
 @router.get(
     "/{file_id}/content",
-    response_class=FileResponse,
+    response_class=StreamingResponse,
     responses={200: {"content": {kind: {} for kind in CONTENT_TYPES.values()}}},
 )
 def file_content(
     file_id: Id, org: OrgDep, session: ReadSessionDep, store: StoreDep
-) -> FileResponse:
+) -> StreamingResponse:
+    """The stored bytes, streamed from the store a chunk at a time (local or object store)."""
     row = files.get_file(session, organization=org, file_id=file_id)
-    path = store.path(row.storage_key)
-    return FileResponse(path, media_type=CONTENT_TYPES.get(path.suffix, "application/jsonl"))
+    key = row.storage_key
+    suffix = "." + key.rsplit(".", 1)[-1]
+
+    def chunks() -> Iterator[bytes]:
+        with store.open(key) as src:
+            while chunk := src.read(CHUNK):
+                yield chunk
+
+    return StreamingResponse(
+        chunks(),
+        media_type=CONTENT_TYPES.get(suffix, "application/jsonl"),
+        headers={"Content-Length": str(row.bytes)},
+    )
 
 
 @router.delete("/{file_id}", response_model=Deleted)

@@ -35,6 +35,7 @@ from app.db.models import Organization
 from app.db.session import read_session_scope
 from app.errors import LoraforgeError, Unauthorized
 from app.ids import new_id
+from app.inference.adapter_cache import adapter_cache
 from app.registry import service as registry
 from app.schemas.inference import (
     AssistantMessage,
@@ -112,7 +113,13 @@ def _submit(
     if target.adapter is not None:
         adapter = AdapterRef(
             id=target.adapter.id,
-            path=store.path(target.adapter.storage_key),
+            path=adapter_cache(
+                store, data_dir=settings.data_dir, max_bytes=settings.adapter_cache_bytes
+            ).folder(
+                model_id=target.adapter.id,
+                key=target.adapter.storage_key,
+                sha256=target.adapter.sha256,
+            ),
             sha256=target.adapter.sha256,
             owner=org.id,
         )

@@ -10,7 +10,6 @@ from app.api.deps import OrgDep, ReadSessionDep, SessionDep, SettingsDep, StoreD
 from app.api.views import adapter_view, base_model_view, checkpoint_model_view
 from app.db.session import commit
 from app.errors import InvalidRequest, adapter_weights_changed
-from app.ml.adapters import ADAPTER_WEIGHTS
 from app.registry import service as registry
 from app.registry.download import (
     ARCHIVE_SHA256_HEADER,
@@ -20,7 +19,7 @@ from app.registry.download import (
 )
 from app.schemas.common import Id, ListPage
 from app.schemas.models import ModelDeleted, ModelRead
-from app.storage import file_sha256
+from app.storage import ArtifactCorrupt, ArtifactMissing
 
 if TYPE_CHECKING:
     from app.inference.engine import InferenceEngine
@@ -55,13 +54,13 @@ def download_adapter(
         raise InvalidRequest(
             f"{model_id!r} is a base model; only adapters can be downloaded", param="model"
         )
-    folder = store.path(stored.storage_key)
-    weights = folder / ADAPTER_WEIGHTS
-    # Missing safetensors (say, only a pickled .bin left) is refused like a corrupt file.
-    if not weights.is_file() or file_sha256(weights) != stored.sha256:
-        raise adapter_weights_changed(model_id)
     base = public_base_name(target.base_model, settings.base_models.get(target.base_model))
-    archive = adapter_archive(folder, base_model=base)
+    try:
+        archive = adapter_archive(
+            store, stored.storage_key, base_model=base, weights_sha256=stored.sha256
+        )
+    except (ArtifactMissing, ArtifactCorrupt) as exc:
+        raise adapter_weights_changed(model_id) from exc
     filename = model_id.replace(":", "_").replace("/", "_") + ".zip"
     headers = {
         ARCHIVE_SHA256_HEADER: archive.sha256,  # of the body: what the client received
