@@ -97,12 +97,17 @@ def store_dataset(
     with store.temp_dir() as tmp:
         spool = tmp / "upload.jsonl"
         spool.write_bytes(content)
-        return files.store_spooled_file(
-            session, organization=organization, spool=spool, size=len(content),
-            sha256=hashlib.sha256(content).hexdigest(), filename=filename,
-            purpose="fine-tune", store=store, max_lines=max_lines,
-            max_stored_bytes=max_stored_bytes,
+        staged = files.stage_upload(
+            spool=spool, size=len(content), sha256=hashlib.sha256(content).hexdigest(),
+            filename=filename, purpose="fine-tune", store=store, max_lines=max_lines,
         )  # fmt: skip
+    try:
+        return files.add_file_row(
+            session, organization=organization, staged=staged, max_stored_bytes=max_stored_bytes
+        )
+    except Exception:
+        store.delete(staged.storage_key)
+        raise
 
 
 def submit(settings, *, rows=None, org="acme", model="tiny", **hyperparameters) -> str:

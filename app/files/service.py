@@ -4,6 +4,7 @@ read, delete."""
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -12,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from app.db.models import File, Job, Organization
 from app.errors import InvalidRequest, InvalidState, NotFound, PayloadTooLarge
-from app.files.format import LINE_SHAPES, MAX_LINE_BYTES, validate_jsonl_file
+from app.files.format import LINE_SHAPES, MAX_LINE_BYTES, DatasetSummary, validate_jsonl_file
 from app.ids import new_id
 from app.statuses import ACTIVE_JOB_STATUSES
 from app.storage import ArtifactStore
@@ -33,10 +34,21 @@ def check_upload(*, filename: str, purpose: str | None) -> None:
         )
 
 
-def store_spooled_file(
-    session: Session,
+@dataclass(frozen=True)
+class StagedUpload:
+    """A validated upload already in the store under its new id, with no row yet."""
+
+    file_id: str
+    storage_key: str
+    size: int
+    sha256: str
+    filename: str  # the user's name, a label only: the key is built from the id
+    purpose: str
+    summary: DatasetSummary
+
+
+def stage_upload(
     *,
-    organization: Organization,
     spool: Path,
     size: int,
     sha256: str,
@@ -45,34 +57,43 @@ def store_spooled_file(
     store: ArtifactStore,
     max_lines: int,
     max_line_bytes: int = MAX_LINE_BYTES,
-    max_stored_bytes: int = 0,
-) -> File:
-    """Validate a spooled upload, add its row and move it into the store.
+) -> StagedUpload:
+    """Validate a spooled upload and put it into the store under a new id.
 
-    The caller has checked `filename` and `purpose` (`check_upload`) before spooling.
-    Nothing is kept when any step fails: the caller's spool lives in a temp dir that is
-    always removed, and the row is flushed only after validation passed. The user's
-    file name is a label only: the stored path is built from the server-made id.
-    `max_stored_bytes`: the organization's storage quota (0: none), held until commit.
+    Called with no database session open: on an object store the transfer takes network
+    time, and no request may hold a connection while it waits on the network. The caller
+    has checked `filename` and `purpose` (`check_upload`) before spooling. Until
+    `add_file_row`'s row commits, the stored object is the caller's to delete.
     """
     summary = validate_jsonl_file(spool, max_lines=max_lines, max_line_bytes=max_line_bytes)
-    if max_stored_bytes:
-        check_storage_quota(session, organization=organization, adding=size, limit=max_stored_bytes)
     file_id = new_id("file")
+    key = f"datasets/{file_id}.jsonl"
+    store.publish_file(spool, key)
+    return StagedUpload(file_id, key, size, sha256, filename, purpose, summary)
+
+
+def add_file_row(
+    session: Session, *, organization: Organization, staged: StagedUpload, max_stored_bytes: int = 0
+) -> File:
+    """The row of a staged upload, flushed. `max_stored_bytes`: the organization's storage
+    quota (0: none), held until the caller commits."""
+    if max_stored_bytes:
+        check_storage_quota(
+            session, organization=organization, adding=staged.size, limit=max_stored_bytes
+        )
     row = File(
-        id=file_id,
+        id=staged.file_id,
         organization_id=organization.id,
-        filename=display_name(filename),
-        purpose=purpose,
-        bytes=size,
-        sha256=sha256,
-        storage_key=f"datasets/{file_id}.jsonl",
-        examples=summary.examples,
-        format=summary.format,
+        filename=display_name(staged.filename),
+        purpose=staged.purpose,
+        bytes=staged.size,
+        sha256=staged.sha256,
+        storage_key=staged.storage_key,
+        examples=staged.summary.examples,
+        format=staged.summary.format,
     )
     session.add(row)
     session.flush()
-    store.publish_file(spool, row.storage_key)
     return row
 
 

@@ -1,16 +1,19 @@
 """This host's copy of adapter files: content-addressed, bounded in bytes.
 
 An inference process never assumes it sees the store's disk. Adapter files fetched from an
-object store land in `<data dir>/adapter-cache/<weights sha256>/` (the registry's sha256 of
-`adapter_model.safetensors`: the address is the content, so a replaced adapter, which has a
-new id and new weights, can never be served from a stale copy), each file checked against
-the store's manifest on the way in. Entries are used least-recently-first evicted once they
-pass `LORAFORGE_ADAPTER_CACHE_BYTES`; the entry just asked for is never evicted. With the
-local backend the store's own directory is used (zero copy) and nothing is cached.
+object store land in `<data dir>/adapter-cache/<weights sha256>-<key hash>/` (`entry_name`:
+the registry's sha256 of `adapter_model.safetensors`, so a replaced adapter, which has new
+weights, can never be served from a stale copy; and the store key, since two adapters may
+share weights but not their `adapter_config.json`, e.g. another `lora_alpha`), each file
+checked against the store's manifest on the way in. The least recently used entries are
+evicted once they pass `LORAFORGE_ADAPTER_CACHE_BYTES`; the entry just asked for is never
+evicted. With the local backend the store's own directory is used (zero copy) and nothing
+is cached.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -34,7 +37,7 @@ class AdapterCache:
         if isinstance(self.store, LocalStore):
             return self.store.path(key)  # the published directory itself
         address = sha256.strip().lower()
-        entry = self.root / address
+        entry = self.root / entry_name(key=key, sha256=address)
         if entry.is_dir():
             os.utime(entry)  # most recently used
             return entry
@@ -86,6 +89,11 @@ class AdapterCache:
             total -= size
             evicted.append(path)
         return evicted
+
+
+def entry_name(*, key: str, sha256: str) -> str:
+    """The cache folder of the adapter stored at `key` whose weights hash to `sha256`."""
+    return f"{sha256}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 def adapter_cache(store: ArtifactStore, *, data_dir: Path, max_bytes: int) -> AdapterCache:

@@ -16,7 +16,7 @@ import shutil
 from sqlalchemy import select
 
 from app.config import Settings
-from app.db.models import Adapter, Checkpoint, Job
+from app.db.models import Adapter, Checkpoint, File, Job
 from app.db.session import read_session_scope
 from app.statuses import TERMINAL_JOB_STATUSES, CheckpointStatus
 from app.storage import open_store
@@ -65,6 +65,34 @@ def remove_dead_attempts_leftovers(
                 removed.append(f"tmp/{job_id}/{path.name}")
     if removed:
         logger.info("removed leftovers of dead attempts: %s", removed)
+    return removed
+
+
+# An upload's bytes reach the store before its row commits (app/files/service.stage_upload);
+# a dataset object with no row after this long is one whose API process died in between.
+UNRECORDED_DATASET_GRACE_SECONDS = 3600.0
+
+
+def remove_unrecorded_datasets(settings: Settings, *, now: float) -> list[str]:
+    """Delete dataset objects that no file row records and that are older than the grace
+    period: what an upload left when its process died between storing and committing."""
+    store = open_store(settings)
+    stored = [
+        key
+        for key, mtime in store.entries("datasets")
+        if mtime < now - UNRECORDED_DATASET_GRACE_SECONDS
+    ]
+    if not stored:
+        return []
+    with read_session_scope(settings.sqlalchemy_url) as session:
+        recorded = set(
+            session.scalars(select(File.storage_key).where(File.storage_key.in_(stored)))
+        )
+    removed = [key for key in stored if key not in recorded]
+    for key in removed:
+        store.delete(key)
+    if removed:
+        logger.info("removed datasets stored without a row: %s", removed)
     return removed
 
 

@@ -18,17 +18,29 @@ from app.db.models import Job
 from app.db.session import read_session_scope, session_scope
 from app.jobs import queue
 from app.jobs import runs as job_runs
-from app.jobs.leftovers import remove_dead_attempts_leftovers, remove_scratch_of_ended_jobs
+from app.jobs.leftovers import (
+    UNRECORDED_DATASET_GRACE_SECONDS,
+    remove_dead_attempts_leftovers,
+    remove_scratch_of_ended_jobs,
+    remove_unrecorded_datasets,
+)
 from app.statuses import JobStatus
 
 logger = logging.getLogger(__name__)
 
 
+_datasets_due = 0.0  # when this process next lists the stored datasets (a listing is costly)
+
+
 def sweep_once(settings: Settings) -> list[str]:
+    global _datasets_due
     try:  # cleanup only: it never stands in the way of re-queuing
         remove_scratch_of_ended_jobs(settings)
+        if time.time() >= _datasets_due:
+            _datasets_due = time.time() + UNRECORDED_DATASET_GRACE_SECONDS / 4
+            remove_unrecorded_datasets(settings, now=time.time())
     except Exception:
-        logger.exception("removing the scratch of finished jobs failed")
+        logger.exception("removing the leftovers of finished jobs or uploads failed")
     started = time.time()
     with session_scope(settings.sqlalchemy_url) as session:
         job_ids = job_runs.sweep(

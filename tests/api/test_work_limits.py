@@ -91,7 +91,7 @@ def test_the_validation_set_counts_once_per_checkpoint(client, settings, trainin
 
 
 def test_uploads_past_the_storage_quota_are_refused_for_that_organization_only(
-    client, other_client
+    client, other_client, settings
 ):
     assert [upload(client, ROWS).status_code for _ in range(3)] == [200] * 3
     response = upload(client, ROWS)
@@ -100,7 +100,9 @@ def test_uploads_past_the_storage_quota_are_refused_for_that_organization_only(
     assert error["code"] == "storage_quota_exceeded" and error["param"] == "file"
     assert f"take {3 * len(ROWS)} bytes" in error["message"]
     assert f"storage quota of {3 * len(ROWS)} bytes" in error["message"]
-    assert len(client.get("/v1/files").json()["data"]) == 3  # nothing of it stored
+    assert len(client.get("/v1/files").json()["data"]) == 3  # nothing of it stored:
+    # the bytes went to the store before the row was refused, and were deleted again
+    assert len(list((settings.artifacts_dir / "datasets").iterdir())) == 3
     assert upload(other_client, ROWS).status_code == 200
     client.delete(f"/v1/files/{client.get('/v1/files').json()['data'][0]['id']}")
     assert upload(client, ROWS).status_code == 200  # deleting makes room

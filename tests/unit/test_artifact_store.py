@@ -11,7 +11,7 @@ import time
 import pytest
 
 from app.errors import IntegrityFailure
-from app.inference.adapter_cache import AdapterCache
+from app.inference.adapter_cache import AdapterCache, entry_name
 from app.storage import (
     ArtifactCorrupt,
     ArtifactMissing,
@@ -101,7 +101,9 @@ def test_a_crash_between_objects_never_yields_a_loadable_half_adapter(
     cache = AdapterCache(store, tmp_path / "cache", max_bytes=1 << 20)
     with pytest.raises(IntegrityFailure):
         cache.folder(model_id="ft:x", key="adapters/ftjob-2", sha256=sha(b"new"))
-    assert not (tmp_path / "cache" / sha(b"new")).exists()
+    assert not (
+        tmp_path / "cache" / entry_name(key="adapters/ftjob-2", sha256=sha(b"new"))
+    ).exists()
 
 
 def test_republishing_hides_the_old_directory_first(s3_storage_url, tmp_path, monkeypatch):
@@ -154,21 +156,38 @@ def test_the_cache_is_content_addressed_and_evicts_the_least_recently_used(
     def get(n: int):
         return cache.folder(model_id=f"ft:{n}", key=f"adapters/ftjob-{n}", sha256=sha(weights[n]))
 
+    def entry(n: int):
+        return tmp_path / "cache" / entry_name(key=f"adapters/ftjob-{n}", sha256=sha(weights[n]))
+
     first = get(0)
-    assert first == tmp_path / "cache" / sha(weights[0])  # addressed by content
+    assert first == entry(0)  # addressed by content (and key)
     assert (first / "adapter_model.safetensors").read_bytes() == weights[0]
     get(1)
     old = time.time() - 100
-    os.utime(tmp_path / "cache" / sha(weights[1]), (old, old))  # 1 is now the least recent
+    os.utime(entry(1), (old, old))  # 1 is now the least recent
     os.utime(first, (old + 50, old + 50))
     assert get(0) == first  # a hit: no fetch, and it becomes the most recent
     get(2)  # past the bound: the least recently used goes
     cached = {p.name for p in (tmp_path / "cache").iterdir() if p.name != ".incoming"}
-    assert cached == {sha(weights[0]), sha(weights[2])}
+    assert cached == {entry(0).name, entry(2).name}
     total = sum(f.stat().st_size for d in cached for f in (tmp_path / "cache" / d).iterdir())
     assert total <= 2 * entry_bytes
     store.delete("adapters/ftjob-0")
     assert get(0) == first  # served from this host's copy, the store is not asked
+
+
+def test_adapters_with_the_same_weights_keep_their_own_config(s3_storage_url, tmp_path):
+    store = S3Store(s3_storage_url, scratch=tmp_path / "scratch")
+    for n, alpha in ((1, 16), (2, 32)):
+        config = b'{"peft_type": "LORA", "lora_alpha": %d}' % alpha
+        store.publish_dir(adapter_dir(tmp_path / f"o{n}", b"same", config), f"adapters/ftjob-{n}")
+    cache = AdapterCache(store, tmp_path / "cache", max_bytes=1 << 20)
+    configs = [
+        (cache.folder(model_id=f"ft:{n}", key=f"adapters/ftjob-{n}", sha256=sha(b"same"))
+         / "adapter_config.json").read_bytes()
+        for n in (1, 2)
+    ]  # fmt: skip
+    assert b'"lora_alpha": 16' in configs[0] and b'"lora_alpha": 32' in configs[1]
 
 
 def test_one_adapter_larger_than_the_bound_is_still_served(s3_storage_url, tmp_path) -> None:
@@ -281,3 +300,29 @@ def test_preloaded_adapters_come_from_this_hosts_cache(
     [ref] = preloaded["tiny"]
     assert ref.path.parent == settings.data_dir / "adapter-cache"
     assert file_sha256(ref.path / "adapter_model.safetensors") == ref.sha256
+
+
+def test_a_dataset_stored_without_a_row_is_removed_after_the_grace_period(
+    settings, s3_storage_url, tmp_path
+) -> None:
+    """An upload stores its bytes before its row commits; a process that died in between
+    left an object no row names. The sweep removes it, and never a recorded dataset."""
+    from app.db.session import session_scope
+    from app.jobs.leftovers import UNRECORDED_DATASET_GRACE_SECONDS, remove_unrecorded_datasets
+    from app.tenancy import get_or_create_organization
+    from tests.factories import chat_rows, jsonl, store_dataset
+
+    on_s3 = settings.model_copy(update={"storage_url": s3_storage_url})
+    store = open_store(on_s3)
+    with session_scope(on_s3.sqlalchemy_url) as session:
+        org = get_or_create_organization(session, name="acme")
+        recorded = store_dataset(
+            session, organization=org, store=store, content=jsonl(chat_rows(3))
+        )
+        recorded_key = recorded.storage_key
+    (tmp_path / "orphan").write_bytes(b"{}")
+    store.publish_file(tmp_path / "orphan", "datasets/file-orphan.jsonl")
+    assert remove_unrecorded_datasets(on_s3, now=time.time()) == []  # still within its grace
+    later = time.time() + UNRECORDED_DATASET_GRACE_SECONDS + 1
+    assert remove_unrecorded_datasets(on_s3, now=later) == ["datasets/file-orphan.jsonl"]
+    assert [key for key, _ in store.entries("datasets")] == [recorded_key]

@@ -48,34 +48,40 @@ async def upload_file(
 def _store(
     upload: Upload, org: Organization, store: ArtifactStore, settings: Settings, key: str | None
 ) -> FileRead:
-    with session_scope(settings.sqlalchemy_url) as session:
-        return _store_in(session, upload, org, store, settings, key)
-
-
-def _store_in(
-    session: Session,
-    upload: Upload,
-    org: Organization,
-    store: ArtifactStore,
-    settings: Settings,
-    key: str | None,
-) -> FileRead:
+    """Replay, or validate and store then commit the row: the bytes travel to the store
+    between two short sessions, never while one is open (an object store is network)."""
     filename, purpose = upload.filename or "upload.jsonl", upload.fields.get("purpose")
     files.check_upload(filename=filename, purpose=purpose)
     digest = idempotency.request_sha256(upload.sha256, filename, purpose or "")
     scope = idempotency.Scope(organization=org, endpoint="files", key=key, digest=digest)
-    earlier = idempotency.replayed_id(session, **scope)
-    if earlier is None:
-        row = files.store_spooled_file(
-            session, organization=org, spool=upload.path, size=upload.size,
-            sha256=upload.sha256, filename=filename, purpose=purpose or "", store=store,
-            max_lines=settings.max_lines_per_file, max_line_bytes=settings.max_line_bytes,
-            max_stored_bytes=settings.max_stored_bytes_per_org,
-        )  # fmt: skip
-        undo = lambda: store.delete(row.storage_key)  # noqa: E731
-        earlier = idempotency.commit_once(session, **scope, object_id=row.id, undo=undo)
+    with session_scope(settings.sqlalchemy_url) as session:
+        earlier = idempotency.replayed_id(session, **scope)
+        if earlier is not None:
+            return _file(session, org, earlier)
+    staged = files.stage_upload(
+        spool=upload.path, size=upload.size, sha256=upload.sha256, filename=filename,
+        purpose=purpose or "", store=store, max_lines=settings.max_lines_per_file,
+        max_line_bytes=settings.max_line_bytes,
+    )  # fmt: skip
+    kept = False
+    try:
+        with session_scope(settings.sqlalchemy_url) as session:
+            files.add_file_row(
+                session, organization=org, staged=staged,
+                max_stored_bytes=settings.max_stored_bytes_per_org,
+            )  # fmt: skip
+            # a concurrent request with the same key may have won: then its file is answered
+            winner = idempotency.commit_once(session, **scope, object_id=staged.file_id)
+            kept = winner == staged.file_id
+            return _file(session, org, winner)
+    finally:
+        if not kept:  # refused, lost the key's race, or failed: nothing half-stored
+            store.delete(staged.storage_key)
+
+
+def _file(session: Session, org: Organization, file_id: str) -> FileRead:
     fetch = lambda file_id: files.get_file(session, organization=org, file_id=file_id)  # noqa: E731
-    return file_view(idempotency.current(fetch, earlier, kind="file"))
+    return file_view(idempotency.current(fetch, file_id, kind="file"))
 
 
 @router.get("", response_model=ListPage[FileRead])
