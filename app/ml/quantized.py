@@ -53,6 +53,12 @@ def load_quantized(ref: str, config: Any, *, quantization: str, device: str, dty
     return model
 
 
+def is_quantized(model: Any) -> bool:
+    return bool(
+        getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    )
+
+
 def bnb_config(quantization: str, compute_dtype: Any) -> Any:
     from transformers import BitsAndBytesConfig
 

@@ -100,16 +100,11 @@ def _wrap(
     init_adapter: Path | None,
 ) -> Any:
     """Inject trainable LoRA layers (fresh, or continuing `init_adapter`) into the frozen base."""
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, get_peft_model
 
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        # QLoRA: the unquantized rest (norms, embeddings, output layer) to fp32 for stable
-        # training; checkpointing only when the job asks for it (PEFT's default is on)
-        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
-            model,
-            use_gradient_checkpointing=hp.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+    from worker.training.kbit import prepare_for_training
+
+    model = prepare_for_training(model, gradient_checkpointing=hp.gradient_checkpointing)
     if hp.gradient_checkpointing:
         # non-reentrant checkpointing needs no input grads, so the frozen base stays frozen
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
