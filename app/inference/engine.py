@@ -306,13 +306,19 @@ def _load_base(name: str, base: LoadedBase, device: str) -> Any:
     from app.errors import QuantizationUnavailable
     from app.ml.loading import load_base_model
 
+    if base.quantization == "none":
+        return load_base_model(base.ref, device=device)
+    from app.ml.quantized import set_inference_kernel
+
     try:
-        return load_base_model(base.ref, device=device, quantization=base.quantization)
+        model = load_base_model(base.ref, device=device, quantization=base.quantization)
     except QuantizationUnavailable as exc:
         entry = f"{base.ref};quantization={base.quantization}"
         raise BaseModelUnavailable(
             explain(name, entry, exc.message), param="model", code="model_not_available"
         ) from exc
+    set_inference_kernel(model, True)  # serving never trains it
+    return model
 
 
 def _check_input(prompt: str | None, messages: list[dict[str, Any]] | None) -> None:

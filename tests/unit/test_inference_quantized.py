@@ -17,12 +17,14 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
+from bitsandbytes.functional import has_avx512bf16  # noqa: E402
 from bitsandbytes.nn.modules import Linear4bit  # noqa: E402
 
 from app.errors import ServiceUnavailable  # noqa: E402
 from app.inference import AdapterRef, InferenceEngine  # noqa: E402
 from app.inference.lora import MultiLoraLinear  # noqa: E402
 from app.ml.loading import load_base_model, load_tokenizer  # noqa: E402
+from app.ml.quantized import set_inference_kernel  # noqa: E402
 from app.ml.tiny_model import build_tiny_model  # noqa: E402
 from app.storage import file_sha256  # noqa: E402
 
@@ -52,9 +54,11 @@ def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def peft_text(base_dir: Path, adapter: AdapterRef, prompt: str) -> str:
-    """Plain PEFT greedy decoding of one request on the nf4 base: the reference."""
+    """Plain PEFT greedy decoding of one request on the nf4 base, served as the engine
+    serves it (bitsandbytes' CPU inference kernel on): the reference."""
     tokenizer = load_tokenizer(base_dir)
     base = load_base_model(base_dir, device="cpu", quantization="nf4")
+    set_inference_kernel(base, True)
     model = peft.PeftModel.from_pretrained(base, str(adapter.path)).eval()
     ids = torch.tensor([tokenizer(prompt).input_ids])
     out = model.generate(
@@ -97,6 +101,8 @@ def test_a_quantized_base_serves_two_adapters_in_one_batch(tiny_model_dir, adapt
         engine.close()
     wrapped = [m for m in model.modules() if isinstance(m, MultiLoraLinear)]
     assert wrapped and all(isinstance(m.base, Linear4bit) for m in wrapped)  # LoRA over 4-bit
+    # serving opts into bitsandbytes' CPU inference kernel where the CPU has it
+    assert all(m.base.support_avx512bf16_for_cpu == has_avx512bf16() for m in wrapped)
     assert stats["mixed_steps"] > 0, stats  # both adapters in the same forward passes
     expected = [peft_text(tiny_model_dir, ref, prompt) for ref, prompt in jobs]
     assert all(texts), texts

@@ -96,9 +96,9 @@ def test_the_base_loads_quantized_and_frozen(tiny_model_dir: Path, quantization:
 
 def test_a_validation_pass_does_not_change_the_next_gradients(tiny_model_dir: Path) -> None:
     """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its inference kernel
-    at the first eval-mode forward without grad, and that kernel has no backward; the
-    training setup keeps the trainable layout, so gradients are the same with or without a
-    validation pass before the step."""
+    at the first eval-mode forward without grad, and that kernel has no backward; a base
+    loads with that kernel off, so gradients are the same with or without a validation pass
+    before the step (on a CPU without AVX512-BF16 the kernel never runs)."""
     from peft import LoraConfig, get_peft_model
 
     from worker.training.kbit import prepare_for_training
@@ -123,3 +123,19 @@ def test_a_validation_pass_does_not_change_the_next_gradients(tiny_model_dir: Pa
         )
 
     assert torch.equal(first_layer_grad(False), first_layer_grad(True))
+
+
+def test_training_refuses_a_base_repacked_for_inference(tiny_model_dir: Path) -> None:
+    from app.ml.quantized import set_inference_kernel
+    from worker.training.kbit import prepare_for_training
+
+    base = load_base_model(tiny_model_dir, device="cpu", quantization="nf4")
+    set_inference_kernel(base, True)
+    with torch.no_grad():
+        base(input_ids=torch.tensor([[1, 2, 3]]))
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks")
+    with pytest.raises(RuntimeError, match="repacked for inference"):
+        prepare_for_training(base, gradient_checkpointing=False)

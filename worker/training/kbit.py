@@ -6,7 +6,7 @@ from typing import Any
 
 from peft import prepare_model_for_kbit_training
 
-from app.ml.quantized import is_quantized, quantized_layers
+from app.ml.quantized import is_quantized, repacked_for_inference
 
 
 def prepare_for_training(model: Any, *, gradient_checkpointing: bool) -> Any:
@@ -14,21 +14,19 @@ def prepare_for_training(model: Any, *, gradient_checkpointing: bool) -> Any:
 
     PEFT's k-bit preparation casts the unquantized rest (norms, embeddings, output layer) to
     fp32 for stable training; checkpointing only when the job asks (PEFT's default is on).
-    And the 4-bit layers keep their trainable layout: on a CPU with AVX512-BF16, bitsandbytes
-    repacks a layer's weight for its inference kernel at the first forward pass in eval
-    mode without grad (a validation pass), and that kernel has no backward: every later
-    step's gradients would skip the base path (measured: a first-layer LoRA gradient off by
-    0.03 after one eval pass, the loss changed).
+    The base must not have run bitsandbytes' CPU inference kernel, which has no backward
+    (`app/ml/quantized.set_inference_kernel`; `load_base_model` leaves it off).
     """
     if not is_quantized(model):
         return model
-
-    model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
+    repacked = repacked_for_inference(model)
+    if repacked:
+        raise RuntimeError(
+            f"4-bit layers {repacked[:3]} were repacked for inference; training them would "
+            "drop their gradients: load the base with the inference kernel off"
+        )
+    return prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
         model,
         use_gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
-    for layer in quantized_layers(model).values():
-        if hasattr(layer, "support_avx512bf16_for_cpu"):  # bitsandbytes' Linear4bit (0.50)
-            layer.support_avx512bf16_for_cpu = False
-    return model
