@@ -16,10 +16,11 @@ from tests.factories import chat_rows, create_job, jsonl, load, upload
 from tests.unit.test_quantization import without_bitsandbytes
 
 pytest.importorskip("bitsandbytes")
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 from app.ml.tiny_model import build_tiny_model
 from worker.run_job import run_job
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PARAM = "hyperparameters.quantization"
 N_ITEMS = 12
