@@ -121,3 +121,14 @@ def test_a_qlora_job_learns_and_its_adapter_records_the_quantization(client, set
     print(f"\nQLoRA adapter on the nf4-served base: {hits}/{N_ITEMS} memorised answers")
     assert hits >= AT_LEAST, list(zip(adapter, codes, strict=True))
     assert not any(b == c for b, c in zip(base, codes, strict=True))
+
+
+@pytest.mark.slow
+def test_an_int8_job_trains_on_cpu(client, settings) -> None:
+    """bitsandbytes 0.50 runs LLM.int8() on CPU, so int8 is not refused there."""
+    body = {"model": "tiny", "training_file": training_file(client, 3)}
+    hp = {"quantization": "int8", "n_epochs": 1, "batch_size": 3, "n_checkpoints": 1}
+    job = create_job(client, **body, hyperparameters=hp).json()
+    assert run_job(job["id"], settings=settings) == "succeeded"
+    model = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["fine_tuned_model"]
+    assert client.get(f"/v1/models/{model}").json()["lora_config"]["quantization"] == "int8"
