@@ -12,8 +12,7 @@ import pytest
 from app import migrate
 from app.db.models import Job
 from tests.conftest import make_settings
-from tests.factories import chat_rows, create_job, jsonl, load, upload
-from tests.unit.test_quantization import without_bitsandbytes
+from tests.factories import chat_rows, create_job, jsonl, load, upload, without_bitsandbytes
 
 pytest.importorskip("bitsandbytes")
 

@@ -4,7 +4,6 @@ bitsandbytes, and the 4-bit layers keeping a trainable layout through a validati
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,15 +12,8 @@ from pydantic import ValidationError
 
 from app.config import Settings
 from app.errors import QuantizationUnavailable
-from app.quantization import BACKEND, require_backend
-
-
-def without_bitsandbytes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """find_spec answers as on a machine where bitsandbytes is not installed."""
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == BACKEND else real(name, *a)
-    )
+from app.quantization import require_backend
+from tests.factories import without_bitsandbytes
 
 
 def test_an_allowlist_entry_may_serve_its_base_quantized() -> None:
