@@ -14,6 +14,12 @@ naming it is refused (400) and a request for it answers 503 at once, each naming
 model and the reason. Local entries are checked again on each use (a stat; fixing the
 directory needs no restart); a hub entry's answer is kept for the life of the process.
 Torch-free: the API checks without loading anything.
+
+An entry may carry options after its reference, separated by `;`:
+`tiny=/models/tiny;quantization=nf4` serves that base quantized by bitsandbytes (`nf4` or
+`int8`; `none` is the default). The options only change how the engine loads the base: jobs
+choose their own quantization (`hyperparameters.quantization`), and any adapter is served on
+any precision of its base.
 """
 
 from __future__ import annotations
@@ -28,12 +34,36 @@ logger = logging.getLogger(__name__)
 
 HUB_TIMEOUT_SECONDS = 10.0  # one metadata request per uncached hub entry, at start
 SETTING = "LORAFORGE_BASE_MODELS"
+OPTION_SEPARATOR = ";"  # name=ref;quantization=nf4
+OPTIONS = ("quantization",)
 
 
 class BaseModelUnavailable(ServiceUnavailable):
     """An allowlisted base model that cannot be loaded on this machine (503 for requests)."""
 
     code = "model_not_available"
+
+
+def split_options(entries: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """({name: reference}, {name: serving quantization}) of allowlist values that may carry
+    `;key=value` options; an unknown option or value raises ValueError naming the entry."""
+    from app.quantization import parse
+
+    refs: dict[str, str] = {}
+    quantized: dict[str, str] = {}
+    for name, value in entries.items():
+        ref, *options = (part.strip() for part in value.split(OPTION_SEPARATOR))
+        refs[name] = ref
+        for option in options:
+            key, sep, chosen = (part.strip() for part in option.partition("="))
+            where = f"{SETTING} entry {name}"
+            if not sep or key not in OPTIONS:
+                raise ValueError(
+                    f"{where}: unknown option {option!r} (known: {', '.join(OPTIONS)})"
+                )
+            if parse(chosen, where=where) != "none":
+                quantized[name] = chosen
+    return refs, quantized
 
 
 def looks_like_path(ref: str) -> bool:

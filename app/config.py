@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Annotated
 
 import platformdirs
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from app.base_models import split_options
 
 
 def default_data_dir() -> Path:
@@ -36,8 +38,10 @@ class Settings(BaseSettings):
     storage_url: str | None = None
     # Bytes of adapter files an inference process keeps on local disk (object-store backend).
     adapter_cache_bytes: int = Field(default=10 << 30, ge=0)
-    # "name=path-or-hub-id,…": the only base models a job or a request may name.
+    # "name=path-or-hub-id,…": the only base models a job or a request may name. An entry
+    # may add ";quantization=nf4" (or int8) to serve that base quantized (app/base_models.py).
     base_models: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    _serving_quantization: dict[str, str] = PrivateAttr(default_factory=dict)
     max_upload_bytes: int = 100 * 1024 * 1024  # one uploaded file; 413 past it
     max_lines_per_file: int = 1_000_000  # examples per dataset file
     device: str = "auto"  # where training and inference run: cuda when available, else cpu
@@ -127,6 +131,16 @@ class Settings(BaseSettings):
                 raise ValueError(f"LORAFORGE_BASE_MODELS entry {pair!r} is not name=path-or-hub-id")
             parsed[name.strip()] = ref.strip()
         return parsed
+
+    @model_validator(mode="after")
+    def _base_model_options(self) -> Settings:
+        self.base_models, self._serving_quantization = split_options(self.base_models)
+        return self
+
+    @property
+    def serving_quantization(self) -> dict[str, str]:
+        """{base name: "nf4" | "int8"} for the bases served quantized (the rest: none)."""
+        return self._serving_quantization
 
     @field_validator("preload_adapters", mode="before")
     @classmethod

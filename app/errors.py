@@ -141,6 +141,15 @@ class UnsafeModelError(ValueError):
     the API answers 400 `unsafe_model`."""
 
 
+class QuantizationUnavailable(InvalidRequest):
+    """A base model cannot be loaded at the asked quantization (bitsandbytes is missing, the
+    checkpoint is already quantized, a layer bitsandbytes cannot take): 400 at job creation
+    when the API can know it, else the job fails with it; serving answers 503 naming the
+    base's `LORAFORGE_BASE_MODELS` entry."""
+
+    code = "quantization_unavailable"
+
+
 # Errors of a training run.
 
 

@@ -11,6 +11,7 @@ them), never from each other: tests/unit/test_import_rules.py checks it.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from app.jobs import service as jobs
 from app.main import create_app
 from app.ml.adapters import save_adapter
 from app.ml.loading import load_base_model
+from app.quantization import BACKEND
 from app.registry import service as registry
 from app.schemas.jobs import JobCreate
 from app.storage import ArtifactStore, open_store
@@ -215,3 +217,11 @@ def publish_adapter(
 def commit_fails(_session: Session) -> None:
     """Stands in for `app.db.session.commit` when the database goes away at the commit."""
     raise OperationalError("COMMIT", {}, ConnectionError("the database went away"))
+
+
+def without_bitsandbytes(monkeypatch) -> None:
+    """find_spec answers as on a machine where bitsandbytes is not installed."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == BACKEND else real(name, *a)
+    )

@@ -104,6 +104,16 @@ def check_context(model: Any, max_seq_length: int, base_model: str) -> None:
         limits.check_context(max_seq_length, context_of(model.config.to_dict()), base_model)
 
 
+def load_base(inputs: JobInputs, *, device: str) -> Any:
+    """The frozen base at the job's quantization; a base that cannot be quantized (or a
+    worker without bitsandbytes) fails the job naming `hyperparameters.quantization`."""
+    from app.ml.loading import load_base_model
+
+    quantization = inputs.spec.method.hyperparameters.quantization
+    with _failing_the_job():
+        return load_base_model(inputs.base_model_ref, device=device, quantization=quantization)
+
+
 @contextmanager
 def _failing_the_job() -> Iterator[None]:
     """A bound the API checks at creation, checked here on what only the worker knows: its

@@ -125,14 +125,14 @@ def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -
 def _train_and_publish_from(
     claim: Claim, settings: Settings, store: ArtifactStore, inputs_dir: Path
 ) -> None:
-    from app.ml.loading import load_base_model, load_tokenizer
+    from app.ml.loading import load_tokenizer
     from worker.training.loop import train_lora
     from worker.training.packing import count_steps
 
     inputs = job_inputs.read_inputs(claim, settings, store, inputs_dir)
     progress = Progress(claim, settings, store)
     tokenizer = load_tokenizer(inputs.base_model_ref)
-    model = load_base_model(inputs.base_model_ref, device=settings.device)
+    model = job_inputs.load_base(inputs, device=settings.device)
     hp = _hyperparameters_to_run(inputs.spec, model, progress)
     token_ids = job_inputs.trainable_tokens(tokenizer, hp.train_special_tokens, progress)
     train, valid = _encode(inputs, tokenizer, model, hp, progress)

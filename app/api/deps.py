@@ -124,6 +124,7 @@ def engine_for(app: FastAPI, settings: Settings) -> InferenceEngine:
 
             engine = InferenceEngine(
                 base_models=settings.base_models,
+                quantized=settings.serving_quantization,
                 max_loaded_adapters=settings.max_loaded_adapters,
                 max_batch_size=settings.max_batch_size,
                 device=settings.device,

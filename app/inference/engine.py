@@ -31,8 +31,9 @@ DEFAULT_MAX_TOKENS = 256  # when a chat request gives no limit (capped by the co
 class LoadedBase:
     """One base model: its scheduler, and tokenizers for the request threads."""
 
-    def __init__(self, ref: str) -> None:
+    def __init__(self, ref: str, quantization: str = "none") -> None:
         self.ref = ref
+        self.quantization = quantization  # how its weights are held (app/base_models.py)
         self.load_lock = threading.Lock()
         self.tokenizer: Any = None
         self.max_token_chars = 0  # characters of the longest token: bounds a text's length
@@ -63,6 +64,7 @@ class InferenceEngine:
         self,
         *,
         base_models: dict[str, str],
+        quantized: dict[str, str] | None = None,
         max_loaded_adapters: int = 8,
         device: str = "auto",
         max_batch_size: int = 16,
@@ -72,7 +74,8 @@ class InferenceEngine:
         kv_cache_fraction: float = 0.5,
         kv_group_by_length: bool = True,
     ) -> None:
-        """`max_requests_per_owner`: running + waiting requests of one organization (429
+        """`quantized`: {base name: "nf4" | "int8"} for the bases served quantized.
+        `max_requests_per_owner`: running + waiting requests of one organization (429
         past it; 0: no limit). `batch_share_per_owner`: the fraction of a batch's rows one
         organization may hold (`fairness.py`). `scheduler_nice`: the OS niceness of the
         scheduler threads (`scheduler.run_nicer`). `kv_cache_fraction`: of the memory free
@@ -82,7 +85,10 @@ class InferenceEngine:
             raise ValueError("max_loaded_adapters must be at least 1")
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
-        self._bases = {name: LoadedBase(ref) for name, ref in base_models.items()}
+        quantized = quantized or {}
+        self._bases = {
+            name: LoadedBase(ref, quantized.get(name, "none")) for name, ref in base_models.items()
+        }
         self._capacity = max_loaded_adapters
         self._max_batch = max_batch_size
         self._device = device
@@ -257,9 +263,9 @@ class InferenceEngine:
             if base.scheduler is None:
                 from app.inference.lora import linear_shapes
                 from app.inference.scheduler import BaseScheduler
-                from app.ml.loading import load_base_model, load_tokenizer
+                from app.ml.loading import load_tokenizer
 
-                model = load_base_model(base.ref, device=self._device)
+                model = _load_base(base_model, base, self._device)
                 base.tokenizer = load_tokenizer(base.ref)
                 base.max_token_chars = max(map(len, base.tokenizer.get_vocab()), default=1)
                 base.scheduler = BaseScheduler(
@@ -301,6 +307,28 @@ class InferenceEngine:
                 param="max_tokens",
             )
         return max_tokens
+
+
+def _load_base(name: str, base: LoadedBase, device: str) -> Any:
+    """The base's weights at its serving quantization; one bitsandbytes cannot quantize is
+    unavailable (503) with the reason and the setting to fix, like a missing directory."""
+    from app.base_models import BaseModelUnavailable, explain
+    from app.errors import QuantizationUnavailable
+    from app.ml.loading import load_base_model
+
+    if base.quantization == "none":
+        return load_base_model(base.ref, device=device)
+    from app.ml.quantized import set_inference_kernel
+
+    try:
+        model = load_base_model(base.ref, device=device, quantization=base.quantization)
+    except QuantizationUnavailable as exc:
+        entry = f"{base.ref};quantization={base.quantization}"
+        raise BaseModelUnavailable(
+            explain(name, entry, exc.message), param="model", code="model_not_available"
+        ) from exc
+    set_inference_kernel(model, True)  # serving never trains it
+    return model
 
 
 def _check_input(prompt: str | None, messages: list[dict[str, Any]] | None) -> None:

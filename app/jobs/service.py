@@ -13,6 +13,7 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from app import quantization
 from app.base_models import require_loadable
 from app.db.base import utcnow
 from app.db.models import Adapter, Checkpoint, File, Job, JobEvent, Organization
@@ -58,6 +59,7 @@ def create_job(
         )
     spec = _run_spec(request, base_model=base_model, parent=parent, training=training)
     resolved = spec.method.hyperparameters
+    quantization.require_backend(resolved.quantization)
     hyperparameters.check_target_modules(base_models[base_model], resolved.lora_target_modules)
     check_job_work(
         resolved,

@@ -35,8 +35,14 @@ def load_tokenizer(ref: str | Path) -> Any:
     return tokenizer
 
 
-def load_base_model(ref: str | Path, *, device: str = "auto", dtype: str = "auto") -> Any:
-    """Load a frozen causal LM (eval mode, no grads) from a directory or hub id."""
+def load_base_model(
+    ref: str | Path, *, device: str = "auto", dtype: str = "auto", quantization: str = "none"
+) -> Any:
+    """Load a frozen causal LM (eval mode, no grads) from a directory or hub id.
+
+    quantization: "none", or "nf4" / "int8" to quantize its linear layers with bitsandbytes
+    (`app/ml/quantized.py`); `dtype` is then the compute dtype and that of the rest.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     ref = checked_ref(str(ref))  # a path never becomes a hub lookup
@@ -47,12 +53,19 @@ def load_base_model(ref: str | Path, *, device: str = "auto", dtype: str = "auto
     if device.startswith("cuda"):
         avoid_per_shape_attention_plans()
     torch_dtype = _dtype(dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(
-        ref, dtype=torch_dtype, use_safetensors=True, trust_remote_code=False
-    )
-    # transformers' `to` is wrapped (functools.wraps) and its `eval` unannotated
-    model.to(device)  # type: ignore[arg-type]
-    model.eval()  # type: ignore[no-untyped-call]
+    model: Any  # transformers' `to` and `eval` are not annotated for mypy
+    if quantization != "none":
+        from app.ml.quantized import load_quantized
+
+        model = load_quantized(
+            ref, config, quantization=quantization, device=device, dtype=torch_dtype
+        )  # placed on `device` as it loads: a quantized model cannot be moved
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            ref, dtype=torch_dtype, use_safetensors=True, trust_remote_code=False
+        )
+        model.to(device)
+    model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model

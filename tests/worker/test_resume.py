@@ -92,7 +92,7 @@ def run(
         if report.step == stop_after_checkpoint:
             raise Interrupted
 
-    base = load_base_model(tiny_model_dir, device="cpu")
+    base = load_base_model(tiny_model_dir, device="cpu", quantization=config.quantization)
     try:
         train_lora(
             model=base,
@@ -177,6 +177,27 @@ def test_resume_replays_the_uninterrupted_run(
     b = load_file(tmp_path / "resumed" / ADAPTER_WEIGHTS)
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6, where
+
+
+def test_resume_on_a_quantized_base_replays_the_uninterrupted_run(
+    tiny_model_dir, tokenizer, examples, tmp_path
+) -> None:
+    """QLoRA (nf4 base), packed: killed mid-epoch, resumed from the step-4 checkpoint, it
+    trains the same batches with the same losses and ends with the same adapter."""
+    pytest.importorskip("bitsandbytes")
+    config = hyperparameters(quantization="nf4", packing=True)
+    full, _ = run(tiny_model_dir, tokenizer, examples, tmp_path / "full", config)
+    _, kept = run(tiny_model_dir, tokenizer, examples, tmp_path / "cut", config, stop_at_step=6)
+    resumed, _ = run(
+        tiny_model_dir, tokenizer, examples, tmp_path / "resumed", config, resume_from=kept[4]
+    )
+    expected = full[4:]
+    assert [s.example_ids for s in resumed] == [s.example_ids for s in expected]
+    for ours, theirs in zip(resumed, expected, strict=True):
+        assert ours.train_loss == pytest.approx(theirs.train_loss, abs=1e-6)
+    a = load_file(tmp_path / "full" / ADAPTER_WEIGHTS)
+    b = load_file(tmp_path / "resumed" / ADAPTER_WEIGHTS)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
 
 
 def test_checkpoint_verification_refuses_altered_files(

@@ -102,6 +102,9 @@ def _wrap(
     """Inject trainable LoRA layers (fresh, or continuing `init_adapter`) into the frozen base."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
+    from worker.training.kbit import prepare_for_training
+
+    model = prepare_for_training(model, gradient_checkpointing=hp.gradient_checkpointing)
     if hp.gradient_checkpointing:
         # non-reentrant checkpointing needs no input grads, so the frozen base stays frozen
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
