@@ -102,7 +102,7 @@ def _wrap(
     """Inject trainable LoRA layers (fresh, or continuing `init_adapter`) into the frozen base."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    if hp.gradient_checkpointing:
+    if hp.checkpointing:
         # non-reentrant checkpointing needs no input grads, so the frozen base stays frozen
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if init_adapter is not None:
