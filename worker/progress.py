@@ -88,7 +88,6 @@ class Progress:
             job_runs.check_run(session, claim=self.claim)
 
     def on_step(self, report: Any) -> None:
-        self.steps_done = report.step - 1  # this one is done once its lease renewal is in
         with session_scope(self.settings.sqlalchemy_url) as session:
             job_runs.renew_lease(
                 session,
@@ -114,6 +113,7 @@ class Progress:
                         "tokens_per_second": report.tokens_per_second,
                     },
                 )
+        self.steps_done = report.step
 
     def _progress(self, report: Any) -> dict[str, Any]:
         """The job's progress columns after this step."""

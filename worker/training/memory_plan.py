@@ -26,14 +26,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from app.jobs.spec import SupervisedHyperparameters
-from worker.training.memory_estimate import Device, Estimate, ModelShape, estimate, gib
+from worker.training.memory_estimate import (
+    FIXED_OVERHEAD,
+    Device,
+    Estimate,
+    ModelShape,
+    estimate,
+    gib,
+)
 
 MIN_MICRO_BATCH_TOKENS = 4096
 QUANTIZATION_ORDER = ("none", "int8", "nf4")  # each saves more than the one before
 SEQ_LENGTH_STEP = 64  # advice on max_seq_length is a multiple of this (or the minimum, 16)
 MIN_SEQ_LENGTH = 16  # the request schema's bound
-# After an out-of-memory error the estimate of what ran proved too low: advise changes whose
-# estimate is at least a fifth below it.
+# After an out-of-memory error the estimate of what ran proved too low: advise changes that
+# take at least a fifth off its part that settings change (all but the fixed overhead).
 OOM_HEADROOM = 0.8
 
 
@@ -136,7 +143,8 @@ def after_out_of_memory(
     """What to change after a step ran out of memory with the settings `ran`: changes
     whose estimate is OOM_HEADROOM below the estimate of what ran (which proved too low)."""
     need = estimate(shape, ran, device=device)
-    budget = int(need.total * OOM_HEADROOM)
+    fixed = FIXED_OVERHEAD[device]  # no setting changes it
+    budget = fixed + int((need.total - fixed) * OOM_HEADROOM)
     changes = changes_that_fit(shape, ran, device=device, budget=budget)
     message = (
         f"Training ran out of {device} memory at step {step} with {_describe(ran)} "
