@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -112,7 +113,7 @@ def model_shape(ref: str) -> ModelShape | None:
 
         config = AutoConfig.from_pretrained(ref, trust_remote_code=False).to_dict()
         return ModelShape.of(config)
-    except (OSError, ValueError, TypeError, KeyError):
+    except (OSError, ValueError, TypeError, KeyError, struct.error):
         logger.warning("no memory plan: the config of %s could not be read", ref, exc_info=True)
         return None
 
@@ -170,11 +171,11 @@ def _where(message: str, free: Free) -> str:
 
 
 def _unplanned(hp: SupervisedHyperparameters) -> SupervisedHyperparameters:
-    update: dict[str, Any] = {}
-    if hp.gradient_checkpointing == "auto":
-        update["gradient_checkpointing"] = False
-    if hp.gradient_accumulation_steps == "auto":
-        update["gradient_accumulation_steps"] = 1
+    """The job as it trains without a plan ("auto" read as the spec reads it: off, 1)."""
+    update = {
+        "gradient_checkpointing": hp.checkpointing,
+        "gradient_accumulation_steps": hp.accumulation,
+    }
     return hp.model_copy(update=update)
 
 

@@ -24,13 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from app.schemas.jobs import Auto, LrScheduler, Quantization
 
-_UNPLANNED = "{} is 'auto': the worker's memory plan decides it before training"
-
 
 class SupervisedHyperparameters(BaseModel):
     """The resolved hyperparameters of a supervised job (never "auto"): what the API shows as
     `hyperparameters` and stores on the job row, in this order. The one exception: the
-    memory knobs below stay "auto" until the worker, which knows the device, plans them."""
+    memory knobs below stay "auto" until the worker, which knows the device, plans them
+    (`accumulation` and `checkpointing` say what trains)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -63,19 +62,19 @@ class SupervisedHyperparameters(BaseModel):
     n_checkpoints: PositiveInt  # evenly spaced over the steps, the last at the end
     quantization: Quantization = "none"  # the base's precision while training (QLoRA)
 
+    # What trains: the plan's decision. "auto" still here means no plan was made (the worker
+    # always plans; a direct caller of the training core may not): no split, no
+    # checkpointing, as every job trained before planning existed.
     @property
     def accumulation(self) -> int:
-        """gradient_accumulation_steps as planned (training never starts on "auto")."""
-        if self.gradient_accumulation_steps == "auto":
-            raise ValueError(_UNPLANNED.format("gradient_accumulation_steps"))
-        return self.gradient_accumulation_steps
+        """gradient_accumulation_steps as it trains ("auto" unplanned: 1)."""
+        steps = self.gradient_accumulation_steps
+        return 1 if steps == "auto" else steps
 
     @property
     def checkpointing(self) -> bool:
-        """gradient_checkpointing as planned (training never starts on "auto")."""
-        if self.gradient_checkpointing == "auto":
-            raise ValueError(_UNPLANNED.format("gradient_checkpointing"))
-        return self.gradient_checkpointing
+        """gradient_checkpointing as it trains ("auto" unplanned: off)."""
+        return self.gradient_checkpointing is True
 
     @model_validator(mode="before")
     @classmethod

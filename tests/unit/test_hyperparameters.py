@@ -31,7 +31,7 @@ def test_resolve_fills_every_knob_and_keeps_the_seed() -> None:
     assert {k for k, v in resolved.model_dump().items() if v == "auto"} == memory
 
 
-def test_fixed_memory_knobs_are_kept_and_auto_ones_train_only_once_planned() -> None:
+def test_fixed_memory_knobs_are_kept_and_unplanned_auto_trains_as_before_planning() -> None:
     fixed = resolve(
         Hyperparameters(gradient_accumulation_steps=2, gradient_checkpointing=True),
         n_examples=10,
@@ -39,10 +39,7 @@ def test_fixed_memory_knobs_are_kept_and_auto_ones_train_only_once_planned() -> 
     )
     assert (fixed.accumulation, fixed.checkpointing) == (2, True)
     unplanned = resolve(Hyperparameters(), n_examples=10, seed=1)
-    with pytest.raises(ValueError, match="gradient_accumulation_steps is 'auto'"):
-        _ = unplanned.accumulation
-    with pytest.raises(ValueError, match="gradient_checkpointing is 'auto'"):
-        _ = unplanned.checkpointing
+    assert (unplanned.accumulation, unplanned.checkpointing) == (1, False)
 
 
 @pytest.mark.parametrize(

@@ -238,3 +238,28 @@ def test_a_split_batch_trains_the_same_adapter(tiny_model_dir: Path, tokenizer, 
         assert other.keys() == weights[0].keys()
         for key, value in weights[0].items():
             assert torch.allclose(other[key], value, atol=1e-5), key
+
+
+def test_free_memory_is_what_the_kernel_says_at_most_the_cap() -> None:
+    from worker.job_memory import CAP_SETTING, free_memory
+
+    meminfo = Path("/proc/meminfo").read_text()
+    available = int(
+        next(x for x in meminfo.splitlines() if x.startswith("MemAvailable")).split()[1]
+    )
+    free = free_memory("cpu", 0)
+    assert 0 < free.bytes <= 2 * available * 1024  # it moves between the two reads
+    capped = free_memory("cpu", 1 << 20)
+    assert (capped.bytes, capped.limited_by) == (1 << 20, CAP_SETTING)
+
+
+def test_what_counts_as_out_of_memory() -> None:
+    import torch
+
+    from worker.job_memory import is_out_of_memory
+
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert is_out_of_memory(MemoryError())
+    assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: 8 bytes"))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_out_of_memory(ValueError("out of memory"))
