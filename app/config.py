@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     requeue_after_seconds: int = 300  # re-send a queued job's wake-up message after this long
     max_attempts: int = 3  # attempts before a job whose worker keeps dying fails
     checkpoint_retention: int = 3  # newest checkpoints kept per job (0 keeps all)
+    # The most memory a training job may plan to use on its device, in bytes (0: what the
+    # device has free). The plan never counts on more than the device has free.
+    training_memory_bytes: int = Field(default=0, ge=0)
     # Redis redelivers an unacked message after this long even while its worker still runs it;
     # harmless (the claim fences it). Tests lower it to force duplicate deliveries.
     broker_visibility_timeout: int = 6 * 3600

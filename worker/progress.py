@@ -39,18 +39,28 @@ class Progress:
         self.claim, self.settings, self.store = claim, settings, store
         self._started = time.monotonic()
         self._first_step: int | None = None  # the step this attempt started from (resume)
+        self.steps_done = 0  # optimizer steps completed (what an out-of-memory error reports)
 
     def start(self) -> None:
         """Training begins now (the model is loaded): the step rate is measured from here."""
         self._started = time.monotonic()
 
     def event(
-        self, message: str, *, level: str = "info", data: dict[str, Any] | None = None
+        self,
+        message: str,
+        *,
+        level: str = "info",
+        data: dict[str, Any] | None = None,
+        columns: dict[str, Any] | None = None,
     ) -> None:
-        """An event in its own transaction, renewing the lease (raises when the run must stop)."""
+        """An event in its own transaction, renewing the lease (raises when the run must stop);
+        `columns`: job columns the same fenced statement writes (the memory plan's choice)."""
         with session_scope(self.settings.sqlalchemy_url) as session:
             job_runs.renew_lease(
-                session, claim=self.claim, lease_seconds=self.settings.lease_seconds
+                session,
+                claim=self.claim,
+                lease_seconds=self.settings.lease_seconds,
+                progress=columns,
             )
             add_event(session, job_id=self.claim.job_id, message=message, level=level, data=data)
 
@@ -103,6 +113,7 @@ class Progress:
                         "tokens_per_second": report.tokens_per_second,
                     },
                 )
+        self.steps_done = report.step
 
     def _progress(self, report: Any) -> dict[str, Any]:
         """The job's progress columns after this step."""

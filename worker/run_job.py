@@ -29,7 +29,7 @@ from app.jobs.spec import RunSpec, SupervisedHyperparameters
 from app.ml.adapters import ADAPTER_WEIGHTS
 from app.statuses import JOB_ENDING_OUTCOMES, JobStatus, RunOutcome
 from app.storage import ArtifactStore, open_store
-from worker import job_inputs
+from worker import job_inputs, job_memory
 from worker.job_inputs import JobInputs
 from worker.progress import Progress, metrics_csv
 from worker.training.data import Example, encode_dataset, read_jsonl  # torch-free
@@ -131,15 +131,24 @@ def _train_and_publish_from(
 
     inputs = job_inputs.read_inputs(claim, settings, store, inputs_dir)
     progress = Progress(claim, settings, store)
+    planned, shape = job_memory.plan_job(
+        inputs.base_model_ref,
+        inputs.spec.method.hyperparameters,
+        settings=settings,
+        progress=progress,
+    )  # before loading: a job that cannot fit fails now, naming what would fit
     tokenizer = load_tokenizer(inputs.base_model_ref)
     model = job_inputs.load_base(inputs, device=settings.device)
-    hp = _hyperparameters_to_run(inputs.spec, model, progress)
+    hp = _hyperparameters_to_run(inputs.spec, planned, model, progress)
     token_ids = job_inputs.trainable_tokens(tokenizer, hp.train_special_tokens, progress)
     train, valid = _encode(inputs, tokenizer, model, hp, progress)
     job_inputs.check_examples(hp, len(train), len(valid), WorkLimits.of(settings))
     progress.announce_checkpoints(count_steps(len(train), hp), hp.n_checkpoints)
     resume_from = job_inputs.resume_point(inputs, progress)
-    with store.temp_dir(owner=claim.job_id) as out:
+    oom = job_memory.out_of_memory_fails_the_job(
+        shape, hp, settings=settings, steps=lambda: progress.steps_done
+    )
+    with oom, store.temp_dir(owner=claim.job_id) as out:
         progress.start()
         result = train_lora(
             model=model,
@@ -217,13 +226,12 @@ def _register(
 
 
 def _hyperparameters_to_run(
-    spec: RunSpec, model: Any, progress: Progress
+    spec: RunSpec, hp: SupervisedHyperparameters, model: Any, progress: Progress
 ) -> SupervisedHyperparameters:
-    """The job's hyperparameters checked against the loaded model, with `packing` as it
-    will run: on only where the model isolates packed examples."""
+    """The job's hyperparameters (as planned) checked against the loaded model, with
+    `packing` as it will run: on only where the model isolates packed examples."""
     from worker.training.packing import enable_packing
 
-    hp = spec.method.hyperparameters
     job_inputs.check_target_modules(model, hp.lora_target_modules)
     job_inputs.check_context(model, hp.max_seq_length, spec.base_model)
     if not hp.packing or enable_packing(model):

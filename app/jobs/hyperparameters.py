@@ -150,17 +150,29 @@ def _tokenizer_vocab(path: Path) -> set[str] | None:
 
 def linear_module_names(model_dir: Path) -> set[str] | None:
     """Names of modules with a 2-D `.weight` (linear layers, embeddings); None if unknown."""
+    shapes = tensor_shapes(model_dir)
+    if shapes is None:
+        return None
+    return {
+        key[: -len(".weight")]
+        for key, shape in shapes.items()
+        if key.endswith(".weight") and len(shape) == 2
+    }
+
+
+def tensor_shapes(model_dir: Path) -> dict[str, tuple[int, ...]] | None:
+    """Every tensor's shape in a local model's safetensors files; None if unknown. (The
+    memory plan counts parameters and LoRA sizes from these, worker/training/memory_estimate.py.)"""
     if not model_dir.is_dir():
         return None
-    names: set[str] = set()
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         return None
-    for path in files:
-        for key, info in _safetensors_header(path).items():
-            if key.endswith(".weight") and len(info.get("shape", ())) == 2:
-                names.add(key[: -len(".weight")])
-    return names
+    return {
+        key: tuple(info.get("shape", ()))
+        for path in files
+        for key, info in _safetensors_header(path).items()
+    }
 
 
 def _safetensors_header(path: Path) -> dict[str, Any]:

@@ -40,7 +40,10 @@ def check_job_work(
     """Refuse (InvalidRequest naming the field) a job whose work exceeds a bound."""
     max_seq_length = resolved.max_seq_length
     check_context(max_seq_length, context_length(model_ref), base_model)
-    per_step = resolved.batch_size * resolved.gradient_accumulation_steps * max_seq_length
+    # "auto" splits batch_size into micro-batches: the step stays batch_size examples
+    accumulation = resolved.gradient_accumulation_steps
+    steps = 1 if accumulation == "auto" else accumulation
+    per_step = resolved.batch_size * steps * max_seq_length
     if limits.max_tokens_per_step and per_step > limits.max_tokens_per_step:
         raise InvalidRequest(
             f"batch_size * gradient_accumulation_steps * max_seq_length is {per_step} tokens "

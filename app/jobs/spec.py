@@ -22,12 +22,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
-from app.schemas.jobs import LrScheduler, Quantization
+from app.schemas.jobs import Auto, LrScheduler, Quantization
 
 
 class SupervisedHyperparameters(BaseModel):
     """The resolved hyperparameters of a supervised job (never "auto"): what the API shows as
-    `hyperparameters` and stores on the job row, in this order."""
+    `hyperparameters` and stores on the job row, in this order. The one exception: the
+    memory knobs below stay "auto" until the worker, which knows the device, plans them
+    (`accumulation` and `checkpointing` say what trains)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -45,10 +47,13 @@ class SupervisedHyperparameters(BaseModel):
     lr_scheduler: LrScheduler  # after a linear warmup
     # The defaults below are for rows stored before the knob existed; the API always
     # stores every key. train_on_inputs False is the per-format rule those rows trained with.
-    gradient_accumulation_steps: PositiveInt = 1
+    # "auto": the worker's memory plan decides before loading the base (worker/job_memory.py)
+    # and writes its choice back here: then batch_size is the micro-batch and the step
+    # trains batch_size x gradient_accumulation_steps examples, the batch that was asked.
+    gradient_accumulation_steps: PositiveInt | Auto = 1
     use_rslora: bool = False
     use_dora: bool = False
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Auto = False
     train_on_inputs: bool = False
     # asked for; the worker trains packed only where the model isolates packed examples
     packing: bool = True
@@ -56,6 +61,20 @@ class SupervisedHyperparameters(BaseModel):
     seed: int
     n_checkpoints: PositiveInt  # evenly spaced over the steps, the last at the end
     quantization: Quantization = "none"  # the base's precision while training (QLoRA)
+
+    # What trains: the plan's decision. "auto" still here means no plan was made (the worker
+    # always plans; a direct caller of the training core may not): no split, no
+    # checkpointing, as every job trained before planning existed.
+    @property
+    def accumulation(self) -> int:
+        """gradient_accumulation_steps as it trains ("auto" unplanned: 1)."""
+        steps = self.gradient_accumulation_steps
+        return 1 if steps == "auto" else steps
+
+    @property
+    def checkpointing(self) -> bool:
+        """gradient_checkpointing as it trains ("auto" unplanned: off)."""
+        return self.gradient_checkpointing is True
 
     @model_validator(mode="before")
     @classmethod

@@ -34,10 +34,12 @@ class Hyperparameters(Strict):
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.0
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
     lr_scheduler: LrScheduler = "linear"
-    gradient_accumulation_steps: Annotated[int, Field(ge=1, le=1024)] = 1
+    # "auto": batch_size is the batch per optimizer step, split by the worker into as many
+    # micro-batches as its memory plan needs (the same steps, so the same result).
+    gradient_accumulation_steps: Auto | Annotated[int, Field(ge=1, le=1024)] = "auto"
     use_rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r) (PEFT's use_rslora)
     use_dora: bool = False  # weight-decomposed LoRA (PEFT's use_dora)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Auto | bool = "auto"  # "auto": on only when the job needs it to fit
     # "auto": loss on assistant / completion tokens only, on everything for `text` records.
     train_on_inputs: Auto | bool = "auto"
     # "auto": pack short examples into full sequences when the worker verifies it is exact.

@@ -8,7 +8,9 @@ child of it). Nothing here changes what the worker decides; it records deliverie
 pool process that claimed it) to an append-only JSONL file, and can
 slow steps down (`LORAFORGE_CHAOS_STEP_SLEEP`) so kills land mid-training, and
 checkpoint writes (`LORAFORGE_CHAOS_SAVE_SLEEP`: a pause after the loop writes the
-files and between the files published: copied, or uploaded) so kills land mid-write.
+files and between the files published: copied, or uploaded) so kills land mid-write, and
+make the first job that reaches step `LORAFORGE_CHAOS_OOM_AT_STEP` run out of memory there
+(`torch.OutOfMemoryError` before its first micro-batch; once per stack: a marker file).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from worker.training import loop
 JOURNAL = os.environ.get("LORAFORGE_CHAOS_JOURNAL")
 STEP_SLEEP = float(os.environ.get("LORAFORGE_CHAOS_STEP_SLEEP", "0"))
 SAVE_SLEEP = float(os.environ.get("LORAFORGE_CHAOS_SAVE_SLEEP", "0"))
+OOM_AT_STEP = int(os.environ.get("LORAFORGE_CHAOS_OOM_AT_STEP", "0"))
 
 __all__ = ["celery_app"]
 
@@ -114,7 +117,28 @@ def _journaled_on_checkpoint(self, report) -> None:
     record("save_end", job=self.claim.job_id, attempt=self.claim.attempt, step=report.step)
 
 
+_real_on_micro_batch = run_job_module.Progress.on_micro_batch
+
+
+def _out_of_memory_once(self) -> None:
+    """The first job at step OOM_AT_STEP runs out of memory (the marker makes it once: each
+    job runs in a fresh child, so the flag lives on disk)."""
+    if self.steps_done + 1 == OOM_AT_STEP and JOURNAL:
+        try:
+            os.close(os.open(JOURNAL + ".oom", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            pass
+        else:
+            import torch
+
+            record("oom", job=self.claim.job_id, step=OOM_AT_STEP, ppid=os.getppid())
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    _real_on_micro_batch(self)
+
+
 worker.tasks.wake = _journaled_wake
+if OOM_AT_STEP:
+    run_job_module.Progress.on_micro_batch = _out_of_memory_once
 supervisor.run_claimed = _journaled_run_claimed
 run_job_module.Progress.on_step = _journaled_on_step
 _real_save = loop.save_checkpoint

@@ -25,9 +25,21 @@ def test_resolve_fills_every_knob_and_keeps_the_seed() -> None:
     assert resolved.n_epochs == 3 and resolved.batch_size == 8
     assert resolved.lora_alpha == 8 and resolved.learning_rate == pytest.approx(2e-4)
     assert resolved.use_dora is True and resolved.seed == 9
-    assert resolved.gradient_accumulation_steps == 1 and resolved.packing is True
-    assert resolved.train_on_inputs is False and resolved.gradient_checkpointing is False
-    assert "auto" not in resolved.model_dump().values()
+    assert resolved.packing is True and resolved.train_on_inputs is False
+    # the memory knobs are the worker's to plan (worker/job_memory.py): they stay "auto"
+    memory = {"gradient_accumulation_steps", "gradient_checkpointing"}
+    assert {k for k, v in resolved.model_dump().items() if v == "auto"} == memory
+
+
+def test_fixed_memory_knobs_are_kept_and_unplanned_auto_trains_as_before_planning() -> None:
+    fixed = resolve(
+        Hyperparameters(gradient_accumulation_steps=2, gradient_checkpointing=True),
+        n_examples=10,
+        seed=1,
+    )
+    assert (fixed.accumulation, fixed.checkpointing) == (2, True)
+    unplanned = resolve(Hyperparameters(), n_examples=10, seed=1)
+    assert (unplanned.accumulation, unplanned.checkpointing) == (1, False)
 
 
 @pytest.mark.parametrize(
@@ -144,6 +156,7 @@ def test_a_job_stored_before_the_later_knobs_still_loads() -> None:
     })  # fmt: skip
     old = RunSpec.of_job(row).method.hyperparameters
     assert old.n_checkpoints == 4 and old.packing is True and old.gradient_accumulation_steps == 1
+    assert old.gradient_checkpointing is False  # rows from before planning trained without
     assert old.train_special_tokens is False and old.train_on_inputs is False
 
 

@@ -69,7 +69,7 @@ def epoch_order(n: int, *, seed: int, epoch: int) -> list[int]:
 def count_steps(n_examples: int, hp: SupervisedHyperparameters) -> int:
     """Optimizer steps of a run: packing or not, a step is the same examples."""
     micro_batches = math.ceil(n_examples / hp.batch_size)
-    return hp.n_epochs * math.ceil(micro_batches / hp.gradient_accumulation_steps)
+    return hp.n_epochs * math.ceil(micro_batches / hp.accumulation)
 
 
 def steps(
@@ -101,7 +101,7 @@ def epoch_steps(
     """The optimizer steps of one epoch, from its micro-batch `start` on."""
     order = epoch_order(len(examples), seed=hp.seed, epoch=epoch)
     batches = [order[i : i + hp.batch_size] for i in range(0, len(order), hp.batch_size)]
-    accumulate = hp.gradient_accumulation_steps
+    accumulate = hp.accumulation
     for first in range(start, len(batches), accumulate):
         group = batches[first : first + accumulate]
         yield Step(

@@ -104,8 +104,8 @@ def _wrap(
 
     from worker.training.kbit import prepare_for_training
 
-    model = prepare_for_training(model, gradient_checkpointing=hp.gradient_checkpointing)
-    if hp.gradient_checkpointing:
+    model = prepare_for_training(model, gradient_checkpointing=hp.checkpointing)
+    if hp.checkpointing:
         # non-reentrant checkpointing needs no input grads, so the frozen base stays frozen
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if init_adapter is not None:
