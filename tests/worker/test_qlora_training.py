@@ -40,7 +40,7 @@ def train(tiny_model_dir: Path, tokenizer, out: Path, hp, **callbacks) -> list[S
         on_step=steps.append,
         **callbacks,
     )
-    assert model.is_gradient_checkpointing == hp.gradient_checkpointing  # as asked, not PEFT's
+    assert model.is_gradient_checkpointing == hp.checkpointing  # as asked, not PEFT's
     return steps
 
 
