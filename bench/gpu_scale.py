@@ -288,16 +288,19 @@ class Bench:
             wall = time.perf_counter() - start
         steps = got.completion_tokens
         if self.cuda:
-            events = prof.key_averages()
-            kernel_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
+            from torch.autograd import DeviceType
+
+            # the kernels themselves: a CPU op's self device time counts the kernels it
+            # launched again, and the scheduler thread's ops may not be recorded at all
+            events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+            kernel_us = sum(e.self_device_time_total for e in events)
             per_step = kernel_us / 1e3 / steps
             figure("decode step: wall / GPU kernels per token",
                    f"{wall * 1e3 / steps:.1f} ms / {per_step:.1f} ms "
                    f"(kernels {kernel_us / 1e6 / wall:.0%} of wall; the rest is Python, "
                    f"launch and sync)")  # fmt: skip
-            top = sorted(events, key=lambda e: -getattr(e, "self_device_time_total", 0))[:5]
-            for e in top:
-                say(f"    {e.key[:60]}: {getattr(e, 'self_device_time_total', 0) / 1e3:.1f} ms")
+            for e in sorted(events, key=lambda e: -e.self_device_time_total)[:5]:
+                say(f"    {e.key[:60]}: {e.self_device_time_total / 1e3:.1f} ms")
         else:
             figure("decode step: wall per token", f"{wall * 1e3 / steps:.1f} ms "
                    "(no GPU kernels on cpu)")  # fmt: skip
