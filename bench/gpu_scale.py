@@ -37,6 +37,7 @@ import argparse
 import gc
 import inspect
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -385,6 +386,8 @@ def main() -> int:
         width = max((len(n) for n, _, _ in TABLE), default=0)
         for name_, value, target in TABLE:
             say(f"{name_:{width}s}  {value}" + (f"  [target {target}]" if target else ""))
+        if args.root is None:  # the models are gigabytes: keep them only where asked
+            shutil.rmtree(bench.root, ignore_errors=True)
     return 1 if failed else 0
 
 
