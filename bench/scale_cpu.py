@@ -118,9 +118,9 @@ def create_job(settings: Any, data: Path, hyperparameters: dict[str, Any]) -> st
     from app.files import service as files
     from app.jobs import service as jobs
     from app.schemas.jobs import JobCreate
-    from app.storage import ArtifactStore
+    from app.storage import open_store
 
-    store = ArtifactStore(settings.artifacts_dir)
+    store = open_store(settings)
     content = data.read_bytes()
     with session_scope(settings.sqlalchemy_url) as session:
         organization = tenancy.get_or_create_organization(session, name="bench")
@@ -128,11 +128,11 @@ def create_job(settings: Any, data: Path, hyperparameters: dict[str, Any]) -> st
         with store.temp_dir() as tmp:
             spool = tmp / "upload.jsonl"
             spool.write_bytes(content)
-            row = files.store_spooled_file(
-                session, organization=organization, spool=spool, size=len(content),
-                sha256=hashlib.sha256(content).hexdigest(), filename=data.name,
-                purpose="fine-tune", store=store, max_lines=100_000, max_stored_bytes=0,
+            staged = files.stage_upload(
+                spool=spool, size=len(content), sha256=hashlib.sha256(content).hexdigest(),
+                filename=data.name, purpose="fine-tune", store=store, max_lines=100_000,
             )  # fmt: skip
+        row = files.add_file_row(session, organization=organization, staged=staged)
         request = JobCreate(
             model=BASE, training_file=row.id, seed=0, hyperparameters=hyperparameters
         )
@@ -237,7 +237,7 @@ def child_serve(settings: Any, job_id: str, model_dir: Path, max_tokens: int) ->
     from app.inference import InferenceEngine
     from app.inference.types import AdapterRef
     from app.ml.adapters import ADAPTER_WEIGHTS
-    from app.storage import ArtifactStore, file_sha256
+    from app.storage import LocalStore, file_sha256
 
     with session_scope(settings.sqlalchemy_url) as session:
         name = session.get(Job, job_id).fine_tuned_model
@@ -247,7 +247,7 @@ def child_serve(settings: Any, job_id: str, model_dir: Path, max_tokens: int) ->
     try:
         adapters: list[tuple[str, Any]] = [("base", None)]
         if name:
-            path = ArtifactStore(settings.artifacts_dir).path(f"adapters/{job_id}")
+            path = LocalStore(settings.artifacts_dir).path(f"adapters/{job_id}")
             adapters.append(
                 ("adapter", AdapterRef(name, path, file_sha256(path / ADAPTER_WEIGHTS)))
             )
