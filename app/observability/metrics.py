@@ -30,6 +30,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
     start_http_server,
 )
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
 logger = logging.getLogger(__name__)
+# No `_created` series: rate() and increase() do not need them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 OTHER = "other"  # the label of every adapter past the most used N
 NO_ADAPTER = "none"  # a request on the bare base model (adapter ids start with "ft:")
@@ -279,7 +282,8 @@ class JobsCollector(Collector):
 
     def collect(self) -> Iterable[Any]:
         with read_session_scope(self.url) as session:
-            counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)))
+            query = select(Job.status, func.count()).group_by(Job.status)
+            counts = dict(session.execute(query).tuples().all())
         family = GaugeMetricFamily(
             "loraforge_jobs", "Fine-tuning jobs by status (all organizations)", labels=["status"]
         )
@@ -311,10 +315,13 @@ class EngineCollector(Collector):
             "Rows in a base model's batch",
             labels=["base_model"],
         )
-        bases = [] if self.engine is None else self.engine.stats()["base_models"]
-        for base in bases:
-            for adapter_id in base["loaded"]:
-                resident.add_metric([base["name"], adapter_id], 1)
+        if self.engine is None:
+            yield from (resident, waiting, running)
+            return
+        for name, adapter_ids in self.engine.resident_adapters().items():
+            for adapter_id in adapter_ids:
+                resident.add_metric([name, adapter_id], 1)
+        for base in self.engine.stats()["base_models"]:
             waiting.add_metric([base["name"]], base["waiting"])
             running.add_metric([base["name"]], base["running"])
         yield from (resident, waiting, running)
