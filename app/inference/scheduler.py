@@ -453,6 +453,7 @@ class BaseScheduler:
             completion_tokens=row.produced,
             submitted_at=request.submitted_at,
             first_token_at=request.first_token_at,
+            fallback=self._metric_adapter is not None,
         )
         request.put(
             Generation(

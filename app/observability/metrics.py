@@ -196,9 +196,16 @@ def completion_finished(
     completion_tokens: int,
     submitted_at: float,
     first_token_at: float | None,
+    fallback: bool = False,
 ) -> None:
-    """A completion ended (its `Generation` is sent); times are `time.monotonic()`."""
-    labels = (base_model, adapter_labels.label(adapter_id))
+    """A completion ended (its `Generation` is sent); times are `time.monotonic()`.
+    `fallback`: it ran on the PEFT fallback, whose requests never reach the pool's
+    `adapter_requested`, so its use is counted here."""
+    if fallback and adapter_id is not None:
+        label = adapter_labels.use(adapter_id)
+    else:
+        label = adapter_labels.label(adapter_id)
+    labels = (base_model, label)
     REQUESTS.labels(*labels).inc()
     PROMPT_TOKENS.labels(*labels).inc(prompt_tokens)
     COMPLETION_TOKENS.labels(*labels).inc(completion_tokens)
