@@ -290,7 +290,7 @@ class JobsCollector(Collector):
     def collect(self) -> Iterable[Any]:
         with read_session_scope(self.url) as session:
             query = select(Job.status, func.count()).group_by(Job.status)
-            counts = dict(session.execute(query).tuples().all())
+            counts = dict(session.execute(query).all())  # status -> jobs
         family = GaugeMetricFamily(
             "loraforge_jobs", "Fine-tuning jobs by status (all organizations)", labels=["status"]
         )
