@@ -37,6 +37,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.config import Settings
 from app.db.models import Job
@@ -288,9 +289,13 @@ class JobsCollector(Collector):
         self.url = url
 
     def collect(self) -> Iterable[Any]:
-        with read_session_scope(self.url) as session:
-            query = select(Job.status, func.count()).group_by(Job.status)
-            counts = dict(session.execute(query).all())  # status -> jobs
+        try:
+            with read_session_scope(self.url) as session:
+                query = select(Job.status, func.count()).group_by(Job.status)
+                counts = dict(session.execute(query).all())  # status -> jobs
+        except SQLAlchemyError:  # the scrape keeps every other metric; the gap shows it
+            logger.warning("metrics: could not count jobs", exc_info=True)
+            return
         family = GaugeMetricFamily(
             "loraforge_jobs", "Fine-tuning jobs by status (all organizations)", labels=["status"]
         )

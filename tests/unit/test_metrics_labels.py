@@ -74,3 +74,11 @@ def test_zero_labels_puts_every_adapter_under_other(monkeypatch):
     monkeypatch.setattr(metrics, "adapter_labels", metrics.AdapterLabels(0))
     metrics.adapter_requested("bound-c", "ft:bound-c:acme:s:0", hit=False)
     assert labels_of(scrape(), EVENTS, "adapter", base_model="bound-c") == {metrics.OTHER}
+
+
+def test_a_database_that_cannot_answer_leaves_out_the_jobs_gauge_only(tmp_path, caplog):
+    url = f"sqlite:///{tmp_path / 'missing' / 'dir' / 'loraforge.db'}"
+    found = samples(metrics.exposition(url=url, engine=None).decode())
+    assert not labels_of(found, "loraforge_jobs", "status")
+    assert ("loraforge_training_steps_total", frozenset()) in found
+    assert "could not count jobs" in caplog.text
