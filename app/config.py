@@ -53,6 +53,13 @@ class Settings(BaseSettings):
     # RAM), what its KV cache may hold; requests past it wait (app/inference/kv_budget.py).
     kv_cache_fraction: float = Field(default=0.5, gt=0, le=1)
     inference_enabled: bool = True  # serve completions from this API process
+    # Prometheus (app/observability/metrics.py): per-adapter series for the N most used
+    # adapters of a process, the rest as `other`; a worker's metrics port (0: none), on
+    # loopback unless told otherwise (it has no authentication: bind it where only the
+    # scraper reaches it).
+    metrics_adapter_labels: int = Field(default=20, ge=0)
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    worker_metrics_host: str = "127.0.0.1"
     metrics_every_steps: int = 10  # a job's `metrics` event every N optimizer steps
     # A worker's lease on its job: a dead worker's job is re-queued about this long after.
     lease_seconds: int = 120

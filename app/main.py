@@ -13,11 +13,12 @@ from app.api.errors import install_error_handlers
 from app.api.limits import BodyLimits, RequestBodyLimits
 from app.api.rate_limit import TokenBuckets
 from app.api.responses import ERROR_RESPONSES
-from app.api.routes import admin, engine, files, inference, jobs, models
+from app.api.routes import admin, engine, files, inference, jobs, metrics, models
 from app.base_models import report
 from app.config import Settings, get_settings
 from app.db.session import read_session_scope
 from app.jobs.sweep import start_sweeper
+from app.observability.metrics import limit_adapter_labels
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -37,11 +38,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.engine.close()
 
     app = FastAPI(title="loraforge", version="0.1.0", lifespan=lifespan)
+    limit_adapter_labels(settings.metrics_adapter_labels)
     app.state.engine = None
     app.state.rate_limiter = TokenBuckets()
     install_error_handlers(app)
     app.add_middleware(RequestBodyLimits, limits=body_limits(settings))
-    for module in (files, jobs, models, inference, engine, admin):
+    for module in (files, jobs, models, inference, engine, admin, metrics):
         # Every route declares the error envelope it may answer (schema conformance).
         app.include_router(module.router, responses=ERROR_RESPONSES, dependencies=[StrictQuery])
 

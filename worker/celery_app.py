@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from celery.signals import worker_process_init
+
 from app.config import get_settings
 from app.jobs.queue import make_celery
+from app.observability import metrics
 
 celery_app = make_celery(get_settings())
 # The pool process is resident (a stale message costs it milliseconds); each job runs in
 # a fresh child of it (worker/supervisor.py): a clean CUDA context, all memory freed.
 celery_app.conf.include = ["worker.tasks"]
+
+
+@worker_process_init.connect
+def _serve_metrics(**_: Any) -> None:
+    """Each pool process serves its own registry: the supervisor there observes the runs
+    (worker/supervisor.py), so that is where the metrics are."""
+    settings = get_settings()
+    metrics.limit_adapter_labels(settings.metrics_adapter_labels)
+    if settings.worker_metrics_port:
+        metrics.serve_worker_metrics(settings.worker_metrics_host, settings.worker_metrics_port)

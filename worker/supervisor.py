@@ -20,13 +20,16 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
+from typing import Any
 
 from app.config import Settings, get_settings
 from app.db.session import get_engine, session_scope
 from app.jobs import runs as job_runs
 from app.jobs.runs import Claim
+from app.observability.metrics import RunWatch
 from app.statuses import JobStatus, RunOutcome
 from worker.run_job import WORKER_NAME, end, execute, remove_scratch
 
@@ -63,15 +66,27 @@ def _claim_next(settings: Settings) -> Claim | None:
 
 def run_claimed(claim: Claim, settings: Settings) -> RunOutcome:
     """Run a claimed job in a child process; its outcome, or why the child was stopped."""
+    watch = RunWatch(settings.sqlalchemy_url, claim.job_id)
+    _observe(watch.claimed, claim.attempt)
     child = _Child.fork(claim, settings)
-    stopped_for = _supervise(child, claim, settings)
+    stopped_for = _supervise(child, claim, settings, watch)
     outcome = child.outcome()
     if outcome is None and stopped_for == RunOutcome.CANCELLED:
         end(settings, claim, JobStatus.CANCELLED)  # the child was killed: its compute has stopped
     elif outcome is None:
         logger.warning("the child of job %s died (exit %s)", claim.job_id, child.exitcode)
     remove_scratch(settings, claim.job_id)
-    return outcome or stopped_for or RunOutcome.WORKER_LOST  # the sweep re-queues it
+    outcome = outcome or stopped_for or RunOutcome.WORKER_LOST  # the sweep re-queues it
+    watch.ended(outcome.value)
+    return outcome
+
+
+def _observe(read: Callable[..., None], *args: Any) -> None:
+    """A metrics read that fails (a database blip) is logged; the run goes on."""
+    try:
+        read(*args)
+    except Exception:
+        logger.warning("could not read a job's metrics", exc_info=True)
 
 
 class _Child:
@@ -140,13 +155,16 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _supervise(child: _Child, claim: Claim, settings: Settings) -> RunOutcome | None:
+def _supervise(
+    child: _Child, claim: Claim, settings: Settings, watch: RunWatch
+) -> RunOutcome | None:
     """Hold the lease until the child exits; kill it `stop_grace_seconds` after its run had
     to stop (cancelled or fenced off) if it is still running. Returns that reason."""
     reason, deadline = None, None
     poll = min(POLL_SECONDS, settings.lease_seconds / 3)
     while not child.wait(poll):
         state = _hold(claim, settings)
+        _observe(watch.poll)
         if state is not None and deadline is None:
             reason, deadline = state, time.monotonic() + settings.stop_grace_seconds
         if deadline is not None and time.monotonic() >= deadline:

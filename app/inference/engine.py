@@ -218,6 +218,11 @@ class InferenceEngine:
         """Ids of resident adapters, least recently used first (per base, bases in order)."""
         return [a for base in self._started() for a in base.scheduler.pool.lru_order()]
 
+    def resident_adapters(self) -> dict[str, list[str]]:
+        """Per started base model, its resident adapter ids (every organization's: the
+        operator's view, `/metrics`)."""
+        return {base.scheduler.name: base.scheduler.pool.lru_order() for base in self._started()}
+
     def stats(self, owner: str | None = None) -> dict[str, Any]:
         """Base models' batch state and per-adapter counters (only `owner`'s adapters)."""
         bases, adapters = [], []

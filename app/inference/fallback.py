@@ -122,6 +122,7 @@ class Fallbacks:
                 nice=self.nice,
                 kv_budget=base.scheduler.budget,  # same device, same weights: one budget
                 group_by_length=base.scheduler.group_by_length,
+                fallback_for=(base_name, ref.id),
             )
         except Exception:  # the caller gets the error; the log keeps it too
             logger.warning("loading adapter %s on the PEFT fallback failed", ref.id, exc_info=True)

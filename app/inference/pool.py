@@ -26,6 +26,7 @@ from app.inference.deleted import DeletedAdapters
 from app.inference.lora import Factors, LoraState, TokenRows, wrap_module, wrap_tokens
 from app.inference.messages import Loaded
 from app.inference.types import AdapterRef
+from app.observability import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +159,7 @@ class AdapterPool:
             )
             stats.loads += 1
             stats.last_load_seconds = seconds
+        metrics.adapter_loaded(self.base_model, ref.id)
 
     def _evict(self, adapter_id: str) -> None:
         """Drop an adapter's factors from every module (their memory is freed with them)."""
@@ -172,6 +174,7 @@ class AdapterPool:
             if stats is not None:
                 stats.loaded, stats.pinned = False, False
                 stats.evictions += 1
+        metrics.adapter_evicted(self.base_model, adapter_id)
 
     def trim(self, busy: set[str | None], wanted: set[str | None]) -> None:
         """Evict deleted adapters and least recently used ones past capacity.
@@ -196,6 +199,7 @@ class AdapterPool:
             stats = self._stats_for(ref)
             stats.hits += hit
             stats.misses += not hit
+        metrics.adapter_requested(self.base_model, ref.id, hit=hit)
 
     def used(self, ref: AdapterRef) -> None:
         """A request starts running on `ref`: it becomes the most recently used."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -37,6 +38,10 @@ class Request:
     cancelled: bool = False
     generation: Generation | None = None
     on_done: Callable[[], None] = lambda: None
+    # time.monotonic() when it reached the engine and when its first token was generated:
+    # the latency metrics (app/observability/metrics.py)
+    submitted_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
     _ready: asyncio.Event | None = None
     _wake: Callable[[], object] | None = None
     _waiting: bool = False  # the reader is (about to be) asleep: the next put wakes it

@@ -19,6 +19,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Hashable
 from typing import Any
@@ -38,6 +39,7 @@ from app.inference.sampling import choose_tokens, make_generator, token_logprob
 from app.inference.slabs import CellCounts, Row, Slab, horizon, plan_admission, projected_peak
 from app.inference.text import TextTracker
 from app.inference.types import AdapterRef, Delta, Generation
+from app.observability import metrics
 
 logger = logging.getLogger(__name__)
 _CACHE_RETRY_SECONDS = 0.05  # idle, held back by cache another scheduler of the base holds
@@ -63,13 +65,18 @@ class BaseScheduler:
         kv_budget: KvBudget | None = None,
         kv_fraction: float = 0.5,
         group_by_length: bool = True,
+        fallback_for: tuple[str, str] | None = None,
     ) -> None:
         """`deleted`: the engine's record of deleted adapters (a fresh one if not given).
         `nice`: the OS niceness of this scheduler's thread (`run_nicer`). `kv_budget`: one
         shared with the base's other schedulers, else `kv_fraction` of the free memory.
-        `group_by_length=False`: one KV slab for every row (the benchmark's old layout)."""
+        `group_by_length=False`: one KV slab for every row (the benchmark's old layout).
+        `fallback_for`: (base model, adapter id) when this scheduler runs that one adapter
+        on a PEFT view of the base (`fallback.py`): what its metrics are labelled with."""
         self.name, self.model, self.tokenizer, self.eos_ids = name, model, tokenizer, eos_ids
         self.nice = nice
+        self._metric_base = fallback_for[0] if fallback_for else name
+        self._metric_adapter = fallback_for[1] if fallback_for else None
         self.max_batch = max_batch
         self.rows_per_owner = share_of(max_batch, batch_share)
         self._last_owner: Hashable = None  # admission resumes after the owner served last
@@ -370,6 +377,7 @@ class BaseScheduler:
         rows = self.rows
         keys = [row.request.key for row in rows]
         self.peak_batch = max(self.peak_batch, len(keys))
+        metrics.decode_step(self._metric_base, len(keys))
         self.mixed_steps += len(set(keys)) > 1
         self.per_owner.record((row.request.owner, row.request.key) for row in rows)
         self.cells.count(self.slabs)
@@ -414,6 +422,8 @@ class BaseScheduler:
         request, tracker = row.request, row.tracker
         row.produced += 1
         row.last = token
+        if row.produced == 1:
+            request.first_token_at = time.monotonic()
         if request.logprobs is not None and token not in self.eos_ids:
             entry = token_logprob(
                 self.tokenizer, logits, token, len(tracker.text), request.logprobs
@@ -436,6 +446,15 @@ class BaseScheduler:
         prompt = len(request.input_ids)
         if request.adapter is not None:
             self.pool.finished(request.adapter, prompt, row.produced)
+        metrics.completion_finished(
+            self._metric_base,
+            request.key or self._metric_adapter,
+            prompt_tokens=prompt,
+            completion_tokens=row.produced,
+            submitted_at=request.submitted_at,
+            first_token_at=request.first_token_at,
+            fallback=self._metric_adapter is not None,
+        )
         request.put(
             Generation(
                 row.tracker.text,

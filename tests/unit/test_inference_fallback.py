@@ -135,3 +135,21 @@ def test_fallback_schedulers_are_retired_least_recently_used_and_come_back(base_
             assert greedy(engine, ref, 4) == reference(base_dir, ref, 4), ref.id
     finally:
         engine.close()
+
+
+def test_a_fallback_adapters_completions_are_counted_under_its_base_and_id(base_dir, fallbacks):
+    from app.observability import metrics
+    from tests.metrics_text import samples, value
+
+    def requests() -> float:
+        scrape = samples(metrics.exposition(url=None, engine=None).decode())
+        labels = {"base_model": "tiny", "adapter": fallbacks["dora"].id}
+        return value(scrape, "loraforge_inference_requests_total", **labels)
+
+    engine = new_engine(base_dir)
+    try:
+        before = requests()
+        greedy(engine, fallbacks["dora"], 4)
+        assert requests() == before + 1
+    finally:
+        engine.close()
