@@ -229,6 +229,7 @@ class InferenceEngine:
         for base in self._started():  # a tenant sees its own load only
             bases.append(base.scheduler.load_info(owner, everyone=owner is None))
             adapters += [s for s in base.scheduler.pool.snapshot() if s["owner"] == owner]
+        adapters += [s for s in self._fallbacks.snapshot() if s["owner"] == owner]
         for info in bases:
             info["loaded"] = [a for a in info["loaded"] if any(s["id"] == a for s in adapters)]
         return {"base_models": bases, "adapters": adapters}

@@ -14,12 +14,15 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+import time
 from collections import OrderedDict
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, cast
 
 from app.errors import NotFound, ServiceUnavailable, model_not_found
 from app.inference.adapter_files import batch_refusal, read_peft_adapter, refused
 from app.inference.messages import Submit
+from app.inference.pool import AdapterStats
 from app.inference.types import AdapterRef
 
 if TYPE_CHECKING:
@@ -74,8 +77,11 @@ class Fallbacks:
         self.capacity, self.max_batch, self.nice = capacity, max_batch, nice
         self._schedulers: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._reasons: dict[tuple[str, str], str | None] = {}
+        # What the visibility route lists: each adapter ever served here, by id
+        self._stats: dict[str, AdapterStats] = {}
         self._lock = threading.Lock()  # held while a view loads: fallback requests only wait
-        self._reasons_lock = threading.Lock()  # every adapter request routes through this one
+        # every adapter request routes through this one; the listing reads under it too
+        self._reasons_lock = threading.Lock()
 
     def reason(self, ref: AdapterRef, shapes: dict[str, tuple[int, int]]) -> str | None:
         """Why `ref` needs the fallback (None: the batch serves it); cached per sha256."""
@@ -96,6 +102,26 @@ class Fallbacks:
         """
         with self._lock:
             self._scheduler(base_name, base, ref).submit(request)
+        with self._reasons_lock:
+            stats = self._stats[ref.id]
+            stats.requests += 1
+            stats.last_used = time.time()
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """The adapters served here (resident or retired), as the batch's pool lists its
+        own, marked `served_by` the PEFT fallback."""
+        with self._reasons_lock:
+            listed = [asdict(stats) for stats in self._stats.values()]
+        return [stats | {"served_by": "peft_fallback"} for stats in listed]
+
+    def _listed(self, base_name: str, ref: AdapterRef, *, loaded: bool) -> None:
+        with self._reasons_lock:
+            stats = self._stats.get(ref.id)
+            if stats is None:
+                stats = self._stats[ref.id] = AdapterStats(ref.id, base_name, ref.owner)
+            if loaded and not stats.loaded:
+                stats.loads += 1
+            stats.loaded = loaded
 
     def warm(self, base_name: str, base: Any, ref: AdapterRef) -> None:
         with self._lock:
@@ -129,15 +155,26 @@ class Fallbacks:
             raise
         logger.info("serving %s with the PEFT fallback", ref.id)
         self._schedulers[key] = started
+        self._listed(base_name, ref, loaded=True)
         while len(self._schedulers) > self.capacity:
-            _, oldest = self._schedulers.popitem(last=False)
+            (old_id, _), oldest = self._schedulers.popitem(last=False)
+            self._unlisted(old_id, evicted=True)
             _retire(oldest, ServiceUnavailable("the adapter was unloaded for another; retry"))
         return started
+
+    def _unlisted(self, adapter_id: str, *, evicted: bool) -> None:
+        with self._reasons_lock:
+            stats = self._stats.get(adapter_id)
+            if stats is not None and stats.loaded:
+                stats.loaded = False
+                stats.evictions += evicted
 
     def unload(self, adapter_id: str) -> None:
         with self._lock:
             keys = [key for key in self._schedulers if key[0] == adapter_id]
             gone = [self._schedulers.pop(key) for key in keys]
+        with self._reasons_lock:  # deleted: no longer listed
+            self._stats.pop(adapter_id, None)
         for scheduler in gone:
             _retire(scheduler, model_not_found(adapter_id))
 

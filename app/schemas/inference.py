@@ -197,6 +197,9 @@ class EngineAdapter(BaseModel):
     completion_tokens: int
     last_used: float | None
     last_load_seconds: float | None
+    # "peft_fallback": an adapter the batch cannot apply (DoRA, embedding targets), served
+    # by its own PEFT scheduler; counted there by requests, loads and evictions only
+    served_by: Literal["batched", "peft_fallback"] = "batched"
 
 
 class EngineKvCache(BaseModel):

@@ -7,6 +7,7 @@ found trained, succeeded and then answered 400 ("not served").
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -151,5 +152,21 @@ def test_a_fallback_adapters_completions_are_counted_under_its_base_and_id(base_
         before = requests()
         greedy(engine, fallbacks["dora"], 4)
         assert requests() == before + 1
+    finally:
+        engine.close()
+
+
+def test_fallback_adapters_are_listed_for_their_owner_only(base_dir, fallbacks):
+    engine = new_engine(base_dir)
+    try:
+        ref = dataclasses.replace(fallbacks["dora"], owner="org-a")
+        greedy(engine, ref, 4)
+        greedy(engine, ref, 4)
+        (listed,) = [a for a in engine.stats(owner=ref.owner)["adapters"] if a["id"] == ref.id]
+        assert listed["served_by"] == "peft_fallback" and listed["base_model"] == "tiny"
+        assert listed["loaded"] and listed["requests"] == 2 and listed["loads"] == 1
+        assert all(a["id"] != ref.id for a in engine.stats(owner="org-b")["adapters"])
+        engine.unload_adapter(ref.id)
+        assert all(a["id"] != ref.id for a in engine.stats(owner=ref.owner)["adapters"])
     finally:
         engine.close()
