@@ -7,7 +7,6 @@ leaves neither). After that transaction commits, a message wakes a delivery; if 
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 from sqlalchemy import event, select
@@ -18,8 +17,6 @@ from app.db.models import Job, WebhookDelivery, WebhookEndpoint
 from app.ids import new_id
 from app.statuses import JobStatus
 from app.webhooks import queue
-
-logger = logging.getLogger(__name__)
 
 JOB_EVENT_TYPES = {
     JobStatus.SUCCEEDED: "fine_tuning.job.succeeded",
@@ -73,24 +70,16 @@ def _payload(*, event_id: str, event_type: str, job_id: str, at: Any) -> dict[st
 def _wake_after_commit(session: Session, delivery_ids: list[str]) -> None:
     """Send the deliveries' messages once the transaction has committed (never before: a
     delivery must not run ahead of its row), and forget them if it rolls back."""
-    pending: list[str] | None = session.info.get(_WAKE)
-    if pending is not None:
-        pending.extend(delivery_ids)
-        return
-    session.info[_WAKE] = list(delivery_ids)
+    session.info.setdefault(_WAKE, []).extend(delivery_ids)
+    if not event.contains(session, "after_commit", _send_messages):
+        event.listen(session, "after_commit", _send_messages)
+        event.listen(session, "after_rollback", _forget_messages)
 
-    def committed(session: Session) -> None:
-        for delivery_id in session.info.pop(_WAKE, []):
-            queue.enqueue_delivery(delivery_id)
-        stop_listening(session)
 
-    def rolled_back(session: Session) -> None:
-        session.info.pop(_WAKE, None)
-        stop_listening(session)
+def _send_messages(session: Session) -> None:
+    for delivery_id in session.info.pop(_WAKE, []):
+        queue.enqueue_delivery(delivery_id)
 
-    def stop_listening(session: Session) -> None:
-        event.remove(session, "after_commit", committed)
-        event.remove(session, "after_rollback", rolled_back)
 
-    event.listen(session, "after_commit", committed)
-    event.listen(session, "after_rollback", rolled_back)
+def _forget_messages(session: Session) -> None:
+    session.info.pop(_WAKE, None)
