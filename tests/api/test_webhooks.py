@@ -29,6 +29,12 @@ ALL_EVENTS = ["fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tunin
 
 
 @pytest.fixture
+def settings(backend):
+    """SQLite and PostgreSQL: the outbox's conditional UPDATEs and JSON on both."""
+    return backend
+
+
+@pytest.fixture
 def woken(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The delivery messages sent after commits (no broker in these tests)."""
     sent: list[str] = []
