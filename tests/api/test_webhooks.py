@@ -20,8 +20,8 @@ from app.jobs import runs as job_runs
 from app.jobs import service as jobs
 from app.statuses import DeliveryStatus, JobStatus
 from app.webhooks import delivery, queue
-from tests.api.webhook_receiver import Receiver, free_port, receiving
 from tests.factories import submit
+from tests.webhook_receiver import Receiver, free_port, receiving
 
 pytestmark = pytest.mark.usefixtures("woken")  # no broker: messages are recorded
 

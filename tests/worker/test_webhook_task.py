@@ -14,8 +14,8 @@ from app.db.session import session_scope
 from app.statuses import RunOutcome
 from app.webhooks import queue
 from app.webhooks import service as webhooks
-from tests.api.webhook_receiver import Receiver, free_port, receiving
 from tests.factories import submit
+from tests.webhook_receiver import Receiver, free_port, receiving
 from worker import run_job as run_job_module
 
 
