@@ -212,7 +212,8 @@ def worker(concurrency: int = 1, queue: str = "training") -> None:
 
     settings = get_settings()
     _where(settings)
-    _check_base_models(settings)
+    if queue == TRAIN_QUEUE:  # a webhooks worker loads no model
+        _check_base_models(settings)
     _require_current_schema(settings, unreachable_is_fatal=False)
     # exec, so signals reach Celery directly; by module name, since app never imports worker.
     argv = [
