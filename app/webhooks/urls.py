@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from app.errors import InvalidRequest
 
 SCHEMES = {"http": 80, "https": 443}
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# The check's name lookup (socket.getaddrinfo); tests replace it. Only the check resolves:
+# the attempt connects to the address it returned, never looking the name up again.
+lookup: Callable[..., list[Any]] = socket.getaddrinfo
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,7 @@ def check_url(url: str, *, allow_private: bool) -> Target:
 
 def _resolve(host: str, port: int) -> list[IPAddress]:
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = lookup(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         raise InvalidRequest(
             f"the webhook url's host {host!r} does not resolve: {exc}", param="url"

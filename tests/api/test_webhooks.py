@@ -6,8 +6,10 @@ by calling the delivery function under a fake clock, never by waiting."""
 from __future__ import annotations
 
 import json
+import socket
 from datetime import timedelta
 
+import httpx
 import openai
 import pytest
 from sqlalchemy import select
@@ -19,9 +21,9 @@ from app.db.session import session_scope
 from app.jobs import runs as job_runs
 from app.jobs import service as jobs
 from app.statuses import DeliveryStatus, JobStatus
-from app.webhooks import delivery, queue
+from app.webhooks import delivery, queue, urls
 from tests.factories import submit
-from tests.webhook_receiver import Receiver, free_port, receiving
+from tests.webhook_receiver import Receiver, free_port, receiving, self_signed
 
 pytestmark = pytest.mark.usefixtures("woken")  # no broker: messages are recorded
 
@@ -356,3 +358,41 @@ def test_deleting_an_endpoint_stops_its_deliveries(client, private_ok) -> None:
         assert client.delete(f"/v1/webhooks/{hook}").status_code == 200
         assert delivery.deliver(settings, row.id) is None
     assert receiver.requests == []
+
+
+@pytest.fixture
+def hook_test_resolves_to_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`hook.test` (a name no DNS knows) resolves to 127.0.0.1 for the SSRF check only: a
+    delivery that reaches it connected to the checked address, not to a fresh lookup."""
+
+    def resolve(host: str, port: int, **_: object) -> list:
+        assert host == "hook.test", host
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    monkeypatch.setattr(urls, "lookup", resolve)
+
+
+@pytest.mark.usefixtures("hook_test_resolves_to_loopback")
+@pytest.mark.parametrize("certificate_for", ["hook.test", "elsewhere.test"])
+def test_https_goes_to_the_checked_address_under_the_urls_name(
+    client, private_ok, tmp_path, certificate_for
+) -> None:
+    """TLS is verified against the URL's host (SNI and certificate), the Host header names
+    it, and the connection goes to the address the check resolved."""
+    settings = private_ok
+    server_tls, trusting = self_signed(tmp_path, certificate_for)
+    with receiving(Receiver(free_port()), tls=server_tls) as receiver:
+        url = f"https://hook.test:{receiver.port}/hook"
+        secret = create_webhook(client, url).json()["secret"]
+        [row] = deliveries(settings, cancel_queued_job(settings))
+        transport = httpx.HTTPTransport(verify=trusting)
+        status = delivery.deliver(settings, row.id, transport=transport)
+    if certificate_for == "hook.test":
+        assert status == DeliveryStatus.DELIVERED
+        [got] = receiver.requests
+        assert got.headers["host"] == f"hook.test:{receiver.port}"
+        assert Webhook(secret).verify(got.body, got.headers)["data"]["id"]
+    else:  # a certificate for another name is refused: nothing is sent
+        assert status == DeliveryStatus.PENDING and receiver.requests == []
+        shown = client.get(f"/v1/webhooks/{row.endpoint_id}/deliveries").json()["data"][0]
+        assert "certificate" in shown["attempts"][0]["error"].lower()

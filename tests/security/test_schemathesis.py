@@ -45,7 +45,7 @@ def fuzz_app(settings, enqueued, monkeypatch):  # noqa: ARG001
     # bound: keep the fuzzed streams to a moment.
     monkeypatch.setattr("app.jobs.event_feed.STREAM_MAX_SECONDS", 0.5)
     # Fuzzed webhook URLs must not become DNS queries that leave the machine.
-    monkeypatch.setattr("app.webhooks.urls.socket.getaddrinfo", literal_addresses_only)
+    monkeypatch.setattr("app.webhooks.urls.lookup", literal_addresses_only)
     return app
 
 
