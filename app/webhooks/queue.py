@@ -15,10 +15,15 @@ WEBHOOK_QUEUE = "webhooks"
 
 def enqueue_delivery(delivery_id: str) -> bool:
     """False if the broker is unreachable: the row stays due and the sweep re-sends it."""
+    client = job_queue._client()  # the process's one Celery app
     try:
-        job_queue._client().send_task(  # one Celery client per process
-            DELIVER_TASK, args=[delivery_id], queue=WEBHOOK_QUEUE, retry=False
-        )
+        # A connection of its own, not the app's pool: this runs in forked job processes too
+        # (a job ends there), and a pooled socket inherited through os.fork would be shared.
+        with client.connection_for_write() as connection:
+            client.send_task(
+                DELIVER_TASK, args=[delivery_id], queue=WEBHOOK_QUEUE, retry=False,
+                connection=connection,
+            )  # fmt: skip
     except job_queue.BROKER_UNREACHABLE:
         logger.warning("could not enqueue webhook delivery %s; the sweep retries", delivery_id)
         return False

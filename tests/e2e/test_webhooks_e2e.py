@@ -1,5 +1,6 @@
 """Issue 11 §5 as a user meets it, on `loraforge up` (SQLite + the filesystem broker, the
-API, a training worker and a webhooks worker): a job ends while its receiver is down; the
+API, a training worker and a webhooks worker) and on PostgreSQL + Redis with each role a
+process of its own: a job ends while its receiver is down; the
 receiver starts afterwards and still gets the signed event, which standardwebhooks and the
 openai SDK verify. Loopback only; every wait is bounded."""
 
@@ -12,7 +13,8 @@ import openai
 import pytest
 from standardwebhooks import Webhook
 
-from tests.e2e.stack import free_port, running, stack_env, tail_logs
+from tests.conftest import REDIS_URL
+from tests.e2e.stack import cli, free_port, running, stack_env, tail_logs
 from tests.factories import chat_rows, jsonl
 from tests.webhook_receiver import Receiver, receiving
 
@@ -28,14 +30,29 @@ def poll(what, check, stack, seconds: float = 120):
     raise AssertionError(f"{what} did not happen:\n" + tail_logs(stack.logs))
 
 
-def test_a_receiver_started_after_the_job_ended_gets_the_signed_event(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize(
+    "services", ["embedded", pytest.param("postgres-redis", marks=pytest.mark.postgres)]
+)
+def test_a_receiver_started_after_the_job_ended_gets_the_signed_event(
+    request, services, tmp_path, tiny_model_dir
+):
     port = free_port()
-    env = stack_env(
-        tmp_path / "data", tiny_model_dir,
-        LORAFORGE_WEBHOOK_ALLOW_PRIVATE="true", LORAFORGE_SWEEP_INTERVAL_SECONDS="1",
-    )  # fmt: skip
+    extra = {"LORAFORGE_WEBHOOK_ALLOW_PRIVATE": "true", "LORAFORGE_SWEEP_INTERVAL_SECONDS": "1"}
+    commands = [["up", "--port", str(port)]]
+    if services == "postgres-redis":
+        import redis
+
+        redis.Redis.from_url(REDIS_URL).flushdb()
+        extra |= {
+            "LORAFORGE_DATABASE_URL": request.getfixturevalue("pg_database_url"),
+            "LORAFORGE_BROKER_URL": REDIS_URL,
+        }
+        commands = [["api", "--port", str(port)], ["worker"], ["worker", "--queue", "webhooks"]]
+    env = stack_env(tmp_path / "data", tiny_model_dir, **extra)
+    if services == "postgres-redis":
+        cli(env, "db", "upgrade")
     receiver = Receiver(free_port())  # not listening yet
-    with running([["up", "--port", str(port)]], env, tmp_path / "logs", port) as stack:
+    with running(commands, env, tmp_path / "logs", port) as stack:
         headers = {"Authorization": f"Bearer {stack.key('acme')}"}
         api = httpx.Client(base_url=stack.base_url, headers=headers, timeout=30)
         hook = api.post("/v1/webhooks", json={"url": receiver.url, "event_types": [
