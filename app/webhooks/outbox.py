@@ -1,12 +1,14 @@
 """The outbox: a job's end becomes one delivery row per subscribed endpoint, written in the
 transaction that ends the job, so the event exists exactly when the end does (a rollback
 leaves neither). After that transaction commits, a message wakes a delivery; if it is lost
-(broker down, process killed) the sweep sends the due rows again (`delivery.enqueue_due`).
+(broker down, process killed) the sweep sends the due rows again (`delivery.due_deliveries`,
+`app/jobs/sweep.py resend_due_webhooks`).
 """
 
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import event, select
@@ -56,7 +58,7 @@ def record_job_ended(session: Session, *, job_id: str, status: JobStatus) -> lis
     return [row.id for row in rows]
 
 
-def _payload(*, event_id: str, event_type: str, job_id: str, at: Any) -> dict[str, Any]:
+def _payload(*, event_id: str, event_type: str, job_id: str, at: datetime) -> dict[str, Any]:
     """OpenAI's webhook event shape."""
     return {
         "id": event_id,
