@@ -10,6 +10,7 @@ address, then records the attempt and schedules the next one by `SCHEDULE`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -22,10 +23,12 @@ from app.config import Settings
 from app.db.base import utcnow
 from app.db.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from app.db.session import session_scope
-from app.errors import InvalidRequest
+from app.errors import InvalidRequest, public_message
 from app.statuses import DeliveryStatus
 from app.webhooks.signing import signed_headers
 from app.webhooks.urls import Target, check_url
+
+logger = logging.getLogger(__name__)
 
 # "Now" for scheduling; tests move it on instead of waiting hours. Signatures always carry
 # the wall-clock time (receivers refuse timestamps more than five minutes off).
@@ -57,9 +60,13 @@ def deliver(
         claimed = _claim(session, delivery_id)
     if claimed is None:
         return None
-    status_code, error = send(
-        claimed, allow_private=settings.webhook_allow_private, transport=transport
-    )
+    try:
+        status_code, error = send(
+            claimed, allow_private=settings.webhook_allow_private, transport=transport
+        )
+    except Exception as exc:  # recorded like any failed attempt, and retried by the schedule
+        logger.exception("webhook delivery %s failed", delivery_id)
+        status_code, error = None, f"could not send: {public_message(exc)}"[:500]
     with session_scope(settings.sqlalchemy_url) as session:
         return _record(session, claimed, status_code, error)
 
@@ -108,7 +115,7 @@ def send(
             response = client.send(request, stream=True)
             response.close()  # the status is all we need; the body is never read
     except httpx.HTTPError as exc:
-        return None, f"{type(exc).__name__}: {exc}"[:500]
+        return None, public_message(exc)[:500]
     code = response.status_code
     if 200 <= code < 300:
         return code, None

@@ -396,3 +396,18 @@ def test_https_goes_to_the_checked_address_under_the_urls_name(
         assert status == DeliveryStatus.PENDING and receiver.requests == []
         shown = client.get(f"/v1/webhooks/{row.endpoint_id}/deliveries").json()["data"][0]
         assert "certificate" in shown["attempts"][0]["error"].lower()
+
+
+def test_an_attempt_that_raises_is_recorded_and_retried(client, private_ok, monkeypatch) -> None:
+    settings = private_ok
+    create_webhook(client, "http://127.0.0.1:9/hook")
+    [row] = deliveries(settings, cancel_queued_job(settings))
+
+    def no_signer(**_: object) -> dict[str, str]:
+        raise RuntimeError("pip install loraforge[webhooks]")
+
+    monkeypatch.setattr(delivery, "signed_headers", no_signer)
+    assert delivery.deliver(settings, row.id) == DeliveryStatus.PENDING
+    shown = client.get(f"/v1/webhooks/{row.endpoint_id}/deliveries").json()["data"][0]
+    assert "could not send" in shown["attempts"][0]["error"]
+    assert shown["next_attempt_at"] is not None
