@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     # OS niceness of the inference scheduler threads: control routes and admission run first
     inference_thread_nice: int = Field(default=10, ge=0, le=19)
     stream_key_check_seconds: float = 5.0  # a revoked key ends its open streams this fast
+    # Webhook URLs resolving to loopback, link-local or private addresses are refused (SSRF)
+    # unless this is set (a receiver on the same host or network; tests).
+    webhook_allow_private: bool = False
 
     @field_validator("storage_url", mode="after")
     @classmethod

@@ -13,7 +13,7 @@ from app.api.errors import install_error_handlers
 from app.api.limits import BodyLimits, RequestBodyLimits
 from app.api.rate_limit import TokenBuckets
 from app.api.responses import ERROR_RESPONSES
-from app.api.routes import admin, engine, files, inference, jobs, metrics, models
+from app.api.routes import admin, engine, files, inference, jobs, metrics, models, webhooks
 from app.base_models import report
 from app.config import Settings, get_settings
 from app.db.session import read_session_scope
@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rate_limiter = TokenBuckets()
     install_error_handlers(app)
     app.add_middleware(RequestBodyLimits, limits=body_limits(settings))
-    for module in (files, jobs, models, inference, engine, admin, metrics):
+    for module in (files, jobs, models, inference, engine, admin, metrics, webhooks):
         # Every route declares the error envelope it may answer (schema conformance).
         app.include_router(module.router, responses=ERROR_RESPONSES, dependencies=[StrictQuery])
 

@@ -43,6 +43,14 @@ class AdapterStatus(StrEnum):
     DELETED = "deleted"
 
 
+class DeliveryStatus(StrEnum):
+    """A webhook delivery (one event to one endpoint, the outbox row): docs/design.md 4.12."""
+
+    PENDING = "pending"  # due at next_attempt_at (retries with backoff)
+    DELIVERED = "delivered"  # the receiver answered 2xx
+    FAILED = "failed"  # every attempt of the schedule failed
+
+
 class RunOutcome(StrEnum):
     """How one run (attempt) of a job ended: what the worker's run returns and logs.
 

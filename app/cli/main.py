@@ -201,13 +201,19 @@ def api(host: Host = "127.0.0.1", port: Port = 8000) -> None:
 
 
 @cli.command()
-def worker(concurrency: int = 1) -> None:
-    """Run one Celery worker on the training queue (one job per GPU)."""
+def worker(concurrency: int = 1, queue: str = "training") -> None:
+    """Run one Celery worker on the training queue (one job per GPU), or with `--queue
+    webhooks` one that sends webhook deliveries (never behind a training job)."""
     from app.jobs.queue import TRAIN_QUEUE
+    from app.webhooks.queue import WEBHOOK_QUEUE
+
+    if queue not in (TRAIN_QUEUE, WEBHOOK_QUEUE):
+        raise typer.BadParameter(f"{TRAIN_QUEUE} or {WEBHOOK_QUEUE}", param_hint="--queue")
 
     settings = get_settings()
     _where(settings)
-    _check_base_models(settings)
+    if queue == TRAIN_QUEUE:  # a webhooks worker loads no model
+        _check_base_models(settings)
     _require_current_schema(settings, unreachable_is_fatal=False)
     # exec, so signals reach Celery directly; by module name, since app never imports worker.
     argv = [
@@ -220,7 +226,7 @@ def worker(concurrency: int = 1) -> None:
         "--loglevel=INFO",
         f"--concurrency={concurrency}",
         "-Q",
-        TRAIN_QUEUE,
+        queue,
         "--pool=prefork",
     ]
     os.execv(sys.executable, argv)
@@ -237,6 +243,7 @@ def up(host: Host = "127.0.0.1", port: Port = 8000) -> None:
     children = [
         subprocess.Popen([*me, "api", "--host", host, "--port", str(port)]),
         subprocess.Popen([*me, "worker"]),
+        subprocess.Popen([*me, "worker", "--queue", "webhooks", "--concurrency", "2"]),
     ]
     stopping = False
 

@@ -27,6 +27,7 @@ from app.ids import new_id
 from app.jobs.service import add_event
 from app.registry import service as registry
 from app.statuses import CheckpointStatus, JobStatus, RunOutcome
+from app.webhooks.outbox import record_job_ended
 
 logger = logging.getLogger(__name__)
 
@@ -324,6 +325,7 @@ def complete_job(
     )
     add_event(session, job_id=job.id, message=f"New fine-tuned model created: {name}")
     add_event(session, job_id=job.id, message="The job has successfully completed")
+    record_job_ended(session, job_id=job.id, status=JobStatus.SUCCEEDED)
     return name
 
 
@@ -337,6 +339,7 @@ def end_run(
         .values(status=status, error=error, finished_at=utcnow(), lease_expires_at=None)
     ).rowcount
     if ended:
+        record_job_ended(session, job_id=claim.job_id, status=status)
         if status == JobStatus.CANCELLED:
             add_event(session, job_id=claim.job_id, message="Fine-tuning job cancelled")
         else:
@@ -364,6 +367,7 @@ def sweep(session: Session, *, requeue_after_seconds: int, max_attempts: int) ->
         if job.cancel_requested:
             job.status, job.finished_at = JobStatus.CANCELLED, now
             add_event(session, job_id=job.id, message="Fine-tuning job cancelled")
+            record_job_ended(session, job_id=job.id, status=JobStatus.CANCELLED)
         elif job.attempt >= max_attempts:
             job.status, job.finished_at = JobStatus.FAILED, now
             job.error = {
@@ -372,6 +376,7 @@ def sweep(session: Session, *, requeue_after_seconds: int, max_attempts: int) ->
                 "message": f"the worker running this job stopped {job.attempt} times; giving up",
             }
             add_event(session, job_id=job.id, level="error", message=job.error["message"])
+            record_job_ended(session, job_id=job.id, status=JobStatus.FAILED)
         else:
             job.status, job.enqueued_at = JobStatus.QUEUED, now
             add_event(

@@ -26,6 +26,7 @@ from app.jobs.spec import RunSpec, SupervisedMethod
 from app.registry import service as registry
 from app.schemas.jobs import JobCreate
 from app.statuses import ACTIVE_JOB_STATUSES, TERMINAL_JOB_STATUSES, CheckpointStatus, JobStatus
+from app.webhooks.outbox import record_job_ended
 
 EVENT_ID = re.compile(r"^ftevent-[A-Za-z0-9]{1,32}$")
 Row = TypeVar("Row")
@@ -202,6 +203,7 @@ def cancel_job(session: Session, *, organization: Organization, job_id: str) -> 
     ).rowcount
     if cancelled_now:
         add_event(session, job_id=job.id, message="Fine-tuning job cancelled")
+        record_job_ended(session, job_id=job.id, status=JobStatus.CANCELLED)
     else:
         add_event(
             session, job_id=job.id, message="Cancellation requested; stopping at the next step"

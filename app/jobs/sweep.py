@@ -25,6 +25,8 @@ from app.jobs.leftovers import (
     remove_unrecorded_datasets,
 )
 from app.statuses import JobStatus
+from app.webhooks import delivery as webhook_delivery
+from app.webhooks import queue as webhook_queue
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,10 @@ def sweep_once(settings: Settings) -> list[str]:
             remove_unrecorded_datasets(settings, now=time.time())
     except Exception:
         logger.exception("removing the leftovers of finished jobs or uploads failed")
+    try:  # webhooks never stand in the way of jobs either
+        resend_due_webhooks(settings)
+    except Exception:
+        logger.exception("re-sending due webhook deliveries failed")
     started = time.time()
     with session_scope(settings.sqlalchemy_url) as session:
         job_ids = job_runs.sweep(
@@ -55,6 +61,18 @@ def sweep_once(settings: Settings) -> list[str]:
     for job_id in job_ids:
         queue.enqueue_training(job_id)
     return job_ids
+
+
+def resend_due_webhooks(settings: Settings) -> list[str]:
+    """Wake the deliveries that are due with no message on its way (a retry's time has
+    come, or a message was lost): the outbox row is the truth, the message a nudge."""
+    with session_scope(settings.sqlalchemy_url) as session:
+        due = webhook_delivery.due_deliveries(
+            session, requeue_after_seconds=settings.requeue_after_seconds
+        )
+    for delivery_id in due:
+        webhook_queue.enqueue_delivery(delivery_id)
+    return due
 
 
 def _enough_messages_waiting(settings: Settings) -> bool:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.db.models import Adapter, Checkpoint
+from app.db.models import Adapter, Checkpoint, WebhookEndpoint
 from app.db.session import session_scope
 from app.ids import new_id
 from app.registry import service as registry
 from tests.factories import uploaded_file
+
+WEBHOOK_URL, WEBHOOK_SECRET = "https://secret-hook.example.com/x", "whsec_c2VjcmV0LWhvb2s="
 
 
 @dataclass
@@ -23,11 +25,13 @@ class TenantA:
     adapter: str
     checkpoint: str
     checkpoint_row: str
+    webhook: str
 
     def secrets(self) -> list[str]:
         return [
             self.org_id, self.file, self.job, self.adapter, self.checkpoint,
-            self.checkpoint_row, "acme", "secret-name.jsonl", "secret-sfx",
+            self.checkpoint_row, "acme", "secret-name.jsonl", "secret-sfx", self.webhook,
+            WEBHOOK_URL, WEBHOOK_SECRET,
         ]  # fmt: skip
 
 
@@ -42,6 +46,7 @@ def create_tenant_a(client, settings) -> TenantA:
         base_model="tiny", organization="acme", suffix="secret-sfx", job_id=job["id"]
     )
     checkpoint, checkpoint_row = registry.checkpoint_name(adapter, 4), new_id("ftckpt")
+    webhook = new_id("wh")
     with session_scope(settings.sqlalchemy_url) as session:
         session.add(Adapter(
             id=adapter, organization_id=job["organization_id"], base_model="tiny",
@@ -53,7 +58,13 @@ def create_tenant_a(client, settings) -> TenantA:
             step_number=4, fine_tuned_model_checkpoint=checkpoint, metrics={},
             storage_key=f"checkpoints/{job['id']}/4", sha256="0" * 64,
         ))  # fmt: skip
-    return TenantA(job["organization_id"], file_id, job["id"], adapter, checkpoint, checkpoint_row)
+        session.add(WebhookEndpoint(
+            id=webhook, organization_id=job["organization_id"], url=WEBHOOK_URL,
+            event_types=["fine_tuning.job.succeeded"], secret=WEBHOOK_SECRET,
+        ))  # fmt: skip
+    return TenantA(
+        job["organization_id"], file_id, job["id"], adapter, checkpoint, checkpoint_row, webhook
+    )
 
 
 def calls(a: TenantA) -> dict[tuple[str, str], list[tuple[dict, int]]]:
@@ -94,4 +105,8 @@ def calls(a: TenantA) -> dict[tuple[str, str], list[tuple[dict, int]]]:
         ],
         ("GET", "/v1/admin/keys"): [({"params": {"organization": "acme"}}, 403)],
         ("POST", "/v1/admin/keys/{key_id}/revoke"): [({"path": {"key_id": "key-x"}}, 403)],
+        ("DELETE", "/v1/webhooks/{webhook_id}"): [({"path": {"webhook_id": a.webhook}}, 404)],
+        ("GET", "/v1/webhooks/{webhook_id}/deliveries"): [
+            ({"path": {"webhook_id": a.webhook}}, 404)
+        ],
     }

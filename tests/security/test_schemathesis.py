@@ -44,7 +44,22 @@ def fuzz_app(settings, enqueued, monkeypatch):  # noqa: ARG001
     # No worker runs here, so a job's event stream (`stream=true`) would last its whole
     # bound: keep the fuzzed streams to a moment.
     monkeypatch.setattr("app.jobs.event_feed.STREAM_MAX_SECONDS", 0.5)
+    # Fuzzed webhook URLs must not become DNS queries that leave the machine.
+    monkeypatch.setattr("app.webhooks.urls.lookup", literal_addresses_only)
     return app
+
+
+def literal_addresses_only(host: str, port: int, **_: object) -> list:
+    """getaddrinfo for IP literals (no lookup); every name "does not resolve"."""
+    import ipaddress
+    import socket
+
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise socket.gaierror(socket.EAI_NONAME, "not resolved in tests") from None
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    return [(family, socket.SOCK_STREAM, 6, "", (str(ip), port))]
 
 
 def tenant(app, settings, name: str) -> dict[str, str]:

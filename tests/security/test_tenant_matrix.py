@@ -81,7 +81,7 @@ def test_organization_b_gets_404_and_learns_nothing_of_a(client, other_client, t
 
 
 def test_list_endpoints_never_show_foreign_rows(other_client, tenant_a) -> None:
-    for path in ("/v1/files", "/v1/fine_tuning/jobs", "/v1/models"):
+    for path in ("/v1/files", "/v1/fine_tuning/jobs", "/v1/models", "/v1/webhooks"):
         response = other_client.get(path)
         assert response.status_code == 200
         assert not any(secret in response.text for secret in tenant_a.secrets()), path

@@ -76,6 +76,8 @@ def loads_models(service: dict) -> bool:
     inference_off = str(service.get("environment", {}).get("LORAFORGE_INFERENCE_ENABLED", ""))
     if command[1:2] == ["api"] and inference_off.lower() in ("false", "0"):
         return False
+    if command[1:2] == ["worker"] and "webhooks" in command:  # sends webhooks only
+        return False
     return command[:1] == ["loraforge"] and command[1:2][0] in MODEL_COMMANDS
 
 

@@ -51,6 +51,17 @@ def seed(url: str) -> None:
             organization_id=org.id, endpoint="jobs", key="k1", request_sha256="d" * 64,
             object_id="ftjob-1",
         ))  # fmt: skip
+        session.add(models.WebhookEndpoint(
+            id="wh-1", organization_id=org.id, url="https://example.com/hook",
+            event_types=["fine_tuning.job.succeeded"], secret="whsec_c2VjcmV0",
+        ))  # fmt: skip
+        session.flush()
+        session.add(models.WebhookDelivery(
+            id="msg-1", endpoint_id="wh-1", organization_id=org.id, event_id="evt-1",
+            event_type="fine_tuning.job.succeeded", payload="{}", next_attempt_at=utcnow(),
+        ))  # fmt: skip
+        session.flush()
+        session.add(models.WebhookAttempt(delivery_id="msg-1", status_code=500, error=None))
 
 
 def checksums(url: str, columns: dict[str, list[str]]) -> dict[str, tuple[int, str]]:
