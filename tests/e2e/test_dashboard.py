@@ -1,0 +1,236 @@
+"""The web dashboard in a real browser (headless Chromium driven by Selenium) on the real
+stack: sign in, a refused upload shows its line, upload by drop and by picker, start a job,
+watch its loss curve grow while it trains, see its checkpoints, models and jobs, and get an
+answer in the playground from the adapter and from its base. Screenshots go to
+test-artifacts/ui/ (gitignored) for a person to look at."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+import pytest
+
+from tests.e2e.stack import free_port, running, stack_env, tail_logs
+from tests.factories import chat_rows, jsonl
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "ui"
+WIDTH, HEIGHT = 1400, 1000
+T = TypeVar("T")
+
+
+def browser_paths() -> tuple[str, str]:
+    browser = next(
+        (found for name in ("chromium", "chromium-browser") if (found := shutil.which(name))), None
+    )
+    driver = shutil.which("chromedriver")
+    if browser is None or driver is None:
+        pytest.skip(
+            "the dashboard's browser test needs chromium and chromedriver, and they are not "
+            "installed here (.ci/services.sh installs them with apt-get where it can)"
+        )
+    return browser, driver
+
+
+@pytest.fixture
+def browser() -> Iterator:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver_path = browser_paths()
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",  # CI runs as root
+        "--disable-dev-shm-usage",
+        f"--window-size={WIDTH},{HEIGHT}",
+        "--disable-extensions",
+        "--no-first-run",
+    ):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def stack(tmp_path, tiny_model_dir):
+    port = free_port()
+    env = stack_env(tmp_path / "data", tiny_model_dir, OMP_NUM_THREADS="1")
+    with running([["up", "--port", str(port)]], env, tmp_path / "logs", port) as running_stack:
+        yield running_stack
+
+
+def wait(predicate: Callable[[], T], what: str, timeout: float = 60, every: float = 0.1) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found := predicate():
+            return found
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def shot(driver, name: str) -> None:
+    """The whole page (the window grows to its height for the picture)."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(WIDTH, min(max(HEIGHT, height), 4000))
+    driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
+    driver.set_window_size(WIDTH, HEIGHT)
+
+
+def drop_file(driver, zone_id: str, name: str, content: str) -> None:
+    """A file dropped on the zone as a person would drag it there (a real `drop` event)."""
+    driver.execute_script(
+        """
+        const [zoneId, name, content] = arguments;
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([content], name, {type: "application/jsonl"}));
+        const zone = document.getElementById(zoneId);
+        for (const type of ["dragover", "drop"]) {
+          zone.dispatchEvent(new DragEvent(type, {dataTransfer: transfer, bubbles: true,
+                                                  cancelable: true}));
+        }
+        """,
+        zone_id,
+        name,
+        content,
+    )
+
+
+def test_dashboard_in_a_real_browser(stack, browser, tmp_path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    find = browser.find_element
+    key = stack.key("acme")
+    ui = f"{stack.base_url}/ui/"
+
+    # Sign in: the key goes to session storage, never into a URL.
+    browser.get(ui)
+    wait(lambda: browser.find_elements(By.ID, "api-key"), "the sign-in form")
+    find(By.ID, "api-key").send_keys(key)
+    shot(browser, "01-sign-in")
+    find(By.ID, "sign-in").click()
+    wait(lambda: browser.find_elements(By.ID, "jobs-table"), "the jobs page")
+    assert key not in browser.current_url
+    assert browser.execute_script("return sessionStorage.getItem('loraforge.apiKey')") == key
+
+    # A refused file shows the API's message naming the line; its name stays text.
+    browser.get(ui + "#/new")
+    wait(lambda: browser.find_elements(By.ID, "training-file-drop"), "the create page")
+    good_line = json.dumps(chat_rows(1)[0])
+    drop_file(browser, "training-file-drop", "<b>bad</b>.jsonl", f"{good_line}\n{{not json\n")
+    status = wait(
+        lambda: browser.find_elements(By.CSS_SELECTOR, "#training-file-status .error"),
+        "the validation error",
+    )[0]
+    assert "line 2" in status.text and "<b>bad</b>.jsonl" in status.text
+    assert not browser.find_elements(By.CSS_SELECTOR, "#training-file-status b")
+    assert not find(By.ID, "start-job").is_enabled()
+    shot(browser, "02-validation-error")
+
+    # Good files: training by drop, validation through the file picker.
+    drop_file(browser, "training-file-drop", "train.jsonl", jsonl(chat_rows(24)).decode())
+    validation = tmp_path / "valid.jsonl"
+    validation.write_bytes(jsonl(chat_rows(4)))
+    find(By.ID, "validation-file-input").send_keys(str(validation))
+    for name in ("training-file", "validation-file"):
+        wait(
+            lambda name=name: browser.find_elements(By.CSS_SELECTOR, f"#{name}-status .ok"),
+            f"the {name} upload",
+        )
+    assert find(By.ID, "base-model").get_attribute("value") == "tiny"
+    chosen = {"n_epochs": "2", "batch_size": "1", "learning_rate_multiplier": "10"}
+    for field, value in chosen.items():
+        find(By.ID, f"hp-{field}").send_keys(value)
+    find(By.ID, "suffix").send_keys("ui")
+    shot(browser, "03-create-job")
+    find(By.ID, "start-job").click()
+
+    # The job page: the curve grows while the job trains (points arrive over the stream).
+    wait(lambda: "#/jobs/ftjob-" in browser.current_url, "the job page")
+    job_id = browser.current_url.rsplit("/", 1)[1]
+    chart = wait(lambda: browser.find_elements(By.ID, "loss-chart"), "the chart")[0]
+    counts: list[int] = []
+
+    def ended() -> bool:
+        counts.append(int(chart.get_attribute("data-points") or 0))
+        if len(set(counts) - {0}) == 2:
+            shot(browser, "04-job-running")
+        return browser.execute_script("return document.body.querySelector('main').dataset.stream")
+
+    try:
+        wait(ended, "the job to end", timeout=300, every=0.2)
+    except AssertionError:
+        raise AssertionError(tail_logs(stack.logs)) from None
+    growing = sorted(set(counts) - {0})
+    assert len(growing) >= 2, f"the curve never grew while the page watched: {growing}"
+    headers = {"Authorization": f"Bearer {key}"}
+    job = httpx.get(f"{stack.base_url}/v1/fine_tuning/jobs/{job_id}", headers=headers).json()
+    assert job["status"] == "succeeded", (job, tail_logs(stack.logs))
+    assert int(chart.get_attribute("data-train-points")) == job["steps_planned"] == 48
+    assert int(chart.get_attribute("data-valid-points")) >= 1
+    assert find(By.CSS_SELECTOR, "#job-summary .badge").text == "succeeded"
+    resolved = dict(
+        browser.execute_script(
+            "return [...document.querySelectorAll('#hyperparameters dt')]"
+            ".map(dt => [dt.textContent, dt.nextElementSibling.textContent])"
+        )
+    )
+    assert (resolved["n_epochs"], resolved["batch_size"], resolved["lora_r"]) == ("2", "1", "8")
+    wait(
+        lambda: len(browser.find_elements(By.CSS_SELECTOR, "#checkpoints tbody tr")) == 2,
+        "both checkpoints",
+    )
+    assert browser.find_elements(By.CSS_SELECTOR, "#events li[data-type='metrics']")
+    shot(browser, "05-job-succeeded")
+
+    # Jobs list and models registry.
+    browser.get(ui + "#/jobs")
+    row = wait(lambda: browser.find_elements(By.CSS_SELECTOR, f"tr[data-job='{job_id}']"), "row")
+    assert "succeeded" in row[0].text and "48/48" in row[0].text
+    shot(browser, "06-jobs")
+    model = job["fine_tuned_model"]
+    browser.get(ui + "#/models")
+    wait(lambda: browser.find_elements(By.CSS_SELECTOR, f"tr[data-model='{model}']"), "models")
+    assert browser.find_elements(By.CSS_SELECTOR, "tr[data-model='tiny'][data-kind='base']")
+    shot(browser, "07-models")
+
+    # The playground, reached from the job's model link: adapter and base side by side.
+    browser.get(ui + f"#/jobs/{job_id}")
+    wait(lambda: browser.find_elements(By.LINK_TEXT, model), "the model link")[0].click()
+    wait(lambda: browser.find_elements(By.ID, "prompt"), "the playground")
+    assert find(By.ID, "model-left").get_attribute("value") == model
+    assert find(By.ID, "model-right").get_attribute("value") == "tiny"
+    find(By.ID, "prompt").send_keys("code for item 3?", Keys.ENTER)
+    answers = {}
+    for side in ("left", "right"):
+        answers[side] = wait(
+            lambda side=side: browser.find_elements(
+                By.CSS_SELECTOR, f"#transcript-{side} .assistant[data-state='done']"
+            ),
+            f"the {side} answer",
+        )[0].text
+    assert answers["left"].strip() and "(empty answer)" not in answers["left"], answers
+    shot(browser, "08-playground")
+
+    # The strict policy held: no script or style was refused on any page.
+    refused = [
+        entry["message"]
+        for entry in browser.get_log("browser")
+        if "Content Security Policy" in entry["message"]
+    ]
+    assert not refused, refused
