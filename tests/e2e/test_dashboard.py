@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -40,7 +41,12 @@ def browser_paths() -> tuple[str, str]:
 
 
 @pytest.fixture
-def browser() -> Iterator:
+def downloads(tmp_path) -> Path:
+    return tmp_path / "downloads"
+
+
+@pytest.fixture
+def browser(downloads) -> Iterator:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -59,6 +65,10 @@ def browser() -> Iterator:
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
     driver.set_page_load_timeout(30)
+    downloads.mkdir()
+    driver.execute_cdp_cmd(
+        "Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)}
+    )
     try:
         yield driver
     finally:
@@ -110,7 +120,7 @@ def drop_file(driver, zone_id: str, name: str, content: str) -> None:
     )
 
 
-def test_dashboard_in_a_real_browser(stack, browser, tmp_path) -> None:
+def test_dashboard_in_a_real_browser(stack, browser, downloads, tmp_path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -226,6 +236,23 @@ def test_dashboard_in_a_real_browser(stack, browser, tmp_path) -> None:
         )[0].text
     assert answers["left"].strip() and "(empty answer)" not in answers["left"], answers
     shot(browser, "08-playground")
+
+    # Models: download the adapter's zip (fetched with the key), then delete it.
+    browser.get(ui + "#/models")
+    row = wait(lambda: browser.find_elements(By.CSS_SELECTOR, f"tr[data-model='{model}']"), "row")
+    row[0].find_element(By.XPATH, ".//button[text()='Download']").click()
+    archive = wait(lambda: list(downloads.glob("*.zip")), "the download", timeout=30)[0]
+    wait(lambda: archive.stat().st_size > 0 and not list(downloads.glob("*.crdownload")), "bytes")
+    with zipfile.ZipFile(archive) as bundle:
+        assert "adapter_model.safetensors" in bundle.namelist()
+    row[0].find_element(By.XPATH, ".//button[text()='Delete']").click()
+    browser.switch_to.alert.accept()
+    wait(
+        lambda: not browser.find_elements(By.CSS_SELECTOR, f"tr[data-model='{model}']"),
+        "the row to go",
+    )
+    gone = httpx.get(f"{stack.base_url}/v1/models/{model}", headers=headers)
+    assert gone.status_code == 404
 
     # The strict policy held: no script or style was refused on any page.
     refused = [

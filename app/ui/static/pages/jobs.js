@@ -15,11 +15,11 @@ export function progressCell(job) {
 function row(job) {
   return el(
     "tr", { dataset: { job: job.id } },
-    el("td", {}, el("a", { href: `#/jobs/${encodeURIComponent(job.id)}` }, job.id)),
+    el("td", {}, el("a", { href: `#/jobs/${encodeURIComponent(job.id)}` }, el("code", {}, job.id))),
     el("td", {}, job.model),
     el("td", {}, statusBadge(job.status)),
     el("td", {}, progressCell(job)),
-    el("td", {}, job.fine_tuned_model ?? "—"),
+    el("td", {}, job.fine_tuned_model ? el("code", {}, job.fine_tuned_model) : "—"),
     el("td", {}, when(job.created_at)),
     el("td", {}, TERMINAL.has(job.status) ? when(job.finished_at) : when(job.estimated_finish)),
   );
