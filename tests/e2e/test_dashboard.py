@@ -24,6 +24,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "ui"
 WIDTH, HEIGHT = 1400, 1000
+# Enough optimizer steps (batch size 1) that training outlasts several of the event stream's
+# 1 s polls even on a fast machine, so the page sees the curve part-drawn while it runs.
+EXAMPLES, EPOCHS = 30, 4
+STEPS = EXAMPLES * EPOCHS
 T = TypeVar("T")
 
 
@@ -125,16 +129,22 @@ def test_dashboard_in_a_real_browser(stack, browser, downloads, tmp_path) -> Non
     from selenium.webdriver.common.keys import Keys
 
     find = browser.find_element
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)  # this run's pictures only
     key = stack.key("acme")
     ui = f"{stack.base_url}/ui/"
 
     # Sign in: the key goes to session storage, never into a URL.
-    browser.get(ui)
+    browser.get(ui + "#/models")  # not signed in: the sign-in form, then the page asked for
     wait(lambda: browser.find_elements(By.ID, "api-key"), "the sign-in form")
+    assert not find(By.ID, "nav").is_displayed()
     find(By.ID, "api-key").send_keys(key)
     shot(browser, "01-sign-in")
     find(By.ID, "sign-in").click()
+    wait(lambda: browser.find_elements(By.ID, "models-table"), "the models page")
+    browser.get(ui)
     wait(lambda: browser.find_elements(By.ID, "jobs-table"), "the jobs page")
+    assert find(By.CSS_SELECTOR, "#main p.muted").text == "No jobs yet."
+    shot(browser, "01b-no-jobs")
     assert key not in browser.current_url
     assert browser.execute_script("return sessionStorage.getItem('loraforge.apiKey')") == key
 
@@ -153,7 +163,7 @@ def test_dashboard_in_a_real_browser(stack, browser, downloads, tmp_path) -> Non
     shot(browser, "02-validation-error")
 
     # Good files: training by drop, validation through the file picker.
-    drop_file(browser, "training-file-drop", "train.jsonl", jsonl(chat_rows(24)).decode())
+    drop_file(browser, "training-file-drop", "train.jsonl", jsonl(chat_rows(EXAMPLES)).decode())
     validation = tmp_path / "valid.jsonl"
     validation.write_bytes(jsonl(chat_rows(4)))
     find(By.ID, "validation-file-input").send_keys(str(validation))
@@ -163,7 +173,7 @@ def test_dashboard_in_a_real_browser(stack, browser, downloads, tmp_path) -> Non
             f"the {name} upload",
         )
     assert find(By.ID, "base-model").get_attribute("value") == "tiny"
-    chosen = {"n_epochs": "2", "batch_size": "1", "learning_rate_multiplier": "10"}
+    chosen = {"n_epochs": str(EPOCHS), "batch_size": "1", "learning_rate_multiplier": "10"}
     for field, value in chosen.items():
         find(By.ID, f"hp-{field}").send_keys(value)
     find(By.ID, "suffix").send_keys("ui")
@@ -174,36 +184,56 @@ def test_dashboard_in_a_real_browser(stack, browser, downloads, tmp_path) -> Non
     wait(lambda: "#/jobs/ftjob-" in browser.current_url, "the job page")
     job_id = browser.current_url.rsplit("/", 1)[1]
     chart = wait(lambda: browser.find_elements(By.ID, "loss-chart"), "the chart")[0]
-    counts: list[int] = []
+    badge = "#job-summary .badge"
+    seen: list[tuple[int, str]] = []  # (points drawn, status shown), sampled while it runs
+    running_shot: list[None] = []
 
     def ended() -> bool:
-        counts.append(int(chart.get_attribute("data-points") or 0))
-        if len(set(counts) - {0}) == 2:
-            shot(browser, "04-job-running")
-        return browser.execute_script("return document.body.querySelector('main').dataset.stream")
+        # one read of the page: the summary is redrawn as events arrive
+        points, status, stream = browser.execute_script(
+            "return [document.getElementById('loss-chart').dataset.points,"
+            f" document.querySelector('{badge}').dataset.status,"
+            " document.querySelector('main').dataset.stream]"
+        )
+        seen.append((int(points), status))
+        growing = {p for p, s in seen if p and s == "running"}
+        if len(growing) == 2 and not running_shot:
+            running_shot.append(shot(browser, "04-job-running"))  # once: the curve part-drawn
+        return stream == "ended"
 
     try:
         wait(ended, "the job to end", timeout=300, every=0.2)
     except AssertionError:
         raise AssertionError(tail_logs(stack.logs)) from None
-    growing = sorted(set(counts) - {0})
-    assert len(growing) >= 2, f"the curve never grew while the page watched: {growing}"
+    while_running = sorted({points for points, status in seen if points and status == "running"})
+    assert len(while_running) >= 2, f"the curve did not grow while the job ran: {while_running}"
     headers = {"Authorization": f"Bearer {key}"}
     job = httpx.get(f"{stack.base_url}/v1/fine_tuning/jobs/{job_id}", headers=headers).json()
     assert job["status"] == "succeeded", (job, tail_logs(stack.logs))
-    assert int(chart.get_attribute("data-train-points")) == job["steps_planned"] == 48
+    assert int(chart.get_attribute("data-train-points")) == job["steps_planned"] == STEPS
     assert int(chart.get_attribute("data-valid-points")) >= 1
-    assert find(By.CSS_SELECTOR, "#job-summary .badge").text == "succeeded"
+    assert find(By.CSS_SELECTOR, badge).text == "succeeded"
     resolved = dict(
         browser.execute_script(
             "return [...document.querySelectorAll('#hyperparameters dt')]"
             ".map(dt => [dt.textContent, dt.nextElementSibling.textContent])"
         )
     )
-    assert (resolved["n_epochs"], resolved["batch_size"], resolved["lora_r"]) == ("2", "1", "8")
+    assert [resolved[k] for k in ("n_epochs", "batch_size", "lora_r")] == [str(EPOCHS), "1", "8"]
+    checkpoints = httpx.get(
+        f"{stack.base_url}/v1/fine_tuning/jobs/{job_id}/checkpoints", headers=headers
+    ).json()["data"]
+    assert checkpoints  # the default retention keeps the newest few of the one per epoch
+    expected = [c["fine_tuned_model_checkpoint"] for c in checkpoints]
     wait(
-        lambda: len(browser.find_elements(By.CSS_SELECTOR, "#checkpoints tbody tr")) == 2,
-        "both checkpoints",
+        lambda: (
+            expected
+            == browser.execute_script(
+                "return [...document.querySelectorAll('#checkpoints tbody tr')]"
+                ".map(row => row.dataset.checkpoint)"
+            )
+        ),
+        "the job's checkpoints listed",
     )
     assert browser.find_elements(By.CSS_SELECTOR, "#events li[data-type='metrics']")
     shot(browser, "05-job-succeeded")
@@ -211,7 +241,7 @@ def test_dashboard_in_a_real_browser(stack, browser, downloads, tmp_path) -> Non
     # Jobs list and models registry.
     browser.get(ui + "#/jobs")
     row = wait(lambda: browser.find_elements(By.CSS_SELECTOR, f"tr[data-job='{job_id}']"), "row")
-    assert "succeeded" in row[0].text and "48/48" in row[0].text
+    assert "succeeded" in row[0].text and f"{STEPS}/{STEPS}" in row[0].text
     shot(browser, "06-jobs")
     model = job["fine_tuned_model"]
     browser.get(ui + "#/models")

@@ -25,7 +25,10 @@ async function route() {
   current = controller;
   const { parts, params } = parse(location.hash);
   let name = parts[0] || "jobs";
-  if (!getKey()) name = "signin";
+  if (!getKey() && name !== "signin") {
+    params.next = location.hash;  // signed in, the user lands where they were going
+    name = "signin";
+  }
   let page = ROUTES[name];
   if (name === "jobs" && parts[1]) {
     page = job;

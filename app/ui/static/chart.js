@@ -30,6 +30,7 @@ export class LineChart {
   constructor(series, { xLabel = "step", yLabel = "loss" } = {}) {
     this.series = series.map((s) => ({ ...s, points: [] }));
     this.xLabel = xLabel;
+    this.xMax = 0;  // the x axis spans at least this far (a job's planned steps)
     this.yLabel = yLabel;
     this.svg = node("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart", role: "img" });
     this.svg.setAttribute("aria-label", `${yLabel} by ${xLabel}`);
@@ -55,7 +56,7 @@ export class LineChart {
     const xs = all.map((p) => p[0]);
     const ys = all.map((p) => p[1]);
     const x0 = Math.min(0, ...xs);
-    const x1 = Math.max(x0 + 1, ...xs);
+    const x1 = Math.max(x0 + 1, this.xMax, ...xs);
     let y0 = Math.min(...ys);
     let y1 = Math.max(...ys);
     const pad = (y1 - y0) * 0.05 || Math.abs(y1) * 0.05 || 1;

@@ -132,6 +132,7 @@ export async function render(root, { params, signal }) {
     events.prepend(eventItem(event));
     if (event.type === "metrics" && event.data) {
       const d = event.data;
+      chart.xMax = d.total_steps ?? 0;  // the curve fills the axis as the job goes
       chart.add("train", d.step, d.train_loss);
       if (d.valid_loss !== null && d.valid_loss !== undefined) chart.add("valid", d.step, d.valid_loss);
       latest.textContent = `step ${d.step}/${d.total_steps} · epoch ${d.epoch} · train ${metric(d.train_loss)}`

@@ -1,7 +1,7 @@
 import { ApiError, clearKey, getJson, setKey } from "../api.js";
 import { el, errorBox } from "../dom.js";
 
-export async function render(root) {
+export async function render(root, { params }) {
   const key = el("input", {
     id: "api-key", type: "password", autocomplete: "off", required: true,
     placeholder: "lf-…", "aria-label": "API key",
@@ -23,7 +23,11 @@ export async function render(root) {
     setKey(key.value.trim());
     try {
       await getJson("/v1/models");  // proves the key before anything else is shown
-      location.hash = "#/jobs";
+      const next = params.next?.startsWith("#/") && !params.next.startsWith("#/signin");
+      const target = next ? params.next : "#/jobs";
+      // the sign-in form was shown at the target's own address: render it again
+      if (location.hash === target) window.dispatchEvent(new HashChangeEvent("hashchange"));
+      else location.hash = target;
     } catch (error) {
       clearKey();
       message.append(errorBox(error instanceof ApiError ? error.message : String(error)));
