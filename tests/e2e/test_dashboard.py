@@ -137,6 +137,11 @@ def test_dashboard_in_a_real_browser(stack, browser, downloads, tmp_path) -> Non
     browser.get(ui + "#/models")  # not signed in: the sign-in form, then the page asked for
     wait(lambda: browser.find_elements(By.ID, "api-key"), "the sign-in form")
     assert not find(By.ID, "nav").is_displayed()
+    find(By.ID, "api-key").send_keys("lf-not-a-key")  # refused: the form says so, stays
+    find(By.ID, "sign-in").click()
+    refusal = wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#sign-in-form .error"), "no")
+    assert "API key" in refusal[0].text and browser.current_url.endswith("#/models")
+    find(By.ID, "api-key").clear()
     find(By.ID, "api-key").send_keys(key)
     shot(browser, "01-sign-in")
     find(By.ID, "sign-in").click()
@@ -240,8 +245,14 @@ def test_dashboard_in_a_real_browser(stack, browser, downloads, tmp_path) -> Non
 
     # Jobs list and models registry.
     browser.get(ui + "#/jobs")
-    row = wait(lambda: browser.find_elements(By.CSS_SELECTOR, f"tr[data-job='{job_id}']"), "row")
-    assert "succeeded" in row[0].text and f"{STEPS}/{STEPS}" in row[0].text
+    # the list is redrawn every few seconds: read the row in one go, by script
+    row = wait(
+        lambda: browser.execute_script(
+            f"return document.querySelector(\"tr[data-job='{job_id}']\")?.textContent"
+        ),
+        "the job's row",
+    )
+    assert "succeeded" in row and f"{STEPS}/{STEPS}" in row
     shot(browser, "06-jobs")
     model = job["fine_tuned_model"]
     browser.get(ui + "#/models")
@@ -251,7 +262,11 @@ def test_dashboard_in_a_real_browser(stack, browser, downloads, tmp_path) -> Non
 
     # The playground, reached from the job's model link: adapter and base side by side.
     browser.get(ui + f"#/jobs/{job_id}")
-    wait(lambda: browser.find_elements(By.LINK_TEXT, model), "the model link")[0].click()
+    wait(  # the summary is redrawn until the replayed stream has ended
+        lambda: browser.execute_script("return document.querySelector('main').dataset.stream"),
+        "the job page to settle",
+    )
+    find(By.LINK_TEXT, model).click()
     wait(lambda: browser.find_elements(By.ID, "prompt"), "the playground")
     assert find(By.ID, "model-left").get_attribute("value") == model
     assert find(By.ID, "model-right").get_attribute("value") == "tiny"

@@ -56,6 +56,7 @@ async function route() {
 
 window.addEventListener("hashchange", route);
 window.addEventListener("loraforge:unauthorized", () => {
+  if (document.body.dataset.page === "signin") return;  // the form says why itself
   clearKey();
   if (!location.hash.startsWith("#/signin")) location.hash = "#/signin";
 });

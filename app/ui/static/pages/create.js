@@ -15,16 +15,27 @@ const HYPERPARAMETERS = [
   { name: "max_seq_length", label: "Max sequence length", placeholder: "1024", type: "int" },
 ];
 
-// A drop zone that uploads the file it gets and remembers the uploaded file's id.
-function fileDrop(name, title, optional) {
+// A drop zone that uploads the file it gets and remembers the uploaded file's id; or a
+// file uploaded before (by the CLI, the SDK) picked from the list.
+function fileDrop(name, title, optional, uploaded) {
   const state = { fileId: null };
+  const earlier = el("select", { id: `${name}-existing`, "aria-label": `${title}: uploaded earlier` },
+    el("option", { value: "" }, "…or pick a file uploaded earlier"),
+    uploaded.map((f) => el("option", { value: f.id }, `${f.filename} (${f.id}, ${bytes(f.bytes)})`)));
   const input = el("input", { type: "file", id: `${name}-input`, accept: ".jsonl,application/jsonl", class: "visually-hidden" });
   const status = el("div", { class: "upload-status", id: `${name}-status` });
   const zone = el("label", { class: "dropzone", id: `${name}-drop`, for: `${name}-input` },
     el("strong", {}, title), el("span", { class: "muted" },
       `Drop a JSONL file here or click to choose${optional ? " (optional)" : ""}`), input);
+  earlier.addEventListener("change", () => {
+    state.fileId = earlier.value || null;
+    zone.dataset.state = state.fileId ? "ok" : "";
+    status.replaceChildren();
+    state.onchange?.();
+  });
   async function upload(file) {
     state.fileId = null;
+    earlier.value = "";
     status.replaceChildren(el("span", { class: "muted" }, `Uploading ${file.name}…`));
     zone.dataset.state = "uploading";
     const form = new FormData();
@@ -54,7 +65,7 @@ function fileDrop(name, title, optional) {
     const file = event.dataTransfer.files[0];
     if (file) upload(file);
   });
-  state.node = el("div", {}, zone, status);
+  state.node = el("div", {}, zone, status, uploaded.length ? earlier : null);
   return state;
 }
 
@@ -65,10 +76,12 @@ function numberValue(input, type) {
 }
 
 export async function render(root, { signal }) {
-  const models = await getJson("/v1/models", { signal });
+  const [models, files] = await Promise.all(
+    [getJson("/v1/models", { signal }), getJson("/v1/files", { signal })]);
   const bases = models.data.filter((m) => m.kind === "base");
-  const training = fileDrop("training-file", "Training file", false);
-  const validation = fileDrop("validation-file", "Validation file", true);
+  const uploaded = files.data.filter((f) => f.purpose === "fine-tune");
+  const training = fileDrop("training-file", "Training file", false, uploaded);
+  const validation = fileDrop("validation-file", "Validation file", true, uploaded);
   const model = el("select", { id: "base-model" }, bases.map((m) => el("option", { value: m.id }, m.id)));
   const suffix = el("input", { id: "suffix", placeholder: "my-adapter", maxlength: 40 });
   const seed = el("input", { id: "seed", type: "number", min: 0, placeholder: "random" });
