@@ -124,7 +124,7 @@ def drop_file(driver, zone_id: str, name: str, content: str) -> None:
     )
 
 
-def test_dashboard_in_a_real_browser(stack, browser, downloads, tmp_path) -> None:
+def test_dashboard_in_a_real_browser(browser, downloads, stack, tmp_path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -259,6 +259,12 @@ def test_dashboard_in_a_real_browser(stack, browser, downloads, tmp_path) -> Non
     wait(lambda: browser.find_elements(By.CSS_SELECTOR, f"tr[data-model='{model}']"), "models")
     assert browser.find_elements(By.CSS_SELECTOR, "tr[data-model='tiny'][data-kind='base']")
     shot(browser, "07-models")
+
+    # A second job can start from the files already uploaded.
+    browser.get(ui + "#/new")
+    picker = wait(lambda: browser.find_elements(By.ID, "training-file-existing"), "the picker")
+    options = [o.get_attribute("value") for o in picker[0].find_elements(By.TAG_NAME, "option")]
+    assert job["training_file"] in options and job["validation_file"] in options
 
     # The playground, reached from the job's model link: adapter and base side by side.
     browser.get(ui + f"#/jobs/{job_id}")
