@@ -19,6 +19,7 @@ from app.config import Settings, get_settings
 from app.db.session import read_session_scope
 from app.jobs.sweep import start_sweeper
 from app.observability.metrics import limit_adapter_labels
+from app.ui.files import dashboard_files
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (files, jobs, models, inference, engine, admin, metrics, webhooks):
         # Every route declares the error envelope it may answer (schema conformance).
         app.include_router(module.router, responses=ERROR_RESPONSES, dependencies=[StrictQuery])
+    app.mount("/ui", dashboard_files(), name="ui")  # the web dashboard (app/ui)
 
     @app.get("/health", tags=["health"])
     def health() -> dict[str, str]:
