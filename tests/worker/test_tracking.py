@@ -5,7 +5,9 @@ read back with MlflowClient), and a tracker that cannot start never fails the jo
 from __future__ import annotations
 
 import json
+import os
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -175,3 +177,31 @@ def test_trackers_that_cannot_start_warn_and_the_job_succeeds(
     assert "could not start" in warnings["wandb"] and "wandb" in warnings["wandb"]
     assert "training goes on" in warnings["mlflow"]
     assert len([e for e in rows if e.type == "metrics"]) == 4  # trained to the end
+
+
+def test_the_workers_job_process_logs_to_wandb(tmp_path, tiny_model_dir):
+    """The worker's path: in a fresh process (as `loraforge worker` is; this one may hold
+    wandb's service from another test, which a forked child must not inherit), the
+    supervisor claims the job and trains it in a forked child that logs the W&B run."""
+    settings = make_settings(tmp_path / "data", tiny_model_dir)
+    migrate.upgrade(settings)
+    job_id = start_job(settings, [{"type": "wandb", "wandb": {"project": "lf"}}])
+    env = os.environ | {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path),
+        "LORAFORGE_DATA_DIR": str(settings.data_dir),
+        "LORAFORGE_BASE_MODELS": f"tiny={tiny_model_dir}",
+        "LORAFORGE_DEVICE": "cpu",
+        "LORAFORGE_METRICS_EVERY_STEPS": "1",
+    }
+    code = f"from worker.supervisor import wake; print(wake({job_id!r}))"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert f"{job_id}: succeeded" in done.stdout, done.stderr[-2000:]
+    metrics = [e.data for e in events(settings, job_id) if e.type == "metrics"]
+    run = wandb_run(tmp_path)
+    assert run["name"] == job_id and run["exit_code"] == 0
+    assert {row["_step"]: row["train_loss"] for row in run["history"]} == {
+        m["step"]: m["train_loss"] for m in metrics
+    }
