@@ -59,27 +59,28 @@ class JobTracking:
 
     def __init__(self, integrations: Sequence[WandbIntegration | MlflowIntegration], warn: Warn):
         self._integrations, self._warn = tuple(integrations), warn
-        self._running: dict[str, Tracker] = {}
+        # by position in `integrations`: two of one type (two W&B projects) are two runs
+        self._running: dict[int, tuple[str, Tracker]] = {}
 
     def start(self, run: RunInfo) -> None:
-        for integration in self._integrations:
+        for index, integration in enumerate(self._integrations):
             try:
-                self._running[integration.type] = _open(integration, run)
+                self._running[index] = (integration.type, _open(integration, run))
             except Exception as exc:  # a missing package included (ImportError)
                 self._failed(integration.type, "could not start", exc)
 
     def log(self, metrics: Mapping[str, float | int | None], step: int) -> None:
         present = {k: float(v) for k, v in metrics.items() if v is not None}
-        for kind, tracker in list(self._running.items()):
+        for index, (kind, tracker) in list(self._running.items()):
             try:
                 tracker.log(present, step)
             except Exception as exc:
-                del self._running[kind]
+                del self._running[index]
                 self._failed(kind, f"failed at step {step}", exc)
 
     def finish(self, outcome: RunOutcome) -> None:
         running, self._running = self._running, {}
-        for kind, tracker in running.items():
+        for kind, tracker in running.values():
             try:
                 tracker.finish(outcome)
             except Exception as exc:

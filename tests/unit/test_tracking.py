@@ -71,3 +71,18 @@ def test_mlflow_params_are_the_config_flattened():
         "hyperparameters.lora_r": 8,
         "hyperparameters.x.y": None,
     }
+
+
+def test_two_integrations_of_one_type_are_two_runs(monkeypatch):
+    made: list[StandIn] = []
+
+    def open_one(integration, _run):
+        made.append(StandIn(integration.type, fail_at=None))
+        return made[-1]
+
+    monkeypatch.setattr(tracking, "_open", open_one)
+    job = JobTracking([INTEGRATIONS[0], INTEGRATIONS[0]], warn=lambda *args: None)
+    job.start(RUN)
+    job.log({"train_loss": 2.0}, step=1)
+    job.finish(RunOutcome.SUCCEEDED)
+    assert [(t.logged, t.outcome) for t in made] == [([(1, {"train_loss": 2.0})], "succeeded")] * 2
