@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(default=0, ge=0, le=65535)
     worker_metrics_host: str = "127.0.0.1"
     metrics_every_steps: int = 10  # a job's `metrics` event every N optimizer steps
+    # "uri,uri": the MLflow tracking URIs a job's integration may name (none: only the
+    # worker's MLFLOW_TRACKING_URI, by leaving tracking_uri out). See app/schemas/jobs.py.
+    mlflow_tracking_uris: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # A worker's lease on its job: a dead worker's job is re-queued about this long after.
     lease_seconds: int = 120
     sweep_interval_seconds: int = 30  # how often the API sweeps (app/jobs/sweep.py); 0: never
@@ -155,9 +158,9 @@ class Settings(BaseSettings):
         """{base name: "nf4" | "int8"} for the bases served quantized (the rest: none)."""
         return self._serving_quantization
 
-    @field_validator("preload_adapters", mode="before")
+    @field_validator("preload_adapters", "mlflow_tracking_uris", mode="before")
     @classmethod
-    def _parse_preload_adapters(cls, value: object) -> object:
+    def _parse_comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value

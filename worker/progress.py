@@ -5,7 +5,9 @@ Every step renews the lease and checks for cancellation (one conditional UPDATE,
 job's progress: trained tokens, steps done and planned, and `estimated_finish` from the
 step rate observed since `start()`. Every micro-batch checks cancel and lease with a read
 (`job_runs.check_run`), so a long gradient accumulation stops at the next micro-batch, not
-at the end of its step; every `metrics_every_steps` a `metrics` event. Every checkpoint is
+at the end of its step; every `metrics_every_steps` a `metrics` event, and every step the
+same metrics to the job's experiment trackers (worker/tracking.py: started in `start`,
+ended in `finish` with the run's outcome). Every checkpoint is
 published atomically to `checkpoints/{job_id}/step-N`, recorded (callable as
 `ft:…:ckpt-step-N`), and the oldest beyond `checkpoint_retention` are pruned (their rows say
 so; files go after commit).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import time
 from datetime import timedelta
 from typing import Any
@@ -25,9 +28,14 @@ from app.db.session import read_session_scope, session_scope
 from app.jobs import runs as job_runs
 from app.jobs.runs import Claim
 from app.jobs.service import add_event
+from app.jobs.spec import RunSpec, SupervisedHyperparameters
 from app.ml.adapters import ADAPTER_WEIGHTS
+from app.statuses import RunOutcome
 from app.storage import ArtifactStore, file_sha256
+from worker.tracking import JobTracking, RunInfo
 from worker.training.checkpoint import checkpoint_steps
+
+logger = logging.getLogger(__name__)
 
 CSV_COLUMNS = ("step", "train_loss", "valid_loss", "learning_rate", "tokens_per_second")
 
@@ -40,10 +48,43 @@ class Progress:
         self._started = time.monotonic()
         self._first_step: int | None = None  # the step this attempt started from (resume)
         self.steps_done = 0  # optimizer steps completed (what an out-of-memory error reports)
+        self.tracking = JobTracking((), warn=self._warn)
 
-    def start(self) -> None:
-        """Training begins now (the model is loaded): the step rate is measured from here."""
+    def start(
+        self, spec: RunSpec, hyperparameters: SupervisedHyperparameters, total_steps: int
+    ) -> None:
+        """Training begins now (the model is loaded): the step rate is measured from here,
+        and the job's experiment trackers start, with the hyperparameters as they run."""
         self._started = time.monotonic()
+        self.tracking = JobTracking(spec.integrations, warn=self._warn)
+        config = {
+            "job_id": self.claim.job_id,
+            "attempt": self.claim.attempt,
+            "base_model": spec.base_model,
+            "parent_model": spec.parent_model,
+            "training_file": spec.training_file,
+            "validation_file": spec.validation_file,
+            "total_steps": total_steps,
+            "hyperparameters": hyperparameters.model_dump(mode="json"),
+        }
+        self.tracking.start(
+            RunInfo(job_id=self.claim.job_id, base_model=spec.base_model, config=config)
+        )
+
+    def finish(self, outcome: RunOutcome) -> None:
+        """The run ended so: the experiment trackers end their runs."""
+        self.tracking.finish(outcome)
+
+    def _warn(self, message: str, data: dict[str, Any]) -> None:
+        """A `warn` event that renews no lease and raises nothing: trackers report through
+        it at any point, after the job ended included, and must never stop a run."""
+        try:
+            with session_scope(self.settings.sqlalchemy_url) as session:
+                add_event(
+                    session, job_id=self.claim.job_id, message=message, level="warn", data=data
+                )
+        except Exception:
+            logger.warning("job %s: could not record %r", self.claim.job_id, message, exc_info=True)
 
     def event(
         self,
@@ -95,6 +136,16 @@ class Progress:
                 lease_seconds=self.settings.lease_seconds,
                 progress=self._progress(report),
             )
+            metrics = {
+                "step": report.step,
+                "total_steps": report.total_steps,
+                "epoch": report.epoch,
+                "train_loss": report.train_loss,
+                "valid_loss": report.valid_loss,
+                "learning_rate": report.learning_rate,
+                "trained_tokens": report.trained_tokens,
+                "tokens_per_second": report.tokens_per_second,
+            }
             every = self.settings.metrics_every_steps
             if report.step % every == 0 or report.step == report.total_steps:
                 add_event(
@@ -102,18 +153,14 @@ class Progress:
                     job_id=self.claim.job_id,
                     type="metrics",
                     message=_step_message(report),
-                    data={
-                        "step": report.step,
-                        "total_steps": report.total_steps,
-                        "epoch": report.epoch,
-                        "train_loss": report.train_loss,
-                        "valid_loss": report.valid_loss,
-                        "learning_rate": report.learning_rate,
-                        "trained_tokens": report.trained_tokens,
-                        "tokens_per_second": report.tokens_per_second,
-                    },
+                    data=metrics,
                 )
         self.steps_done = report.step
+        # every step, once the database has it; the step is the trackers' x axis
+        self.tracking.log(
+            {k: v for k, v in metrics.items() if k not in ("step", "total_steps")},
+            step=report.step,
+        )
 
     def _progress(self, report: Any) -> dict[str, Any]:
         """The job's progress columns after this step."""

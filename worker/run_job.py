@@ -86,8 +86,15 @@ def execute(claim: Claim, settings: Settings) -> RunOutcome:
         # What earlier attempts left (fenced off by this claim): the sweep removes it when
         # it re-queues the job, but a redelivered message can take over a lapsed lease first.
         remove_dead_attempts_leftovers(settings, [claim.job_id], older_than=time.time())
+    progress = Progress(claim, settings, store)
+    outcome = _run(claim, settings, store, progress)
+    progress.finish(outcome)  # the experiment trackers learn how it ended
+    return outcome
+
+
+def _run(claim: Claim, settings: Settings, store: ArtifactStore, progress: Progress) -> RunOutcome:
     try:
-        _train_and_publish(claim, settings, store)
+        _train_and_publish(claim, settings, store, progress)
         return RunOutcome.SUCCEEDED
     except RunAborted as aborted:
         if aborted.reason == RunOutcome.CANCELLED:
@@ -117,20 +124,21 @@ def end(
         job_runs.end_run(session, claim=claim, status=status, error=error)
 
 
-def _train_and_publish(claim: Claim, settings: Settings, store: ArtifactStore) -> None:
+def _train_and_publish(
+    claim: Claim, settings: Settings, store: ArtifactStore, progress: Progress
+) -> None:
     with store.temp_dir(owner=claim.job_id) as inputs_dir:  # this host's copy of the inputs
-        _train_and_publish_from(claim, settings, store, inputs_dir)
+        _train_and_publish_from(claim, settings, store, inputs_dir, progress)
 
 
 def _train_and_publish_from(
-    claim: Claim, settings: Settings, store: ArtifactStore, inputs_dir: Path
+    claim: Claim, settings: Settings, store: ArtifactStore, inputs_dir: Path, progress: Progress
 ) -> None:
     from app.ml.loading import load_tokenizer
     from worker.training.loop import train_lora
     from worker.training.packing import count_steps
 
     inputs = job_inputs.read_inputs(claim, settings, store, inputs_dir)
-    progress = Progress(claim, settings, store)
     planned, shape = job_memory.plan_job(
         inputs.base_model_ref,
         inputs.spec.method.hyperparameters,
@@ -143,13 +151,14 @@ def _train_and_publish_from(
     token_ids = job_inputs.trainable_tokens(tokenizer, hp.train_special_tokens, progress)
     train, valid = _encode(inputs, tokenizer, model, hp, progress)
     job_inputs.check_examples(hp, len(train), len(valid), WorkLimits.of(settings))
-    progress.announce_checkpoints(count_steps(len(train), hp), hp.n_checkpoints)
+    total_steps = count_steps(len(train), hp)
+    progress.announce_checkpoints(total_steps, hp.n_checkpoints)
     resume_from = job_inputs.resume_point(inputs, progress)
     oom = job_memory.out_of_memory_fails_the_job(
         shape, hp, settings=settings, steps=lambda: progress.steps_done
     )
     with oom, store.temp_dir(owner=claim.job_id) as out:
-        progress.start()
+        progress.start(inputs.spec, hp, total_steps)
         result = train_lora(
             model=model,
             tokenizer=tokenizer,

@@ -56,6 +56,7 @@ def job_view(job: Job) -> JobRead:
         seed=job.seed,
         suffix=job.suffix,
         metadata=job.metadata_,
+        integrations=job.integrations or [],
     )
 
 

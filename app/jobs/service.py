@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -24,7 +25,7 @@ from app.jobs import hyperparameters
 from app.jobs.limits import WorkLimits, check_job_work
 from app.jobs.spec import RunSpec, SupervisedMethod
 from app.registry import service as registry
-from app.schemas.jobs import JobCreate
+from app.schemas.jobs import JobCreate, MlflowIntegration
 from app.statuses import ACTIVE_JOB_STATUSES, TERMINAL_JOB_STATUSES, CheckpointStatus, JobStatus
 from app.webhooks.outbox import record_job_ended
 
@@ -45,12 +46,14 @@ def create_job(
     request: JobCreate,
     base_models: dict[str, str],
     limits: WorkLimits | None = None,
+    mlflow_tracking_uris: Collection[str] = (),
 ) -> Job:
     """Validate the request against the allowlist and the caller's files; insert `queued`.
 
     `model` may be an `ft:` adapter of the caller's: the job continues training it
     (same base model and LoRA shape; `parent_model` records which adapter).
     """
+    _check_tracking_uris(request, allowed=mlflow_tracking_uris)
     base_model, parent = _base_and_parent(session, organization, request.model, base_models)
     training = _fine_tune_file(session, organization, request.training_file, "training_file")
     validation = None
@@ -87,6 +90,21 @@ def create_job(
     return job
 
 
+def _check_tracking_uris(request: JobCreate, *, allowed: Collection[str]) -> None:
+    """An MLflow integration names a tracking URI only from the operator's list (why:
+    app/schemas/jobs.py MlflowSettings)."""
+    for index, integration in enumerate(request.integrations or ()):
+        if isinstance(integration, MlflowIntegration):
+            uri = integration.mlflow.tracking_uri
+            if uri is not None and uri not in allowed:
+                raise InvalidRequest(
+                    f"tracking_uri {uri!r} is not one this server allows "
+                    "(LORAFORGE_MLFLOW_TRACKING_URIS); leave it out to use the worker's "
+                    "MLFLOW_TRACKING_URI",
+                    param=f"integrations.{index}.mlflow.tracking_uri",
+                )
+
+
 def _run_spec(
     request: JobCreate, *, base_model: str, parent: Adapter | None, training: File
 ) -> RunSpec:
@@ -107,6 +125,7 @@ def _run_spec(
         training_file=request.training_file,
         validation_file=request.validation_file,
         method=SupervisedMethod(hyperparameters=resolved),
+        integrations=tuple(request.integrations or ()),
     )
 
 

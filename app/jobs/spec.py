@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
-from app.schemas.jobs import Auto, LrScheduler, Quantization
+from app.schemas.jobs import Auto, Integration, LrScheduler, Quantization
 
 
 class SupervisedHyperparameters(BaseModel):
@@ -107,6 +107,8 @@ class RunSpec(BaseModel):
     training_file: str
     validation_file: str | None
     method: Method
+    # Where the worker also logs the run's config and metrics (W&B, MLflow), as requested.
+    integrations: tuple[Integration, ...] = ()
 
     def job_columns(self) -> dict[str, Any]:
         """The job row's columns that store this spec."""
@@ -118,6 +120,11 @@ class RunSpec(BaseModel):
             "validation_file": self.validation_file,
             "hyperparameters": hyperparameters.model_dump(),
             "seed": hyperparameters.seed,  # a copy for the API's top-level `seed`
+            # as given (the job object shows them so): unset keys stay unset
+            "integrations": [
+                i.model_dump(mode="json", exclude_unset=True) for i in self.integrations
+            ]
+            or None,
         }
 
     @classmethod
@@ -131,5 +138,6 @@ class RunSpec(BaseModel):
                 "validation_file": job.validation_file,
                 # every stored job is supervised: the row has no method column yet
                 "method": {"type": "supervised", "hyperparameters": job.hyperparameters},
+                "integrations": job.integrations or (),
             }
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
 
 from app.schemas.common import Id, Strict, Text
 
@@ -73,6 +73,59 @@ class Method(Strict):
     supervised: SupervisedMethod | None = None
 
 
+# Experiment tracking (docs/design.md "Experiment tracking"): OpenAI's `integrations` shape,
+# with MLflow as a second member. Only names travel in a job; credentials stay in the
+# worker's environment (WANDB_API_KEY, MLFLOW_TRACKING_TOKEN, …), and Strict refuses any
+# other key, an `api_key` included. The bounds are ours: OpenAI documents none.
+TrackerName = Annotated[Text, Field(min_length=1, max_length=128)]
+TrackerTag = Annotated[Text, Field(min_length=1, max_length=64)]
+
+
+class WandbSettings(Strict):
+    project: TrackerName
+    name: TrackerName | None = None  # None: the job id
+    entity: TrackerName | None = None  # None: the API key's default entity
+    tags: Annotated[list[TrackerTag], Field(max_length=20)] | None = None
+
+
+class WandbIntegration(Strict):
+    type: Literal["wandb"]
+    wandb: WandbSettings
+
+
+class MlflowSettings(Strict):
+    # None: the worker's MLFLOW_TRACKING_URI. Given: it must be one the operator allows
+    # (LORAFORGE_MLFLOW_TRACKING_URIS), checked at creation: a URI of the caller's choosing
+    # would have the worker send its MLflow credentials, or write files, wherever it says.
+    tracking_uri: Annotated[Text, Field(min_length=1, max_length=1000)] | None = None
+    experiment_name: TrackerName | None = None  # None: the base model's name
+    name: TrackerName | None = None  # the run's name; None: the job id
+    tags: Annotated[list[TrackerTag], Field(max_length=20)] | None = None
+
+
+class MlflowIntegration(Strict):
+    type: Literal["mlflow"]
+    mlflow: MlflowSettings
+
+
+def _integration_tag(value: Any) -> str:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return f"type-{kind}"
+
+
+# Tagged "type-…": an error's `param` leaves such tags out (app/api/errors.py), so a bad
+# project is `integrations.0.wandb.project`, not `integrations.0.wandb.wandb.project`.
+Integration = Annotated[
+    Annotated[WandbIntegration, Tag("type-wandb")]
+    | Annotated[MlflowIntegration, Tag("type-mlflow")],
+    Discriminator(
+        _integration_tag,
+        custom_error_type="invalid_integration",
+        custom_error_message="an integration's type must be 'wandb' or 'mlflow'",
+    ),
+]
+
+
 class JobCreate(Strict):
     model: Id
     training_file: Annotated[Id, Field(max_length=64)]
@@ -81,6 +134,7 @@ class JobCreate(Strict):
     method: Method | None = None
     suffix: Suffix | None = None
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    integrations: Annotated[list[Integration], Field(max_length=4)] | None = None
     metadata: (
         Annotated[
             dict[Annotated[Text, Field(max_length=64)], Annotated[Text, Field(max_length=512)]],
@@ -141,7 +195,7 @@ class JobRead(BaseModel):
     suffix: str | None
     metadata: dict[str, str] | None
     estimated_finish: int | None = None
-    integrations: list[Any] = []
+    integrations: list[dict[str, Any]] = []  # as given at creation
     # loraforge's own: optimizer steps done and planned, updated every step while it runs
     steps_completed: int | None = None
     steps_planned: int | None = None

@@ -71,7 +71,23 @@ def test_hyperparameters_under_method_supervised(client, training_file):
         ),
         ({"suffix": "../../etc"}, "suffix", "Invalid value"),
         ({"seed": -1}, "seed", "Invalid value"),
-        ({"integrations": []}, "integrations", "Unrecognized"),
+        (
+            {"integrations": [{"type": "wandb", "wandb": {"project": ""}}]},
+            "integrations.0.wandb.project",
+            "Invalid value",
+        ),
+        (  # credentials come from the worker's environment, never from a request
+            {"integrations": [{"type": "wandb", "wandb": {"project": "p", "api_key": "k"}}]},
+            "integrations.0.wandb.api_key",
+            "Unrecognized",
+        ),
+        ({"integrations": [{"type": "wandb"}]}, "integrations.0.wandb", "Missing"),
+        ({"integrations": [{"type": "comet"}]}, "integrations.0", "'wandb' or 'mlflow'"),
+        (
+            {"integrations": [{"type": "mlflow", "mlflow": {"tracking_uri": "http://10.0.0.1"}}]},
+            "integrations.0.mlflow.tracking_uri",
+            "not one this server allows",
+        ),
         ({"model": "gpt-4o"}, "model", "not an allowed base model"),
         ({"training_file": "file-doesnotexist"}, "training_file", "does not exist"),
         ({"validation_file": "file-nope"}, "validation_file", "does not exist"),
@@ -187,3 +203,17 @@ def test_unknown_special_tokens_to_train_are_refused_at_creation(client, setting
     hp = {"train_special_tokens": True}
     created = create_job(client, model="tiny", training_file=training_file, hyperparameters=hp)
     assert created.json()["hyperparameters"]["train_special_tokens"] is True
+
+
+def test_integrations_are_stored_and_shown_as_given(client, training_file):
+    integrations = [
+        {"type": "wandb", "wandb": {"project": "p", "entity": None, "tags": ["a", "b"]}},
+        {"type": "mlflow", "mlflow": {"experiment_name": "e"}},  # the worker's tracking URI
+    ]
+    response = create_job(
+        client, model="tiny", training_file=training_file, integrations=integrations
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["integrations"] == integrations
+    job = client.get(f"/v1/fine_tuning/jobs/{response.json()['id']}").json()
+    assert job["integrations"] == integrations

@@ -152,7 +152,7 @@ def test_a_job_stored_before_the_later_knobs_still_loads() -> None:
     stored = resolve(Hyperparameters(n_epochs=4), n_examples=10, seed=3).model_dump()
     row = type("Job", (), {
         "model": "tiny", "parent_model": None, "training_file": "f", "validation_file": None,
-        "hyperparameters": {key: stored[key] for key in first_keys},
+        "integrations": None, "hyperparameters": {key: stored[key] for key in first_keys},
     })  # fmt: skip
     old = RunSpec.of_job(row).method.hyperparameters
     assert old.n_checkpoints == 4 and old.packing is True and old.gradient_accumulation_steps == 1

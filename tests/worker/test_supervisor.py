@@ -108,7 +108,7 @@ def test_a_child_that_ignores_a_cancel_is_killed_and_counts_as_active_until_then
     job_id = submit(settings)
     seen = tmp_path / "seen"
 
-    def deaf(claim, settings, _store) -> None:
+    def deaf(claim, settings, _store, _progress) -> None:
         assert cancel(settings, claim.job_id) == "running"  # stops "at the next check"
         time.sleep(4)  # longer than the lease: only the supervisor can have renewed it
         with session_scope(settings.sqlalchemy_url) as session:

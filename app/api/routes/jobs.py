@@ -55,6 +55,7 @@ def create_job(
         request=body,
         base_models=settings.base_models,
         limits=WorkLimits.of(settings),
+        mlflow_tracking_uris=settings.mlflow_tracking_uris,
     )
     # Committed before enqueueing: the worker must find the row when the message arrives.
     job_id = idempotency.commit_once(session, **scope, object_id=job.id)
