@@ -25,7 +25,9 @@ then runs in a fresh child process, one at a time (peak RSS only grows within a 
   one prompt with the bare base and one with the adapter the `ours` job published.
 
 Figures: peak RSS (VmHWM) of each child; ours / HF (target <= 1.0); the weights share
-(RSS right after the base loaded minus right before) of nf4 vs fp32 (target <= 0.5).
+of nf4 vs fp32 (target <= 0.5): the loaded tensors' bytes (4-bit weights packed, with their
+quantization state), with the RSS growth over the load beside it (that also counts the
+safetensors file pages the load mapped and touched, which the kernel may drop).
 `--small` rehearses everything on a 2-layer model with the same structure in seconds.
 Before each full-size child the bench checks MemAvailable against `--min-free-gb`.
 """
@@ -71,6 +73,24 @@ def linear_class(model: Any) -> str:
             kind = type(module)
             return f"{kind.__module__}.{kind.__qualname__}"
     return "no q_proj"
+
+
+def weights_mb(model: Any) -> float:
+    """The bytes the loaded weights take, counted from the tensors themselves (4-bit
+    weights are packed uint8 plus their quantization state): what the base costs, free of
+    how the allocator and the safetensors file mapping show up in the RSS."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) in seen:  # tied embeddings count once
+            continue
+        seen.add(id(tensor))
+        total += tensor.numel() * tensor.element_size()
+        state = getattr(tensor, "quant_state", None)
+        for extra in (getattr(state, "absmax", None), getattr(state, "code", None)):
+            if extra is not None:
+                total += extra.numel() * extra.element_size()
+    return total / 2**20
 
 
 def loaded_rss(model: Any) -> float:
@@ -166,6 +186,8 @@ def observe_loading(seen: dict[str, Any]) -> None:
         if "linear_class" not in seen:
             seen["rss_before_load_mb"] = before
             seen["rss_after_load_mb"] = loaded_rss(model)
+            seen["weights_mb"] = weights_mb(model)
+            seen["rss_anon_after_load_mb"] = status_mb("RssAnon")
             seen["linear_class"] = linear_class(model)
             seen["load_kwargs"] = {k: str(v) for k, v in kwargs.items()}
         return model
@@ -216,7 +238,7 @@ def child_hf(settings: Any, job_id: str, data: Path, model_dir: Path) -> dict[st
                               train_on_inputs=hp.train_on_inputs)  # fmt: skip
     before = status_mb("VmRSS")
     model = load_base_model(model_dir, device="cpu")
-    after, loaded_as = loaded_rss(model), linear_class(model)
+    after, loaded_as, weights = loaded_rss(model), linear_class(model), weights_mb(model)
     start = time.perf_counter()
     stamps = train_hf_peft(
         model, examples, batch_size=hp.batch_size, learning_rate=hp.learning_rate,
@@ -226,7 +248,7 @@ def child_hf(settings: Any, job_id: str, data: Path, model_dir: Path) -> dict[st
     return {"peak_rss_mb": status_mb("VmHWM"), "seconds": round(time.perf_counter() - start, 1),
             "steps": len(stamps), "trained_tokens": sum(t for _, t in stamps),
             "rss_before_load_mb": before, "rss_after_load_mb": after,
-            "linear_class": loaded_as}  # fmt: skip
+            "weights_mb": weights, "linear_class": loaded_as}  # fmt: skip
 
 
 def child_serve(settings: Any, job_id: str, model_dir: Path, max_tokens: int) -> dict[str, Any]:
@@ -270,7 +292,10 @@ def run_child(argv: list[str], label: str) -> dict[str, Any]:
         tail = (done.stderr or done.stdout)[-1500:]
         print(f"{label}: child failed (exit {done.returncode}):\n{tail}", flush=True)
         return {"failed": done.returncode}
-    return json.loads(lines[-1])
+    result: dict[str, Any] = json.loads(lines[-1])
+    if result.get("outcome", "succeeded") != "succeeded":  # say why, from its log
+        print(f"{label}: {result['outcome']}; its log ends:\n{done.stderr[-3000:]}", flush=True)
+    return result
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -289,12 +314,14 @@ def report(shape: str, results: dict[str, dict[str, Any]]) -> None:
     ours, hf, nf4, serve = (results.get(k, {}) for k in ("ours", "hf", "nf4", "serve"))
     print(f"\n== {shape}: peak RSS (VmHWM) per child ==")
     for name, got in (("ours", ours), ("hf", hf), ("nf4", nf4), ("serve", serve)):
-        weights = (
+        rss_share = (
             got["rss_after_load_mb"] - got["rss_before_load_mb"]
             if "rss_after_load_mb" in got else None
         )  # fmt: skip
-        got["weights_mb"] = weights
-        print(f"{name:6s} peak {mb(got.get('peak_rss_mb'))}; weights share {mb(weights)}; "
+        # weights share: the loaded tensors' bytes; the RSS growth over the load is shown
+        # beside it (it also holds the safetensors file pages a load maps and touches)
+        print(f"{name:6s} peak {mb(got.get('peak_rss_mb'))}; "
+              f"weights share {mb(got.get('weights_mb'))} (RSS over the load {mb(rss_share)}); "
               f"Linear {got.get('linear_class', '-')}; {got.get('seconds', '-')} s; "
               f"trained tokens {got.get('trained_tokens', '-')}")  # fmt: skip
     print(
