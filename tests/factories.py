@@ -61,6 +61,19 @@ def api_app(settings: Settings):
     return app
 
 
+def api_client(settings: Settings):
+    """A TestClient of the app on `settings`, signed in as a new key of organization acme."""
+    from fastapi.testclient import TestClient
+
+    client = TestClient(api_app(settings))
+    with session_scope(settings.sqlalchemy_url) as session:
+        organization = tenancy.get_or_create_organization(session, name="acme")
+        client.headers["Authorization"] = (
+            f"Bearer {tenancy.create_api_key(session, organization=organization)}"
+        )
+    return client
+
+
 def upload(client, content: bytes, name: str = "train.jsonl", purpose: str = "fine-tune"):
     """POST /v1/files; the response, whatever it says."""
     return client.post("/v1/files", files={"file": (name, content)}, data={"purpose": purpose})

@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 from app.errors import NotFound, ServiceUnavailable, model_not_found
 from app.inference.adapter_files import batch_refusal, read_peft_adapter, refused
 from app.inference.messages import Submit
-from app.inference.pool import AdapterStats
-from app.inference.types import AdapterRef
+from app.inference.types import AdapterRef, AdapterStats
 
 if TYPE_CHECKING:
     from torch.nn.modules.module import _IncompatibleKeys

@@ -25,32 +25,10 @@ from app.inference.adapter_files import AdapterWeights, read_adapter
 from app.inference.deleted import DeletedAdapters
 from app.inference.lora import Factors, LoraState, TokenRows, wrap_module, wrap_tokens
 from app.inference.messages import Loaded
-from app.inference.types import AdapterRef
+from app.inference.types import AdapterRef, AdapterStats
 from app.observability import metrics
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class AdapterStats:
-    """What the visibility endpoint shows for one adapter (kept after eviction)."""
-
-    id: str
-    base_model: str
-    owner: str | None
-    loaded: bool = False
-    pinned: bool = False
-    rank: int | None = None
-    bytes: int = 0
-    hits: int = 0  # requests that found it resident
-    misses: int = 0  # requests that had to wait for a load
-    loads: int = 0
-    evictions: int = 0
-    requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    last_used: float | None = None  # unix time of the last request
-    last_load_seconds: float | None = None
 
 
 _Holder = dict[str, Factors] | dict[str, TokenRows]

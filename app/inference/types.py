@@ -64,3 +64,25 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class AdapterStats:
+    """What the visibility endpoint shows for one adapter (kept after eviction)."""
+
+    id: str
+    base_model: str
+    owner: str | None
+    loaded: bool = False
+    pinned: bool = False
+    rank: int | None = None
+    bytes: int = 0
+    hits: int = 0  # requests that found it resident
+    misses: int = 0  # requests that had to wait for a load
+    loads: int = 0
+    evictions: int = 0
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    last_used: float | None = None  # unix time of the last request
+    last_load_seconds: float | None = None

@@ -10,10 +10,8 @@ import zipfile
 from datetime import timedelta
 
 import pytest
-from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 
-from app import tenancy
 from app.db.base import utcnow
 from app.db.models import Adapter, Checkpoint, File, Job, JobEvent
 from app.db.session import session_scope
@@ -21,7 +19,7 @@ from app.errors import InvalidRequest
 from app.ml.adapters import ADAPTER_WEIGHTS
 from app.storage import LocalStore
 from tests.conftest import make_settings
-from tests.factories import api_app, load, submit
+from tests.factories import api_client, load, submit
 from worker import run_job as run_job_module
 from worker.run_job import run_job
 
@@ -117,17 +115,6 @@ def test_metrics_csv_is_a_downloadable_result_file(settings):
     }
     assert all(float(r["train_loss"]) > 0 and float(r["tokens_per_second"]) > 0 for r in table)
     assert client.get(f"/v1/files/{file_id}").json()["purpose"] == "fine-tune-results"
-
-
-def api_client(settings) -> TestClient:
-
-    application = api_app(settings)
-    with session_scope(settings.sqlalchemy_url) as session:
-        organization = tenancy.get_or_create_organization(session, name="acme")
-        key = tenancy.create_api_key(session, organization=organization)
-    client = TestClient(application)
-    client.headers["Authorization"] = f"Bearer {key}"
-    return client
 
 
 def test_checkpoints_are_downloadable_and_old_ones_pruned(tmp_path, tiny_model_dir):

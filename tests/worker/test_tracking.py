@@ -16,8 +16,7 @@ import pytest
 from app import migrate
 from app.db.models import JobEvent
 from tests.conftest import make_settings
-from tests.factories import create_job, jsonl, load, upload
-from tests.worker.test_run_job_training import api_client
+from tests.factories import api_client, create_job, jsonl, load, upload
 from worker.run_job import run_job
 
 pytestmark = pytest.mark.slow

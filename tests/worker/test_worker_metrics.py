@@ -18,7 +18,7 @@ from worker import run_job as run_job_module
 from worker import supervisor
 
 
-def trains_then_fails(claim, settings, _store) -> None:
+def trains_then_fails(claim, settings, _store, _progress) -> None:
     """Training stand-in: reports 3 steps and 120 tokens, as a step does, then fails."""
     with session_scope(settings.sqlalchemy_url) as session:
         progress = {"steps_completed": 3, "trained_tokens": 120}
