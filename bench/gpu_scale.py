@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import random
 import shutil
 import statistics
@@ -210,13 +209,7 @@ class Bench:
         figure(f"{size} peak memory ours / HF", f"{ours_peak} / {hf_peak}")
 
     def qlora(self) -> None:
-        from app.ml.loading import load_base_model
-
         say(f"\n== QLoRA 8b ({self.left():.0f} s of budget left) ==")
-        if "quantization" not in inspect.signature(load_base_model).parameters:
-            figure("8b QLoRA peak memory", "not measured: load_base_model takes no "
-                   "quantization yet")  # fmt: skip
-            return
         model_dir = self.model_dir("8b")
         examples = self.examples(self.args.train_steps * self.args.batch)
         self.free()
