@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -17,6 +19,7 @@ from typing import TypeVar
 import httpx
 import pytest
 
+from tests.chaos.harness import Worker
 from tests.e2e.stack import free_port, running, stack_env, tail_logs
 from tests.factories import chat_rows, jsonl
 
@@ -24,9 +27,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "ui"
 WIDTH, HEIGHT = 1400, 1000
-# Enough optimizer steps (batch size 1) that training outlasts several of the event stream's
-# 1 s polls even on a fast machine, so the page sees the curve part-drawn while it runs.
+# Optimizer steps (batch size 1), each followed by a pause of the chaos worker (below), so
+# training outlasts several of the event stream's 1 s polls on any machine and the page is
+# seen drawing the curve while the job runs (at full speed a quiet machine once trained all
+# 120 steps between two polls).
 EXAMPLES, EPOCHS = 30, 4
+STEP_PAUSE_S = "0.05"
 STEPS = EXAMPLES * EPOCHS
 T = TypeVar("T")
 
@@ -81,10 +87,22 @@ def browser(downloads) -> Iterator:
 
 @pytest.fixture
 def stack(tmp_path, tiny_model_dir):
-    port = free_port()
-    env = stack_env(tmp_path / "data", tiny_model_dir, OMP_NUM_THREADS="1")
-    with running([["up", "--port", str(port)]], env, tmp_path / "logs", port) as running_stack:
-        yield running_stack
+    """The API and the real worker, the latter through tests/chaos/fault_worker.py, which
+    pauses `STEP_PAUSE_S` after each optimizer step and changes nothing else."""
+    port, logs = free_port(), tmp_path / "logs"
+    logs.mkdir()
+    env = stack_env(
+        tmp_path / "data", tiny_model_dir, OMP_NUM_THREADS="1",
+        LORAFORGE_CHAOS_STEP_SLEEP=STEP_PAUSE_S,
+    )  # fmt: skip
+    subprocess.run([sys.executable, "-m", "app.cli", "db", "upgrade"], env=env, check=True)
+    worker = Worker(env, logs, "ui")
+    worker.start()
+    try:
+        with running([["api", "--port", str(port)]], env, logs, port) as running_stack:
+            yield running_stack
+    finally:
+        worker.stop()
 
 
 def wait(predicate: Callable[[], T], what: str, timeout: float = 60, every: float = 0.1) -> T:
