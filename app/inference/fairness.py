@@ -51,17 +51,21 @@ def choose_fairly(
 
 
 class OwnerCounters:
-    """Per organization: decode steps it had rows in, those where its rows were on more
-    than one model, and its most rows in one step. A tenant sees these, not the engine's."""
+    """Decode steps with rows, those whose rows were on more than one model, and the most
+    rows in one step: for the whole batch (the operator's view) and per organization (what
+    a tenant sees, never the engine's), recorded by one rule."""
+
+    _EVERYONE = object()
 
     def __init__(self) -> None:
         self._counts: dict[Hashable, list[int]] = {}
 
     def record(self, rows: Iterable[tuple[Hashable, Hashable]]) -> None:
         """One decode step's rows as (owner, model key)."""
-        keys: dict[Hashable, list[Hashable]] = {}
+        keys: dict[Hashable, list[Hashable]] = {self._EVERYONE: []}
         for owner, key in rows:
             keys.setdefault(owner, []).append(key)
+            keys[self._EVERYONE].append(key)
         for owner, mine in keys.items():
             counts = self._counts.setdefault(owner, [0, 0, 0])
             counts[0] += 1
@@ -71,3 +75,6 @@ class OwnerCounters:
     def __getitem__(self, owner: Hashable) -> dict[str, int]:
         steps, mixed, peak = self._counts.get(owner, (0, 0, 0))
         return {"steps": steps, "mixed_steps": mixed, "peak_batch": peak}
+
+    def everyone(self) -> dict[str, int]:
+        return self[self._EVERYONE]

@@ -103,10 +103,7 @@ class BaseScheduler:
         self.slabs: list[Slab] = []
         self._held_back: list[Request] = []  # chosen by fairness, waiting for KV cache
         self._preloads: dict[str, list[threading.Event]] = {}  # id -> preload() callers
-        self.steps = 0  # decode steps
-        self.mixed_steps = 0  # decode steps whose rows span more than one model
-        self.peak_batch = 0
-        self.per_owner = OwnerCounters()  # the same, per organization: what a tenant sees
+        self.counts = OwnerCounters()  # decode steps, mixed steps, peak batch: all, per owner
         self.forwards = 0  # decode forwards (one per slab per step)
         # summed over decode steps: cells allocated (spare included), padded width, real
         self.cells = CellCounts()
@@ -145,11 +142,7 @@ class BaseScheduler:
         """Batch state; `everyone=False`: `owner`'s running and waiting requests only."""
         running = self.rows  # copies: the scheduler moves them
         waiting, held_back = list(self.waiting), list(self._held_back)
-        counters = (
-            {"steps": self.steps, "mixed_steps": self.mixed_steps, "peak_batch": self.peak_batch}
-            if everyone
-            else self.per_owner[owner]
-        )
+        counters = self.counts.everyone() if everyone else self.counts[owner]
         mine = [row for row in running if everyone or row.request.owner == owner]
         cache = {
             **self.budget.describe(),
@@ -375,16 +368,12 @@ class BaseScheduler:
     # -- one decode step over the whole batch -------------------------------------------
     def _step(self) -> None:
         rows = self.rows
-        keys = [row.request.key for row in rows]
-        self.peak_batch = max(self.peak_batch, len(keys))
-        metrics.decode_step(self._metric_base, len(keys))
-        self.mixed_steps += len(set(keys)) > 1
-        self.per_owner.record((row.request.owner, row.request.key) for row in rows)
+        metrics.decode_step(self._metric_base, len(rows))
+        self.counts.record((row.request.owner, row.request.key) for row in rows)
         self.cells.count(self.slabs)
         for slab in list(self.slabs):
             self._step_slab(slab)
         self.slabs = [slab for slab in self.slabs if slab.rows]
-        self.steps += 1
         if len(self.rows) != len(rows):  # rows that run as projected keep the same peak
             self._hold()
 
