@@ -166,6 +166,8 @@ def test_dashboard_in_a_real_browser(browser, downloads, stack, tmp_path) -> Non
     wait(lambda: browser.find_elements(By.ID, "models-table"), "the models page")
     browser.get(ui)
     wait(lambda: browser.find_elements(By.ID, "jobs-table"), "the jobs page")
+    # the table is drawn before the list arrives; the note shows once it has (empty)
+    wait(lambda: find(By.CSS_SELECTOR, "#main p.muted").is_displayed(), "the jobs list")
     assert find(By.CSS_SELECTOR, "#main p.muted").text == "No jobs yet."
     shot(browser, "01b-no-jobs")
     assert key not in browser.current_url
