@@ -20,6 +20,7 @@ from app.config import Settings
 from app.db.models import Adapter, Checkpoint, File, Job
 from app.db.session import session_scope
 from app.errors import CheckpointError, InvalidRequest, JobInputError
+from app.files.tool_format import uses_tools
 from app.jobs import limits
 from app.jobs.hyperparameters import unmatched_modules
 from app.jobs.runs import Claim
@@ -95,6 +96,24 @@ def check_examples(
     lines; a template that rewrites history trains one example per assistant turn)."""
     with _failing_the_job():
         limits.check_examples(hp, n_train, n_valid, bounds)
+
+
+def check_tool_calling(tokenizer: Any, records: list[dict[str, Any]], param: str) -> None:
+    """Fail the job when its data calls functions but the base's chat template would drop
+    the calls (never train on a render without them)."""
+    from app.ml.tool_support import tool_calling_refusal
+
+    if not any(uses_tools(record) for record in records):
+        return
+    refusal = tool_calling_refusal(tokenizer)
+    if refusal is not None:
+        raise JobInputError(
+            f"{param} has function-calling examples (tools, tool_calls or tool messages), but "
+            f"the base model cannot be trained on them: {refusal}; use a base whose chat "
+            "template renders tool calls (or one without a template: loraforge's fallback does)",
+            code="unsupported_tool_calls",
+            param=param,
+        )
 
 
 def check_context(model: Any, max_seq_length: int, base_model: str) -> None:

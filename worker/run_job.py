@@ -263,16 +263,19 @@ def _encode(
     """Tokenize both files; report the dataset statistics and any truncation."""
     from worker.training.packing import count_steps, epoch_steps, row_length
 
-    def encode(path: Path) -> list[Example]:
+    def encode(path: Path, param: str) -> list[Example]:
+        records = read_jsonl(path)
+        job_inputs.check_tool_calling(tokenizer, records, param)
         return encode_dataset(
-            tokenizer,
-            read_jsonl(path),
-            max_seq_length=hp.max_seq_length,
-            train_on_inputs=hp.train_on_inputs,
+            tokenizer, records, max_seq_length=hp.max_seq_length, train_on_inputs=hp.train_on_inputs
         )
 
-    train = encode(inputs.training_path)
-    valid = encode(inputs.validation_path) if inputs.validation_path is not None else []
+    train = encode(inputs.training_path, "training_file")
+    valid = (
+        encode(inputs.validation_path, "validation_file")
+        if inputs.validation_path is not None
+        else []
+    )
     first_epoch = epoch_steps(train, hp, max_len=row_length(model, hp.max_seq_length), epoch=1)
     rows = sum(len(micro) for step in first_epoch for micro in step.micro_batches)
     stats = {
