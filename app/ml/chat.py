@@ -36,16 +36,14 @@ from app.ml.tool_messages import template_tool_fields, template_tools
 
 Tools = list[dict[str, Any]] | None  # OpenAI's `tools` list, as in a request or an example
 
-# The Hermes / Qwen 2.5 wording and layout, so a model that knows it reads it as usual.
+# The Hermes / Qwen 2.5 layout, its instructions in brief (they are in every prompt).
 _TOOLS_SYSTEM = (
     "{% if tools %}<|system|>"
     "{% if messages and messages[0]['role'] == 'system' %}"
     "{{ messages[0]['content'] + '\\n\\n' }}{% endif %}"
-    "{{ '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n'"
-    " + 'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{{ '# Tools\\n\\nYou may call these functions:\\n<tools>' }}"
     "{% for tool in tools %}{{ '\\n' + (tool | tojson) }}{% endfor %}"
-    "{{ '\\n</tools>\\n\\nFor each function call, return a json object with function name '"
-    " + 'and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n'"
+    "{{ '\\n</tools>\\nReturn each call as <tool_call>\\n'"
     ' + \'{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call>\' }}'
     "<|end|>{% endif %}"
 )

@@ -151,7 +151,7 @@ class ChatCompletionRequest(SamplingParams):
     @classmethod
     def _ends_for_the_assistant(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
         if messages[-1].role == "assistant":
-            raise ValueError("the last message must be from the user or the system")
+            raise ValueError("the last message must be from the user, the system or a tool")
         return messages
 
 
