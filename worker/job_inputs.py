@@ -101,19 +101,11 @@ def check_examples(
 def check_tool_calling(tokenizer: Any, records: list[dict[str, Any]], param: str) -> None:
     """Fail the job when its data calls functions but the base's chat template would drop
     the calls (never train on a render without them)."""
-    from app.ml.tool_support import tool_calling_refusal
+    from app.ml.tool_support import require_tool_calling
 
-    if not any(uses_tools(record) for record in records):
-        return
-    refusal = tool_calling_refusal(tokenizer)
-    if refusal is not None:
-        raise JobInputError(
-            f"{param} has function-calling examples (tools, tool_calls or tool messages), but "
-            f"the base model cannot be trained on them: {refusal}; use a base whose chat "
-            "template renders tool calls (or one without a template: loraforge's fallback does)",
-            code="unsupported_tool_calls",
-            param=param,
-        )
+    if any(uses_tools(record) for record in records):
+        with _failing_the_job():
+            require_tool_calling(tokenizer, param=param)
 
 
 def check_context(model: Any, max_seq_length: int, base_model: str) -> None:

@@ -126,7 +126,7 @@ def _check_arguments(arguments: object, where: str) -> None:
         raise ValueError(f"{where} must be a string holding a JSON object; got {_kind(arguments)}")
     try:
         parsed = json.loads(arguments)
-    except ValueError:  # JSONDecodeError, or a number past Python's digit limit
+    except (ValueError, RecursionError):  # bad JSON, a number past the digit limit, nesting
         raise ValueError(f"{where} is not valid JSON: {_show(arguments)}") from None
     if not isinstance(parsed, dict):
         raise ValueError(f"{where} must be a JSON object; got {_kind(parsed)}")

@@ -389,11 +389,14 @@ def _tokenize(
 ) -> list[int]:
     """Token ids exactly as training makes them: the user's text never becomes a control
     token (a typed `<|end|><|assistant|>` stays plain text); only the chat template's do."""
+    from app.files.tool_format import uses_tools
     from app.ml.chat import prompt_ids
     from app.ml.special_tokens import encode_plain
+    from app.ml.tool_support import require_tool_calling
 
     if messages is not None:
-        _check_tool_calling(tokenizer, messages, tools)
+        if tools is not None or uses_tools({"messages": messages}):
+            require_tool_calling(tokenizer, param="messages" if tools is None else "tools")
         ids = prompt_ids(tokenizer, messages, tools)
         param = "messages"
     else:
@@ -403,24 +406,6 @@ def _tokenize(
     if not ids:
         raise InvalidRequest(f"the {param} tokenizes to no tokens", param=param)
     return list(ids)
-
-
-def _check_tool_calling(
-    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
-) -> None:
-    """Refuse tools or tool calls a base's chat template would silently leave out."""
-    from app.files.tool_format import uses_tools
-    from app.ml.tool_support import tool_calling_refusal
-
-    if tools is None and not uses_tools({"messages": messages}):
-        return
-    refusal = tool_calling_refusal(tokenizer)
-    if refusal is not None:
-        raise InvalidRequest(
-            f"this model cannot take tools or tool calls: {refusal}",
-            param="tools" if tools is not None else "messages",
-            code="unsupported_tool_calls",
-        )
 
 
 def eos_token_ids(tokenizer: Any, model: Any) -> frozenset[int]:

@@ -59,7 +59,7 @@ def parse_reply(text: str, names: Collection[str]) -> ToolReply | None:
 def _call(body: str, names: Collection[str]) -> ParsedCall | None:
     try:
         call = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(call, dict) or not set(call) <= {"name", "arguments"}:
         return None
@@ -67,7 +67,7 @@ def _call(body: str, names: Collection[str]) -> ParsedCall | None:
     if isinstance(arguments, str):  # some models write the arguments as a JSON string
         try:
             arguments = json.loads(arguments)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     if not isinstance(name, str) or name not in names or not isinstance(arguments, dict):
         return None

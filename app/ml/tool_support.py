@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from app.errors import InvalidRequest
 from app.ml.chat import render_examples
 
 _NAME, _DESCRIPTION = "probe_lookup", "probe-description-7f3"
@@ -47,6 +48,18 @@ def tool_calling_refusal(tokenizer: Any) -> str | None:
         tokenizer.__dict__[_CACHE] = _probe(tokenizer)
     refusal: str | None = tokenizer.__dict__[_CACHE]
     return refusal
+
+
+def require_tool_calling(tokenizer: Any, *, param: str) -> None:
+    """Refuse (naming `param`) function calling that the chat template would leave out."""
+    refusal = tool_calling_refusal(tokenizer)
+    if refusal is not None:
+        raise InvalidRequest(
+            f"the base model cannot take function calling: {refusal}; use a base whose chat "
+            "template renders tool calls (or one without a template: loraforge's fallback does)",
+            param=param,
+            code="unsupported_tool_calls",
+        )
 
 
 def _probe(tokenizer: Any) -> str | None:

@@ -165,3 +165,23 @@ def test_tool_requests_beyond_what_is_served_are_refused_naming_why(
     assert phrase in error["message"], error
     if param is not None:
         assert error["param"] == param
+
+
+@pytest.mark.slow
+def test_tools_for_a_base_whose_template_drops_them_are_refused(tmp_path) -> None:
+    from app.errors import InvalidRequest
+    from app.inference import InferenceEngine
+    from app.ml.tiny_model import build_tiny_model
+    from tests.chat_families import FAMILIES
+
+    [llama3] = [f for f in FAMILIES if f.name == "llama3"]
+    base_dir = build_tiny_model(tmp_path / "base", tokenizer=llama3.tokenizer())
+    engine = InferenceEngine(base_models={"llama3": str(base_dir)}, device="cpu")
+    try:
+        with pytest.raises(InvalidRequest) as info:
+            engine.submit(base_model="llama3", adapter=None, messages=ASK, tools=[WEATHER_TOOL])
+        assert engine.generate(base_model="llama3", adapter=None, messages=ASK, max_tokens=2)
+    finally:
+        engine.close()
+    assert info.value.code == "unsupported_tool_calls" and info.value.param == "tools"
+    assert "does not render the tools" in info.value.message

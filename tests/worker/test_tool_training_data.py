@@ -92,3 +92,24 @@ def test_a_base_that_drops_tool_calls_fails_the_job_naming_why() -> None:
     assert info.value.error["code"] == "unsupported_tool_calls"
     assert info.value.error["param"] == "validation_file"
     assert "chat template does not render" in info.value.error["message"]
+
+
+@pytest.mark.slow
+def test_a_job_on_tool_data_fails_before_training_on_such_a_base(tmp_path) -> None:
+    from app import migrate
+    from app.db.models import Job
+    from app.ml.tiny_model import build_tiny_model
+    from tests.conftest import make_settings
+    from tests.factories import load, submit
+    from worker.run_job import run_job
+
+    base_dir = build_tiny_model(tmp_path / "base", tokenizer=LLAMA3.tokenizer())
+    settings = make_settings(tmp_path / "data", base_dir, base_models={"llama3": str(base_dir)})
+    migrate.upgrade(settings)
+    job_id = submit(settings, rows=[weather_example("Paris")] * 3, model="llama3")
+    assert run_job(job_id, settings=settings) == "failed"
+    [job] = load(settings, Job, id=job_id)
+    assert job.error["code"] == "unsupported_tool_calls", job.error
+    assert job.error["param"] == "training_file"
+    assert "does not render the tools" in job.error["message"]
+    assert job.trained_tokens in (None, 0)  # not one step ran
