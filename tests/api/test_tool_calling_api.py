@@ -167,7 +167,6 @@ def test_tool_requests_beyond_what_is_served_are_refused_naming_why(
         assert error["param"] == param
 
 
-@pytest.mark.slow
 def test_tools_for_a_base_whose_template_drops_them_are_refused(tmp_path) -> None:
     from app.errors import InvalidRequest
     from app.inference import InferenceEngine

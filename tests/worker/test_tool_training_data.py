@@ -94,7 +94,6 @@ def test_a_base_that_drops_tool_calls_fails_the_job_naming_why() -> None:
     assert "chat template does not render" in info.value.error["message"]
 
 
-@pytest.mark.slow
 def test_a_job_on_tool_data_fails_before_training_on_such_a_base(tmp_path) -> None:
     from app import migrate
     from app.db.models import Job
