@@ -108,8 +108,9 @@ def _percentiles(values: list[float]) -> str:
 
 def start_hosts(stack: ChaosStack) -> tuple[list[httpx.Client], dict[str, Worker]]:
     """The second API host (the stack's own API is the first) and the worker hosts."""
-    apis = [stack.http, stack.add_api("api-2")]
+    # the workers first: they boot (import torch) while the second API starts
     workers = {host: stack.add_worker(host, own_host=True) for host in WORKER_HOSTS}
+    apis = [stack.http, stack.add_api("api-2")]
     wait_for_workers(stack)  # so that dispatch latency does not count the hosts' boot
     return apis, workers
 
