@@ -71,9 +71,11 @@ def run_job(job_id: str, *, settings: Settings | None = None) -> RunOutcome:
 def remove_scratch(settings: Settings, job_id: str) -> None:
     """Best effort, never changing the job; only once the database says it is terminal (a
     `failed` whose conditional end found the job re-queued to a newer attempt must leave
-    that attempt's scratch alone)."""
+    that attempt's scratch alone). Every other ended job's scratch on this host goes too:
+    a killed attempt's stays on its host when the retry ran on another, and the sweep runs
+    on API hosts, which see only their own disk (found by bench/multihost.py)."""
     try:
-        remove_scratch_of_ended_jobs(settings, [job_id])
+        remove_scratch_of_ended_jobs(settings)  # job_id's among them once it is terminal
     except Exception:
         logger.warning("could not remove the scratch of job %s", job_id, exc_info=True)
 
