@@ -98,11 +98,11 @@ def _run(claim: Claim, settings: Settings, store: ArtifactStore, progress: Progr
         _train_and_publish(claim, settings, store, progress)
         return RunOutcome.SUCCEEDED
     except RunAborted as aborted:
+        if aborted.reason == RunOutcome.PAUSED:  # the loop checkpointed: end the attempt
+            with session_scope(settings.sqlalchemy_url) as session:
+                return job_runs.pause_run(session, claim=claim)
         if aborted.reason == RunOutcome.CANCELLED:
             end(settings, claim, JobStatus.CANCELLED)
-        elif aborted.reason == RunOutcome.PAUSED:
-            with session_scope(settings.sqlalchemy_url) as session:
-                job_runs.pause_run(session, claim=claim)
         return aborted.reason
     except JobInputError as exc:
         end(settings, claim, JobStatus.FAILED, exc.error)

@@ -362,38 +362,39 @@ def end_run(
     return bool(ended)
 
 
-def pause_run(session: Session, *, claim: Claim) -> bool:
+def pause_run(session: Session, *, claim: Claim) -> RunOutcome:
     """End an owned attempt that checkpointed for a pause: `paused`, or `queued` again when
-    the pause was withdrawn (resumed) while it checkpointed. False when it is no longer ours."""
-    requested = session.scalar(
-        select(Job.pause_requested)
-        .where(*_owned(claim), Job.cancel_requested.is_(False))
-        .with_for_update()
-    )
-    if requested is None:
-        return False
-    now = clock()
-    status = JobStatus.PAUSED if requested else JobStatus.QUEUED
+    the pause was withdrawn (resumed) while it checkpointed; `cancelled` when a cancel came
+    meanwhile. LEASE_LOST (nothing written) when the job is no longer ours."""
+    flags = session.execute(
+        select(Job.pause_requested, Job.cancel_requested).where(*_owned(claim)).with_for_update()
+    ).one_or_none()
+    if flags is None:
+        return RunOutcome.LEASE_LOST
+    requested, cancel_requested = flags
+    if cancel_requested:
+        end_run(session, claim=claim, status=JobStatus.CANCELLED)
+        return RunOutcome.CANCELLED
     session.execute(
         update(Job)
         .where(Job.id == claim.job_id)
         .values(
-            status=status,
+            status=JobStatus.PAUSED if requested else JobStatus.QUEUED,
             pause_requested=False,
             pauses=Job.pauses + 1,
             lease_expires_at=None,
             estimated_finish=None,
-            enqueued_at=None if requested else now,
+            enqueued_at=None if requested else clock(),
         )
     )
+    step = session.scalar(select(Job.steps_completed).where(Job.id == claim.job_id))
     message = (
-        "Fine-tuning job paused at step {step}; resume continues from its checkpoint"
+        f"Fine-tuning job paused at step {step}; resume continues from its checkpoint"
         if requested
         else "The pause was withdrawn while checkpointing; the job was re-queued"
     )
-    step = session.scalar(select(Job.steps_completed).where(Job.id == claim.job_id))
-    add_event(session, job_id=claim.job_id, message=message.format(step=step))
-    return True
+    add_event(session, job_id=claim.job_id, message=message, data={"step": step})
+    return RunOutcome.PAUSED
 
 
 def sweep(session: Session, *, requeue_after_seconds: int, max_attempts: int) -> list[str]:
