@@ -248,3 +248,11 @@ def without_bitsandbytes(monkeypatch) -> None:
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == BACKEND else real(name, *a)
     )
+
+
+def job_action(settings, action, job_id: str, org: str = "acme"):
+    """`action(session, organization=…, job_id=…)` (a domain function such as
+    `pause.pause_job`) as organization `org`; the job's status afterwards."""
+    with session_scope(settings.sqlalchemy_url) as session:
+        organization = tenancy.get_or_create_organization(session, name=org)
+        return action(session, organization=organization, job_id=job_id).status

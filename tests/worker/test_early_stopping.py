@@ -22,7 +22,8 @@ def published(settings, storage_key: str, into: str):
     return open_store(settings).local_dir(storage_key, settings.data_dir / into)
 
 
-def test_early_stopping_ends_succeeded_and_serves_the_best_checkpoint(settings):
+def test_early_stopping_ends_succeeded_and_serves_the_best_checkpoint(backend):
+    settings = backend
     # 8 steps (2 per epoch), an evaluation at every one. No later evaluation can beat the
     # first by more than the threshold, so patience 2 ends the run at step 3 with step 1 best.
     job_id = submit(

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from app import tenancy
 from app.db.models import Job
 from app.db.session import session_scope
 from app.jobs import pause as pausing
 from app.jobs import runs as job_runs
 from app.jobs import service as jobs
 from app.statuses import RunOutcome
-from tests.factories import submit
+from tests.factories import job_action, submit
 
 
 def claim(settings, job_id: str) -> job_runs.Claim | None:
@@ -21,12 +20,6 @@ def claim(settings, job_id: str) -> job_runs.Claim | None:
         return job_runs.claim_job(
             session, job_id=job_id, worker="w", lease_seconds=60, max_attempts=2
         )
-
-
-def act(settings, action, job_id: str) -> None:
-    with session_scope(settings.sqlalchemy_url) as session:
-        organization = tenancy.get_or_create_organization(session, name="acme")
-        action(session, organization=organization, job_id=job_id)
 
 
 def end_paused(settings, held: job_runs.Claim) -> RunOutcome:
@@ -44,11 +37,11 @@ def test_pause_cycles_are_not_claimed_and_do_not_use_up_attempts(backend):
     for cycle in range(3):  # more cycles than max_attempts=2
         held = claim(backend, job_id)
         assert held is not None and held.attempt == cycle + 1
-        act(backend, pausing.pause_job, job_id)
+        job_action(backend, pausing.pause_job, job_id)
         assert end_paused(backend, held) == RunOutcome.PAUSED
         assert job(backend, job_id).status == "paused"
         assert claim(backend, job_id) is None  # a paused job is never claimed
-        act(backend, pausing.resume_job, job_id)
+        job_action(backend, pausing.resume_job, job_id)
     assert claim(backend, job_id) is not None  # attempt 4, only the 4th that was not a pause
 
 
@@ -63,8 +56,8 @@ def test_pause_cycles_are_not_claimed_and_do_not_use_up_attempts(backend):
 def test_what_came_while_the_pause_checkpointed_wins(settings, meanwhile, outcome, status):
     job_id = submit(settings)
     held = claim(settings, job_id)
-    act(settings, pausing.pause_job, job_id)
-    act(settings, meanwhile, job_id)
+    job_action(settings, pausing.pause_job, job_id)
+    job_action(settings, meanwhile, job_id)
     assert end_paused(settings, held) == outcome
     assert job(settings, job_id).status == status
 

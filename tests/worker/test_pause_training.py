@@ -8,24 +8,16 @@ from __future__ import annotations
 import pytest
 from safetensors.torch import load_file
 
-from app import tenancy
 from app.db.models import Adapter, Checkpoint, Job, JobEvent
-from app.db.session import session_scope
 from app.jobs import pause as pausing
 from app.ml.adapters import ADAPTER_WEIGHTS
 from app.storage import open_store
-from tests.factories import api_client, load, submit
+from tests.factories import api_client, job_action, load, submit
 from worker import run_job as run_job_module
 from worker.run_job import run_job
 
 pytestmark = pytest.mark.slow
 HP = {"n_epochs": 3, "lora_dropout": 0.1}  # 6 steps, checkpoints at 2, 4, 6; dropout: RNG
-
-
-def act(settings, action, job_id: str) -> Job:
-    with session_scope(settings.sqlalchemy_url) as session:
-        organization = tenancy.get_or_create_organization(session, name="acme")
-        return action(session, organization=organization, job_id=job_id).status
 
 
 def pause_during(monkeypatch, settings, step: int) -> None:
@@ -34,7 +26,7 @@ def pause_during(monkeypatch, settings, step: int) -> None:
 
     def on_step(self, report):
         if report.step == step:
-            assert act(settings, pausing.pause_job, self.claim.job_id) == "running"
+            assert job_action(settings, pausing.pause_job, self.claim.job_id) == "running"
         real(self, report)
 
     monkeypatch.setattr(run_job_module.Progress, "on_step", on_step)
@@ -79,7 +71,7 @@ def test_a_paused_job_resumes_to_the_same_losses_and_adapter(backend, monkeypatc
     )
     assert answer.status_code == 200, answer.text  # callable while paused
 
-    assert act(settings, pausing.resume_job, job_id) == "queued"
+    assert job_action(settings, pausing.resume_job, job_id) == "queued"
     assert run_job(job_id, settings=settings) == "succeeded"
     messages = [e.message for e in load(settings, JobEvent, job_id=job_id)]
     assert "Resuming from the checkpoint at step 3" in messages
