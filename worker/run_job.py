@@ -30,6 +30,7 @@ from app.ml.adapters import ADAPTER_WEIGHTS
 from app.statuses import JOB_ENDING_OUTCOMES, JobStatus, RunOutcome
 from app.storage import ArtifactStore, open_store
 from worker import job_inputs, job_memory
+from worker.best_checkpoint import use_best_checkpoint
 from worker.job_inputs import JobInputs
 from worker.progress import Progress, metrics_csv
 from worker.training.data import Example, encode_dataset, read_jsonl  # torch-free
@@ -99,6 +100,9 @@ def _run(claim: Claim, settings: Settings, store: ArtifactStore, progress: Progr
         _train_and_publish(claim, settings, store, progress)
         return RunOutcome.SUCCEEDED
     except RunAborted as aborted:
+        if aborted.reason == RunOutcome.PAUSED:  # the loop checkpointed: end the attempt
+            with session_scope(settings.sqlalchemy_url) as session:
+                return job_runs.pause_run(session, claim=claim)
         if aborted.reason == RunOutcome.CANCELLED:
             end(settings, claim, JobStatus.CANCELLED)
         return aborted.reason
@@ -173,10 +177,15 @@ def _train_and_publish_from(
             on_step=progress.on_step,
             on_checkpoint=progress.on_checkpoint,
             on_micro_batch=progress.on_micro_batch,
+            should_pause=progress.should_pause,
             init_adapter=inputs.parent_adapter if resume_from is None else None,
             resume_from=resume_from,
             scratch_dir=store.scratch_root(claim.job_id),
         )
+        if result.early_stop is not None:  # the model is the best step's, not the last's
+            result.sha256 = use_best_checkpoint(
+                claim, store, progress, result.early_stop, out, inputs_dir
+            )
         key = f"adapters/{claim.job_id}"
         published = store.publish_dir(out, key)  # uploaded, its manifest last
     applied = {  # what ran, not what was asked
@@ -228,6 +237,7 @@ def _register(
                 trained_tokens=result.trained_tokens,
                 result_files=[csv_row.id],
                 applied=applied,
+                best_step=result.early_stop.best_step if result.early_stop else None,
             )
     except RunAborted:
         store.delete(adapter_key)
