@@ -17,7 +17,9 @@ from tests.factories import api_app, uploaded_file
 @pytest.fixture
 def enqueued(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     sent: list[str] = []
-    monkeypatch.setattr(queue, "enqueue_training", lambda job_id: sent.append(job_id) or True)
+    monkeypatch.setattr(
+        queue, "enqueue_training", lambda job_id, queue=None: sent.append(job_id) or True
+    )
     return sent
 
 
