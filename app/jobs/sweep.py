@@ -54,9 +54,8 @@ def sweep_once(settings: Settings) -> list[str]:
             requeue_after_seconds=settings.requeue_after_seconds,
             max_attempts=settings.max_attempts,
         )
-        models = dict(
-            session.execute(select(Job.id, Job.model).where(Job.id.in_(job_ids))).tuples()
-        )
+        of_jobs = select(Job.id, Job.model).where(Job.id.in_(job_ids))
+        models = {job_id: model for job_id, model in session.execute(of_jobs)}
         workers.note_waiting_jobs(session, settings, now=job_runs.clock())
     if job_ids:
         remove_dead_attempts_leftovers(settings, job_ids, older_than=started)

@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from app.config import Settings
 from app.db.base import utcnow
-from app.db.models import JobEvent
+from app.db.models import Job, JobEvent
 from app.db.session import session_scope
 from app.jobs import routing, workers
 from app.jobs import runs as job_runs
@@ -118,3 +118,18 @@ def test_the_listing_marks_silent_workers_not_live(routed: Settings) -> None:
         ("b:2", ["cpu"], False),
     ]
     assert live == {"gpu-80g", "training"}
+
+
+def test_the_sweep_resends_a_job_to_its_own_queue(routed: Settings, monkeypatch) -> None:
+    from app.jobs import queue
+    from app.jobs import sweep as sweeper
+
+    sent: list[tuple[str, str]] = []
+    monkeypatch.setattr(queue, "enqueue_training", lambda job_id, q: sent.append((job_id, q)))
+    monkeypatch.setattr(queue, "pending_messages", lambda queues: None)
+    big = submit(routed, model="big")
+    with session_scope(routed.sqlalchemy_url) as session:  # its message may be lost: re-sent
+        session.get_one(Job, big).enqueued_at = utcnow() - timedelta(hours=1)
+    sweeper.sweep_once(routed)
+    assert sent == [(big, "gpu-80g")]
+    assert "waiting for a worker on queue gpu-80g" in events(routed, big)
