@@ -55,7 +55,7 @@ def sweep_once(settings: Settings) -> list[str]:
             max_attempts=settings.max_attempts,
         )
         of_jobs = select(Job.id, Job.model).where(Job.id.in_(job_ids))
-        models = {job_id: model for job_id, model in session.execute(of_jobs)}
+        models = dict(session.execute(of_jobs).tuples().all())
         workers.note_waiting_jobs(session, settings, now=job_runs.clock())
     if job_ids:
         remove_dead_attempts_leftovers(settings, job_ids, older_than=started)

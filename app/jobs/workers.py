@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db.base import utcnow
 from app.db.models import Job, JobEvent, Worker
-from app.db.session import session_scope
+from app.db.session import unpooled_session_scope
 from app.jobs.routing import DEFAULT_QUEUE, queue_of
 from app.jobs.service import add_event
 from app.statuses import JobStatus
@@ -129,12 +129,13 @@ def note_waiting_jobs(session: Session, settings: Settings, *, now: datetime) ->
 
 def start_heartbeat(settings: Settings, *, name: str) -> threading.Event:
     """Record this worker now and every `worker_heartbeat_seconds`; set the event to stop.
-    A failed beat (the database away) is logged and retried at the next interval."""
+    A failed beat (the database away) is logged and retried at the next interval. Each beat
+    has a connection of its own: the pool process forks a child per job."""
     stop = threading.Event()
 
     def beat() -> None:
         try:
-            with session_scope(settings.sqlalchemy_url) as session:
+            with unpooled_session_scope(settings.sqlalchemy_url) as session:
                 record_heartbeat(session, name=name, queues=settings.worker_queues, now=utcnow())
         except Exception:
             logger.warning("worker heartbeat failed; retrying", exc_info=True)

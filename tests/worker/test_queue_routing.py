@@ -133,3 +133,22 @@ def test_the_sweep_resends_a_job_to_its_own_queue(routed: Settings, monkeypatch)
     sweeper.sweep_once(routed)
     assert sent == [(big, "gpu-80g")]
     assert "waiting for a worker on queue gpu-80g" in events(routed, big)
+
+
+def test_a_worker_heartbeat_records_its_queues(routed: Settings) -> None:
+    import time
+
+    queues = routed.model_copy(update={"worker_queues": ["gpu-80g", "training"]})
+    stop = workers.start_heartbeat(queues, name="beat:1")
+    try:
+        deadline = time.monotonic() + 30  # the first beat is at once; bounded for a busy CI
+        seen: list[workers.SeenWorker] = []
+        while not seen and time.monotonic() < deadline:
+            with session_scope(routed.sqlalchemy_url) as session:
+                seen = workers.seen_workers(
+                    session, now=utcnow(), heartbeat_seconds=routed.worker_heartbeat_seconds
+                )
+            time.sleep(0.05)
+    finally:
+        stop.set()
+    assert [(w.name, w.queues, w.live) for w in seen] == [("beat:1", ["gpu-80g", "training"], True)]
