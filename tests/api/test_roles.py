@@ -74,8 +74,11 @@ def test_inference_disabled_refuses_and_loads_no_model(settings, enqueued) -> No
 
 
 def test_serve_refuses_to_start_with_inference_disabled(monkeypatch) -> None:
+    from app.cli import main
     from app.config import get_settings
 
+    started: list[str] = []
+    monkeypatch.setattr(main, "_run_server", lambda factory, *_: started.append(factory))
     monkeypatch.setenv("LORAFORGE_INFERENCE_ENABLED", "false")
     get_settings.cache_clear()
     try:
@@ -83,6 +86,25 @@ def test_serve_refuses_to_start_with_inference_disabled(monkeypatch) -> None:
     finally:
         get_settings.cache_clear()
     assert result.exit_code == 2 and "LORAFORGE_INFERENCE_ENABLED" in result.output
+    assert started == []
+
+
+@pytest.mark.parametrize(
+    ("queues", "named"), [("webhooks,training", "worker of its own"), ("gpu 80g", "'gpu 80g'")]
+)
+def test_worker_refuses_bad_queues_naming_them(monkeypatch, queues: str, named: str) -> None:
+    import os
+
+    monkeypatch.setattr(os, "execv", lambda *_: pytest.fail("the worker was started"))
+    result = CliRunner().invoke(cli, ["worker", "--queues", queues])
+    assert result.exit_code == 2 and named in result.output
+
+
+def test_up_runs_its_worker_on_every_routed_queue(settings) -> None:
+    from app.cli.main import _every_training_queue
+
+    routed = settings.model_copy(update={"model_queues": {"big": "gpu-80g", "tiny": "cpu"}})
+    assert _every_training_queue(routed) == "training,gpu-80g,cpu"
 
 
 @pytest.fixture
