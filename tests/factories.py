@@ -54,9 +54,9 @@ def jsonl(rows: list[dict]) -> bytes:
     return "".join(json.dumps(row) + "\n" for row in rows).encode()
 
 
-def api_app(settings: Settings):
-    """The API over `settings`, as `loraforge api` builds it."""
-    app = create_app(settings)
+def api_app(settings: Settings, role: str = "api"):
+    """The app of `role` over `settings`, as `loraforge api` (or `serve`) builds it."""
+    app = create_app(settings, role=role)
     app.dependency_overrides[get_settings] = lambda: settings
     return app
 

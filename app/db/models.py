@@ -207,3 +207,15 @@ class WebhookAttempt(Base):
     attempted_at: Mapped[datetime] = mapped_column(default=utcnow)
     status_code: Mapped[int | None]
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class Worker(Base):
+    """A training (or webhook) worker process as it last reported itself: its queues and
+    when it was last seen (a heartbeat; app/jobs/workers.py)."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # host:pid
+    queues: Mapped[list[str]] = mapped_column(JSON)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -219,6 +219,10 @@ class InferenceEngine:
         for event in done:
             event.wait(timeout=60)
 
+    def held_adapters(self) -> list[str]:
+        """Adapters whose weights are held here (batched, or in a PEFT fallback)."""
+        return self.loaded_adapters() + [s["id"] for s in self._fallbacks.snapshot() if s["loaded"]]
+
     def loaded_adapters(self) -> list[str]:
         """Ids of resident adapters, least recently used first (per base, bases in order)."""
         return [a for base in self._started() for a in base.scheduler.pool.lru_order()]

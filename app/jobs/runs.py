@@ -87,8 +87,12 @@ def claim_next(
     lease_seconds: int,
     max_attempts: int,
     max_running_per_org: int = 0,
+    routed: ColumnElement[bool] | None = None,
 ) -> Claim | None:
     """Take the next job by the fair policy; None when nothing is claimable.
+
+    `routed` (`routing.claimable_by` the worker's queues) limits the candidates to the
+    jobs of the base models routed to the queues the worker consumes (None: any job).
 
     A message only wakes a worker: whichever job it names, the worker takes the oldest
     claimable job of the organization with the fewest running jobs (ties: the organization
@@ -99,7 +103,8 @@ def claim_next(
         # Claims are serialised (as SQLite's writer lock does), so the running counts the
         # policy and the cap read are exact; it is held for milliseconds, until commit.
         session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK)))
-    job_id = session.scalar(_next_candidate(clock(), max_attempts, max_running_per_org))
+    candidate = _next_candidate(clock(), max_attempts, max_running_per_org)
+    job_id = session.scalar(candidate if routed is None else candidate.where(routed))
     if job_id is None:
         return None
     return claim_job(

@@ -139,6 +139,19 @@ def find_adapters(session: Session, *, model_ids: list[str]) -> list[Adapter]:
     return list(session.scalars(query))
 
 
+def live_model_ids(session: Session, *, model_ids: list[str]) -> set[str]:
+    """Those of `model_ids` (adapters and checkpoints, any organization) still active: what
+    an inference replica may keep serving (app/inference/registry_watch.py)."""
+    adapters = select(Adapter.id).where(
+        Adapter.id.in_(model_ids), Adapter.status == AdapterStatus.ACTIVE
+    )
+    checkpoints = select(Checkpoint.fine_tuned_model_checkpoint).where(
+        Checkpoint.fine_tuned_model_checkpoint.in_(model_ids),
+        Checkpoint.status == CheckpointStatus.ACTIVE,
+    )
+    return set(session.scalars(adapters)) | set(session.scalars(checkpoints))
+
+
 def resolve_model(
     session: Session, *, organization: Organization, model_id: str, base_models: dict[str, str]
 ) -> ModelTarget:

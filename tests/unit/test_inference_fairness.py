@@ -105,9 +105,9 @@ def test_a_prompt_too_long_for_the_context_is_refused_before_tokenizing(
     seen: list[int] = []
     real = engine_module._tokenize
 
-    def recording(tokenizer, prompt, messages):
+    def recording(tokenizer, prompt, messages, *rest):
         seen.append(len(prompt or "") + sum(len(m["content"]) for m in messages or []))
-        return real(tokenizer, prompt, *rest)
+        return real(tokenizer, prompt, messages, *rest)
 
     monkeypatch.setattr(engine_module, "_tokenize", recording)
     engine = new_engine(tiny_model_dir)

@@ -71,7 +71,7 @@ def test_temp_dir_of_an_owner_lives_under_its_folder_and_owners_cannot_escape(tm
 
 
 def test_the_sweep_removes_a_dead_attempts_scratch_and_touches_nothing_else(settings, monkeypatch):
-    monkeypatch.setattr(queue, "enqueue_training", lambda job_id: True)
+    monkeypatch.setattr(queue, "enqueue_training", lambda job_id, queue=None: True)
     store = LocalStore(settings.artifacts_dir)
     dead, live = submit(settings), submit(settings)
     claim(settings, dead)
@@ -95,7 +95,7 @@ def test_the_sweep_removes_a_dead_attempts_scratch_and_touches_nothing_else(sett
 
 def test_the_sweep_removes_the_scratch_of_a_job_it_ended(settings, monkeypatch):
     """Cancelled while its worker was dead: no worker will ever clean up after it."""
-    monkeypatch.setattr(queue, "enqueue_training", lambda job_id: True)
+    monkeypatch.setattr(queue, "enqueue_training", lambda job_id, queue=None: True)
     store = LocalStore(settings.artifacts_dir)
     job_id = submit(settings)
     claim(settings, job_id)
