@@ -33,6 +33,7 @@ from worker import job_inputs, job_memory
 from worker.job_inputs import JobInputs
 from worker.progress import Progress, metrics_csv
 from worker.training.data import Example, encode_dataset, read_jsonl  # torch-free
+from worker.training.distributed import RankLost
 
 logger = logging.getLogger(__name__)
 WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
@@ -103,6 +104,9 @@ def _run(claim: Claim, settings: Settings, store: ArtifactStore, progress: Progr
     except JobInputError as exc:
         end(settings, claim, JobStatus.FAILED, exc.error)
         return RunOutcome.FAILED
+    except RankLost as lost:  # like a dead worker: the job is retried from its last checkpoint
+        logger.warning("job %s: %s; the sweep re-queues it", claim.job_id, lost)
+        return RunOutcome.WORKER_LOST
     except OperationalError:  # the database went away: not the job's fault, so no `failed`
         logger.warning(
             "job %s lost its database; the sweep re-queues it", claim.job_id, exc_info=True
@@ -157,7 +161,8 @@ def _train_and_publish_from(
     oom = job_memory.out_of_memory_fails_the_job(
         shape, hp, settings=settings, steps=lambda: progress.steps_done
     )
-    with oom, store.temp_dir(owner=claim.job_id) as out:
+    ranks = _data_parallel(settings, inputs, model, hp, train, token_ids, resume_from, progress)
+    with oom, store.temp_dir(owner=claim.job_id) as out, ranks as this_rank:
         progress.start(inputs.spec, hp, total_steps)
         result = train_lora(
             model=model,
@@ -174,6 +179,7 @@ def _train_and_publish_from(
             init_adapter=inputs.parent_adapter if resume_from is None else None,
             resume_from=resume_from,
             scratch_dir=store.scratch_root(claim.job_id),
+            ranks=this_rank,
         )
         key = f"adapters/{claim.job_id}"
         published = store.publish_dir(out, key)  # uploaded, its manifest last
@@ -232,6 +238,42 @@ def _register(
         if result_key is not None:
             store.delete(result_key)
         raise
+
+
+def _data_parallel(
+    settings: Settings,
+    inputs: JobInputs,
+    model: Any,
+    hp: SupervisedHyperparameters,
+    train: list[Example],
+    token_ids: tuple[int, ...],
+    resume_from: Path | None,
+    progress: Progress,
+) -> Any:
+    """The job's ranks (a context manager): this process alone, or rank 0 of
+    LORAFORGE_GPUS_PER_JOB data-parallel ranks (worker/training/distributed.py)."""
+    from worker.training.distributed import data_parallel, peer_job
+
+    world = settings.gpus_per_job
+    if world == 1:
+        return data_parallel(None, None)
+    job = peer_job(
+        world=world,
+        base_model_ref=inputs.base_model_ref,
+        quantization=hp.quantization,
+        model=model,
+        hyperparameters=hp,
+        examples=train,
+        trainable_token_ids=token_ids,
+        init_adapter=inputs.parent_adapter if resume_from is None else None,
+        resume_from=resume_from,
+    )
+    progress.event(
+        f"Training data-parallel on {world} ranks ({job.device_of(0)} and its peers), "
+        "same global batch and example order as on one device",
+        data={"ranks": world, "device": job.device},
+    )
+    return data_parallel(job, inputs.scratch)
 
 
 def _hyperparameters_to_run(

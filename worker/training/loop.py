@@ -36,7 +36,8 @@ from app.jobs.spec import SupervisedHyperparameters
 from app.ml.adapters import save_adapter
 from worker.training.checkpoint import TrainerState, save_checkpoint
 from worker.training.data import IGNORE_INDEX, Example
-from worker.training.packing import Sequence, Step, build_sequences, collate, steps
+from worker.training.distributed import Ranks
+from worker.training.packing import Step, build_sequences, collate, steps
 from worker.training.setup import Run, start_run
 
 MAX_GRAD_NORM = 1.0  # gradient clipping, as transformers' Trainer does by default
@@ -100,6 +101,7 @@ def train_lora(
     init_adapter: Path | None = None,
     resume_from: Path | None = None,
     scratch_dir: Path | None = None,
+    ranks: Ranks | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on `model` (a frozen base) and save it to `out_dir`.
 
@@ -109,6 +111,7 @@ def train_lora(
     trainable_token_ids, init_adapter, resume_from: see `setup.start_run`.
     scratch_dir: where checkpoints are written before `on_checkpoint` publishes them
     (the job runner gives the job's own folder in the store; None: the system temp dir).
+    ranks: this process's rank of a data-parallel run (`distributed.py`; None: alone).
     """
     hp = hyperparameters
     if not train_examples:
@@ -122,19 +125,21 @@ def train_lora(
         checkpoint_every_steps=checkpoint_every_steps,
         init_adapter=init_adapter,
         resume_from=resume_from,
+        ranks=ranks,
     )
     state = run.state
     full_valid_loss = None  # of the last checkpoint, which the last step always writes
     run.model.train()
     position = {"epoch": state.epoch, "next_batch": state.next_batch}  # a resumed one's too
-    for step in steps(train_examples, hp, max_len=run.max_len, **position):
+    share = {"rank": run.ranks.rank, "world": run.ranks.world}  # this rank's part of each step
+    for step in steps(train_examples, hp, max_len=run.max_len, **position, **share):
         report = _train_step(run, step, on_micro_batch)
         if valid_examples and eval_every_steps and state.step % eval_every_steps == 0:
             report.valid_loss = _valid_batch_loss(run, valid_examples, hp, eval_every_steps)
         state.history.append(_history_row(report))
         on_step(report)  # may raise: training stops
         epoch_loss = _end_step(state, step)
-        if state.step in run.checkpoint_at:
+        if state.step in run.checkpoint_at and run.ranks.writes:
             full_valid_loss = _full_valid_loss(run, valid_examples, hp)
             _checkpoint(run, step.epoch, epoch_loss, full_valid_loss, on_checkpoint, scratch_dir)
     return _save(run, Path(out_dir), full_valid_loss)
@@ -147,9 +152,9 @@ def _train_step(run: Run, step: Step, on_micro_batch: Callable[[], None]) -> Ste
     import torch
 
     started = time.perf_counter()
-    rows = [row for micro in step.micro_batches for row in micro]
-    n_labels = sum(_label_count(row) for row in rows)
-    loss_sum, real_tokens = 0.0, 0
+    run.ranks.begin_step(run.state.step)
+    n_labels = step.label_count  # of the whole step, whatever share this rank trains
+    loss_sum = 0.0
     for micro in step.micro_batches:
         on_micro_batch()  # may raise: a cancel must not wait for the whole step
         batch = collate(micro, run.pad_id, run.device)
@@ -163,7 +168,7 @@ def _train_step(run: Run, step: Step, on_micro_batch: Callable[[], None]) -> Ste
         del logits
         (micro_loss / max(n_labels, 1)).backward()
         loss_sum += micro_loss.item()
-        real_tokens += batch["real_tokens"]
+    loss_sum = run.ranks.reduce(run.params, loss_sum)  # alone: as it is
     lr = run.scheduler.get_last_lr()[0]
     torch.nn.utils.clip_grad_norm_(run.params, MAX_GRAD_NORM)
     run.optimizer.step()
@@ -172,8 +177,8 @@ def _train_step(run: Run, step: Step, on_micro_batch: Callable[[], None]) -> Ste
 
     state = run.state
     state.step += 1
-    state.next_batch += len(step.micro_batches)
-    state.trained_tokens += real_tokens
+    state.next_batch += step.batch_count
+    state.trained_tokens += step.token_count
     state.epoch_loss_sum += loss_sum
     state.epoch_label_count += n_labels
     return StepReport(
@@ -183,8 +188,8 @@ def _train_step(run: Run, step: Step, on_micro_batch: Callable[[], None]) -> Ste
         train_loss=loss_sum / max(n_labels, 1),
         learning_rate=lr,
         trained_tokens=state.trained_tokens,
-        tokens_per_second=real_tokens / max(time.perf_counter() - started, 1e-9),
-        example_ids=tuple(e for row in rows for e in row.example_ids),
+        tokens_per_second=step.token_count / max(time.perf_counter() - started, 1e-9),
+        example_ids=step.example_ids,
     )
 
 
@@ -206,7 +211,7 @@ def _save(run: Run, out_dir: Path, valid_loss: float | None) -> TrainResult:
         trained_tokens=run.state.trained_tokens,
         train_loss=run.state.last_epoch_loss,
         valid_loss=valid_loss,
-        sha256=save_adapter(run.model, out_dir),
+        sha256=save_adapter(run.model, out_dir) if run.ranks.writes else "",
         history=run.state.history,
     )
 
@@ -257,11 +262,6 @@ def _full_valid_loss(
     if not examples:
         return None
     return mean_loss(run.model, examples, batch_size=hp.batch_size, pad_token_id=run.pad_id)
-
-
-def _label_count(row: Sequence) -> int:
-    """Label tokens the shifted loss uses (the first position is never a target)."""
-    return sum(1 for label in row.labels[1:] if label != IGNORE_INDEX)
 
 
 def _history_row(report: StepReport) -> dict[str, Any]:
