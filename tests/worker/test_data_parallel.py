@@ -18,8 +18,7 @@ from app.ml.adapters import ADAPTER_WEIGHTS
 from app.ml.loading import load_base_model
 from app.schemas.jobs import Hyperparameters
 from tests.conftest import make_settings
-from tests.factories import chat_rows, load, submit
-from tests.worker.test_run_job_training import expire_lease, messages, weights
+from tests.factories import chat_rows, expire_lease, load, messages, submit, weights
 from worker import run_job as run_job_module
 from worker.run_job import run_job
 from worker.training.data import encode_dataset
