@@ -13,6 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from app.db.models import Job
+from app.errors import JobInputError
 from app.jobs.hyperparameters import resolve
 from app.ml.adapters import ADAPTER_WEIGHTS
 from app.ml.loading import load_base_model
@@ -20,10 +21,13 @@ from app.schemas.jobs import Hyperparameters
 from tests.conftest import make_settings
 from tests.factories import chat_rows, expire_lease, load, messages, submit, weights
 from worker import run_job as run_job_module
+from worker.job_memory import model_shape, plan_job
 from worker.run_job import run_job
 from worker.training.data import encode_dataset
 from worker.training.distributed import data_parallel, peer_job
 from worker.training.loop import StepReport, train_lora
+from worker.training.memory_estimate import estimate
+from worker.training.memory_plan import leanest
 from worker.training.packing import steps
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -145,3 +149,24 @@ def test_a_killed_rank_ends_the_attempt_and_the_retry_resumes(settings, monkeypa
     assert steps_reported == [1, 2, 3, 3, 4, 5, 6]  # attempt 2 redid step 3
     a, b = weights(settings, reference), weights(two_ranks, job_id)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= TOLERANCE
+
+
+class Events:
+    def event(self, *_args, **_kwargs) -> None:
+        return None
+
+
+def test_cpu_ranks_share_the_memory_each_holding_the_whole_base(settings, tiny_model_dir):
+    hp = hyperparameters(batch_size=1, max_seq_length=64, gradient_accumulation_steps="auto")
+    need = estimate(model_shape(str(tiny_model_dir)), leanest(hp), device="cpu").total
+    cap = {"training_memory_bytes": need}  # room for one rank, not for two
+
+    def plan(ranks: int):
+        ranked = make_settings(settings.data_dir, tiny_model_dir, gpus_per_job=ranks, **cap)
+        return plan_job(str(tiny_model_dir), hp, settings=ranked, progress=Events())
+
+    assert plan(1)[0].batch_size == 1
+    with pytest.raises(JobInputError) as refused:
+        plan(2)
+    assert refused.value.error["code"] == "out_of_memory"
+    assert "shared by CPU ranks (LORAFORGE_GPUS_PER_JOB=2" in refused.value.error["message"]
