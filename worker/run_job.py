@@ -13,7 +13,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy.exc import OperationalError
 
@@ -33,7 +33,8 @@ from worker import job_inputs, job_memory
 from worker.job_inputs import JobInputs
 from worker.progress import Progress, metrics_csv
 from worker.training.data import Example, encode_dataset, read_jsonl  # torch-free
-from worker.training.distributed import RankLost
+from worker.training.distributed import RankLost  # torch-free too
+from worker.training.packing import count_steps  # torch-free too
 
 logger = logging.getLogger(__name__)
 WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
@@ -140,7 +141,6 @@ def _train_and_publish_from(
 ) -> None:
     from app.ml.loading import load_tokenizer
     from worker.training.loop import train_lora
-    from worker.training.packing import count_steps
 
     inputs = job_inputs.read_inputs(claim, settings, store, inputs_dir)
     planned, shape = job_memory.plan_job(
@@ -157,11 +157,11 @@ def _train_and_publish_from(
     job_inputs.check_examples(hp, len(train), len(valid), WorkLimits.of(settings))
     total_steps = count_steps(len(train), hp)
     progress.announce_checkpoints(total_steps, hp.n_checkpoints)
-    resume_from = job_inputs.resume_point(inputs, progress)
+    start = _start_from(inputs, job_inputs.resume_point(inputs, progress))
     oom = job_memory.out_of_memory_fails_the_job(
         shape, hp, settings=settings, steps=lambda: progress.steps_done
     )
-    ranks = _data_parallel(settings, inputs, model, hp, train, token_ids, resume_from, progress)
+    ranks = _data_parallel(settings, inputs, model, hp, train, token_ids, start, progress)
     with oom, store.temp_dir(owner=claim.job_id) as out, ranks as this_rank:
         progress.start(inputs.spec, hp, total_steps)
         result = train_lora(
@@ -176,10 +176,9 @@ def _train_and_publish_from(
             on_step=progress.on_step,
             on_checkpoint=progress.on_checkpoint,
             on_micro_batch=progress.on_micro_batch,
-            init_adapter=inputs.parent_adapter if resume_from is None else None,
-            resume_from=resume_from,
             scratch_dir=store.scratch_root(claim.job_id),
             ranks=this_rank,
+            **start,
         )
         key = f"adapters/{claim.job_id}"
         published = store.publish_dir(out, key)  # uploaded, its manifest last
@@ -240,6 +239,18 @@ def _register(
         raise
 
 
+class StartFrom(TypedDict):
+    init_adapter: Path | None
+    resume_from: Path | None
+
+
+def _start_from(inputs: JobInputs, resume_from: Path | None) -> StartFrom:
+    """`train_lora`'s start: the verified checkpoint to resume from, else the adapter the
+    job continues (if any)."""
+    init_adapter = inputs.parent_adapter if resume_from is None else None
+    return {"init_adapter": init_adapter, "resume_from": resume_from}
+
+
 def _data_parallel(
     settings: Settings,
     inputs: JobInputs,
@@ -247,7 +258,7 @@ def _data_parallel(
     hp: SupervisedHyperparameters,
     train: list[Example],
     token_ids: tuple[int, ...],
-    resume_from: Path | None,
+    start: StartFrom,
     progress: Progress,
 ) -> Any:
     """The job's ranks (a context manager): this process alone, or rank 0 of
@@ -265,8 +276,7 @@ def _data_parallel(
         hyperparameters=hp,
         examples=train,
         trainable_token_ids=token_ids,
-        init_adapter=inputs.parent_adapter if resume_from is None else None,
-        resume_from=resume_from,
+        **start,
     )
     progress.event(
         f"Training data-parallel on {world} ranks ({job.device_of(0)} and its peers), "
@@ -303,7 +313,7 @@ def _encode(
     progress: Progress,
 ) -> tuple[list[Example], list[Example]]:
     """Tokenize both files; report the dataset statistics and any truncation."""
-    from worker.training.packing import count_steps, epoch_steps, row_length
+    from worker.training.packing import epoch_steps, row_length
 
     def encode(path: Path) -> list[Example]:
         return encode_dataset(
