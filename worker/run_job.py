@@ -279,8 +279,8 @@ def _data_parallel(
         **start,
     )
     progress.event(
-        f"Training data-parallel on {world} ranks ({job.device_of(0)} and its peers), "
-        "same global batch and example order as on one device",
+        f"Training data-parallel on {world} ranks ({job.kind}): the same global batch and "
+        "example order as on one device",
         data={"ranks": world, "device": job.device},
     )
     return data_parallel(job, inputs.scratch)

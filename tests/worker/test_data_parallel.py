@@ -145,6 +145,8 @@ def test_a_killed_rank_ends_the_attempt_and_the_retry_resumes(settings, monkeypa
 
     events = [e.message for e in messages(two_ranks, job_id)]
     assert "Resuming from the checkpoint at step 2" in events
+    started = "Training data-parallel on 2 ranks (gloo, CPU processes)"
+    assert sum(message.startswith(started) for message in events) == 2  # both attempts
     steps_reported = [e.data["step"] for e in messages(two_ranks, job_id) if e.type == "metrics"]
     assert steps_reported == [1, 2, 3, 3, 4, 5, 6]  # attempt 2 redid step 3
     a, b = weights(settings, reference), weights(two_ranks, job_id)

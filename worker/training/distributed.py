@@ -137,6 +137,10 @@ class PeerJob:
     def training_examples(self) -> list[Example]:
         return [Example(input_ids=ids, labels=labels) for ids, labels in self.examples]
 
+    @property
+    def kind(self) -> str:
+        return "NCCL, one GPU each" if self.device.startswith("cuda") else "gloo, CPU processes"
+
     def device_of(self, rank: int) -> str:
         return f"cuda:{rank}" if self.device.startswith("cuda") else "cpu"
 
