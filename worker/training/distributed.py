@@ -157,6 +157,8 @@ def peer_job(
     init_adapter: Path | None,
     resume_from: Path | None,
 ) -> PeerJob:
+    """What the peers of rank 0 need, from what rank 0 trains with (`model` on its device);
+    each rank gets 1/N of rank 0's torch threads (CPU ranks share the cores)."""
     import torch
 
     return PeerJob(
