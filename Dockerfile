@@ -42,8 +42,9 @@ COPY . .
 RUN pip install --no-deps -e . \
     && python -m compileall -q app worker
 
-# Non-root user; /data (artifacts, shared by api and worker) and /hf-cache (HF_HOME, hub
-# downloads) are owned by it so a fresh named volume mounted there inherits the ownership.
+# Non-root user; /data (this container's scratch and adapter cache; artifacts live in the
+# object store) and /hf-cache (HF_HOME, hub downloads) are owned by it so a fresh volume
+# mounted there inherits the ownership.
 RUN useradd --create-home --uid 1000 --user-group loraforge \
     && mkdir -p /data /hf-cache \
     && chown loraforge:loraforge /data /hf-cache

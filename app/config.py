@@ -57,6 +57,16 @@ class Settings(BaseSettings):
     # RAM), what its KV cache may hold; requests past it wait (app/inference/kv_budget.py).
     kv_cache_fraction: float = Field(default=0.5, gt=0, le=1)
     inference_enabled: bool = True  # serve completions from this API process
+    # How often an inference process re-reads the registry rows of the adapters it holds
+    # (loaded, loading or waiting): one deleted or pruned elsewhere is dropped within this.
+    registry_watch_seconds: float = Field(default=0.5, gt=0, le=1)
+    # "base=queue,…": the Celery queue each base model's jobs go to (unlisted: `training`);
+    # a worker consumes LORAFORGE_WORKER_QUEUES (`loraforge worker --queues` sets it).
+    model_queues: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    worker_queues: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["training"])
+    # A worker records itself this often (the `workers` table); one silent for three
+    # intervals counts as gone, and jobs routed only to its queues wait, saying so.
+    worker_heartbeat_seconds: float = Field(default=10.0, gt=0)
     # Prometheus (app/observability/metrics.py): per-adapter series for the N most used
     # adapters of a process, the rest as `other`; a worker's metrics port (0: none), on
     # loopback unless told otherwise (it has no authentication: bind it where only the
@@ -151,6 +161,24 @@ class Settings(BaseSettings):
                 raise ValueError(f"LORAFORGE_BASE_MODELS entry {pair!r} is not name=path-or-hub-id")
             parsed[name.strip()] = ref.strip()
         return parsed
+
+    @field_validator("model_queues", mode="before")
+    @classmethod
+    def _parse_model_queues(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        from app.jobs.routing import parse_model_queues
+
+        return parse_model_queues(value)
+
+    @field_validator("worker_queues", mode="before")
+    @classmethod
+    def _parse_worker_queues(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        from app.jobs.routing import parse_queue_names
+
+        return parse_queue_names(value, setting="LORAFORGE_WORKER_QUEUES")
 
     @model_validator(mode="after")
     def _base_model_options(self) -> Settings:

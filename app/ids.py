@@ -9,8 +9,8 @@ _ALPHABET = string.ascii_letters + string.digits
 MAX_ID_LENGTH = 255  # the widest id column (adapter and model names)
 
 
-def new_id(prefix: str, length: int = 24) -> str:
-    return f"{prefix}-" + "".join(secrets.choice(_ALPHABET) for _ in range(length))
+def new_id(prefix: str, length: int = 24, *, sep: str = "-") -> str:
+    return f"{prefix}{sep}" + "".join(secrets.choice(_ALPHABET) for _ in range(length))
 
 
 def new_secret() -> str:

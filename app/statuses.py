@@ -17,6 +17,7 @@ class JobStatus(StrEnum):
 
     QUEUED = "queued"
     RUNNING = "running"
+    PAUSED = "paused"  # checkpointed and released, or held before it ran; resume re-queues
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -24,9 +25,10 @@ class JobStatus(StrEnum):
 
 # Terminal statuses absorb: no attempt ever writes to such a job again.
 TERMINAL_JOB_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
-# A job still waiting or computing: it counts against the organization's active-job cap
-# and still reads its files.
-ACTIVE_JOB_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+# A job still waiting, computing or paused: it counts against the organization's active-job
+# cap and still reads its files. A paused job holds no compute, but its files and checkpoints,
+# and resuming it must never find the cap full (docs/design.md 4.16).
+ACTIVE_JOB_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED})
 
 
 class CheckpointStatus(StrEnum):
@@ -55,13 +57,14 @@ class RunOutcome(StrEnum):
     """How one run (attempt) of a job ended: what the worker's run returns and logs.
 
     Not a job status: a run that lost its lease or its database leaves the job as it is
-    (another attempt or the sweep takes it on). The first three equal the job statuses
+    (another attempt or the sweep takes it on). The first four equal the job statuses
     the run wrote.
     """
 
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    PAUSED = "paused"  # checkpointed and released at a pause request (or re-queued)
     LEASE_LOST = "lease_lost"  # another attempt took the job over (fenced off)
     DB_UNAVAILABLE = "db_unavailable"  # the database went away; the sweep re-queues
     WORKER_LOST = "worker_lost"  # the run's process died; the sweep re-queues

@@ -2,8 +2,9 @@
 
 Each is the tiny model's character-level tokenizer with the family's special tokens added
 and a Jinja template written here that produces the family's token layout (not a copy of
-a published template): ChatML with a default system prompt (Qwen 2.5), Llama 3 (headers,
-a date in the system block), Mistral (`[INST] … [/INST]`, the system folded into the first
+a published template): ChatML with a default system prompt and function calling in the
+Hermes layout (Qwen 2.5; the others render no tool calls), Llama 3 (headers,
+a date in the system block), Mistral (`[INST] ... [/INST]`, the system folded into the first
 user turn), Gemma (no system role: a system message is refused, as Gemma 1 and 2 do) and
 Qwen 3 (ChatML whose history drops the `<think>` reasoning of assistant turns before the
 last user message, so a conversation does not render prefix by prefix).
@@ -26,10 +27,33 @@ CHATML = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
-QWEN25 = (
-    "{%- if messages[0]['role'] != 'system' -%}"
+# Qwen 2.5 renders function calling (Hermes layout): the tools in the system turn, each call
+# as `<tool_call>` JSON after the assistant's content, results as user `<tool_response>`s.
+QWEN25_TOOLS = (
+    "{%- if tools -%}"
+    "{{ '<|im_start|>system\\n' + (messages[0]['content'] if messages[0]['role'] == 'system' "
+    "else 'You are a helpful assistant.') + '\\n\\n# Tools\\n\\n<tools>' }}"
+    "{%- for t in tools -%}{{ '\\n' + (t | tojson) }}{%- endfor -%}"
+    '{{ \'\\n</tools>\\n\\nCall a function as <tool_call>{"name": ..., "arguments": ...}\''
+    " + '</tool_call><|im_end|>\\n' }}"
+    "{%- elif messages[0]['role'] != 'system' -%}"
     "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif -%}" + CHATML
+    "{%- endif -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' and tools -%}"
+    "{%- elif m['role'] == 'assistant' and m['tool_calls'] -%}"
+    "{{ '<|im_start|>assistant' + ('\\n' + m['content'] if m['content'] else '') }}"
+    "{%- for c in m['tool_calls'] -%}"
+    "{{ '\\n<tool_call>\\n{\"name\": \"' + c['function']['name'] + '\", \"arguments\": '"
+    " + (c['function']['arguments'] | tojson) + '}\\n</tool_call>' }}"
+    "{%- endfor -%}{{ '<|im_end|>\\n' }}"
+    "{%- elif m['role'] == 'tool' -%}"
+    "{{ '<|im_start|>user\\n<tool_response>\\n' + m['content'] }}"
+    "{{ '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- else -%}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 LLAMA3 = (
     "{{ bos_token }}"
@@ -113,7 +137,7 @@ class Family:
 
 IM = ["<|im_start|>", "<|im_end|>"]
 FAMILIES = [
-    Family("chatml_qwen", QWEN25, IM, "<|im_end|>", reply=lambda c: c + "<|im_end|>\n"),
+    Family("chatml_qwen", QWEN25_TOOLS, IM, "<|im_end|>", reply=lambda c: c + "<|im_end|>\n"),
     Family(
         "llama3",
         LLAMA3,

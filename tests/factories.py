@@ -56,9 +56,9 @@ def jsonl(rows: list[dict]) -> bytes:
     return "".join(json.dumps(row) + "\n" for row in rows).encode()
 
 
-def api_app(settings: Settings):
-    """The API over `settings`, as `loraforge api` builds it."""
-    app = create_app(settings)
+def api_app(settings: Settings, role: str = "api"):
+    """The app of `role` over `settings`, as `loraforge api` (or `serve`) builds it."""
+    app = create_app(settings, role=role)
     app.dependency_overrides[get_settings] = lambda: settings
     return app
 
@@ -127,8 +127,11 @@ def store_dataset(
         raise
 
 
-def submit(settings, *, rows=None, org="acme", model="tiny", **hyperparameters) -> str:
-    """A queued job of organization `org` on `rows` (6 chat examples); its id.
+def submit(
+    settings, *, rows=None, org="acme", model="tiny", validation_rows=None, **hyperparameters
+) -> str:
+    """A queued job of organization `org` on `rows` (6 chat examples), validated on
+    `validation_rows` if given; its id.
 
     Small, fast hyperparameters unless given; nothing is enqueued (the test runs the job).
     """
@@ -138,9 +141,16 @@ def submit(settings, *, rows=None, org="acme", model="tiny", **hyperparameters) 
         organization = tenancy.get_or_create_organization(session, name=org)
         content = jsonl(rows or chat_rows(6))
         row = store_dataset(session, organization=organization, store=store, content=content)
+        validation = None
+        if validation_rows is not None:
+            content = jsonl(validation_rows)
+            validation = store_dataset(
+                session, organization=organization, store=store, content=content
+            ).id
         request = JobCreate(
             model=model,
             training_file=row.id,
+            validation_file=validation,
             suffix="demo",
             seed=3,
             hyperparameters=hp | hyperparameters,
@@ -240,6 +250,14 @@ def without_bitsandbytes(monkeypatch) -> None:
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == BACKEND else real(name, *a)
     )
+
+
+def job_action(settings, action, job_id: str, org: str = "acme"):
+    """`action(session, organization=…, job_id=…)` (a domain function such as
+    `pause.pause_job`) as organization `org`; the job's status afterwards."""
+    with session_scope(settings.sqlalchemy_url) as session:
+        organization = tenancy.get_or_create_organization(session, name=org)
+        return action(session, organization=organization, job_id=job_id).status
 
 
 def expire_lease(settings, job_id: str) -> None:

@@ -8,6 +8,7 @@ from celery.signals import worker_process_init
 
 from app.config import get_settings
 from app.jobs.queue import make_celery
+from app.jobs.workers import start_heartbeat
 from app.observability import metrics
 
 celery_app = make_celery(get_settings())
@@ -24,3 +25,12 @@ def _serve_metrics(**_: Any) -> None:
     metrics.limit_adapter_labels(settings.metrics_adapter_labels)
     if settings.worker_metrics_port:
         metrics.serve_worker_metrics(settings.worker_metrics_host, settings.worker_metrics_port)
+
+
+@worker_process_init.connect
+def _heartbeat(**_: Any) -> None:
+    """Each pool process records the worker and its queues (`workers` table) while it lives,
+    so the API can tell a job waits for a worker on its queue (docs/design.md §9.8)."""
+    from worker.run_job import WORKER_NAME  # the name its claims write on the job
+
+    start_heartbeat(get_settings(), name=WORKER_NAME)

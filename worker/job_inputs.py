@@ -17,16 +17,18 @@ from sqlalchemy import select
 
 from app import base_models
 from app.config import Settings
-from app.db.models import Adapter, Checkpoint, File, Job
+from app.db.models import Checkpoint, File, Job, Organization
 from app.db.session import session_scope
-from app.errors import CheckpointError, InvalidRequest, JobInputError
+from app.errors import CheckpointError, InvalidRequest, JobInputError, NotFound
+from app.files.tool_format import uses_tools
 from app.jobs import limits
 from app.jobs.hyperparameters import unmatched_modules
 from app.jobs.runs import Claim
 from app.jobs.spec import RunSpec, SupervisedHyperparameters
 from app.ml.adapters import ADAPTER_WEIGHTS
 from app.model_config import context_of
-from app.statuses import AdapterStatus, CheckpointStatus
+from app.registry import service as registry
+from app.statuses import CheckpointStatus
 from app.storage import ArtifactCorrupt, ArtifactMissing, ArtifactStore, file_sha256
 from worker.progress import Progress
 
@@ -95,6 +97,16 @@ def check_examples(
     lines; a template that rewrites history trains one example per assistant turn)."""
     with _failing_the_job():
         limits.check_examples(hp, n_train, n_valid, bounds)
+
+
+def check_tool_calling(tokenizer: Any, records: list[dict[str, Any]], param: str) -> None:
+    """Fail the job when its data calls functions but the base's chat template would drop
+    the calls (never train on a render without them)."""
+    from app.ml.tool_support import require_tool_calling
+
+    if any(uses_tools(record) for record in records):
+        with _failing_the_job():
+            require_tool_calling(tokenizer, param=param)
 
 
 def check_context(model: Any, max_seq_length: int, base_model: str) -> None:
@@ -208,17 +220,22 @@ def _deleted(param: str, file_id: str) -> JobInputError:
 
 
 def _parent_adapter(session: Any, job: Job) -> tuple[str, str, str] | None:
-    """(model id, storage key, weights sha256) of the adapter a continued job starts from."""
+    """(model id, storage key, weights sha256) of the adapter or checkpoint a continued job
+    starts from."""
     if job.parent_model is None:
         return None
-    parent = session.get(Adapter, job.parent_model)
-    if parent is None or parent.status != AdapterStatus.ACTIVE:
+    organization = session.get_one(Organization, job.organization_id)
+    try:
+        parent = registry.get_trained_model(
+            session, organization=organization, model_id=job.parent_model
+        )
+    except NotFound:
         raise JobInputError(
-            f"model {job.parent_model} was deleted before training started",
+            f"model {job.parent_model} was deleted (or pruned) before training started",
             code="model_not_found",
             param="model",
-        )
-    return job.parent_model, parent.storage_key, parent.sha256
+        ) from None
+    return parent.stored.id, parent.stored.storage_key, parent.stored.sha256
 
 
 def _fetch_parent(

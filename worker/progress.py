@@ -37,7 +37,14 @@ from worker.training.checkpoint import checkpoint_steps
 
 logger = logging.getLogger(__name__)
 
-CSV_COLUMNS = ("step", "train_loss", "valid_loss", "learning_rate", "tokens_per_second")
+CSV_COLUMNS = (
+    "step",
+    "train_loss",
+    "valid_loss",
+    "learning_rate",
+    "tokens_per_second",
+    "full_valid_loss",  # at evaluation steps (docs/design.md 4.17); empty elsewhere
+)
 
 
 class Progress:
@@ -48,6 +55,7 @@ class Progress:
         self._started = time.monotonic()
         self._first_step: int | None = None  # the step this attempt started from (resume)
         self.steps_done = 0  # optimizer steps completed (what an out-of-memory error reports)
+        self.pause_requested = False  # read by the last step's lease renewal
         self.tracking = JobTracking((), warn=self._warn)
 
     def start(
@@ -128,9 +136,13 @@ class Progress:
         with read_session_scope(self.settings.sqlalchemy_url) as session:
             job_runs.check_run(session, claim=self.claim)
 
+    def should_pause(self) -> bool:
+        """Whether a pause was asked: the loop checkpoints this step and stops (4.16)."""
+        return self.pause_requested
+
     def on_step(self, report: Any) -> None:
         with session_scope(self.settings.sqlalchemy_url) as session:
-            job_runs.renew_lease(
+            self.pause_requested = job_runs.renew_lease(
                 session,
                 claim=self.claim,
                 lease_seconds=self.settings.lease_seconds,
@@ -142,12 +154,14 @@ class Progress:
                 "epoch": report.epoch,
                 "train_loss": report.train_loss,
                 "valid_loss": report.valid_loss,
+                "full_valid_loss": report.full_valid_loss,
                 "learning_rate": report.learning_rate,
                 "trained_tokens": report.trained_tokens,
                 "tokens_per_second": report.tokens_per_second,
             }
             every = self.settings.metrics_every_steps
-            if report.step % every == 0 or report.step == report.total_steps:
+            evaluated = report.full_valid_loss is not None
+            if report.step % every == 0 or report.step == report.total_steps or evaluated:
                 add_event(
                     session,
                     job_id=self.claim.job_id,
@@ -198,6 +212,7 @@ class Progress:
                 sha256=file_sha256(report.checkpoint_dir / ADAPTER_WEIGHTS),
                 state_sha256=report.manifest_sha256,
                 keep=self.settings.checkpoint_retention,
+                keep_step=report.keep_step,
             )
         for old in pruned:  # their rows say pruned (committed): now the files may go
             self.store.delete(old)
@@ -207,6 +222,8 @@ def _step_message(report: Any) -> str:
     message = f"Step {report.step}/{report.total_steps}: training loss={report.train_loss:.4f}"
     if report.valid_loss is not None:
         message += f", validation loss={report.valid_loss:.4f}"
+    if report.full_valid_loss is not None:
+        message += f", full validation loss={report.full_valid_loss:.4f}"
     return message
 
 

@@ -30,6 +30,7 @@ from app.ml.adapters import ADAPTER_WEIGHTS
 from app.statuses import JOB_ENDING_OUTCOMES, JobStatus, RunOutcome
 from app.storage import ArtifactStore, open_store
 from worker import job_inputs, job_memory
+from worker.best_checkpoint import use_best_checkpoint
 from worker.job_inputs import JobInputs
 from worker.progress import Progress, metrics_csv
 from worker.training.data import Example, encode_dataset, read_jsonl  # torch-free
@@ -73,9 +74,11 @@ def run_job(job_id: str, *, settings: Settings | None = None) -> RunOutcome:
 def remove_scratch(settings: Settings, job_id: str) -> None:
     """Best effort, never changing the job; only once the database says it is terminal (a
     `failed` whose conditional end found the job re-queued to a newer attempt must leave
-    that attempt's scratch alone)."""
+    that attempt's scratch alone). Every other ended job's scratch on this host goes too:
+    a killed attempt's stays on its host when the retry ran on another, and the sweep runs
+    on API hosts, which see only their own disk (found by bench/multihost.py)."""
     try:
-        remove_scratch_of_ended_jobs(settings, [job_id])
+        remove_scratch_of_ended_jobs(settings)  # job_id's among them once it is terminal
     except Exception:
         logger.warning("could not remove the scratch of job %s", job_id, exc_info=True)
 
@@ -99,6 +102,9 @@ def _run(claim: Claim, settings: Settings, store: ArtifactStore, progress: Progr
         _train_and_publish(claim, settings, store, progress)
         return RunOutcome.SUCCEEDED
     except RunAborted as aborted:
+        if aborted.reason == RunOutcome.PAUSED:  # the loop checkpointed: end the attempt
+            with session_scope(settings.sqlalchemy_url) as session:
+                return job_runs.pause_run(session, claim=claim)
         if aborted.reason == RunOutcome.CANCELLED:
             end(settings, claim, JobStatus.CANCELLED)
         return aborted.reason
@@ -176,10 +182,15 @@ def _train_and_publish_from(
             on_step=progress.on_step,
             on_checkpoint=progress.on_checkpoint,
             on_micro_batch=progress.on_micro_batch,
+            should_pause=progress.should_pause,
             scratch_dir=store.scratch_root(claim.job_id),
             ranks=this_rank,
             **start,
         )
+        if result.early_stop is not None:  # the model is the best step's, not the last's
+            result.sha256 = use_best_checkpoint(
+                claim, store, progress, result.early_stop, out, inputs_dir
+            )
         key = f"adapters/{claim.job_id}"
         published = store.publish_dir(out, key)  # uploaded, its manifest last
     applied = {  # what ran, not what was asked
@@ -231,6 +242,7 @@ def _register(
                 trained_tokens=result.trained_tokens,
                 result_files=[csv_row.id],
                 applied=applied,
+                best_step=result.early_stop.best_step if result.early_stop else None,
             )
     except RunAborted:
         store.delete(adapter_key)
@@ -315,16 +327,19 @@ def _encode(
     """Tokenize both files; report the dataset statistics and any truncation."""
     from worker.training.packing import epoch_steps, row_length
 
-    def encode(path: Path) -> list[Example]:
+    def encode(path: Path, param: str) -> list[Example]:
+        records = read_jsonl(path)
+        job_inputs.check_tool_calling(tokenizer, records, param)
         return encode_dataset(
-            tokenizer,
-            read_jsonl(path),
-            max_seq_length=hp.max_seq_length,
-            train_on_inputs=hp.train_on_inputs,
+            tokenizer, records, max_seq_length=hp.max_seq_length, train_on_inputs=hp.train_on_inputs
         )
 
-    train = encode(inputs.training_path)
-    valid = encode(inputs.validation_path) if inputs.validation_path is not None else []
+    train = encode(inputs.training_path, "training_file")
+    valid = (
+        encode(inputs.validation_path, "validation_file")
+        if inputs.validation_path is not None
+        else []
+    )
     first_epoch = epoch_steps(train, hp, max_len=row_length(model, hp.max_seq_length), epoch=1)
     rows = sum(len(micro) for step in first_epoch for micro in step.micro_batches)
     stats = {

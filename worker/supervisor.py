@@ -26,6 +26,7 @@ from typing import Any
 from app.config import Settings, get_settings
 from app.db.session import get_engine, session_scope
 from app.jobs import runs as job_runs
+from app.jobs import workers
 from app.jobs.runs import Claim
 from app.observability.metrics import RunWatch
 from app.statuses import JobStatus, RunOutcome
@@ -59,6 +60,8 @@ def _claim_next(settings: Settings) -> Claim | None:
             lease_seconds=settings.lease_seconds,
             max_attempts=settings.max_attempts,
             max_running_per_org=settings.max_running_jobs_per_org,
+            # only the jobs routed to the queues this worker consumes (docs/design.md §9.8)
+            routed=workers.claimable_by(settings.worker_queues, settings.model_queues),
         )
 
 

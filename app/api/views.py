@@ -52,6 +52,7 @@ def job_view(job: Job) -> JobRead:
         estimated_finish=epoch(job.estimated_finish) if job.status == JobStatus.RUNNING else None,
         steps_completed=job.steps_completed,
         steps_planned=job.steps_planned,
+        best_step=job.best_step,
         error=JobError(**job.error) if job.error else None,
         seed=job.seed,
         suffix=job.suffix,

@@ -190,29 +190,66 @@ def keys_revoke(key_id: str) -> None:
 
 @cli.command()
 def api(host: Host = "127.0.0.1", port: Port = 8000) -> None:
-    """Run the HTTP API (uvicorn)."""
+    """Run the HTTP API, the control plane: files, jobs, models, keys, admin, the dashboard;
+    it also serves inference unless LORAFORGE_INFERENCE_ENABLED=false (then no base model
+    is loaded here and the inference routes answer 503)."""
+    _run_server("app.main:create_app", host, port)
+
+
+@cli.command()
+def serve(host: Host = "127.0.0.1", port: Port = 8000) -> None:
+    """Run an inference-only server for a GPU inference node: /v1/chat/completions,
+    /v1/completions, /v1/models (what it serves) and /health, with the same API keys,
+    registry and errors as `api`; no files, jobs or admin routes. Adapters come from the
+    artifact store (LORAFORGE_STORAGE_URL) and the registry (LORAFORGE_DATABASE_URL)."""
+    if not get_settings().inference_enabled:
+        raise _fail("`serve` only serves inference: unset LORAFORGE_INFERENCE_ENABLED=false")
+    _run_server("app.main:create_serve_app", host, port)
+
+
+def _run_server(factory: str, host: str, port: int) -> None:
     import uvicorn
 
     settings = get_settings()
     _where(settings)
     _check_base_models(settings)
     _require_current_schema(settings, unreachable_is_fatal=False)
-    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info")
+    uvicorn.run(factory, factory=True, host=host, port=port, log_level="info")
+
+
+Queues = Annotated[
+    str,
+    typer.Option(
+        "--queues",
+        "--queue",
+        help="Comma-separated queues to consume: training queues (`training`, or those "
+        "LORAFORGE_MODEL_QUEUES routes base models to, e.g. gpu-80g,training), or `webhooks` "
+        "alone (webhook deliveries).",
+    ),
+]
 
 
 @cli.command()
-def worker(concurrency: int = 1, queue: str = "training") -> None:
-    """Run one Celery worker on the training queue (one job per GPU), or with `--queue
-    webhooks` one that sends webhook deliveries (never behind a training job)."""
-    from app.jobs.queue import TRAIN_QUEUE
+def worker(concurrency: int = 1, queues: Queues = "training") -> None:
+    """Run one Celery worker on training queues (one job per GPU; it claims only jobs of
+    the base models routed to its queues), or with `--queues webhooks` one that sends
+    webhook deliveries (never behind a training job)."""
+    from app.jobs.routing import parse_queue_names
     from app.webhooks.queue import WEBHOOK_QUEUE
 
-    if queue not in (TRAIN_QUEUE, WEBHOOK_QUEUE):
-        raise typer.BadParameter(f"{TRAIN_QUEUE} or {WEBHOOK_QUEUE}", param_hint="--queue")
-
+    try:
+        names = parse_queue_names(queues, setting="--queues")
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--queues") from None
+    if WEBHOOK_QUEUE in names and len(names) > 1:
+        raise typer.BadParameter(
+            f"{WEBHOOK_QUEUE} takes a worker of its own", param_hint="--queues"
+        )
+    os.environ["LORAFORGE_WORKER_QUEUES"] = ",".join(names)  # its claims and heartbeat read it
+    get_settings.cache_clear()
     settings = get_settings()
     _where(settings)
-    if queue == TRAIN_QUEUE:  # a webhooks worker loads no model
+    if WEBHOOK_QUEUE not in names:  # a webhooks worker loads no model
         _check_base_models(settings)
     _require_current_schema(settings, unreachable_is_fatal=False)
     # exec, so signals reach Celery directly; by module name, since app never imports worker.
@@ -226,7 +263,7 @@ def worker(concurrency: int = 1, queue: str = "training") -> None:
         "--loglevel=INFO",
         f"--concurrency={concurrency}",
         "-Q",
-        queue,
+        ",".join(names),
         "--pool=prefork",
     ]
     os.execv(sys.executable, argv)
@@ -242,8 +279,8 @@ def up(host: Host = "127.0.0.1", port: Port = 8000) -> None:
     me = [sys.executable, "-m", "app.cli"]
     children = [
         subprocess.Popen([*me, "api", "--host", host, "--port", str(port)]),
-        subprocess.Popen([*me, "worker"]),
-        subprocess.Popen([*me, "worker", "--queue", "webhooks", "--concurrency", "2"]),
+        subprocess.Popen([*me, "worker", "--queues", _every_training_queue(settings)]),
+        subprocess.Popen([*me, "worker", "--queues", "webhooks", "--concurrency", "2"]),
     ]
     stopping = False
 
@@ -257,6 +294,13 @@ def up(host: Host = "127.0.0.1", port: Port = 8000) -> None:
         time.sleep(0.2)
     _stop_children(children)
     raise typer.Exit(0 if stopping else 1)
+
+
+def _every_training_queue(settings: Settings) -> str:
+    """All on one machine: `up`'s worker consumes every queue a base model is routed to."""
+    from app.jobs.routing import DEFAULT_QUEUE
+
+    return ",".join(dict.fromkeys([DEFAULT_QUEUE, *settings.model_queues.values()]))
 
 
 def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:

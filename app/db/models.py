@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db.base import Base, utcnow
@@ -73,6 +73,12 @@ class Job(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     result_files: Mapped[list[str]] = mapped_column(JSON, default=list)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Pause (docs/design.md 4.16): asked of a running job, it checkpoints at its next step;
+    # `pauses` counts the attempts that ended so (they are not failures: max_attempts).
+    pause_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    pauses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Early stopping (4.17): the step whose weights are the fine-tuned model.
+    best_step: Mapped[int | None] = mapped_column(Integer)
     # Claim and lease: `attempt` is the fencing token every worker write is conditional on.
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255))
@@ -201,3 +207,15 @@ class WebhookAttempt(Base):
     attempted_at: Mapped[datetime] = mapped_column(default=utcnow)
     status_code: Mapped[int | None]
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class Worker(Base):
+    """A training (or webhook) worker process as it last reported itself: its queues and
+    when it was last seen (a heartbeat; app/jobs/workers.py)."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # host:pid
+    queues: Mapped[list[str]] = mapped_column(JSON)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(default=utcnow, index=True)

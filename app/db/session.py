@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, UOWTransaction, sessionmaker
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.pool import ConnectionPoolEntry, NullPool
 
 from app.config import get_settings
 
@@ -25,17 +25,19 @@ POOL_TIMEOUT_SECONDS = 5
 @lru_cache(maxsize=8)
 def get_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(
-            url,
-            connect_args={"check_same_thread": False, "timeout": 30},
-            pool_timeout=POOL_TIMEOUT_SECONDS,
-        )
-        event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "begin", _sqlite_begin)
-        return engine
-    return create_engine(
+        return _new_engine(url, pool_timeout=POOL_TIMEOUT_SECONDS)
+    return _new_engine(
         url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=POOL_TIMEOUT_SECONDS
     )
+
+
+def _new_engine(url: str, **pool: Any) -> Engine:
+    if not url.startswith("sqlite"):
+        return create_engine(url, **pool)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
+    event.listen(engine, "connect", _sqlite_pragmas)
+    event.listen(engine, "begin", _sqlite_begin)
+    return engine
 
 
 def _sqlite_pragmas(dbapi_connection: sqlite3.Connection, _record: ConnectionPoolEntry) -> None:
@@ -91,6 +93,26 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+@contextmanager
+def unpooled_session_scope(url: str) -> Iterator[Session]:
+    """`session_scope` on a connection of its own, closed at the end: for a thread of a
+    process that forks (a worker's heartbeat), so that a child never inherits a pool lock
+    or connection that thread held at the fork."""
+    engine = _new_engine(url, poolclass=NullPool)
+    try:
+        session = Session(bind=engine, expire_on_commit=False)
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+    finally:
+        engine.dispose()
 
 
 @contextmanager

@@ -5,15 +5,19 @@ Pure Python (no torch): the API runs it on every upload before the file is store
 A file holds one JSON object per line, all of the same format:
 
 * ``chat``:       ``{"messages": [{"role": ..., "content": ...}, ...]}``. Roles are ``system``,
-  ``user`` and ``assistant``; ``content`` is a string (non-empty for user and assistant);
+  ``user``, ``assistant`` and ``tool``; ``content`` is a string (non-empty for user and
+  assistant, except an assistant message with ``tool_calls``, whose content may be empty,
+  null or absent);
   ``name`` (string) is optional; ``weight`` (the integer 0 or 1) is allowed on assistant
   messages only and says whether that turn is trained on. At least one assistant message,
-  and at least one with weight 1 (the default).
+  and at least one with weight 1 (the default). Function calling (top-level ``tools`` and
+  ``parallel_tool_calls``, ``tool_calls`` and ``tool_call_id`` in messages) is checked by
+  `app.files.tool_format`.
 * ``completion``: ``{"prompt": str, "completion": str}``, the completion non-empty.
 * ``text``:       ``{"text": str}``, non-empty.
 
-Unknown keys are refused and named, at the top level and inside messages (so tool calls,
-``tools`` and other roles are refused rather than silently dropped).
+Unknown keys are refused and named, at the top level and inside messages (so other roles
+and fields are refused rather than silently dropped).
 
 The file is read in binary, one line at a time, so memory stays flat however large it is;
 lines are split on ``\\n`` only (a U+2028 inside a JSON string is not a line break).
@@ -47,8 +51,8 @@ from typing import Any, BinaryIO
 from app.errors import InvalidFile
 
 CHAT, COMPLETION, TEXT = "chat", "completion", "text"
-ROLES = ("system", "user", "assistant")
-MESSAGE_KEYS = ("role", "content", "name", "weight")
+ROLES = ("system", "user", "assistant", "tool")
+MESSAGE_KEYS = ("role", "content", "name", "weight", "tool_calls", "tool_call_id")
 
 _BOM = b"\xef\xbb\xbf"
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
@@ -190,8 +194,11 @@ def validate_record(record: object) -> str:
     if not isinstance(record, dict):
         raise ValueError(f"{LINE_SHAPES}; got {_kind(record)}")
     if "messages" in record:
-        _check_keys(record, required=("messages",), what="a chat example")
+        from app.files.tool_format import TOOL_KEYS, check_tool_use  # it imports this module
+
+        _check_keys(record, required=("messages",), optional=TOOL_KEYS, what="a chat example")
         _check_messages(record["messages"])
+        check_tool_use(record)
         return CHAT
     if "prompt" in record or "completion" in record:
         _check_keys(record, required=("prompt", "completion"), what="a prompt/completion example")
@@ -206,12 +213,15 @@ def validate_record(record: object) -> str:
     raise ValueError(f"unrecognised example: {LINE_SHAPES}; got {got}")
 
 
-def _check_keys(record: dict[str, Any], *, required: tuple[str, ...], what: str) -> None:
+def _check_keys(
+    record: dict[str, Any], *, required: tuple[str, ...], what: str, optional: tuple[str, ...] = ()
+) -> None:
     allowed = " and ".join(repr(k) for k in required)
-    unknown = [k for k in record if k not in required]
+    unknown = [k for k in record if k not in required + optional]
     if unknown:
         word = "key" if len(unknown) == 1 else "keys"
-        raise ValueError(f"unknown {word} {_names(unknown)}: {what} has only {allowed}")
+        also = f" (and optionally {_names(optional)})" if optional else ""
+        raise ValueError(f"unknown {word} {_names(unknown)}: {what} has only {allowed}{also}")
     for key in required:
         if key not in record:
             raise ValueError(f"missing key {key!r}: {what} needs {allowed}")
@@ -240,16 +250,25 @@ def _check_message(message: object, where: str) -> None:
         raise ValueError(
             f"{where} has unknown {word} {_names(unknown)} (allowed: {', '.join(MESSAGE_KEYS)})"
         )
-    for key in ("role", "content"):
-        if key not in message:
-            raise ValueError(f"{where} is missing {key!r}")
+    if "role" not in message:
+        raise ValueError(f"{where} is missing 'role'")
     role = message["role"]
     if not isinstance(role, str) or role not in ROLES:
         raise ValueError(f"{where}.role must be one of {', '.join(ROLES)}; got {_show(role)}")
-    content = message["content"]
-    if isinstance(content, list):
-        raise ValueError(f"{where}.content must be a string; content parts are not supported")
-    _check_string(content, f"{where}.content", allow_empty=role == "system")
+    calls = "tool_calls" in message
+    if calls and role != "assistant":
+        raise ValueError(f"{where}.tool_calls is only allowed on assistant messages")
+    if "tool_call_id" in message and role != "tool":
+        raise ValueError(f"{where}.tool_call_id is only allowed on tool messages")
+    if calls and message.get("content") in (None, ""):
+        pass  # a pure tool call: nothing said besides the call
+    elif "content" not in message:
+        raise ValueError(f"{where} is missing 'content'")
+    else:
+        content = message["content"]
+        if isinstance(content, list):
+            raise ValueError(f"{where}.content must be a string; content parts are not supported")
+        _check_string(content, f"{where}.content", allow_empty=role in ("system", "tool"))
     if "name" in message:
         _check_string(message["name"], f"{where}.name", allow_empty=False)
     if "weight" in message:

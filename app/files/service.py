@@ -172,7 +172,7 @@ def delete_file(session: Session, *, organization: Organization, file_id: str) -
 
 
 def jobs_using(session: Session, row: File) -> list[str]:
-    """Ids of the queued or running jobs that train or validate on `row`, oldest first."""
+    """Ids of the queued, running or paused jobs that train or validate on `row`, oldest first."""
     query = select(Job.id).where(
         Job.organization_id == row.organization_id,
         Job.status.in_(ACTIVE_JOB_STATUSES),

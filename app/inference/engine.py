@@ -10,6 +10,7 @@ taken as given. torch/transformers are imported lazily, so importing this module
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -111,6 +112,7 @@ class InferenceEngine:
         adapter: AdapterRef | None,
         prompt: str | None = None,
         messages: list[dict[str, Any]] | None = None,
+        tools: list[dict[str, Any]] | None = None,
         max_tokens: int | None = 16,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -123,16 +125,19 @@ class InferenceEngine:
         anything runs. Sampling values are the API schema's, validated there.
 
         `owner` (an organization id) is admitted fairly and counted against its limit.
+        `tools` (OpenAI's, with `messages`) go to the chat template as training gave them.
         """
         _check_input(prompt, messages)
         base = self._loaded(base_model)
         if adapter is not None and adapter.id in self._deleted:
             raise model_not_found(adapter.id)
-        _check_length(prompt, messages, self.context_length(base_model), base.max_token_chars)
+        _check_length(
+            prompt, messages, tools, self.context_length(base_model), base.max_token_chars
+        )
         release = self._admit(owner)
         try:
             with base.borrowed_tokenizer() as tokenizer:
-                input_ids = _tokenize(tokenizer, prompt, messages)
+                input_ids = _tokenize(tokenizer, prompt, messages, tools)
             fitted = self._fitted(base_model, len(input_ids), max_tokens)
             too_big = base.scheduler.budget.refusal(len(input_ids), fitted)
             if too_big is not None:  # it would wait forever: refuse it now
@@ -213,6 +218,10 @@ class InferenceEngine:
         done = [base.scheduler.unload(adapter_id) for base in self._started()]
         for event in done:
             event.wait(timeout=60)
+
+    def held_adapters(self) -> list[str]:
+        """Adapters whose weights are held here (batched, or in a PEFT fallback)."""
+        return self.loaded_adapters() + [s["id"] for s in self._fallbacks.snapshot() if s["loaded"]]
 
     def loaded_adapters(self) -> list[str]:
         """Ids of resident adapters, least recently used first (per base, bases in order)."""
@@ -350,7 +359,11 @@ def _check_input(prompt: str | None, messages: list[dict[str, Any]] | None) -> N
 
 
 def _check_length(
-    prompt: str | None, messages: list[dict[str, Any]] | None, context: int, max_token_chars: int
+    prompt: str | None,
+    messages: list[dict[str, Any]] | None,
+    tools: list[dict[str, Any]] | None,
+    context: int,
+    max_token_chars: int,
 ) -> None:
     """Refuse, before tokenizing, a text too long for the context: no token covers more
     than `max_token_chars` characters, so more characters than context times that are more
@@ -358,6 +371,9 @@ def _check_length(
     if messages is not None:
         param = "messages"
         chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+        # tools and calls are rendered too (as JSON, about as long as their JSON here)
+        calls = [m["tool_calls"] for m in messages if m.get("tool_calls")]
+        chars += len(json.dumps(tools or [])) + len(json.dumps(calls))
     else:
         param, chars = "prompt", len(prompt or "")
     limit = context * max(1, max_token_chars)
@@ -370,15 +386,22 @@ def _check_length(
 
 
 def _tokenize(
-    tokenizer: Any, prompt: str | None, messages: list[dict[str, Any]] | None
+    tokenizer: Any,
+    prompt: str | None,
+    messages: list[dict[str, Any]] | None,
+    tools: list[dict[str, Any]] | None,
 ) -> list[int]:
     """Token ids exactly as training makes them: the user's text never becomes a control
     token (a typed `<|end|><|assistant|>` stays plain text); only the chat template's do."""
+    from app.files.tool_format import uses_tools
     from app.ml.chat import prompt_ids
     from app.ml.special_tokens import encode_plain
+    from app.ml.tool_support import require_tool_calling
 
     if messages is not None:
-        ids = prompt_ids(tokenizer, messages)
+        if tools is not None or uses_tools({"messages": messages}):
+            require_tool_calling(tokenizer, param="messages" if tools is None else "tools")
+        ids = prompt_ids(tokenizer, messages, tools)
         param = "messages"
     else:
         assert prompt is not None  # _check_input refused a request with neither

@@ -182,3 +182,16 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
         header: dict[str, Any] = json.loads(handle.read(length))
     header.pop("__metadata__", None)
     return header
+
+
+def check_evaluations(resolved: SupervisedHyperparameters, *, has_validation_file: bool) -> None:
+    """Evaluations and early stopping measure the validation loss: refuse them without a
+    validation_file, naming the knob (a job must never silently ignore them)."""
+    if has_validation_file:
+        return
+    for knob in ("early_stopping_patience", "n_evals"):
+        if getattr(resolved, knob):
+            raise InvalidRequest(
+                f"hyperparameters.{knob} evaluates the validation loss: give a validation_file too",
+                param="validation_file",
+            )

@@ -74,14 +74,16 @@ def check_examples(
 ) -> None:
     """The examples bound, at creation on the files' lines and again in the worker on the
     examples they encode to (a chat template that rewrites history trains one per turn)."""
-    # Each checkpoint computes the loss over the whole validation set: forward passes that
-    # hold the GPU like training ones, so they count against the same bound.
-    examples = resolved.n_epochs * n_examples + resolved.n_checkpoints * n_validation_examples
+    # Each evaluation (every checkpoint, n_evals more) computes the loss over the whole
+    # validation set: forward passes that hold the GPU like training ones, so they count
+    # against the same bound.
+    evaluations = resolved.n_checkpoints + resolved.n_evals
+    examples = resolved.n_epochs * n_examples + evaluations * n_validation_examples
     if limits.max_examples_per_job and examples > limits.max_examples_per_job:
         terms, values = "n_epochs * training examples", f"{resolved.n_epochs} * {n_examples}"
         if n_validation_examples:
-            terms += " + n_checkpoints * validation examples"
-            values += f" + {resolved.n_checkpoints} * {n_validation_examples}"
+            terms += " + (n_checkpoints + n_evals) * validation examples"
+            values += f" + {evaluations} * {n_validation_examples}"
         raise InvalidRequest(
             f"{terms} is {values} = {examples} examples to run; this server allows at "
             f"most {limits.max_examples_per_job} per job",

@@ -7,6 +7,7 @@ the source of truth; a message is only a wake-up call carrying a job id.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any
 
@@ -15,11 +16,12 @@ import redis.exceptions
 from celery import Celery
 
 from app.config import Settings, get_settings
+from app.jobs.routing import DEFAULT_QUEUE
 
 logger = logging.getLogger(__name__)
 
 TRAIN_TASK = "loraforge.train"
-TRAIN_QUEUE = "training"
+TRAIN_QUEUE = DEFAULT_QUEUE  # base models not routed elsewhere (app/jobs/routing.py)
 
 # What sending raises while the broker is unreachable: kombu turns the transport's connection
 # errors into OperationalError (Redis refusing or gone, an unknown host); Redis's own and the
@@ -80,23 +82,26 @@ def _client() -> Celery:
     return make_celery(get_settings())
 
 
-def enqueue_training(job_id: str) -> bool:
-    """Send the wake-up message; False if the broker is unreachable (the sweep retries)."""
+def enqueue_training(job_id: str, queue: str = TRAIN_QUEUE) -> bool:
+    """Send the wake-up message to the job's `queue` (`routing.queue_of` its base model);
+    False if the broker is unreachable (the sweep retries)."""
     try:
-        _client().send_task(TRAIN_TASK, args=[job_id], queue=TRAIN_QUEUE, retry=False)
+        _client().send_task(TRAIN_TASK, args=[job_id], queue=queue, retry=False)
     except BROKER_UNREACHABLE:  # the job row is committed: the sweep will re-send
         logger.warning("could not enqueue job %s; the sweep will retry", job_id, exc_info=True)
         return False
     return True
 
 
-def pending_messages() -> int | None:
-    """Messages waiting in the training queue; None when the broker cannot say (or is down)."""
+def pending_messages(queues: Iterable[str] = (TRAIN_QUEUE,)) -> int | None:
+    """Messages waiting in the training `queues`; None when the broker cannot say (or is
+    down)."""
     if get_settings().broker_url is None:
         return None  # the filesystem broker: no cheap count; the sweep re-sends as before
     try:
         with _client().connection_for_read() as connection:
-            return int(connection.default_channel.client.llen(TRAIN_QUEUE))
+            client = connection.default_channel.client
+            return sum(int(client.llen(queue)) for queue in queues)
     except Exception:
-        logger.warning("could not count the training queue", exc_info=True)
+        logger.warning("could not count the training queues", exc_info=True)
         return None

@@ -42,14 +42,15 @@ class Claim:
 
 
 def _claimable(now: Any, max_attempts: int) -> tuple[ColumnElement[bool], ...]:
-    """Queued, or running on a lapsed lease (its worker died); never a cancelled one."""
+    """Queued, or running on a lapsed lease (its worker died); never a cancelled or paused
+    one. Attempts that ended in a pause are not failures: they do not count."""
     return (
         or_(
             Job.status == JobStatus.QUEUED,
             and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now),
         ),
         Job.cancel_requested.is_(False),
-        Job.attempt < max_attempts,
+        Job.attempt - Job.pauses < max_attempts,
     )
 
 
@@ -86,8 +87,12 @@ def claim_next(
     lease_seconds: int,
     max_attempts: int,
     max_running_per_org: int = 0,
+    routed: ColumnElement[bool] | None = None,
 ) -> Claim | None:
     """Take the next job by the fair policy; None when nothing is claimable.
+
+    `routed` (`routing.claimable_by` the worker's queues) limits the candidates to the
+    jobs of the base models routed to the queues the worker consumes (None: any job).
 
     A message only wakes a worker: whichever job it names, the worker takes the oldest
     claimable job of the organization with the fewest running jobs (ties: the organization
@@ -98,7 +103,8 @@ def claim_next(
         # Claims are serialised (as SQLite's writer lock does), so the running counts the
         # policy and the cap read are exact; it is held for milliseconds, until commit.
         session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK)))
-    job_id = session.scalar(_next_candidate(clock(), max_attempts, max_running_per_org))
+    candidate = _next_candidate(clock(), max_attempts, max_running_per_org)
+    job_id = session.scalar(candidate if routed is None else candidate.where(routed))
     if job_id is None:
         return None
     return claim_job(
@@ -141,20 +147,23 @@ def _next_candidate(now: Any, max_attempts: int, cap: int) -> Any:
 
 def renew_lease(
     session: Session, *, claim: Claim, lease_seconds: int, progress: dict[str, Any] | None = None
-) -> None:
+) -> bool:
     """Heartbeat and cancel check in one statement; raises RunAborted when the run must stop.
+    Returns whether a pause is requested (the run checkpoints and ends at this step).
 
     `progress`: job columns the same fenced statement writes (trained_tokens,
     estimated_finish, steps_completed, steps_planned), so progress is never a stale
     attempt's."""
-    renewed = session.execute(  # type: ignore[attr-defined]  # DML returns a CursorResult
+    pause_requested = session.execute(
         update(Job)
         .where(*_owned(claim), Job.cancel_requested.is_(False))
         .values(lease_expires_at=clock() + timedelta(seconds=lease_seconds), **(progress or {}))
-    ).rowcount
-    if renewed != 1:
+        .returning(Job.pause_requested)
+    ).scalar_one_or_none()
+    if pause_requested is None:
         still_ours = session.scalar(select(Job.id).where(*_owned(claim)))
         raise RunAborted(RunOutcome.CANCELLED if still_ours else RunOutcome.LEASE_LOST)
+    return pause_requested
 
 
 def hold_lease(session: Session, *, claim: Claim, lease_seconds: int) -> RunOutcome | None:
@@ -228,9 +237,11 @@ def record_checkpoint(
     sha256: str,
     state_sha256: str | None = None,
     keep: int = 0,
+    keep_step: int | None = None,
 ) -> list[str]:
-    """Record a checkpoint, then prune all but the job's newest `keep` (0 keeps all); one
-    event says both. Returns the pruned storage keys: delete them after the commit."""
+    """Record a checkpoint, then prune all but the job's newest `keep` (0 keeps all) and
+    `keep_step` (early stopping's best); one event says both. Returns the pruned storage
+    keys: delete them after the commit."""
     # Fenced like every worker write: a stale attempt (or a cancelled run) records nothing.
     # The row lock keeps a takeover from slipping in before the insert (PostgreSQL).
     cancel_requested = session.scalar(
@@ -256,7 +267,7 @@ def record_checkpoint(
     checkpoint.state_sha256 = state_sha256  # manifest of the resume state (worker/training)
     checkpoint.status = CheckpointStatus.ACTIVE  # a restarted attempt may write a pruned step again
     session.flush()
-    pruned = registry.prune_checkpoints(session, job_id=job.id, keep=keep)
+    pruned = registry.prune_checkpoints(session, job_id=job.id, keep=keep, keep_step=keep_step)
     message = f"Checkpoint created at step {step}"
     data: dict[str, Any] = {"step": step}
     if pruned:
@@ -288,12 +299,14 @@ def complete_job(
     trained_tokens: int,
     result_files: list[str] | None = None,
     applied: dict[str, Any] | None = None,
+    best_step: int | None = None,
 ) -> str:
     """Register the adapter and mark the job succeeded in the caller's one transaction.
 
     `applied`: settings the worker decided at run time (e.g. `packing`, off where the model
     does not isolate packed examples); they override the job's values in the adapter's
     recorded `lora_config`, so the registry says how the adapter was really trained.
+    `best_step`: early stopping served that step's checkpoint (docs/design.md 4.17).
     """
     job = session.get_one(Job, claim.job_id)
     name = fine_tuned_model_name(session, job)
@@ -307,6 +320,8 @@ def complete_job(
             result_files=result_files or [],
             finished_at=utcnow(),
             lease_expires_at=None,
+            pause_requested=False,  # asked during the last step: nothing is left to pause
+            best_step=best_step,
         )
     ).rowcount
     if done != 1:
@@ -352,6 +367,41 @@ def end_run(
     return bool(ended)
 
 
+def pause_run(session: Session, *, claim: Claim) -> RunOutcome:
+    """End an owned attempt that checkpointed for a pause: `paused`, or `queued` again when
+    the pause was withdrawn (resumed) while it checkpointed; `cancelled` when a cancel came
+    meanwhile. LEASE_LOST (nothing written) when the job is no longer ours."""
+    flags = session.execute(
+        select(Job.pause_requested, Job.cancel_requested).where(*_owned(claim)).with_for_update()
+    ).one_or_none()
+    if flags is None:
+        return RunOutcome.LEASE_LOST
+    requested, cancel_requested = flags
+    if cancel_requested:
+        end_run(session, claim=claim, status=JobStatus.CANCELLED)
+        return RunOutcome.CANCELLED
+    session.execute(
+        update(Job)
+        .where(Job.id == claim.job_id)
+        .values(
+            status=JobStatus.PAUSED if requested else JobStatus.QUEUED,
+            pause_requested=False,
+            pauses=Job.pauses + 1,
+            lease_expires_at=None,
+            estimated_finish=None,
+            enqueued_at=None if requested else clock(),
+        )
+    )
+    step = session.scalar(select(Job.steps_completed).where(Job.id == claim.job_id))
+    message = (
+        f"Fine-tuning job paused at step {step}; resume continues from its checkpoint"
+        if requested
+        else "The pause was withdrawn while checkpointing; the job was re-queued"
+    )
+    add_event(session, job_id=claim.job_id, message=message, data={"step": step})
+    return RunOutcome.PAUSED
+
+
 def sweep(session: Session, *, requeue_after_seconds: int, max_attempts: int) -> list[str]:
     """Recover from lost messages and dead workers; returns the job ids to enqueue again."""
     now = clock()
@@ -368,12 +418,12 @@ def sweep(session: Session, *, requeue_after_seconds: int, max_attempts: int) ->
             job.status, job.finished_at = JobStatus.CANCELLED, now
             add_event(session, job_id=job.id, message="Fine-tuning job cancelled")
             record_job_ended(session, job_id=job.id, status=JobStatus.CANCELLED)
-        elif job.attempt >= max_attempts:
+        elif job.attempt - job.pauses >= max_attempts:
             job.status, job.finished_at = JobStatus.FAILED, now
             job.error = {
                 "code": "worker_lost",
                 "param": None,
-                "message": f"the worker running this job stopped {job.attempt} times; giving up",
+                "message": f"the worker running this job stopped {max_attempts} times; giving up",
             }
             add_event(session, job_id=job.id, level="error", message=job.error["message"])
             record_job_ended(session, job_id=job.id, status=JobStatus.FAILED)

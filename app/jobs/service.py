@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from app import quantization
 from app.base_models import require_loadable
 from app.db.base import utcnow
-from app.db.models import Adapter, Checkpoint, File, Job, JobEvent, Organization
+from app.db.models import Checkpoint, File, Job, JobEvent, Organization
 from app.errors import InvalidRequest, InvalidState, NotFound, RateLimited
 from app.files.service import get_file
 from app.ids import new_id
@@ -25,6 +25,7 @@ from app.jobs import hyperparameters
 from app.jobs.limits import WorkLimits, check_job_work
 from app.jobs.spec import RunSpec, SupervisedMethod
 from app.registry import service as registry
+from app.registry.service import TrainedModel
 from app.schemas.jobs import JobCreate, MlflowIntegration
 from app.statuses import ACTIVE_JOB_STATUSES, TERMINAL_JOB_STATUSES, CheckpointStatus, JobStatus
 from app.webhooks.outbox import record_job_ended
@@ -50,8 +51,8 @@ def create_job(
 ) -> Job:
     """Validate the request against the allowlist and the caller's files; insert `queued`.
 
-    `model` may be an `ft:` adapter of the caller's: the job continues training it
-    (same base model and LoRA shape; `parent_model` records which adapter).
+    `model` may be an `ft:` adapter or checkpoint (`…:ckpt-step-N`) of the caller's: the job
+    continues training it (same base model and LoRA shape; `parent_model` records which).
     """
     _check_tracking_uris(request, allowed=mlflow_tracking_uris)
     base_model, parent = _base_and_parent(session, organization, request.model, base_models)
@@ -63,6 +64,7 @@ def create_job(
         )
     spec = _run_spec(request, base_model=base_model, parent=parent, training=training)
     resolved = spec.method.hyperparameters
+    hyperparameters.check_evaluations(resolved, has_validation_file=validation is not None)
     quantization.require_backend(resolved.quantization)
     hyperparameters.check_target_modules(base_models[base_model], resolved.lora_target_modules)
     check_job_work(
@@ -106,7 +108,7 @@ def _check_tracking_uris(request: JobCreate, *, allowed: Collection[str]) -> Non
 
 
 def _run_spec(
-    request: JobCreate, *, base_model: str, parent: Adapter | None, training: File
+    request: JobCreate, *, base_model: str, parent: TrainedModel | None, training: File
 ) -> RunSpec:
     """What the job will run: the request's hyperparameters resolved ("auto" from the
     training file), a continued adapter's LoRA shape kept."""
@@ -121,7 +123,7 @@ def _run_spec(
         resolved = hyperparameters.continue_from(resolved, parent.lora_config)
     return RunSpec(
         base_model=base_model,
-        parent_model=parent.id if parent is not None else None,
+        parent_model=parent.stored.id if parent is not None else None,
         training_file=request.training_file,
         validation_file=request.validation_file,
         method=SupervisedMethod(hyperparameters=resolved),
@@ -131,12 +133,15 @@ def _run_spec(
 
 def _base_and_parent(
     session: Session, organization: Organization, model: str, base_models: dict[str, str]
-) -> tuple[str, Adapter | None]:
-    """The allowlisted base model to train, and the adapter to continue (for `ft:` ids)."""
-    if model.startswith("ft:") and ":ckpt-step-" not in model:
+) -> tuple[str, TrainedModel | None]:
+    """The allowlisted base model to train, and the adapter or checkpoint to continue (for
+    `ft:` ids)."""
+    if model.startswith("ft:"):
         try:
-            parent = registry.get_adapter(session, organization=organization, model_id=model)
-        except NotFound:
+            parent = registry.get_trained_model(session, organization=organization, model_id=model)
+        except NotFound as exc:
+            if exc.code == "checkpoint_pruned":
+                raise InvalidRequest(exc.message, param="model", code=exc.code) from None
             raise InvalidRequest(
                 f"model {model!r} does not exist", param="model", code="model_not_found"
             ) from None
@@ -199,7 +204,8 @@ def list_jobs(
 
 
 def cancel_job(session: Session, *, organization: Organization, job_id: str) -> Job:
-    """A queued job is cancelled at once; a running one is flagged and stops at its next step.
+    """A queued or paused job is cancelled at once; a running one is flagged and stops at its
+    next step.
 
     Idempotent: cancelling a cancelled (or cancelling) job returns it unchanged.
     """
@@ -217,7 +223,7 @@ def cancel_job(session: Session, *, organization: Organization, job_id: str) -> 
     )
     cancelled_now = session.execute(  # type: ignore[attr-defined]  # DML returns a CursorResult
         update(Job)
-        .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
+        .where(Job.id == job.id, Job.status.in_((JobStatus.QUEUED, JobStatus.PAUSED)))
         .values(status=JobStatus.CANCELLED, finished_at=utcnow())
     ).rowcount
     if cancelled_now:
@@ -293,7 +299,8 @@ def list_checkpoints(
 
 
 def check_active_quota(session: Session, *, organization: Organization, limit: int) -> None:
-    """Refuse a new job (429) while the organization has `limit` queued or running ones.
+    """Refuse a new job (429) while the organization has `limit` queued, running or paused
+    ones (a paused job holds its files and checkpoints; resuming it needs no room).
 
     Other organizations are not counted. Call it in the transaction that inserts the job:
     the organization's row is locked (SELECT … FOR UPDATE on PostgreSQL) until that
@@ -313,7 +320,7 @@ def check_active_quota(session: Session, *, organization: Organization, limit: i
     ).scalar_one()
     if active >= limit:
         raise RateLimited(
-            f"this organization already has {active} queued or running jobs (the limit is "
-            f"{limit}); wait for one to finish or cancel one",
+            f"this organization already has {active} queued, running or paused jobs (the "
+            f"limit is {limit}); wait for one to finish or cancel one",
             retry_after=60,
         )

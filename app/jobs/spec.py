@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
 
 from app.schemas.jobs import Auto, Integration, LrScheduler, Quantization
 
@@ -61,6 +61,11 @@ class SupervisedHyperparameters(BaseModel):
     seed: int
     n_checkpoints: PositiveInt  # evenly spaced over the steps, the last at the end
     quantization: Quantization = "none"  # the base's precision while training (QLoRA)
+    # Evaluations (full validation loss) besides each checkpoint's; early stopping on them
+    # (docs/design.md 4.17). None: never stop early.
+    n_evals: NonNegativeInt = 0
+    early_stopping_patience: PositiveInt | None = None
+    early_stopping_threshold: float = 0.0
 
     # What trains: the plan's decision. "auto" still here means no plan was made (the worker
     # always plans; a direct caller of the training core may not): no split, no

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from app.config import Settings
 from app.db.models import Job
 from app.db.session import read_session_scope, session_scope
-from app.jobs import queue
+from app.jobs import queue, routing, workers
 from app.jobs import runs as job_runs
 from app.jobs.leftovers import (
     UNRECORDED_DATASET_GRACE_SECONDS,
@@ -54,12 +54,15 @@ def sweep_once(settings: Settings) -> list[str]:
             requeue_after_seconds=settings.requeue_after_seconds,
             max_attempts=settings.max_attempts,
         )
+        of_jobs = select(Job.id, Job.model).where(Job.id.in_(job_ids))
+        models = dict(session.execute(of_jobs).tuples().all())
+        workers.note_waiting_jobs(session, settings, now=job_runs.clock())
     if job_ids:
         remove_dead_attempts_leftovers(settings, job_ids, older_than=started)
         if _enough_messages_waiting(settings):
             return []
     for job_id in job_ids:
-        queue.enqueue_training(job_id)
+        queue.enqueue_training(job_id, routing.queue_of(models[job_id], settings.model_queues))
     return job_ids
 
 
@@ -84,7 +87,7 @@ def _enough_messages_waiting(settings: Settings) -> bool:
     lost them). A message is a wake-up for whichever job the fair policy picks, not for
     the job it names, so one waiting message per queued job is enough.
     """
-    pending = queue.pending_messages()
+    pending = queue.pending_messages({*settings.model_queues.values(), routing.DEFAULT_QUEUE})
     if pending is None:
         return False
     with read_session_scope(settings.sqlalchemy_url) as session:

@@ -3,6 +3,11 @@
 The tokenizer's own chat template is used when it has one. When it has none, the
 documented fallback is `DEFAULT_CHAT_TEMPLATE`, a ChatML-like format:
 `<|role|>content<|end|>` per message, and `<|assistant|>` as the generation prompt.
+With function calling it follows the Hermes / Qwen layout: the tools are listed, one JSON
+object a line inside `<tools></tools>`, in a system part (the system message's, or one of
+their own before the conversation), each tool call follows the assistant's content as
+`<tool_call>\n{"name": …, "arguments": {…}}\n</tool_call>`, and a tool's result is a
+`<|tool|>…<|end|>` turn. Without tools it renders exactly as it always has.
 The assistant turn ends with the tokenizer's EOS token when the template does not
 emit one itself, so a trained adapter learns where to stop.
 
@@ -10,6 +15,10 @@ Training renders a conversation as inference would continue it before each assis
 turn (`render_examples`): in one example when the template renders it prefix by prefix,
 in one example per assistant turn when the template renders history by what follows it
 (Qwen 3's drops earlier turns' reasoning).
+
+Tools (the template's `tools` argument) and tool calls are passed as Hugging Face's chat
+templates take them (`app/ml/tool_messages.py`); whether a template renders them at all is
+probed by `app/ml/tool_support.py`.
 
 Message content is escaped before the template sees it (`app/ml/special_tokens.py`): the
 rendered text holds markers where a user typed a special token's string, and is tokenized
@@ -23,10 +32,32 @@ from typing import Any
 
 from app.errors import NotPrefixStable
 from app.ml.special_tokens import encode_rendered, escape, special_token_ids
+from app.ml.tool_messages import template_tool_fields, template_tools
 
+Tools = list[dict[str, Any]] | None  # OpenAI's `tools` list, as in a request or an example
+
+# The Hermes / Qwen 2.5 layout, its instructions in brief (they are in every prompt).
+_TOOLS_SYSTEM = (
+    "{% if tools %}<|system|>"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{{ messages[0]['content'] + '\\n\\n' }}{% endif %}"
+    "{{ '# Tools\\n\\nYou may call these functions:\\n<tools>' }}"
+    "{% for tool in tools %}{{ '\\n' + (tool | tojson) }}{% endfor %}"
+    "{{ '\\n</tools>\\nReturn each call as <tool_call>\\n'"
+    ' + \'{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call>\' }}'
+    "<|end|>{% endif %}"
+)
+_TOOL_CALLS = (
+    "{% for call in message['tool_calls'] or [] %}"
+    "{{ '<tool_call>\\n{\"name\": ' + (call['function']['name'] | tojson) + ', \"arguments\": '"
+    " + (call['function']['arguments'] | tojson) + '}\\n</tool_call>' }}"
+    "{% endfor %}"
+)
 DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+    _TOOLS_SYSTEM + "{% for message in messages %}"
+    "{% if not (tools and loop.first and message['role'] == 'system') %}"
+    "<|{{ message['role'] }}|>{{ message['content'] }}" + _TOOL_CALLS + "<|end|>"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
@@ -46,21 +77,26 @@ def ensure_chat_template(tokenizer: Any) -> None:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
 
 
-def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], tools: Tools = None) -> list[int]:
     """The token ids a model continues to answer `messages` as the assistant."""
-    return encode_rendered(tokenizer, render_prompt(tokenizer, messages))
+    return encode_rendered(tokenizer, render_prompt(tokenizer, messages, tools))
 
 
-def render_prompt(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: Tools = None) -> str:
     """The text a model continues to answer `messages` as the assistant (content escaped)."""
     ensure_chat_template(tokenizer)
     text: str = tokenizer.apply_chat_template(
-        _plain(tokenizer, messages), tokenize=False, add_generation_prompt=True
+        _plain(tokenizer, messages),
+        tools=template_tools(tokenizer, tools),
+        tokenize=False,
+        add_generation_prompt=True,
     )
     return text
 
 
-def render_examples(tokenizer: Any, messages: list[dict[str, Any]]) -> list[list[Segment]]:
+def render_examples(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: Tools = None
+) -> list[list[Segment]]:
     """The training examples of a conversation, each a list of segments.
 
     One example, `render_segments`, when the template renders the conversation prefix by
@@ -71,17 +107,19 @@ def render_examples(tokenizer: Any, messages: list[dict[str, Any]]) -> list[list
     template's semantics imply (a turn with `weight: 0` gets no example).
     """
     try:
-        return [render_segments(tokenizer, messages)]
+        return [render_segments(tokenizer, messages, tools)]
     except NotPrefixStable:
         examples = []
         for index, message in enumerate(messages):
             if message["role"] == "assistant" and message.get("weight", 1):
-                prompt, reply, _ = _turn(tokenizer, messages, index)
+                prompt, reply, _ = _turn(tokenizer, messages, index, tools)
                 examples.append([Segment(prompt, trainable=False), Segment(reply, trainable=True)])
         return examples
 
 
-def render_segments(tokenizer: Any, messages: list[dict[str, Any]]) -> list[Segment]:
+def render_segments(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: Tools = None
+) -> list[Segment]:
     """Split a rendered conversation into segments; assistant replies are trainable.
 
     Segment texts hold escaped content: tokenize each with `encode_rendered`.
@@ -97,7 +135,7 @@ def render_segments(tokenizer: Any, messages: list[dict[str, Any]]) -> list[Segm
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt, reply, full = _turn(tokenizer, messages, index)
+        prompt, reply, full = _turn(tokenizer, messages, index, tools)
         if not prompt.startswith(done):
             raise NotPrefixStable(
                 "the chat template does not render conversations prefix by prefix"
@@ -105,17 +143,20 @@ def render_segments(tokenizer: Any, messages: list[dict[str, Any]]) -> list[Segm
         segments.append(Segment(prompt[len(done) :], trainable=False))
         segments.append(Segment(reply, trainable=bool(message.get("weight", 1))))
         done = full  # position in the rendered text (an appended EOS is not part of it)
-    tail = _render(tokenizer, messages)[len(done) :] if done else _render(tokenizer, messages)
+    rendered = _render(tokenizer, messages, tools)
+    tail = rendered[len(done) :]
     if tail:
         segments.append(Segment(tail, trainable=False))
     return segments
 
 
-def _turn(tokenizer: Any, messages: list[dict[str, Any]], index: int) -> tuple[str, str, str]:
+def _turn(
+    tokenizer: Any, messages: list[dict[str, Any]], index: int, tools: Tools = None
+) -> tuple[str, str, str]:
     """(prompt, reply, full render) for the assistant message at `index`: the reply is what
     the render of messages[:index+1] adds to the generation prompt, with EOS."""
-    prompt = render_prompt(tokenizer, messages[:index])
-    full = _render(tokenizer, messages[: index + 1])
+    prompt = render_prompt(tokenizer, messages[:index], tools)
+    full = _render(tokenizer, messages[: index + 1], tools)
     if not full.startswith(prompt):
         raise ValueError("the chat template does not render a reply after its generation prompt")
     reply = full[len(prompt) :]
@@ -125,15 +166,22 @@ def _turn(tokenizer: Any, messages: list[dict[str, Any]], index: int) -> tuple[s
     return prompt, reply, full
 
 
-def _render(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
-    text: str = tokenizer.apply_chat_template(_plain(tokenizer, messages), tokenize=False)
+def _render(tokenizer: Any, messages: list[dict[str, Any]], tools: Tools = None) -> str:
+    text: str = tokenizer.apply_chat_template(
+        _plain(tokenizer, messages), tools=template_tools(tokenizer, tools), tokenize=False
+    )
     return text
 
 
 def _plain(tokenizer: Any, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Content escaped; training-only keys (weight) dropped: the template should not see them."""
     return [
-        {"role": m["role"], "content": escape(tokenizer, m.get("content") or "")} for m in messages
+        {
+            "role": m["role"],
+            "content": escape(tokenizer, m.get("content") or ""),
+            **template_tool_fields(tokenizer, m),
+        }
+        for m in messages
     ]
 
 

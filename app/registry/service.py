@@ -109,10 +109,47 @@ def get_checkpoint(
     return checkpoint
 
 
+@dataclass(frozen=True)
+class TrainedModel:
+    """An adapter or a checkpoint as a new job continues it (docs/design.md 4.17)."""
+
+    base_model: str
+    stored: StoredAdapter
+    lora_config: dict[str, Any]  # its LoRA shape is the continued job's
+
+
+def get_trained_model(
+    session: Session, *, organization: Organization, model_id: str
+) -> TrainedModel:
+    """An active adapter (`ft:…`) or checkpoint (`ft:…:ckpt-step-N`) of the organization;
+    NotFound (model_not_found, or checkpoint_pruned) otherwise."""
+    if ":ckpt-step-" in model_id:
+        ckpt = get_checkpoint(session, organization=organization, model_id=model_id)
+        job = session.get_one(Job, ckpt.job_id)  # its run's LoRA shape
+        stored = StoredAdapter(model_id, ckpt.storage_key, ckpt.sha256)
+        return TrainedModel(job.model, stored, job.hyperparameters)
+    adapter = get_adapter(session, organization=organization, model_id=model_id)
+    stored = StoredAdapter(adapter.id, adapter.storage_key, adapter.sha256)
+    return TrainedModel(adapter.base_model, stored, adapter.lora_config)
+
+
 def find_adapters(session: Session, *, model_ids: list[str]) -> list[Adapter]:
     """Active adapters with these ids, in any organization (server-side preloading only)."""
     query = select(Adapter).where(Adapter.id.in_(model_ids), Adapter.status == AdapterStatus.ACTIVE)
     return list(session.scalars(query))
+
+
+def live_model_ids(session: Session, *, model_ids: list[str]) -> set[str]:
+    """Those of `model_ids` (adapters and checkpoints, any organization) still active: what
+    an inference replica may keep serving (app/inference/registry_watch.py)."""
+    adapters = select(Adapter.id).where(
+        Adapter.id.in_(model_ids), Adapter.status == AdapterStatus.ACTIVE
+    )
+    checkpoints = select(Checkpoint.fine_tuned_model_checkpoint).where(
+        Checkpoint.fine_tuned_model_checkpoint.in_(model_ids),
+        Checkpoint.status == CheckpointStatus.ACTIVE,
+    )
+    return set(session.scalars(adapters)) | set(session.scalars(checkpoints))
 
 
 def resolve_model(
@@ -121,14 +158,8 @@ def resolve_model(
     """Map a request's `model` to a base model and, for ft: ids, the adapter files."""
     if model_id in base_models:
         return ModelTarget(base_model=model_id)
-    if ":ckpt-step-" in model_id:
-        ckpt = get_checkpoint(session, organization=organization, model_id=model_id)
-        adapter_base = model_id.split(":")[1]
-        return ModelTarget(adapter_base, StoredAdapter(model_id, ckpt.storage_key, ckpt.sha256))
-    adapter = get_adapter(session, organization=organization, model_id=model_id)
-    return ModelTarget(
-        adapter.base_model, StoredAdapter(adapter.id, adapter.storage_key, adapter.sha256)
-    )
+    model = get_trained_model(session, organization=organization, model_id=model_id)
+    return ModelTarget(model.base_model, model.stored)
 
 
 @dataclass(frozen=True)
@@ -188,8 +219,11 @@ def _delete_checkpoint(session: Session, *, organization: Organization, model_id
     return Removed(model_ids=[model_id], storage_keys=[checkpoint.storage_key], checkpoints=[])
 
 
-def prune_checkpoints(session: Session, *, job_id: str, keep: int) -> list[Checkpoint]:
-    """Mark all but the newest `keep` active checkpoints of a job pruned (0 keeps all).
+def prune_checkpoints(
+    session: Session, *, job_id: str, keep: int, keep_step: int | None = None
+) -> list[Checkpoint]:
+    """Mark all but the newest `keep` active checkpoints of a job pruned (0 keeps all);
+    the one at `keep_step` (early stopping's best, the model it may serve) is kept too.
 
     Returns the pruned rows: the caller deletes their files after its transaction
     commits, so a rollback never leaves a row without its files. The rows stay (status
@@ -204,7 +238,8 @@ def prune_checkpoints(session: Session, *, job_id: str, keep: int) -> list[Check
             .order_by(Checkpoint.step_number.desc())
         )
     )
-    for row in rows[keep:]:
+    pruned = [row for row in rows[keep:] if row.step_number != keep_step]
+    for row in pruned:
         row.status = CheckpointStatus.PRUNED
     session.flush()
-    return rows[keep:]
+    return pruned

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
+from app.files.tool_format import check_tool_use
+from app.inference.tool_calls import parse_reply
 from app.schemas.common import Id, Strict, Text
+from app.schemas.tools import Tool, ToolCall, ToolCallDelta, tool_calls_of, without_none
 
 if TYPE_CHECKING:
     from app.inference.types import Generation, TokenLogprob
@@ -64,9 +75,22 @@ class CompletionRequest(SamplingParams):
 
 
 class ChatMessage(Strict):
-    role: Literal["system", "user", "assistant"]
-    content: Text
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Text | None = None  # required but on an assistant message with tool_calls
     name: Text | None = None
+    tool_calls: Annotated[list[ToolCall], Field(min_length=1)] | None = None
+    tool_call_id: Text | None = None
+
+    @model_validator(mode="after")
+    def _content_unless_calling(self) -> ChatMessage:
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content is required (only an assistant's tool call may omit it)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls are only allowed on assistant messages")
+        return self
+
+
+TOOL_CHOICES = ("auto", "none")
 
 
 class ChatCompletionRequest(SamplingParams):
@@ -74,6 +98,47 @@ class ChatCompletionRequest(SamplingParams):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    tools: Annotated[list[Tool], Field(min_length=1, max_length=128)] | None = None
+    # Any here, so that "required" or a named function is refused by the message below
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None  # accepted; the model decides how many it calls
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _auto_or_none(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and value not in TOOL_CHOICES:
+            raise ValueError(
+                "only 'auto' and 'none' are supported (the model is not constrained to call "
+                "a function); leave tool_choice out or use 'auto'"
+            )
+        if value is not None and not info.data.get("tools"):
+            raise ValueError("tool_choice is only allowed when tools are given")
+        return value
+
+    @model_validator(mode="after")
+    def _tool_calls_match_tools(self) -> ChatCompletionRequest:
+        """The conversation's calls and results, checked as training data is: a call to a
+        function not in `tools`, arguments that are no JSON object, an unmatched result."""
+        record: dict[str, Any] = {"messages": self.template_messages()}
+        if self.tools is not None:
+            record["tools"] = self.template_tools()
+        check_tool_use(record)
+        return self
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.model_dump(exclude_none=True) for m in self.messages]
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        if self.tools is None:
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def callable_names(self) -> frozenset[str]:
+        """The functions a reply may call: none without tools or with tool_choice 'none'
+        (the tools are still rendered, as in training; the reply is read as content)."""
+        if self.tools is None or self.tool_choice == "none":
+            return frozenset()
+        return frozenset(t.function.name for t in self.tools)
 
     @field_validator("top_logprobs")
     @classmethod
@@ -86,7 +151,7 @@ class ChatCompletionRequest(SamplingParams):
     @classmethod
     def _ends_for_the_assistant(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
         if messages[-1].role == "assistant":
-            raise ValueError("the last message must be from the user or the system")
+            raise ValueError("the last message must be from the user, the system or a tool")
         return messages
 
 
@@ -123,7 +188,12 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # null when the reply is tool calls only
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _calls_only_when_made(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return without_none(handler(self), "tool_calls")
 
 
 class TopLogprob(BaseModel):
@@ -150,6 +220,11 @@ class ChatChoice(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+    @model_serializer(mode="wrap")
+    def _calls_only_when_made(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return without_none(handler(self), "tool_calls")
 
 
 class ChatChunkChoice(BaseModel):
@@ -273,6 +348,17 @@ def completion_logprobs(entries: Sequence[TokenLogprob] | None) -> CompletionLog
         token_logprobs=[e.logprob for e in entries],
         top_logprobs=[e.top for e in entries],
         text_offset=[e.offset for e in entries],
+    )
+
+
+def chat_reply(result: Generation, names: frozenset[str]) -> tuple[AssistantMessage, str]:
+    """The message and finish reason of a whole reply: tool calls to functions in `names`
+    when the reply is made of them, else its text as content."""
+    reply = parse_reply(result.text, names) if names else None
+    if reply is None:
+        return AssistantMessage(content=result.text), result.finish_reason
+    return AssistantMessage(content=reply.content, tool_calls=tool_calls_of(reply.calls)), (
+        "tool_calls"
     )
 
 

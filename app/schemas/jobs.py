@@ -56,6 +56,13 @@ class Hyperparameters(Strict):
     # The base's precision while training (QLoRA): "nf4" 4-bit NormalFloat, "int8" 8-bit,
     # both through bitsandbytes; the LoRA weights stay in full precision.
     quantization: Quantization = "none"
+    # Together's name: full validation-loss evaluations evenly spaced over the steps, during
+    # epochs too (besides the one at each checkpoint). Needs a validation_file.
+    n_evals: Annotated[int, Field(ge=0, le=100)] = 0
+    # Stop (succeeded) after this many evaluations without the full validation loss
+    # improving by more than early_stopping_threshold; the model is then the best step's.
+    early_stopping_patience: Annotated[int, Field(ge=1, le=100)] | None = None
+    early_stopping_threshold: Annotated[float, Field(ge=0, le=100)] = 0.0
 
     @model_validator(mode="after")
     def _one_learning_rate(self) -> Hyperparameters:
@@ -199,6 +206,8 @@ class JobRead(BaseModel):
     # loraforge's own: optimizer steps done and planned, updated every step while it runs
     steps_completed: int | None = None
     steps_planned: int | None = None
+    # early stopping ended the job: fine_tuned_model is this step's checkpoint (else null)
+    best_step: int | None = None
 
 
 class EventRead(BaseModel):

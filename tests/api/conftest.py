@@ -9,20 +9,27 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app import tenancy
+from app.db.base import utcnow
 from app.db.session import session_scope
-from app.jobs import queue
+from app.jobs import queue, workers
 from tests.factories import api_app, uploaded_file
 
 
 @pytest.fixture
 def enqueued(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     sent: list[str] = []
-    monkeypatch.setattr(queue, "enqueue_training", lambda job_id: sent.append(job_id) or True)
+    monkeypatch.setattr(
+        queue, "enqueue_training", lambda job_id, queue=None: sent.append(job_id) or True
+    )
     return sent
 
 
 @pytest.fixture
 def app(settings, enqueued):  # noqa: ARG001 (no broker in API tests)
+    # As under `loraforge up`, a worker consumes the training queue: jobs do not say they
+    # wait for one (tests/api/test_roles.py checks that they do when none is live).
+    with session_scope(settings.sqlalchemy_url) as session:
+        workers.record_heartbeat(session, name="test-worker", queues=["training"], now=utcnow())
     return api_app(settings)
 
 

@@ -212,3 +212,12 @@ def test_chat_one_shot_interactive_and_json(run) -> None:
     assert talk.stdout.count("> ") == 3
     unknown = run("chat", "--model", "nope", "hi")
     assert unknown.exit_code == 1 and "nope" in unknown.stderr
+
+
+def test_jobs_pause_and_resume(run, dataset) -> None:
+    created = run("jobs", "create", "--model", "tiny", "--file", str(dataset), "--json")
+    job_id = json.loads(created.stdout)["id"]
+    paused = run("jobs", "pause", job_id)
+    assert paused.exit_code == 0 and "paused" in paused.stdout, paused.output
+    resumed = run("jobs", "resume", job_id, "--json")
+    assert resumed.exit_code == 0 and json.loads(resumed.stdout)["status"] == "queued"

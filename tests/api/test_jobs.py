@@ -15,7 +15,8 @@ def test_create_resolves_auto_and_enqueues_after_commit(
 
     seen_in_db: list[str] = []
 
-    def enqueue(job_id: str) -> bool:  # the row must be committed when the message leaves
+    # the row must be committed when the message leaves
+    def enqueue(job_id: str, queue: str = "training") -> bool:  # noqa: ARG001
         with session_scope(settings.sqlalchemy_url) as session:
             seen_in_db.append(session.scalar(select(Job.status).where(Job.id == job_id)))
         return True
@@ -173,7 +174,7 @@ def test_create_answers_202_when_the_broker_is_unreachable(
 ):
     from app.jobs import queue
 
-    monkeypatch.setattr(queue, "enqueue_training", lambda job_id: False)  # broker down
+    monkeypatch.setattr(queue, "enqueue_training", lambda job_id, queue=None: False)  # broker down
     response = create_job(client, model="tiny", training_file=training_file)
     assert response.status_code == 202, response.text
     assert response.json()["status"] == "queued" and job_count(settings) == 1  # the sweep sends it

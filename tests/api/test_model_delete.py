@@ -18,13 +18,13 @@ from app.db.session import session_scope  # noqa: E402
 from app.ids import new_id  # noqa: E402
 from app.ml.adapters import save_adapter  # noqa: E402
 from app.registry import service as registry  # noqa: E402
-from app.storage import LocalStore  # noqa: E402
+from app.storage import LocalStore, open_store  # noqa: E402
 from tests.factories import commit_fails, complete, publish_adapter, random_lora  # noqa: E402
 
 
 def publish_checkpoint(settings, model_dir, adapter_id: str, *, step: int, seed: int) -> str:
     """Store and record a checkpoint of the adapter's job the way the worker does; its id."""
-    store = LocalStore(settings.artifacts_dir)
+    store = open_store(settings)
     with session_scope(settings.sqlalchemy_url) as session:
         adapter = session.get_one(Adapter, adapter_id)
         key = f"checkpoints/{adapter.job_id}/step-{step}"

@@ -84,7 +84,7 @@ def test_the_validation_set_counts_once_per_checkpoint(client, settings, trainin
     error = response.json()["error"]
     assert error["param"] == "hyperparameters.n_epochs"
     assert "8 * 12 + 2 * 12 = 120 examples" in error["message"], error["message"]
-    assert "n_checkpoints * validation examples" in error["message"]
+    assert "(n_checkpoints + n_evals) * validation examples" in error["message"]
     assert job_count(settings) == 0
     response = create_job(client, **body, hyperparameters={"n_epochs": 7, "n_checkpoints": 1})
     assert response.status_code == 200, response.text  # 7 * 12 + 1 * 12 = 96

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.harness import ChaosStack, PostgresCluster, RedisServer
+from tests.chaos.harness import ChaosStack, RedisServer, open_stack
+from tests.chaos.pg_cluster import PostgresCluster
 
 
 @pytest.fixture
@@ -32,18 +33,13 @@ def make_stack(
     tmp_path, tiny_model_dir, pg_database_url, redis_server, storage_env
 ) -> Iterator[Callable]:
     """Build a migrated stack (API started, logged in); workers are added by the test."""
-    from app import migrate
-    from app.config import Settings
-
     stacks: list[ChaosStack] = []
 
     def make(db_url: str | None = None, **env: str) -> ChaosStack:
-        db_url = db_url or pg_database_url
-        migrate.upgrade(Settings(data_dir=tmp_path / "data", database_url=db_url))
-        stack = ChaosStack(tmp_path, tiny_model_dir, db_url, redis_server, **(storage_env | env))
+        stack = open_stack(
+            tmp_path, tiny_model_dir, db_url or pg_database_url, redis_server, **(storage_env | env)
+        )
         stacks.append(stack)
-        stack.start_api()
-        stack.login()
         return stack
 
     yield make

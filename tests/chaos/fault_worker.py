@@ -41,7 +41,9 @@ __all__ = ["celery_app"]
 def record(kind: str, **fields: Any) -> None:
     if not JOURNAL:
         return
-    line = json.dumps({"kind": kind, "pid": os.getpid(), "t": time.time(), **fields}) + "\n"
+    # `host`: the simulated machine the process belongs to (tests/chaos/multihost.py)
+    origin = {"pid": os.getpid(), "host": os.environ.get("LORAFORGE_CHAOS_HOST"), "t": time.time()}
+    line = json.dumps({"kind": kind, **origin, **fields}) + "\n"
     # One short O_APPEND write per line: lines from several processes never interleave.
     fd = os.open(JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:

@@ -201,24 +201,52 @@ class ChaosStack:
             **(timers | env),
         )
         self.api: subprocess.Popen | None = None
+        self.extra_apis: list[subprocess.Popen] = []
         self.workers: list[Worker] = []
         self.http = httpx.Client(base_url=self.base_url, timeout=30)
+        self.clients: list[httpx.Client] = []  # of the extra APIs
 
     # -- processes -------------------------------------------------------------------------
-    def start_api(self) -> None:
-        log = open(self.logs / "api.log", "a")
-        self.api = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "api", "--port", str(self.port)],
+    def host_env(self, host: str) -> dict[str, str]:
+        """The environment of a process on a machine of its own: a data dir (scratch, the
+        adapter cache) and a system temp dir that no other process sees."""
+        data_dir = self.tmp / "hosts" / host
+        (data_dir / "tmp").mkdir(parents=True, exist_ok=True)
+        return self.env | {
+            "LORAFORGE_DATA_DIR": str(data_dir),
+            "TMPDIR": str(data_dir / "tmp"),
+            "LORAFORGE_CHAOS_HOST": host,
+        }
+
+    def _spawn_api(self, env: dict[str, str], port: int, log_name: str) -> subprocess.Popen:
+        log = open(self.logs / log_name, "a")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "api", "--port", str(port)],
             cwd=REPO,
-            env=self.env,
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        wait_healthy(self.base_url, [self.api], self.logs)
+        wait_healthy(f"http://127.0.0.1:{port}", [process], self.logs)
+        return process
 
-    def add_worker(self, name: str) -> Worker:
-        worker = Worker(self.env, self.logs, name)
+    def start_api(self) -> None:
+        self.api = self._spawn_api(self.env, self.port, "api.log")
+
+    def add_api(self, host: str) -> httpx.Client:
+        """One more API (with its sweeper) on a host of its own; a client for it, with the
+        stack's key."""
+        port = free_port()
+        self.extra_apis.append(self._spawn_api(self.host_env(host), port, f"api-{host}.log"))
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        client.headers["Authorization"] = self.http.headers["Authorization"]
+        self.clients.append(client)
+        return client
+
+    def add_worker(self, name: str, *, own_host: bool = False) -> Worker:
+        """A worker on the stack's machine, or (`own_host`) on a machine of its own."""
+        worker = Worker(self.host_env(name) if own_host else self.env, self.logs, name)
         worker.start()
         self.workers.append(worker)
         return worker
@@ -226,13 +254,15 @@ class ChaosStack:
     def stop(self) -> None:
         for worker in self.workers:
             worker.stop()
-        if self.api and self.api.poll() is None:
-            self.api.send_signal(signal.SIGTERM)
-            try:
-                self.api.wait(30)
-            except subprocess.TimeoutExpired:
-                self.api.kill()
-        self.http.close()
+        for api in [self.api, *self.extra_apis]:
+            if api and api.poll() is None:
+                api.send_signal(signal.SIGTERM)
+                try:
+                    api.wait(30)
+                except subprocess.TimeoutExpired:
+                    api.kill()
+        for client in [self.http, *self.clients]:
+            client.close()
 
     # -- the API, as a client --------------------------------------------------------------
     def login(self, org: str = "acme") -> None:
@@ -243,15 +273,18 @@ class ChaosStack:
             key = tenancy.create_api_key(session, organization=organization)
         self.http.headers["Authorization"] = f"Bearer {key}"
 
-    def upload(self, rows: list[dict]) -> str:
+    def upload(self, rows: list[dict], client: httpx.Client | None = None) -> str:
+        """Through the stack's API, or `client`'s (another API host)."""
         content = "".join(json.dumps(row) + "\n" for row in rows).encode()
-        response = self.http.post(
+        response = (client or self.http).post(
             "/v1/files", files={"file": ("train.jsonl", content)}, data={"purpose": "fine-tune"}
         )
         assert response.status_code == 200, response.text
         return response.json()["id"]
 
-    def create_job(self, file_id: str, **hyperparameters: Any) -> httpx.Response:
+    def create_job(
+        self, file_id: str, client: httpx.Client | None = None, **hyperparameters: Any
+    ) -> httpx.Response:
         # no packing: one example per sequence, so a job's step count is known in advance
         hyperparameters = {"packing": False} | hyperparameters
         body = {
@@ -261,7 +294,7 @@ class ChaosStack:
             "seed": 7,
             "hyperparameters": hyperparameters,
         }
-        return self.http.post("/v1/fine_tuning/jobs", json=body)
+        return (client or self.http).post("/v1/fine_tuning/jobs", json=body)
 
     def submit(self, file_id: str, n: int, **hyperparameters: Any) -> list[str]:
         ids = []
@@ -303,84 +336,19 @@ class ChaosStack:
         return max(steps, default=0)
 
 
-class PostgresCluster:
-    """A throwaway PostgreSQL cluster (initdb + pg_ctl) on a free port, for restarts.
+def open_stack(
+    tmp: Path, model_dir: Path, db_url: str, redis: RedisServer, **env: str
+) -> ChaosStack:
+    """A migrated stack, its API started and logged in; workers are added by the caller."""
+    from app import migrate
+    from app.config import Settings
 
-    The shared server on 5432 is never touched. PostgreSQL refuses to run as root, so
-    when the tests run as root the cluster belongs to the `postgres` user.
-    """
-
-    def __init__(self) -> None:
-        import glob
-        import shutil
-        import tempfile
-
-        [self.bin] = sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1:]
-        self.dir = Path(tempfile.mkdtemp(prefix="loraforge-pg-"))
-        self.port = free_port()
-        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        if self.as_user:
-            shutil.chown(self.dir, "postgres", "postgres")
-        self._run(
-            "initdb",
-            "-D",
-            str(self.dir / "data"),
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "--no-sync",
-            "-E",
-            "UTF8",
-        )
-
-    def _run(self, tool: str, *args: str) -> None:
-        subprocess.run(
-            [*self.as_user, f"{self.bin}/{tool}", *args],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-
-    def _ctl(self, action: str, *extra: str) -> None:
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._run(
-            "pg_ctl",
-            action,
-            "-D",
-            str(self.dir / "data"),
-            "-w",
-            "-t",
-            "60",
-            "-l",
-            str(self.dir / "server.log"),
-            "-o",
-            options,
-            *extra,
-        )
-
-    def start(self) -> None:
-        self._ctl("start")
-
-    def restart(self, down_seconds: float) -> None:
-        """`pg_ctl stop -m fast` (every connection is cut), stay down a while, start again."""
-        self._ctl("stop", "-m", "fast")
-        time.sleep(down_seconds)
-        self.start()
-
-    def stop(self) -> None:
-        import shutil
-
-        try:
-            self._ctl("stop", "-m", "immediate")
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    def create_database(self, name: str) -> str:
-        import psycopg
-
-        with psycopg.connect(
-            f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True
-        ) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
+    migrate.upgrade(Settings(data_dir=tmp / "data", database_url=db_url))
+    stack = ChaosStack(tmp, model_dir, db_url, redis, **env)
+    try:
+        stack.start_api()
+        stack.login()
+    except BaseException:
+        stack.stop()
+        raise
+    return stack

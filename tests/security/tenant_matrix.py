@@ -80,10 +80,13 @@ def calls(a: TenantA) -> dict[tuple[str, str], list[tuple[dict, int]]]:
             ({"json": {"model": "tiny", "training_file": a.file}}, 400),
             ({"json": {"model": "tiny", "training_file": "OWN", "validation_file": a.file}}, 400),
             ({"json": {"model": a.adapter, "training_file": "OWN"}}, 400),
+            ({"json": {"model": a.checkpoint, "training_file": "OWN"}}, 400),
         ],
         ("GET", "/v1/fine_tuning/jobs"): [({"params": {"after": a.job}}, 404)],
         ("GET", "/v1/fine_tuning/jobs/{job_id}"): [({"path": job}, 404)],
         ("POST", "/v1/fine_tuning/jobs/{job_id}/cancel"): [({"path": job}, 404)],
+        ("POST", "/v1/fine_tuning/jobs/{job_id}/pause"): [({"path": job}, 404)],
+        ("POST", "/v1/fine_tuning/jobs/{job_id}/resume"): [({"path": job}, 404)],
         ("GET", "/v1/fine_tuning/jobs/{job_id}/events"): [({"path": job}, 404)],
         ("GET", "/v1/fine_tuning/jobs/{job_id}/checkpoints"): [
             ({"path": job}, 404),

@@ -59,7 +59,7 @@ def test_active_job_quota_is_per_organization(client, other_client, settings):
     assert [r.status_code for r in first] == [200, 200]
     third = client.post("/v1/fine_tuning/jobs", json=body)
     assert third.status_code == 429 and int(third.headers["Retry-After"]) >= 1
-    assert "2 queued or running jobs" in third.json()["error"]["message"]
+    assert "2 queued, running or paused jobs" in third.json()["error"]["message"]
     assert job_count(settings) == 2  # nothing stored for the refused one
     other = other_client.post(
         "/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": theirs}

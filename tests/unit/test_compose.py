@@ -1,4 +1,5 @@
-"""The compose files, read as Compose reads them (issue 10, defect 10).
+"""The compose files, read as Compose reads them (issue 10, defect 10; issue 13 §5: the
+object store, the `serve` role, no shared artifact volume).
 
 There is no Docker engine here, so the files are parsed with PyYAML and merged by the
 Compose merge rules we use (mappings merge, sequences append, `!reset` removes,
@@ -17,7 +18,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 GPU_FILE = REPO / "docker-compose.yml"
 CPU_FILE = REPO / "docker-compose.cpu.yml"
-MODEL_COMMANDS = {"api", "worker", "up"}  # the `loraforge` commands that load base models
+MODEL_COMMANDS = {"api", "serve", "worker", "up"}  # the `loraforge` commands that load models
 
 
 class _Reset:
@@ -102,7 +103,7 @@ def cpu(gpu: dict) -> dict:
 
 def model_services(compose: dict) -> dict[str, dict]:
     services = {name: s for name, s in compose["services"].items() if loads_models(s)}
-    assert {"api", "worker"} <= set(services)  # inference and training both load models
+    assert {"serve", "worker"} <= set(services)  # inference and training both load models
     return services
 
 
@@ -150,3 +151,60 @@ def test_dockerfile_prepares_the_cache_directory(gpu: dict) -> None:
     assert re.search(rf"mkdir -p [^\n]*{re.escape(hf_home)}", dockerfile)
     assert re.search(rf"chown [^\n]*{re.escape(hf_home)}", dockerfile)
     assert "LORAFORGE_DATA_DIR=/data" in dockerfile
+
+
+def loraforge_services(compose: dict) -> dict[str, dict]:
+    return {
+        name: service
+        for name, service in compose["services"].items()
+        if service.get("image", "").startswith("loraforge:")
+    }
+
+
+@pytest.mark.parametrize("variant", ["gpu", "cpu"])
+def test_no_two_containers_share_a_disk_for_artifacts(variant: str, request) -> None:
+    compose = request.getfixturevalue(variant)
+    users: dict[str, list[str]] = {}
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            if ":" in volume and not volume.startswith(("$", ".", "/")):
+                users.setdefault(volume.split(":")[0], []).append(name)
+    shared = {volume for volume, names in users.items() if len(names) > 1}
+    assert shared <= {"hf-cache"}, users  # a hub download cache, never an artifact
+    for name, service in loraforge_services(compose).items():
+        data_dir = service["environment"]["LORAFORGE_DATA_DIR"]
+        # the data dir is the container's own scratch: an anonymous volume, or none
+        assert mounted_at(service, data_dir) is None, name
+        assert service["environment"]["LORAFORGE_STORAGE_URL"].startswith("s3://"), name
+
+
+def test_the_object_store_and_its_bucket_come_up_before_loraforge(gpu: dict) -> None:
+    services = gpu["services"]
+    environment = services["api"]["environment"]
+    bucket = environment["LORAFORGE_STORAGE_URL"].removeprefix("s3://").split("/")[0]
+    store_host = re.match(r"https?://([^:/]+)", environment["AWS_ENDPOINT_URL"]).group(1)
+    store = services[store_host]
+    assert store["healthcheck"]["test"], "the object store needs a healthcheck"
+    # the SDK's credentials are the store's root credentials, from the same variables
+    assert environment["AWS_ACCESS_KEY_ID"] == store["environment"]["MINIO_ROOT_USER"]
+    assert environment["AWS_SECRET_ACCESS_KEY"] == store["environment"]["MINIO_ROOT_PASSWORD"]
+    [init] = [
+        name
+        for name, service in services.items()
+        if service.get("depends_on", {}).get(store_host, {}).get("condition") == "service_healthy"
+    ]
+    creates = " ".join(services[init]["command"])
+    assert re.search(rf"mc mb --ignore-existing \S+/{bucket}\b", creates)
+    migrate = services["migrate"]["depends_on"]
+    assert migrate[init]["condition"] == "service_completed_successfully"
+    for name, service in loraforge_services(gpu).items():  # each waits for the migration
+        if name != "migrate":
+            assert "migrate" in service["depends_on"], name
+
+
+def test_inference_runs_in_serve_and_the_api_is_a_control_plane(gpu: dict) -> None:
+    api, serve = gpu["services"]["api"], gpu["services"]["serve"]
+    assert serve["command"][:2] == ["loraforge", "serve"]
+    assert gpu_reservation(serve)
+    assert str(api["environment"]["LORAFORGE_INFERENCE_ENABLED"]).lower() == "false"
+    assert not gpu_reservation(api)  # loads no model, so it needs no GPU

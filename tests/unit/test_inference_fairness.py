@@ -105,9 +105,9 @@ def test_a_prompt_too_long_for_the_context_is_refused_before_tokenizing(
     seen: list[int] = []
     real = engine_module._tokenize
 
-    def recording(tokenizer, prompt, messages):
+    def recording(tokenizer, prompt, messages, *rest):
         seen.append(len(prompt or "") + sum(len(m["content"]) for m in messages or []))
-        return real(tokenizer, prompt, messages)
+        return real(tokenizer, prompt, messages, *rest)
 
     monkeypatch.setattr(engine_module, "_tokenize", recording)
     engine = new_engine(tiny_model_dir)
@@ -130,11 +130,11 @@ def test_tokenizing_one_request_does_not_hold_up_another(
     entered, release = threading.Event(), threading.Event()
     real = engine_module._tokenize
 
-    def slow_for_one(tokenizer, prompt, messages):
+    def slow_for_one(tokenizer, prompt, *rest):
         if prompt == "slow":
             entered.set()
             release.wait(timeout=20)  # a huge prompt being tokenized
-        return real(tokenizer, prompt, messages)
+        return real(tokenizer, prompt, *rest)
 
     monkeypatch.setattr(engine_module, "_tokenize", slow_for_one)
     engine = new_engine(tiny_model_dir)

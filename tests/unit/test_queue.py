@@ -55,3 +55,17 @@ def test_a_bug_while_sending_is_raised(broker, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(client, "send_task", send_task)
     with pytest.raises(TypeError, match="a bug"):
         queue.enqueue_training("ftjob-x")
+
+
+def test_a_worker_on_redis_takes_a_message_only_when_a_process_is_free(tmp_path: Path) -> None:
+    """Otherwise a busy worker holds the next wake-up while another idles (celery#2788;
+    measured by bench/multihost.py: docs/scaling.md)."""
+    from celery.app.defaults import find
+
+    settings = make_settings(tmp_path, tmp_path, broker_url="redis://127.0.0.1:6379/15")
+    config = queue.celery_config(settings)
+    assert config["worker_disable_prefetch"] is True
+    assert config["worker_prefetch_multiplier"] == 1
+    assert find("worker_disable_prefetch")  # a setting this Celery knows, not a no-op key
+    # the filesystem broker has no such option (Celery would warn and ignore it)
+    assert "worker_disable_prefetch" not in queue.celery_config(make_settings(tmp_path, tmp_path))

@@ -98,7 +98,7 @@ def test_the_sweep_removes_what_a_dead_attempt_left_but_keeps_recorded_checkpoin
     from app.jobs import sweep as sweeper
     from app.storage import LocalStore
 
-    monkeypatch.setattr(queue, "enqueue_training", lambda job_id: True)
+    monkeypatch.setattr(queue, "enqueue_training", lambda job_id, queue=None: True)
     job_id = submit(settings)
     held = claim(settings, job_id, lease_seconds=60)
     folder = LocalStore(settings.artifacts_dir).path(f"checkpoints/{job_id}")
@@ -159,8 +159,8 @@ def test_the_sweep_resends_a_waiting_job_only_when_its_message_may_be_lost(
     from app.jobs import sweep as sweeper
 
     sent: list[str] = []
-    monkeypatch.setattr(queue, "enqueue_training", sent.append)
-    monkeypatch.setattr(queue, "pending_messages", lambda: pending)
+    monkeypatch.setattr(queue, "enqueue_training", lambda job_id, queue=None: sent.append(job_id))
+    monkeypatch.setattr(queue, "pending_messages", lambda queues: pending)
     job_id = submit(settings)
     with session_scope(settings.sqlalchemy_url) as session:
         session.get(Job, job_id).enqueued_at = job_runs.utcnow() - timedelta(hours=1)

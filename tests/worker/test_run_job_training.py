@@ -94,6 +94,7 @@ def test_metrics_csv_is_a_downloadable_result_file(settings):
         "valid_loss",
         "learning_rate",
         "tokens_per_second",
+        "full_valid_loss",
     }
     assert all(float(r["train_loss"]) > 0 and float(r["tokens_per_second"]) > 0 for r in table)
     assert client.get(f"/v1/files/{file_id}").json()["purpose"] == "fine-tune-results"

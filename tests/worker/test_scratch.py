@@ -71,7 +71,7 @@ def test_temp_dir_of_an_owner_lives_under_its_folder_and_owners_cannot_escape(tm
 
 
 def test_the_sweep_removes_a_dead_attempts_scratch_and_touches_nothing_else(settings, monkeypatch):
-    monkeypatch.setattr(queue, "enqueue_training", lambda job_id: True)
+    monkeypatch.setattr(queue, "enqueue_training", lambda job_id, queue=None: True)
     store = LocalStore(settings.artifacts_dir)
     dead, live = submit(settings), submit(settings)
     claim(settings, dead)
@@ -95,7 +95,7 @@ def test_the_sweep_removes_a_dead_attempts_scratch_and_touches_nothing_else(sett
 
 def test_the_sweep_removes_the_scratch_of_a_job_it_ended(settings, monkeypatch):
     """Cancelled while its worker was dead: no worker will ever clean up after it."""
-    monkeypatch.setattr(queue, "enqueue_training", lambda job_id: True)
+    monkeypatch.setattr(queue, "enqueue_training", lambda job_id, queue=None: True)
     store = LocalStore(settings.artifacts_dir)
     job_id = submit(settings)
     claim(settings, job_id)
@@ -108,6 +108,23 @@ def test_the_sweep_removes_the_scratch_of_a_job_it_ended(settings, monkeypatch):
     assert status(settings, job_id) == "cancelled"
     sweeper.sweep_once(settings)  # each round first cleans up after the jobs already ended
     assert not store.path(f"tmp/{job_id}").exists()
+
+
+def test_a_job_ending_on_a_host_removes_every_ended_jobs_scratch_there(settings, monkeypatch):
+    """A killed attempt's scratch stays on its host when its retry ends on another one (no
+    sweep runs on worker hosts): the next job that ends on this host removes it."""
+    monkeypatch.setattr(queue, "enqueue_training", lambda job_id: True)
+    store = LocalStore(settings.artifacts_dir)
+    retried_elsewhere, running, ending = submit(settings), submit(settings), submit(settings)
+    for job_id in (retried_elsewhere, running, ending):
+        claim(settings, job_id)
+        scratch(store.scratch_root(job_id), "loraforge-ckpt-x")
+    with session_scope(settings.sqlalchemy_url) as session:
+        for job_id in (retried_elsewhere, ending):
+            session.get(Job, job_id).status = "succeeded"
+
+    run_job_module.remove_scratch(settings, ending)
+    assert store.scratch_owners() == [running]  # a job still running keeps its scratch
 
 
 @pytest.mark.slow

@@ -55,6 +55,10 @@ class TrainerState:
     epoch_label_count: int = 0
     last_epoch_loss: float = 0.0  # mean token loss of the last finished epoch
     history: list[dict[str, Any]] = field(default_factory=list)  # one row per step
+    # The evaluations' record (worker/training/evaluation.py); absent in older checkpoints.
+    best_step: int = 0
+    best_full_valid_loss: float | None = None
+    evals_since_best: int = 0
 
 
 def save_checkpoint(

@@ -2,8 +2,9 @@
 
 Three record shapes are supported, one per JSONL line:
 
-- chat: `{"messages": [...]}` — rendered with `render_examples`; loss only on assistant
-  replies (and not on those with `weight: 0`). Each segment is tokenized with
+- chat: `{"messages": [...], "tools": [...]?}` — rendered with `render_examples` (the
+  tools through the template's `tools` argument); loss only on assistant replies, tool
+  calls included (and not on those with `weight: 0`). Each segment is tokenized with
   `encode_rendered` (no special tokens added), exactly as inference's `prompt_ids`.
   One example per record, except where the chat template renders history by what follows
   it (Qwen 3's drops earlier reasoning): one example per trained assistant turn.
@@ -71,7 +72,8 @@ def encode_record(
     """Token ids and labels for one record: its examples (see the module docstring)."""
     if "messages" in record:
         encoded = [
-            _encode_chat(tokenizer, e) for e in render_examples(tokenizer, record["messages"])
+            _encode_chat(tokenizer, e)
+            for e in render_examples(tokenizer, record["messages"], record.get("tools"))
         ]
     elif "prompt" in record and "completion" in record:
         encoded = [_encode_completion(tokenizer, record["prompt"], record["completion"])]

@@ -42,7 +42,6 @@ from worker.training.data import Example
 # and publishes checkpoints while the peers wait for the next step. torch's own default.
 TIMEOUT = timedelta(minutes=30)
 READY_POLL_SECONDS = 0.2
-PEER_EXIT_SECONDS = 30.0  # after the last step, for a peer to leave before it is killed
 
 
 class RankLost(Exception):
@@ -62,6 +61,11 @@ class Ranks:
     def writes(self) -> bool:
         """Only rank 0 writes checkpoints and the adapter."""
         return self.rank == 0
+
+    @property
+    def share(self) -> dict[str, int]:
+        """`packing.steps`' arguments for this rank's part of each step."""
+        return {"rank": self.rank, "world": self.world}
 
     def begin_step(self, step: int) -> None:
         """Ranks past 0 draw dropout from a stream of (seed, rank, step): a resumed run
@@ -178,8 +182,8 @@ def peer_job(
 @contextmanager
 def data_parallel(job: PeerJob | None, scratch: Path | None) -> Iterator[Ranks]:
     """Rank 0 of `job.world` ranks (None or a world of 1: training alone). Launches the
-    peers, waits until they have loaded their base, joins the process group; on leaving,
-    waits for the peers to finish (or kills them) and leaves the group."""
+    peers, waits until they have loaded their base, joins the process group; on leaving
+    (done, paused, stopped early, cancelled or failed) kills the peers and leaves the group."""
     if job is None or job.world == 1:
         yield Ranks()
         return
@@ -195,8 +199,7 @@ def data_parallel(job: PeerJob | None, scratch: Path | None) -> Iterator[Ranks]:
             _wait_ready(Path(folder), ranks)
             join(Path(folder), 0, job)
             yield ranks
-            _finish(peers)
-        finally:
+        finally:  # the last all-reduce has returned, or rank 0 stopped alone: peers are done
             _stop(peers)
             _leave()
             torch.set_num_threads(threads)
@@ -250,14 +253,6 @@ def _wait_ready(folder: Path, ranks: Ranks) -> None:
         if time.monotonic() > deadline:
             raise RankLost(f"the training ranks were not ready after {TIMEOUT}")
         time.sleep(READY_POLL_SECONDS)
-
-
-def _finish(peers: list[subprocess.Popen[bytes]]) -> None:
-    for peer in peers:
-        try:
-            peer.wait(PEER_EXIT_SECONDS)
-        except subprocess.TimeoutExpired:
-            pass  # _stop kills it
 
 
 def _stop(peers: list[subprocess.Popen[bytes]]) -> None:

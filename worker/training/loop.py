@@ -3,7 +3,9 @@
 Pure: no DB, no Celery. The caller (the job runner) reports progress in `on_step` and
 checks for cancellation there and in `on_micro_batch` (before every forward pass: one
 optimizer step may accumulate many micro-batches); an exception raised in either stops
-training, propagates unchanged, and nothing is written to `out_dir`.
+training, propagates unchanged, and nothing is written to `out_dir`. A pause (`should_pause`,
+read after `on_step`) checkpoints the step, then raises `RunAborted(PAUSED)`. Evaluations
+(the full validation loss) and early stopping: worker/training/evaluation.py.
 
 What it trains is the job's run spec (`app/jobs/spec.py`): its hyperparameters as they are,
 with `packing` as it will run — prepare the model with `packing.enable_packing` first, as
@@ -32,11 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.errors import RunAborted
 from app.jobs.spec import SupervisedHyperparameters
 from app.ml.adapters import save_adapter
+from app.statuses import RunOutcome
 from worker.training.checkpoint import TrainerState, save_checkpoint
 from worker.training.data import IGNORE_INDEX, Example
 from worker.training.distributed import Ranks
+from worker.training.evaluation import EarlyStop, Verdict, early_stop, evaluation_steps, judge
 from worker.training.packing import Step, build_sequences, collate, steps
 from worker.training.setup import Run, start_run
 
@@ -52,6 +57,7 @@ class StepReport:
     learning_rate: float  # the rate this step was taken with
     trained_tokens: int  # non-padding tokens processed so far
     valid_loss: float | None = None  # on one validation batch, every eval_every_steps
+    full_valid_loss: float | None = None  # on the whole validation set, at evaluation steps
     tokens_per_second: float = 0.0  # non-padding tokens of this step / its wall time
     example_ids: tuple[int, ...] = ()  # the examples this step trained on, in order
 
@@ -64,6 +70,7 @@ class CheckpointReport:
     valid_loss: float | None  # over the whole validation set (OpenAI's full_valid_loss)
     checkpoint_dir: Path  # adapter + resume state + manifest; removed after the callback
     manifest_sha256: str
+    keep_step: int | None = None  # early stopping's best step: retention must keep it
 
 
 @dataclass
@@ -74,6 +81,7 @@ class TrainResult:
     valid_loss: float | None  # over the whole validation set, after the last step
     sha256: str  # of out_dir/adapter_model.safetensors
     history: list[dict[str, Any]]  # one row per step: step, train_loss, valid_loss, lr, tokens/s
+    early_stop: EarlyStop | None = None  # set when early stopping ended the run
 
 
 def _ignore(_report: Any) -> None:
@@ -82,6 +90,10 @@ def _ignore(_report: Any) -> None:
 
 def _nothing() -> None:
     return None
+
+
+def _never() -> bool:
+    return False
 
 
 def train_lora(
@@ -98,6 +110,7 @@ def train_lora(
     on_step: Callable[[StepReport], None] = _ignore,
     on_checkpoint: Callable[[CheckpointReport], None] = _ignore,
     on_micro_batch: Callable[[], None] = _nothing,
+    should_pause: Callable[[], bool] = _never,
     init_adapter: Path | None = None,
     resume_from: Path | None = None,
     scratch_dir: Path | None = None,
@@ -106,12 +119,11 @@ def train_lora(
     """Train a LoRA adapter on `model` (a frozen base) and save it to `out_dir`.
 
     eval_every_steps: the loss on one validation batch every N steps (0: never);
-    checkpoint_every_steps: a checkpoint every N steps too (0: only the `n_checkpoints`
-    scheduled ones);
-    trainable_token_ids, init_adapter, resume_from: see `setup.start_run`.
+    checkpoint_every_steps: a checkpoint every N steps too (0: only the scheduled ones);
+    should_pause: read after each `on_step`; True: checkpoint the step, raise
+    RunAborted(PAUSED); trainable_token_ids, init_adapter, resume_from, ranks: `start_run`;
     scratch_dir: where checkpoints are written before `on_checkpoint` publishes them
     (the job runner gives the job's own folder in the store; None: the system temp dir).
-    ranks: this process's rank of a data-parallel run (`distributed.py`; None: alone).
     """
     hp = hyperparameters
     if not train_examples:
@@ -128,21 +140,30 @@ def train_lora(
         ranks=ranks,
     )
     state = run.state
-    full_valid_loss = None  # of the last checkpoint, which the last step always writes
+    evaluate_at = evaluation_steps(run.total_steps, hp.n_evals, run.checkpoint_at)
     run.model.train()
     position = {"epoch": state.epoch, "next_batch": state.next_batch}  # a resumed one's too
-    share = {"rank": run.ranks.rank, "world": run.ranks.world}  # this rank's part of each step
-    for step in steps(train_examples, hp, max_len=run.max_len, **position, **share):
+    for step in steps(train_examples, hp, max_len=run.max_len, **position, **run.ranks.share):
         report = _train_step(run, step, on_micro_batch)
-        if valid_examples and eval_every_steps and state.step % eval_every_steps == 0:
-            report.valid_loss = _valid_batch_loss(run, valid_examples, hp, eval_every_steps)
+        verdict = _evaluate(run, report, valid_examples, hp, evaluate_at, eval_every_steps)
         state.history.append(_history_row(report))
         on_step(report)  # may raise: training stops
         epoch_loss = _end_step(state, step)
-        if state.step in run.checkpoint_at and run.ranks.writes:
-            full_valid_loss = _full_valid_loss(run, valid_examples, hp)
-            _checkpoint(run, step.epoch, epoch_loss, full_valid_loss, on_checkpoint, scratch_dir)
-    return _save(run, Path(out_dir), full_valid_loss)
+        pausing = not verdict.stop and state.step < run.total_steps and should_pause()
+        if (pausing or _checkpoint_due(run, verdict, hp)) and run.ranks.writes:
+            checkpoint = _Checkpoint(step.epoch, epoch_loss, report.full_valid_loss)
+            _checkpoint(run, checkpoint, hp, on_checkpoint, scratch_dir)
+        if pausing:
+            raise RunAborted(RunOutcome.PAUSED)
+        if verdict.stop:
+            return _save(run, Path(out_dir), early_stop(state, hp))
+    return _save(run, Path(out_dir))
+
+
+def _checkpoint_due(run: Run, verdict: Verdict, hp: SupervisedHyperparameters) -> bool:
+    """A scheduled checkpoint, or early stopping's new best (its weights must be kept)."""
+    keep_best = verdict.improved and hp.early_stopping_patience is not None
+    return run.state.step in run.checkpoint_at or keep_best
 
 
 def _train_step(run: Run, step: Step, on_micro_batch: Callable[[], None]) -> StepReport:
@@ -203,9 +224,12 @@ def _end_step(state: TrainerState, step: Step) -> float:
     return epoch_loss
 
 
-def _save(run: Run, out_dir: Path, valid_loss: float | None) -> TrainResult:
-    """Save the trained adapter to `out_dir`; what the run did."""
+def _save(run: Run, out_dir: Path, stopped: EarlyStop | None = None) -> TrainResult:
+    """Save the trained adapter (the last step's) to `out_dir`; what the run did. An early
+    stopped run's model is its best checkpoint's: the job runner publishes that one."""
     run.model.eval()
+    evaluated = [row.get("full_valid_loss") for row in run.state.history]
+    valid_loss = next((loss for loss in reversed(evaluated) if loss is not None), None)
     return TrainResult(
         steps=run.state.step,
         trained_tokens=run.state.trained_tokens,
@@ -213,14 +237,21 @@ def _save(run: Run, out_dir: Path, valid_loss: float | None) -> TrainResult:
         valid_loss=valid_loss,
         sha256=save_adapter(run.model, out_dir) if run.ranks.writes else "",
         history=run.state.history,
+        early_stop=stopped,
     )
+
+
+@dataclass(frozen=True)
+class _Checkpoint:
+    epoch: int  # 1-based epoch the step belongs to
+    train_loss: float  # of the epoch so far
+    valid_loss: float | None  # the step's full validation loss, if it evaluated
 
 
 def _checkpoint(
     run: Run,
-    epoch: int,
-    train_loss: float,
-    valid_loss: float | None,
+    checkpoint: _Checkpoint,
+    hp: SupervisedHyperparameters,
     on_checkpoint: Callable[[CheckpointReport], None],
     scratch_dir: Path | None,
 ) -> None:
@@ -236,14 +267,37 @@ def _checkpoint(
         )
         on_checkpoint(
             CheckpointReport(
-                epoch=epoch,
+                epoch=checkpoint.epoch,
                 step=run.state.step,
-                train_loss=train_loss,
-                valid_loss=valid_loss,
+                train_loss=checkpoint.train_loss,
+                valid_loss=checkpoint.valid_loss,
                 checkpoint_dir=Path(folder),
                 manifest_sha256=digest,
+                keep_step=run.state.best_step if hp.early_stopping_patience else None,
             )
         )
+
+
+def _evaluate(
+    run: Run,
+    report: StepReport,
+    examples: list[Example],
+    hp: SupervisedHyperparameters,
+    evaluate_at: set[int],
+    batch_every: int,
+) -> Verdict:
+    """The step's validation losses into `report`: one batch every `batch_every` steps, the
+    whole set at evaluation steps (judged for early stopping)."""
+    if not examples:
+        return Verdict(improved=False, stop=False)
+    if batch_every and report.step % batch_every == 0:
+        report.valid_loss = _valid_batch_loss(run, examples, hp, batch_every)
+    if report.step not in evaluate_at:
+        return Verdict(improved=False, stop=False)
+    report.full_valid_loss = mean_loss(
+        run.model, examples, batch_size=hp.batch_size, pad_token_id=run.pad_id
+    )
+    return judge(run.state, report.full_valid_loss, hp)
 
 
 def _valid_batch_loss(
@@ -256,19 +310,12 @@ def _valid_batch_loss(
     return mean_loss(run.model, batch, batch_size=hp.batch_size, pad_token_id=run.pad_id)
 
 
-def _full_valid_loss(
-    run: Run, examples: list[Example], hp: SupervisedHyperparameters
-) -> float | None:
-    if not examples:
-        return None
-    return mean_loss(run.model, examples, batch_size=hp.batch_size, pad_token_id=run.pad_id)
-
-
 def _history_row(report: StepReport) -> dict[str, Any]:
     return {
         "step": report.step,
         "train_loss": report.train_loss,
         "valid_loss": report.valid_loss,
+        "full_valid_loss": report.full_valid_loss,
         "learning_rate": report.learning_rate,
         "tokens_per_second": report.tokens_per_second,
     }

@@ -53,7 +53,8 @@ def start_run(
     trainable_token_ids: tokens whose input-embedding and output rows train too (PEFT's
     trainable tokens). init_adapter: a PEFT adapter to continue training (its LoRA shape is
     kept). resume_from: a verified checkpoint of this same run: weights, optimizer,
-    scheduler, RNG and data position are restored from it.
+    scheduler, RNG and data position are restored from it. ranks: this process's rank of a
+    data-parallel run (`distributed.py`; None: training alone).
     """
     import torch
 

@@ -1,5 +1,6 @@
 """Admin API, behind the admin key (LORAFORGE_ADMIN_KEY): API keys of every organization,
-and the inference engine's KV cache across organizations (a tenant sees only its own)."""
+the inference engine's KV cache across organizations (a tenant sees only its own), and the
+workers the database has seen recently with their queues."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel
 
 from app import tenancy
-from app.api.deps import AdminDep, ReadSessionDep, SessionDep
+from app.api.deps import AdminDep, ReadSessionDep, SessionDep, SettingsDep
 from app.api.views import api_key_view
+from app.db.base import utcnow
 from app.db.session import commit
+from app.jobs import workers
 from app.schemas.common import Id, ListPage
 from app.schemas.inference import EngineCacheList, EngineCacheTotals
 
@@ -70,5 +73,34 @@ def engine_cache(request: Request) -> EngineCacheList:
                 **base["kv_cache"],
             )
             for base in bases
+        ]
+    )
+
+
+class WorkerRead(BaseModel):
+    name: str  # host:pid, as the jobs it claims name it
+    object: Literal["worker"] = "worker"
+    queues: list[str]
+    started_at: int
+    last_seen: int
+    live: bool  # heard from within 3 heartbeats (LORAFORGE_WORKER_HEARTBEAT_SECONDS)
+
+
+@router.get("/workers", response_model=ListPage[WorkerRead])
+def list_workers(session: ReadSessionDep, settings: SettingsDep) -> ListPage[WorkerRead]:
+    """Workers seen in the last hour, most recent first, with the queues they consume."""
+    seen = workers.seen_workers(
+        session, now=utcnow(), heartbeat_seconds=settings.worker_heartbeat_seconds
+    )
+    return ListPage(
+        data=[
+            WorkerRead(
+                name=w.name,
+                queues=w.queues,
+                started_at=int(w.started_at.timestamp()),
+                last_seen=int(w.last_seen.timestamp()),
+                live=w.live,
+            )
+            for w in seen
         ]
     )

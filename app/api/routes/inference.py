@@ -36,9 +36,9 @@ from app.db.session import read_session_scope
 from app.errors import LoraforgeError, Unauthorized
 from app.ids import new_id
 from app.inference.adapter_cache import adapter_cache
+from app.inference.tool_calls import ToolCallStream
 from app.registry import service as registry
 from app.schemas.inference import (
-    AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -50,9 +50,11 @@ from app.schemas.inference import (
     CompletionResponse,
     SamplingParams,
     chat_logprobs,
+    chat_reply,
     completion_logprobs,
     usage_of,
 )
+from app.schemas.tools import tool_call_deltas
 from app.storage import ArtifactStore
 
 if TYPE_CHECKING:
@@ -268,7 +270,6 @@ async def create_chat_completion(
     store: StoreDep,
     engine: EngineDep,
 ) -> Any:
-    messages = [message.model_dump(exclude_none=True) for message in body.messages]
     submitted = await _start(
         http,
         functools.partial(
@@ -278,7 +279,8 @@ async def create_chat_completion(
             settings,
             store,
             engine,
-            messages=messages,
+            messages=body.template_messages(),
+            tools=body.template_tools(),
             max_tokens=body.max_completion_tokens or body.max_tokens,  # None: what fits
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         ),
@@ -289,10 +291,9 @@ async def create_chat_completion(
             http, submitted, settings, lambda d: _chat_chunks(head, submitted, d, body)
         )
     result = await submitted.aresult()
+    message, finish_reason = chat_reply(result, body.callable_names())
     choice = ChatChoice(
-        message=AssistantMessage(content=result.text),
-        finish_reason=result.finish_reason,
-        logprobs=chat_logprobs(result.logprobs),
+        message=message, finish_reason=finish_reason, logprobs=chat_logprobs(result.logprobs)
     )
     return ChatCompletionResponse(**head, choices=[choice], usage=usage_of(result))
 
@@ -305,12 +306,28 @@ async def _chat_chunks(
 ) -> AsyncIterator[ChatCompletionChunk]:
     role = ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))
     yield ChatCompletionChunk(**head, choices=[role])
+    names = body.callable_names()
+    calls = ToolCallStream(names) if names else None  # content held while it may be a call
     async for delta in deltas:
-        choice = ChatChunkChoice(
-            delta=ChatDelta(content=delta.text) if delta.text else ChatDelta(),
-            finish_reason=delta.finish_reason,
-            logprobs=chat_logprobs(delta.logprobs) if body.logprobs else None,
-        )
+        text = calls.feed(delta.text) if calls else delta.text
+        finish_reason = delta.finish_reason
+        if calls is not None and finish_reason is not None:
+            rest, reply = calls.finish()
+            text += rest
+            if reply is not None:  # OpenAI's order: any content, the calls, then the finish
+                if text:
+                    yield ChatCompletionChunk(**head, choices=[_content_choice(text)])
+                tool_calls = ChatDelta(tool_calls=tool_call_deltas(reply.calls))
+                yield ChatCompletionChunk(**head, choices=[ChatChunkChoice(delta=tool_calls)])
+                text, finish_reason = "", "tool_calls"
+        choice = _content_choice(text, finish_reason)
+        choice.logprobs = chat_logprobs(delta.logprobs) if body.logprobs else None
         yield ChatCompletionChunk(**head, choices=[choice])
     if body.include_usage:
         yield ChatCompletionChunk(**head, choices=[], usage=usage_of(await submitted.aresult()))
+
+
+def _content_choice(text: str, finish_reason: str | None = None) -> ChatChunkChoice:
+    return ChatChunkChoice(
+        delta=ChatDelta(content=text) if text else ChatDelta(), finish_reason=finish_reason
+    )

@@ -15,11 +15,13 @@ from app.api.views import checkpoint_view, event_view, job_view
 from app.config import Settings
 from app.db.models import Job, JobEvent
 from app.errors import InvalidRequest, LoraforgeError
-from app.jobs import event_feed, queue
+from app.jobs import event_feed, queue, routing, workers
+from app.jobs import pause as pausing
 from app.jobs import service as jobs
 from app.jobs.limits import WorkLimits
 from app.schemas.common import Id, ListPage
 from app.schemas.jobs import CheckpointRead, EventRead, JobCreate, JobRead
+from app.statuses import JobStatus
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 Limit = Annotated[int, Query(ge=1, le=100)]
@@ -57,9 +59,11 @@ def create_job(
         limits=WorkLimits.of(settings),
         mlflow_tracking_uris=settings.mlflow_tracking_uris,
     )
+    workers.note_if_unserved(session, job, settings)  # "waiting for a worker on queue …"
     # Committed before enqueueing: the worker must find the row when the message arrives.
     job_id = idempotency.commit_once(session, **scope, object_id=job.id)
-    if job_id == job.id and not queue.enqueue_training(job.id):
+    routed = routing.queue_of(job.model, settings.model_queues)
+    if job_id == job.id and not queue.enqueue_training(job.id, routed):
         response.status_code = 202
     return job_view(jobs.get_job(session, organization=org, job_id=job_id))
 
@@ -80,6 +84,23 @@ def retrieve_job(job_id: Id, org: OrgDep, session: ReadSessionDep) -> JobRead:
 @router.post("/{job_id}/cancel", response_model=JobRead)
 def cancel_job(job_id: Id, org: OrgDep, session: SessionDep) -> JobRead:
     return job_view(jobs.cancel_job(session, organization=org, job_id=job_id))
+
+
+@router.post("/{job_id}/pause", response_model=JobRead)
+def pause_job(job_id: Id, org: OrgDep, session: SessionDep) -> JobRead:
+    """A queued job is held; a running one checkpoints at its next step and shows `paused`."""
+    return job_view(pausing.pause_job(session, organization=org, job_id=job_id))
+
+
+@router.post("/{job_id}/resume", response_model=JobRead)
+def resume_job(job_id: Id, org: OrgDep, session: SessionDep, settings: SettingsDep) -> JobRead:
+    """A paused job is queued again and continues from its checkpoint."""
+    job = pausing.resume_job(session, organization=org, job_id=job_id)
+    session.commit()  # before the message: the worker must find the job queued
+    if job.status == JobStatus.QUEUED:
+        routed = routing.queue_of(job.model, settings.model_queues)
+        queue.enqueue_training(job.id, routed)  # unreachable broker: the sweep re-sends
+    return job_view(job)
 
 
 EVENT_STREAM: dict[int | str, dict[str, Any]] = {

@@ -24,10 +24,14 @@ from app.storage import ArtifactCorrupt, ArtifactMissing
 if TYPE_CHECKING:
     from app.inference.engine import InferenceEngine
 
+# `catalog` (list, retrieve) is what every role that serves inference mounts; `router`
+# (download, delete) is the control plane's. The api mounts `router` first: its download
+# route must come before the catalog's plain retrieve (model ids may contain '/').
 router = APIRouter(prefix="/v1/models", tags=["models"])
+catalog = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-@router.get("", response_model=ListPage[ModelRead])
+@catalog.get("", response_model=ListPage[ModelRead])
 def list_models(org: OrgDep, session: ReadSessionDep, settings: SettingsDep) -> ListPage[ModelRead]:
     # An entry that cannot load (a typo'd path, an uncached hub id offline) is not offered.
     bases = [base_model_view(name) for name in base_models.usable(settings.base_models)]
@@ -37,7 +41,6 @@ def list_models(org: OrgDep, session: ReadSessionDep, settings: SettingsDep) -> 
     return ListPage(data=bases + adapters)
 
 
-# Registered before the plain retrieve route: model ids may contain '/' (hub-style names).
 @router.get(
     "/{model_id:path}/adapter",
     response_class=StreamingResponse,
@@ -74,7 +77,7 @@ def download_adapter(
     )
 
 
-@router.get("/{model_id:path}", response_model=ModelRead)
+@catalog.get("/{model_id:path}", response_model=ModelRead)
 def retrieve_model(
     model_id: Id, org: OrgDep, session: ReadSessionDep, settings: SettingsDep
 ) -> ModelRead:

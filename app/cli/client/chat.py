@@ -60,7 +60,7 @@ def _turn(api: Api, settings: dict[str, Any], messages: list[dict[str, str]], as
     if as_json:
         answer = api.call("POST", "/chat/completions", json=body)
         print_json(answer)
-        return ChatCompletionResponse.model_validate(answer).choices[0].message.content
+        return ChatCompletionResponse.model_validate(answer).choices[0].message.content or ""
     text = []
     for _, _, data in api.server_sent("POST", "/chat/completions", json=body | {"stream": True}):
         if data == "[DONE]":

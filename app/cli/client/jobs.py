@@ -1,5 +1,5 @@
 """`loraforge jobs …`: create (optionally watching it to the end), list, get, events, cancel,
-watch."""
+pause, resume, watch."""
 
 from __future__ import annotations
 
@@ -176,8 +176,34 @@ def cancel(
     as_json: AsJson = False,
 ) -> None:
     """Cancel a job (a running one stops at its next micro-batch)."""
+    _act(job_id, "cancel", base_url=base_url, api_key=api_key, as_json=as_json)
+
+
+@jobs_cli.command("pause")
+def pause(
+    job_id: JobId,
+    base_url: BaseUrl = DEFAULT_BASE_URL,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """Pause a job: a running one checkpoints at its next step and shows `paused`."""
+    _act(job_id, "pause", base_url=base_url, api_key=api_key, as_json=as_json)
+
+
+@jobs_cli.command("resume")
+def resume(
+    job_id: JobId,
+    base_url: BaseUrl = DEFAULT_BASE_URL,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """Resume a paused job: queued again, it continues from its checkpoint."""
+    _act(job_id, "resume", base_url=base_url, api_key=api_key, as_json=as_json)
+
+
+def _act(job_id: str, action: str, *, base_url: str, api_key: str | None, as_json: bool) -> None:
     with connect(base_url, api_key) as api:
-        body = api.call("POST", f"/fine_tuning/jobs/{job_id}/cancel")
+        body = api.call("POST", f"/fine_tuning/jobs/{job_id}/{action}")
     return print_json(body) if as_json else _show_job(JobRead.model_validate(body))
 
 
@@ -192,6 +218,7 @@ def _show_job(job: JobRead) -> None:
         "trained_tokens": job.trained_tokens,
         "estimated_finish": when(job.estimated_finish) if job.estimated_finish else None,
         "fine_tuned_model": job.fine_tuned_model,
+        "best_step": job.best_step,
         "error": f"{job.error.code}: {job.error.message}" if job.error else None,
         "hyperparameters": json.dumps(job.hyperparameters),
     }
