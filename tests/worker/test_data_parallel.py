@@ -64,8 +64,10 @@ def test_the_ranks_share_each_step_exactly(examples, packing):
         }
 
 
-def train(tiny_model_dir, tokenizer, examples, out: Path, world: int) -> list[StepReport]:
-    hp, reports = hyperparameters(), []
+def train(
+    tiny_model_dir, tokenizer, examples, out: Path, world: int, valid=(), **changes
+) -> list[StepReport]:
+    hp, reports = hyperparameters(**changes), []
     model = load_base_model(tiny_model_dir, device="cpu")
     job = peer_job(
         world=world,
@@ -83,7 +85,7 @@ def train(tiny_model_dir, tokenizer, examples, out: Path, world: int) -> list[St
             model=model,
             tokenizer=tokenizer,
             train_examples=examples,
-            valid_examples=[],
+            valid_examples=list(valid),
             hyperparameters=hp,
             out_dir=out,
             on_step=reports.append,
@@ -106,6 +108,18 @@ def test_two_ranks_train_the_adapter_one_process_trains(
     print(f"\nadapter weights, 1 rank vs 2 ranks: max |diff| {diff:.2e}")
     assert one.keys() == two.keys() and 0 < max(float(v.abs().max()) for v in two.values())
     assert diff <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_rank_0_stops_early_alone_and_its_peer_goes(tiny_model_dir, tokenizer, examples, tmp_path):
+    # every evaluation after the first fails to improve by 100: stop at the second
+    stopping = {"n_evals": 4, "early_stopping_patience": 1, "early_stopping_threshold": 100}
+    inputs = (tiny_model_dir, tokenizer, examples)
+    runs = {w: train(*inputs, tmp_path / str(w), w, examples[:4], **stopping) for w in (1, 2)}
+    assert [r.step for r in runs[2]] == [r.step for r in runs[1]]
+    assert len(runs[1]) < runs[1][0].total_steps  # it did stop early
+    one, two = (load_file(tmp_path / str(w) / ADAPTER_WEIGHTS) for w in (1, 2))
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) <= TOLERANCE
 
 
 def kill_a_peer_at(monkeypatch, step: int) -> None:
