@@ -21,6 +21,7 @@ from app.schemas.jobs import Hyperparameters
 from tests.conftest import make_settings
 from tests.factories import chat_rows, expire_lease, load, messages, submit, weights
 from worker import run_job as run_job_module
+from worker import supervisor
 from worker.job_memory import model_shape, plan_job
 from worker.run_job import run_job
 from worker.training.data import encode_dataset
@@ -122,6 +123,19 @@ def test_rank_0_stops_early_alone_and_its_peer_goes(tiny_model_dir, tokenizer, e
     assert max(float((one[k] - two[k]).abs().max()) for k in one) <= TOLERANCE
 
 
+def peer_ranks(processes, under: str = "") -> list[psutil.Process]:
+    """The peer ranks among `processes`; with `under`, only those whose job file is there."""
+    found = []
+    for process in processes:
+        try:
+            command = " ".join(process.cmdline())
+        except psutil.Error:  # gone, or not ours to read
+            continue
+        if "worker.training.peer" in command and under in command:
+            found.append(process)
+    return found
+
+
 def kill_a_peer_at(monkeypatch, step: int) -> None:
     """SIGKILL rank 1 once rank 0 has reported `step` (the checkpoint before it is complete)."""
     real = run_job_module.Progress.on_step
@@ -129,11 +143,7 @@ def kill_a_peer_at(monkeypatch, step: int) -> None:
     def on_step(self, report):
         real(self, report)
         if report.step == step:
-            peers = [
-                child
-                for child in psutil.Process().children()
-                if "worker.training.peer" in " ".join(child.cmdline())
-            ]
+            peers = peer_ranks(psutil.Process().children())
             assert peers
             for peer in peers:
                 peer.send_signal(signal.SIGKILL)
@@ -186,3 +196,14 @@ def test_cpu_ranks_share_the_memory_each_holding_the_whole_base(settings, tiny_m
         plan(2)
     assert refused.value.error["code"] == "out_of_memory"
     assert "shared by CPU ranks (LORAFORGE_GPUS_PER_JOB=2" in refused.value.error["message"]
+
+
+@pytest.mark.slow
+def test_the_supervisors_child_runs_the_ranks_and_leaves_none_behind(settings):
+    """As the worker runs a job: in a forked child (rank 0) that starts its peer, while the
+    supervisor holds the lease."""
+    two_ranks = make_settings(settings.data_dir, Path(settings.base_models["tiny"]), gpus_per_job=2)
+    job_id = submit(two_ranks)
+    assert supervisor.wake(job_id, settings=two_ranks) == [f"{job_id}: succeeded"]
+    # none of its peers outlived it (one left orphaned would no longer be our descendant)
+    assert not peer_ranks(psutil.process_iter(), str(two_ranks.data_dir))
