@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 100 * 1024 * 1024  # one uploaded file; 413 past it
     max_lines_per_file: int = 1_000_000  # examples per dataset file
     device: str = "auto"  # where training and inference run: cuda when available, else cpu
+    # Devices one training job uses, data-parallel (worker/training/distributed.py): GPUs
+    # cuda:0..N-1 with NCCL, or N CPU processes with gloo. A property of the worker's
+    # hardware, not of the job: the adapter is the same for any N (docs/design.md 4.18).
+    gpus_per_job: int = Field(default=1, ge=1)
     max_loaded_adapters: int = 8  # per base model, least recently used evicted first
     # Adapter ids ("ft:…,ft:…") loaded when the API starts and never evicted (pinned).
     preload_adapters: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -21,18 +22,19 @@ from sqlalchemy.orm import Session
 
 from app import tenancy
 from app.config import Settings, get_settings
-from app.db.models import File, Job, Organization
+from app.db.base import utcnow
+from app.db.models import Adapter, File, Job, JobEvent, Organization
 from app.db.session import session_scope
 from app.files import service as files
 from app.ids import new_id
 from app.jobs import service as jobs
 from app.main import create_app
-from app.ml.adapters import save_adapter
+from app.ml.adapters import ADAPTER_WEIGHTS, save_adapter
 from app.ml.loading import load_base_model
 from app.quantization import BACKEND
 from app.registry import service as registry
 from app.schemas.jobs import JobCreate
-from app.storage import ArtifactStore, open_store
+from app.storage import ArtifactStore, LocalStore, open_store
 
 PROMPT = "The quick brown fox"  # what `complete` sends unless told otherwise
 
@@ -256,3 +258,21 @@ def job_action(settings, action, job_id: str, org: str = "acme"):
     with session_scope(settings.sqlalchemy_url) as session:
         organization = tenancy.get_or_create_organization(session, name=org)
         return action(session, organization=organization, job_id=job_id).status
+
+
+def expire_lease(settings, job_id: str) -> None:
+    """The job's lease lapsed: its worker is dead as far as the claim and the sweep know."""
+    with session_scope(settings.sqlalchemy_url) as session:
+        session.get(Job, job_id).lease_expires_at = utcnow() - timedelta(seconds=1)
+
+
+def weights(settings, job_id: str) -> dict:
+    """The tensors of the adapter the job registered (local store)."""
+    from safetensors.torch import load_file
+
+    [adapter] = load(settings, Adapter, job_id=job_id)
+    return load_file(LocalStore(settings.artifacts_dir).path(adapter.storage_key) / ADAPTER_WEIGHTS)
+
+
+def messages(settings, job_id: str) -> list[JobEvent]:
+    return load(settings, JobEvent, job_id=job_id)

@@ -59,7 +59,7 @@ def plan_job(
             _record(progress, decided, "Memory plan: the base model's config could not be read; "
                     "gradient_checkpointing off, no micro-batching", {})  # fmt: skip
         return decided, None
-    free = free_memory(device, settings.training_memory_bytes)
+    free = _per_rank(free_memory(device, settings.training_memory_bytes), device, settings)
     chosen = plan(shape, hp, device=device, available=free.bytes)
     if chosen is None:
         message, param = does_not_fit(shape, hp, device=device, available=free.bytes)
@@ -162,6 +162,18 @@ def _device(settings: Settings) -> Device:
     from app.ml.loading import resolve_device
 
     return "cuda" if resolve_device(settings.device).startswith("cuda") else "cpu"
+
+
+def _per_rank(free: Free, device: Device, settings: Settings) -> Free:
+    """What one data-parallel rank may use: each holds the whole base (docs/design.md 4.18).
+    CPU ranks share the host's memory; GPU ranks have one GPU each, alike (the first seen)."""
+    ranks = settings.gpus_per_job
+    if ranks == 1:
+        return free
+    each = f"LORAFORGE_GPUS_PER_JOB={ranks}, each rank holding the whole base"
+    if device == "cuda":
+        return Free(free.bytes, f"{free.limited_by} of one GPU ({each})")
+    return Free(free.bytes // ranks, f"{free.limited_by} shared by CPU ranks ({each})")
 
 
 def _where(message: str, free: Free) -> str:

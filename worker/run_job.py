@@ -13,7 +13,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy.exc import OperationalError
 
@@ -34,6 +34,8 @@ from worker.best_checkpoint import use_best_checkpoint
 from worker.job_inputs import JobInputs
 from worker.progress import Progress, metrics_csv
 from worker.training.data import Example, encode_dataset, read_jsonl  # torch-free
+from worker.training.distributed import RankLost  # torch-free too
+from worker.training.packing import count_steps  # torch-free too
 
 logger = logging.getLogger(__name__)
 WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
@@ -109,6 +111,9 @@ def _run(claim: Claim, settings: Settings, store: ArtifactStore, progress: Progr
     except JobInputError as exc:
         end(settings, claim, JobStatus.FAILED, exc.error)
         return RunOutcome.FAILED
+    except RankLost as lost:  # like a dead worker: the job is retried from its last checkpoint
+        logger.warning("job %s: %s; the sweep re-queues it", claim.job_id, lost)
+        return RunOutcome.WORKER_LOST
     except OperationalError:  # the database went away: not the job's fault, so no `failed`
         logger.warning(
             "job %s lost its database; the sweep re-queues it", claim.job_id, exc_info=True
@@ -142,7 +147,6 @@ def _train_and_publish_from(
 ) -> None:
     from app.ml.loading import load_tokenizer
     from worker.training.loop import train_lora
-    from worker.training.packing import count_steps
 
     inputs = job_inputs.read_inputs(claim, settings, store, inputs_dir)
     planned, shape = job_memory.plan_job(
@@ -159,11 +163,12 @@ def _train_and_publish_from(
     job_inputs.check_examples(hp, len(train), len(valid), WorkLimits.of(settings))
     total_steps = count_steps(len(train), hp)
     progress.announce_checkpoints(total_steps, hp.n_checkpoints)
-    resume_from = job_inputs.resume_point(inputs, progress)
+    start = _start_from(inputs, job_inputs.resume_point(inputs, progress))
     oom = job_memory.out_of_memory_fails_the_job(
         shape, hp, settings=settings, steps=lambda: progress.steps_done
     )
-    with oom, store.temp_dir(owner=claim.job_id) as out:
+    ranks = _data_parallel(settings, inputs, model, hp, train, token_ids, start, progress)
+    with oom, store.temp_dir(owner=claim.job_id) as out, ranks as this_rank:
         progress.start(inputs.spec, hp, total_steps)
         result = train_lora(
             model=model,
@@ -178,9 +183,9 @@ def _train_and_publish_from(
             on_checkpoint=progress.on_checkpoint,
             on_micro_batch=progress.on_micro_batch,
             should_pause=progress.should_pause,
-            init_adapter=inputs.parent_adapter if resume_from is None else None,
-            resume_from=resume_from,
             scratch_dir=store.scratch_root(claim.job_id),
+            ranks=this_rank,
+            **start,
         )
         if result.early_stop is not None:  # the model is the best step's, not the last's
             result.sha256 = use_best_checkpoint(
@@ -246,6 +251,53 @@ def _register(
         raise
 
 
+class StartFrom(TypedDict):
+    init_adapter: Path | None
+    resume_from: Path | None
+
+
+def _start_from(inputs: JobInputs, resume_from: Path | None) -> StartFrom:
+    """`train_lora`'s start: the verified checkpoint to resume from, else the adapter the
+    job continues (if any)."""
+    init_adapter = inputs.parent_adapter if resume_from is None else None
+    return {"init_adapter": init_adapter, "resume_from": resume_from}
+
+
+def _data_parallel(
+    settings: Settings,
+    inputs: JobInputs,
+    model: Any,
+    hp: SupervisedHyperparameters,
+    train: list[Example],
+    token_ids: tuple[int, ...],
+    start: StartFrom,
+    progress: Progress,
+) -> Any:
+    """The job's ranks (a context manager): this process alone, or rank 0 of
+    LORAFORGE_GPUS_PER_JOB data-parallel ranks (worker/training/distributed.py)."""
+    from worker.training.distributed import data_parallel, peer_job
+
+    world = settings.gpus_per_job
+    if world == 1:
+        return data_parallel(None, None)
+    job = peer_job(
+        world=world,
+        base_model_ref=inputs.base_model_ref,
+        quantization=hp.quantization,
+        model=model,
+        hyperparameters=hp,
+        examples=train,
+        trainable_token_ids=token_ids,
+        **start,
+    )
+    progress.event(
+        f"Training data-parallel on {world} ranks ({job.kind}): the same global batch and "
+        "example order as on one device",
+        data={"ranks": world, "device": job.device},
+    )
+    return data_parallel(job, inputs.scratch)
+
+
 def _hyperparameters_to_run(
     spec: RunSpec, hp: SupervisedHyperparameters, model: Any, progress: Progress
 ) -> SupervisedHyperparameters:
@@ -273,7 +325,7 @@ def _encode(
     progress: Progress,
 ) -> tuple[list[Example], list[Example]]:
     """Tokenize both files; report the dataset statistics and any truncation."""
-    from worker.training.packing import count_steps, epoch_steps, row_length
+    from worker.training.packing import epoch_steps, row_length
 
     def encode(path: Path, param: str) -> list[Example]:
         records = read_jsonl(path)

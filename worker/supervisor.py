@@ -14,11 +14,9 @@ sweep re-sends.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from multiprocessing import Pipe
@@ -32,11 +30,11 @@ from app.jobs import workers
 from app.jobs.runs import Claim
 from app.observability.metrics import RunWatch
 from app.statuses import JobStatus, RunOutcome
+from worker.lifeline import die_with
 from worker.run_job import WORKER_NAME, end, execute, remove_scratch
 
 logger = logging.getLogger(__name__)
 POLL_SECONDS = 1.0  # the lease heartbeat and cancel check of a running child (at most)
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def wake(job_id: str, *, settings: Settings | None = None) -> list[str]:
@@ -111,7 +109,7 @@ class _Child:
             code = 1
             try:
                 receive.close()
-                _die_with(parent)
+                die_with(parent)  # a killed worker must not leave a job computing
                 send.send(execute(claim, settings))
                 code = 0
             except BaseException:
@@ -148,14 +146,6 @@ class _Child:
             return None
         finally:
             self.receive.close()
-
-
-def _die_with(parent: int) -> None:
-    """Never outlive the supervisor: a killed worker must not leave a job computing."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # it died before prctl took effect
-        os._exit(1)
 
 
 def _supervise(

@@ -7,19 +7,15 @@ from __future__ import annotations
 import csv
 import io
 import zipfile
-from datetime import timedelta
 
 import pytest
-from safetensors.torch import load_file
 
-from app.db.base import utcnow
-from app.db.models import Adapter, Checkpoint, File, Job, JobEvent
+from app.db.models import Adapter, Checkpoint, File, Job
 from app.db.session import session_scope
 from app.errors import InvalidRequest
-from app.ml.adapters import ADAPTER_WEIGHTS
 from app.storage import LocalStore
 from tests.conftest import make_settings
-from tests.factories import api_client, load, submit
+from tests.factories import api_client, expire_lease, load, messages, submit, weights
 from worker import run_job as run_job_module
 from worker.run_job import run_job
 
@@ -39,20 +35,6 @@ def die_at(monkeypatch, step: int) -> None:
         real(self, report)
 
     monkeypatch.setattr(run_job_module.Progress, "on_step", on_step)
-
-
-def expire_lease(settings, job_id: str) -> None:
-    with session_scope(settings.sqlalchemy_url) as session:
-        session.get(Job, job_id).lease_expires_at = utcnow() - timedelta(seconds=1)
-
-
-def weights(settings, job_id: str) -> dict:
-    [adapter] = load(settings, Adapter, job_id=job_id)
-    return load_file(LocalStore(settings.artifacts_dir).path(adapter.storage_key) / ADAPTER_WEIGHTS)
-
-
-def messages(settings, job_id: str) -> list[JobEvent]:
-    return load(settings, JobEvent, job_id=job_id)
 
 
 def test_a_job_whose_worker_died_resumes_exactly_from_its_checkpoint(settings, monkeypatch):

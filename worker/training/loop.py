@@ -40,8 +40,9 @@ from app.ml.adapters import save_adapter
 from app.statuses import RunOutcome
 from worker.training.checkpoint import TrainerState, save_checkpoint
 from worker.training.data import IGNORE_INDEX, Example
+from worker.training.distributed import Ranks
 from worker.training.evaluation import EarlyStop, Verdict, early_stop, evaluation_steps, judge
-from worker.training.packing import Sequence, Step, build_sequences, collate, steps
+from worker.training.packing import Step, build_sequences, collate, steps
 from worker.training.setup import Run, start_run
 
 MAX_GRAD_NORM = 1.0  # gradient clipping, as transformers' Trainer does by default
@@ -113,13 +114,14 @@ def train_lora(
     init_adapter: Path | None = None,
     resume_from: Path | None = None,
     scratch_dir: Path | None = None,
+    ranks: Ranks | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on `model` (a frozen base) and save it to `out_dir`.
 
     eval_every_steps: the loss on one validation batch every N steps (0: never);
     checkpoint_every_steps: a checkpoint every N steps too (0: only the scheduled ones);
     should_pause: read after each `on_step`; True: checkpoint the step, raise
-    RunAborted(PAUSED); trainable_token_ids, init_adapter, resume_from: `setup.start_run`;
+    RunAborted(PAUSED); trainable_token_ids, init_adapter, resume_from, ranks: `start_run`;
     scratch_dir: where checkpoints are written before `on_checkpoint` publishes them
     (the job runner gives the job's own folder in the store; None: the system temp dir).
     """
@@ -135,19 +137,20 @@ def train_lora(
         checkpoint_every_steps=checkpoint_every_steps,
         init_adapter=init_adapter,
         resume_from=resume_from,
+        ranks=ranks,
     )
     state = run.state
     evaluate_at = evaluation_steps(run.total_steps, hp.n_evals, run.checkpoint_at)
     run.model.train()
     position = {"epoch": state.epoch, "next_batch": state.next_batch}  # a resumed one's too
-    for step in steps(train_examples, hp, max_len=run.max_len, **position):
+    for step in steps(train_examples, hp, max_len=run.max_len, **position, **run.ranks.share):
         report = _train_step(run, step, on_micro_batch)
         verdict = _evaluate(run, report, valid_examples, hp, evaluate_at, eval_every_steps)
         state.history.append(_history_row(report))
         on_step(report)  # may raise: training stops
         epoch_loss = _end_step(state, step)
         pausing = not verdict.stop and state.step < run.total_steps and should_pause()
-        if pausing or _checkpoint_due(run, verdict, hp):
+        if (pausing or _checkpoint_due(run, verdict, hp)) and run.ranks.writes:
             checkpoint = _Checkpoint(step.epoch, epoch_loss, report.full_valid_loss)
             _checkpoint(run, checkpoint, hp, on_checkpoint, scratch_dir)
         if pausing:
@@ -170,9 +173,9 @@ def _train_step(run: Run, step: Step, on_micro_batch: Callable[[], None]) -> Ste
     import torch
 
     started = time.perf_counter()
-    rows = [row for micro in step.micro_batches for row in micro]
-    n_labels = sum(_label_count(row) for row in rows)
-    loss_sum, real_tokens = 0.0, 0
+    run.ranks.begin_step(run.state.step)
+    n_labels = step.label_count  # of the whole step, whatever share this rank trains
+    loss_sum = 0.0
     for micro in step.micro_batches:
         on_micro_batch()  # may raise: a cancel must not wait for the whole step
         batch = collate(micro, run.pad_id, run.device)
@@ -186,7 +189,7 @@ def _train_step(run: Run, step: Step, on_micro_batch: Callable[[], None]) -> Ste
         del logits
         (micro_loss / max(n_labels, 1)).backward()
         loss_sum += micro_loss.item()
-        real_tokens += batch["real_tokens"]
+    loss_sum = run.ranks.reduce(run.params, loss_sum)  # alone: as it is
     lr = run.scheduler.get_last_lr()[0]
     torch.nn.utils.clip_grad_norm_(run.params, MAX_GRAD_NORM)
     run.optimizer.step()
@@ -195,8 +198,8 @@ def _train_step(run: Run, step: Step, on_micro_batch: Callable[[], None]) -> Ste
 
     state = run.state
     state.step += 1
-    state.next_batch += len(step.micro_batches)
-    state.trained_tokens += real_tokens
+    state.next_batch += step.batch_count
+    state.trained_tokens += step.token_count
     state.epoch_loss_sum += loss_sum
     state.epoch_label_count += n_labels
     return StepReport(
@@ -206,8 +209,8 @@ def _train_step(run: Run, step: Step, on_micro_batch: Callable[[], None]) -> Ste
         train_loss=loss_sum / max(n_labels, 1),
         learning_rate=lr,
         trained_tokens=state.trained_tokens,
-        tokens_per_second=real_tokens / max(time.perf_counter() - started, 1e-9),
-        example_ids=tuple(e for row in rows for e in row.example_ids),
+        tokens_per_second=step.token_count / max(time.perf_counter() - started, 1e-9),
+        example_ids=step.example_ids,
     )
 
 
@@ -232,7 +235,7 @@ def _save(run: Run, out_dir: Path, stopped: EarlyStop | None = None) -> TrainRes
         trained_tokens=run.state.trained_tokens,
         train_loss=run.state.last_epoch_loss,
         valid_loss=valid_loss,
-        sha256=save_adapter(run.model, out_dir),
+        sha256=save_adapter(run.model, out_dir) if run.ranks.writes else "",
         history=run.state.history,
         early_stop=stopped,
     )
@@ -305,11 +308,6 @@ def _valid_batch_loss(
     start = (run.state.step // every - 1) % n_batches * hp.batch_size
     batch = examples[start : start + hp.batch_size]
     return mean_loss(run.model, batch, batch_size=hp.batch_size, pad_token_id=run.pad_id)
-
-
-def _label_count(row: Sequence) -> int:
-    """Label tokens the shifted loss uses (the first position is never a target)."""
-    return sum(1 for label in row.labels[1:] if label != IGNORE_INDEX)
 
 
 def _history_row(report: StepReport) -> dict[str, Any]:

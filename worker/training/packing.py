@@ -32,7 +32,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from app.jobs.spec import SupervisedHyperparameters
@@ -51,11 +51,18 @@ class Sequence:
 
 @dataclass
 class Step:
-    """One optimizer step's training data: the rows of each of its micro-batches."""
+    """One optimizer step's training data: the rows of each of its micro-batches.
+
+    Under data parallelism (`distributed.py`) the micro-batches are this rank's share; the
+    other fields always describe the whole step, on every rank."""
 
     epoch: int  # 1-based
     micro_batches: list[list[Sequence]]
     ends_epoch: bool
+    batch_count: int  # micro-batches of the step: how far it moves the data position
+    example_ids: tuple[int, ...]  # the step's examples, in epoch order
+    label_count: int  # label tokens of the step: its loss is their mean
+    token_count: int  # tokens of the step (no padding)
 
 
 def epoch_order(n: int, *, seed: int, epoch: int) -> list[int]:
@@ -79,15 +86,19 @@ def steps(
     max_len: int | None,
     epoch: int = 1,
     next_batch: int = 0,
+    rank: int = 0,
+    world: int = 1,
 ) -> Iterator[Step]:
     """Every optimizer step from micro-batch `next_batch` of `epoch` to the end of training.
 
     The rows are built a step at a time: packing (when on) puts each micro-batch's examples
     in as few rows of up to `max_len` tokens as fit (`row_length`), so a step trains on
-    exactly the examples it would unpacked — same loss, less padding."""
+    exactly the examples it would unpacked — same loss, less padding.
+    rank, world: train only this rank's share of each step (`rank_share`)."""
     for current in range(epoch, hp.n_epochs + 1):
         start = next_batch if current == epoch else 0
-        yield from epoch_steps(examples, hp, max_len=max_len, epoch=current, start=start)
+        for step in epoch_steps(examples, hp, max_len=max_len, epoch=current, start=start):
+            yield step if world == 1 else rank_share(step, examples, hp, max_len, rank, world)
 
 
 def epoch_steps(
@@ -104,6 +115,7 @@ def epoch_steps(
     accumulate = hp.accumulation
     for first in range(start, len(batches), accumulate):
         group = batches[first : first + accumulate]
+        chosen = [i for indices in group for i in indices]
         yield Step(
             epoch=epoch,
             micro_batches=[
@@ -111,7 +123,37 @@ def epoch_steps(
                 for indices in group
             ],
             ends_epoch=first + len(group) >= len(batches),
+            batch_count=len(group),
+            example_ids=tuple(chosen),
+            label_count=sum(labels_used(examples[i].labels) for i in chosen),
+            token_count=sum(len(examples[i].input_ids) for i in chosen),
         )
+
+
+def rank_share(
+    step: Step,
+    examples: list[Example],
+    hp: SupervisedHyperparameters,
+    max_len: int | None,
+    rank: int,
+    world: int,
+) -> Step:
+    """Rank `rank`'s part of `step`: every `world`-th of its examples, in micro-batches of
+    at most `batch_size`. The ranks together train exactly the step's examples, each at
+    most a single process's micro-batch at a time; a rank may get none (it idles)."""
+    mine = list(step.example_ids[rank::world])
+    groups = [mine[i : i + hp.batch_size] for i in range(0, len(mine), hp.batch_size)]
+    micro_batches = [
+        build_sequences(examples, packing=hp.packing, max_len=max_len, indices=group)
+        for group in groups
+    ]
+    return replace(step, micro_batches=micro_batches)
+
+
+def labels_used(labels: list[int]) -> int:
+    """Label tokens the shifted loss uses (the first position is never a target; packed
+    examples keep that, `_row`), so a step's count is its examples' sum."""
+    return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
 
 
 def enable_packing(model: Any) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 
 from app.jobs.spec import SupervisedHyperparameters
 from worker.training.checkpoint import TrainerState, checkpoint_steps, load_checkpoint
+from worker.training.distributed import Ranks
 from worker.training.packing import count_steps, row_length
 
 
@@ -32,6 +33,7 @@ class Run:
     max_len: int | None  # the longest packed row (`packing.row_length`)
     device: Any
     pad_id: int
+    ranks: Ranks  # this process's rank of a data-parallel run (alone: rank 0 of 1)
 
 
 def start_run(
@@ -44,13 +46,15 @@ def start_run(
     checkpoint_every_steps: int,
     init_adapter: Path | None,
     resume_from: Path | None,
+    ranks: Ranks | None = None,
 ) -> Run:
     """Wrap `model` in trainable LoRA layers and build the optimizer and schedule.
 
     trainable_token_ids: tokens whose input-embedding and output rows train too (PEFT's
     trainable tokens). init_adapter: a PEFT adapter to continue training (its LoRA shape is
     kept). resume_from: a verified checkpoint of this same run: weights, optimizer,
-    scheduler, RNG and data position are restored from it.
+    scheduler, RNG and data position are restored from it. ranks: this process's rank of a
+    data-parallel run (`distributed.py`; None: training alone).
     """
     import torch
 
@@ -84,6 +88,7 @@ def start_run(
         max_len=max_len,
         device=device,
         pad_id=pad_id,
+        ranks=ranks or Ranks(),
     )
 
 
