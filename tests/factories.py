@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from app import tenancy
 from app.config import Settings, get_settings
 from app.db.base import utcnow
-from app.db.models import Adapter, File, Job, JobEvent, Organization
+from app.db.models import Adapter, Checkpoint, File, Job, JobEvent, Organization
 from app.db.session import session_scope
 from app.files import service as files
 from app.ids import new_id
@@ -237,6 +237,31 @@ def publish_adapter(
         )
         job.fine_tuned_model = adapter_id
     return adapter_id
+
+
+def publish_checkpoint(settings, model_dir, adapter_id: str, *, step: int, seed: int) -> str:
+    """Store and record a checkpoint of the adapter's job the way the worker does; its id."""
+    store = open_store(settings)
+    with session_scope(settings.sqlalchemy_url) as session:
+        adapter = session.get_one(Adapter, adapter_id)
+        key = f"checkpoints/{adapter.job_id}/step-{step}"
+        with store.temp_dir() as tmp:
+            sha = save_adapter(random_lora(model_dir, seed=seed), tmp)
+            store.publish_dir(tmp, key)
+        name = registry.checkpoint_name(adapter_id, step)
+        session.add(
+            Checkpoint(
+                id=new_id("ftckpt"),
+                job_id=adapter.job_id,
+                organization_id=adapter.organization_id,
+                step_number=step,
+                fine_tuned_model_checkpoint=name,
+                metrics={"step": step},
+                storage_key=key,
+                sha256=sha,
+            )
+        )
+    return name
 
 
 def commit_fails(_session: Session) -> None:

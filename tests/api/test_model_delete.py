@@ -15,36 +15,14 @@ from sqlalchemy import select  # noqa: E402
 
 from app.db.models import Adapter, Checkpoint, Job  # noqa: E402
 from app.db.session import session_scope  # noqa: E402
-from app.ids import new_id  # noqa: E402
-from app.ml.adapters import save_adapter  # noqa: E402
 from app.registry import service as registry  # noqa: E402
-from app.storage import LocalStore, open_store  # noqa: E402
-from tests.factories import commit_fails, complete, publish_adapter, random_lora  # noqa: E402
-
-
-def publish_checkpoint(settings, model_dir, adapter_id: str, *, step: int, seed: int) -> str:
-    """Store and record a checkpoint of the adapter's job the way the worker does; its id."""
-    store = open_store(settings)
-    with session_scope(settings.sqlalchemy_url) as session:
-        adapter = session.get_one(Adapter, adapter_id)
-        key = f"checkpoints/{adapter.job_id}/step-{step}"
-        with store.temp_dir() as tmp:
-            sha = save_adapter(random_lora(model_dir, seed=seed), tmp)
-            store.publish_dir(tmp, key)
-        name = registry.checkpoint_name(adapter_id, step)
-        session.add(
-            Checkpoint(
-                id=new_id("ftckpt"),
-                job_id=adapter.job_id,
-                organization_id=adapter.organization_id,
-                step_number=step,
-                fine_tuned_model_checkpoint=name,
-                metrics={"step": step},
-                storage_key=key,
-                sha256=sha,
-            )
-        )
-    return name
+from app.storage import LocalStore  # noqa: E402
+from tests.factories import (  # noqa: E402
+    commit_fails,
+    complete,
+    publish_adapter,
+    publish_checkpoint,
+)
 
 
 @pytest.fixture

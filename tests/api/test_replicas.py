@@ -18,9 +18,8 @@ from app.db.session import session_scope  # noqa: E402
 from app.inference.registry_watch import drop_gone_adapters  # noqa: E402
 from app.registry import service as registry  # noqa: E402
 from tests.api.conftest import api_key  # noqa: E402
-from tests.api.test_model_delete import publish_checkpoint  # noqa: E402
 from tests.conftest import make_settings  # noqa: E402
-from tests.factories import api_app, complete, publish_adapter  # noqa: E402
+from tests.factories import api_app, complete, publish_adapter, publish_checkpoint  # noqa: E402
 
 pytestmark = [pytest.mark.postgres, pytest.mark.usefixtures("one_torch_thread")]
 
