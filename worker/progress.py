@@ -25,6 +25,7 @@ from typing import Any
 from app.config import Settings
 from app.db.base import utcnow
 from app.db.session import read_session_scope, session_scope
+from app.jobs import publishing
 from app.jobs import runs as job_runs
 from app.jobs.runs import Claim
 from app.jobs.service import add_event
@@ -203,7 +204,7 @@ class Progress:
             job_runs.renew_lease(
                 session, claim=self.claim, lease_seconds=self.settings.lease_seconds
             )
-            pruned = job_runs.record_checkpoint(
+            pruned = publishing.record_checkpoint(
                 session,
                 claim=self.claim,
                 step=report.step,

@@ -21,6 +21,7 @@ from app.config import Settings, get_settings
 from app.db.session import session_scope
 from app.errors import JobInputError, RunAborted, public_message
 from app.files import service as files
+from app.jobs import publishing
 from app.jobs import runs as job_runs
 from app.jobs.leftovers import remove_dead_attempts_leftovers, remove_scratch_of_ended_jobs
 from app.jobs.limits import WorkLimits
@@ -233,7 +234,7 @@ def _register(
                 store=store,
             )
             result_key = csv_row.storage_key
-            job_runs.complete_job(
+            publishing.complete_job(
                 session,
                 claim=claim,
                 storage_key=adapter_key,

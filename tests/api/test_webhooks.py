@@ -18,6 +18,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from app.db.base import utcnow
 from app.db.models import Job, Organization, WebhookDelivery
 from app.db.session import session_scope
+from app.jobs import publishing
 from app.jobs import runs as job_runs
 from app.jobs import service as jobs
 from app.statuses import DeliveryStatus, JobStatus
@@ -204,7 +205,7 @@ def test_every_terminal_transition_writes_its_event(client, private_ok, woken, m
                 session, job_id=job_id, worker="w", lease_seconds=60, max_attempts=1
             )
     with session_scope(url) as session:
-        job_runs.complete_job(
+        publishing.complete_job(
             session, claim=claims["succeeded"], storage_key="adapters/x", sha256="a" * 64,
             size_bytes=1, trained_tokens=1,
         )  # fmt: skip

@@ -35,6 +35,7 @@ from app.db.models import Adapter, Checkpoint, Job, Organization
 from app.db.session import session_scope
 from app.errors import InvalidState
 from app.ids import new_id
+from app.jobs import publishing
 from app.jobs import runs as job_runs
 from app.jobs import service as jobs
 
@@ -161,7 +162,7 @@ class JobRepository(RuleBasedStateMachine):
         def write(session):
             # what Progress.on_epoch does: renew (the fence), then record, one transaction
             job_runs.renew_lease(session, claim=claim, lease_seconds=600)
-            job_runs.record_checkpoint(
+            publishing.record_checkpoint(
                 session,
                 claim=claim,
                 step=step,
@@ -177,7 +178,7 @@ class JobRepository(RuleBasedStateMachine):
         """record_checkpoint fences by itself: a stale writer's row must never land."""
         self._owned_write(
             claim,
-            lambda s: job_runs.record_checkpoint(
+            lambda s: publishing.record_checkpoint(
                 s,
                 claim=claim,
                 step=step,
@@ -192,7 +193,7 @@ class JobRepository(RuleBasedStateMachine):
         sha = hashlib.sha256(f"{claim}".encode()).hexdigest()
         self._owned_write(
             claim,
-            lambda s: job_runs.complete_job(
+            lambda s: publishing.complete_job(
                 s,
                 claim=claim,
                 storage_key=f"adapters/{claim.job_id}",
@@ -331,7 +332,7 @@ def complete_in_threads(url: str, claims: list[job_runs.Claim]) -> list[str]:
         barrier.wait()
         try:
             with session_scope(url) as session:
-                job_runs.complete_job(
+                publishing.complete_job(
                     session,
                     claim=claim,
                     storage_key=f"adapters/{claim.job_id}",

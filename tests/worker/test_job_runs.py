@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from app.db.models import Job
 from app.db.session import session_scope
+from app.jobs import publishing
 from app.jobs import runs as job_runs
 from tests.factories import submit
 
@@ -106,7 +107,7 @@ def test_the_sweep_removes_what_a_dead_attempt_left_but_keeps_recorded_checkpoin
         (folder / name).mkdir(parents=True)
         (folder / name / "adapter_model.safetensors").write_bytes(b"half")
     with session_scope(settings.sqlalchemy_url) as session:
-        job_runs.record_checkpoint(
+        publishing.record_checkpoint(
             session,
             claim=held,
             step=2,

@@ -11,6 +11,7 @@ from app import tenancy
 from app.db.base import utcnow
 from app.db.models import Adapter, Checkpoint, File, Job, JobEvent
 from app.db.session import session_scope
+from app.jobs import publishing
 from app.jobs import runs as job_runs
 from app.jobs import service as jobs
 from app.ml.adapters import ADAPTER_WEIGHTS
@@ -188,7 +189,7 @@ def test_a_live_lease_fences_out_a_second_worker_and_an_expired_one_is_taken_ove
         job_runs.renew_lease(session, claim=stale, lease_seconds=60)
     assert aborted.value.reason == "lease_lost"
     with session_scope(settings.sqlalchemy_url) as session, pytest.raises(job_runs.RunAborted):
-        job_runs.complete_job(
+        publishing.complete_job(
             session, claim=stale, storage_key="x", sha256="0" * 64, size_bytes=1, trained_tokens=1
         )
     assert len(load(settings, Adapter, job_id=job_id)) == 1
