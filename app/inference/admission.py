@@ -5,18 +5,19 @@ that order, joins if the cache it can reach fits (`kv.peak_cells`, beside the ru
 and those planned before it), by three rules:
 
 - An organization's share: while more than one organization has requests running or
-  waiting on this scheduler, one may project at most `org_share` of the whole budget with
-  its own rows (its first row excepted, so a request that fits the budget always can run).
-  An organization alone may use it all. A request past its organization's share waits for
-  that organization's rows to end; it holds up no one else.
+  waiting on this scheduler, one may project at most `LORAFORGE_KV_CACHE_ORG_SHARE` of the
+  whole budget (`KvBudget.share_cap`) with its own rows (its first row excepted, so a
+  request that fits the budget always can run). An organization alone may use it all. A
+  request past its organization's share waits for that organization's rows to end; it
+  holds up no one else.
 - Skip, do not block: a request within its share that does not fit the free cache is passed
   over, and later requests that fit join.
 - No starvation: once a request has been passed over `MAX_PASSES` times (admission rounds
   in which a request after it joined), it reserves: nothing after it joins until it fits.
   Running rows only end (nothing new joins past it), so it fits once enough have ended.
 
-`plan` is pure (no torch, no threads); `start` prefills what it planned (the scheduler's
-forward) and joins the rows to their slabs.
+`plan` needs no torch and no threads (it only counts passes on the requests); `start`
+prefills what it planned (the scheduler's forward) and joins the rows to their slabs.
 """
 
 from __future__ import annotations
