@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     # Of the memory free once a base model has loaded (CUDA: the device's; CPU: available
     # RAM), what its KV cache may hold; requests past it wait (app/inference/kv_budget.py).
     kv_cache_fraction: float = Field(default=0.5, gt=0, le=1)
+    # of that budget, what one organization may hold while another has requests waiting or
+    # running on the same base model (alone, it may use it all)
+    kv_cache_org_share: float = Field(default=0.5, gt=0, le=1)
     inference_enabled: bool = True  # serve completions from this API process
     # How often an inference process re-reads the registry rows of the adapters it holds
     # (loaded, loading or waiting): one deleted or pruned elsewhere is dropped within this.

@@ -132,6 +132,7 @@ def engine_for(app: FastAPI, settings: Settings) -> InferenceEngine:
                 batch_share_per_owner=settings.inference_batch_share_per_org,
                 scheduler_nice=settings.inference_thread_nice,
                 kv_cache_fraction=settings.kv_cache_fraction,
+                kv_cache_org_share=settings.kv_cache_org_share,
             )
             preload_adapters(engine, settings)
             app.state.engine = engine

@@ -73,14 +73,16 @@ class InferenceEngine:
         batch_share_per_owner: float = 1.0,
         scheduler_nice: int = 0,
         kv_cache_fraction: float = 0.5,
+        kv_cache_org_share: float = 1.0,
         kv_group_by_length: bool = True,
     ) -> None:
         """`quantized`: {base name: "nf4" | "int8"} for the bases served quantized.
         `max_requests_per_owner`: running + waiting requests of one organization (429
         past it; 0: no limit). `batch_share_per_owner`: the fraction of a batch's rows one
         organization may hold (`fairness.py`). `scheduler_nice`: the OS niceness of the
-        scheduler threads (`scheduler.run_nicer`). `kv_cache_fraction`: of the memory free
-        once a base has loaded, what its KV cache may use (`kv_budget.py`).
+        scheduler threads (`niceness.run_nicer`). `kv_cache_fraction`: of the memory free
+        once a base has loaded, what its KV cache may use (`kv_budget.py`); `kv_cache_org_share`:
+        of that, what one organization may hold while another has requests (`admission.py`).
         `kv_group_by_length=False`: one KV slab per batch (`padding.py`; for benchmarks)."""
         if max_loaded_adapters < 1:
             raise ValueError("max_loaded_adapters must be at least 1")
@@ -97,7 +99,7 @@ class InferenceEngine:
         self._deleted = DeletedAdapters()  # the one record, shared with every base's pool
         self._per_owner, self._batch_share = max_requests_per_owner, batch_share_per_owner
         self._nice = scheduler_nice
-        self._kv_fraction, self._kv_group_by_length = kv_cache_fraction, kv_group_by_length
+        self._kv = kv_cache_fraction, kv_cache_org_share, kv_group_by_length
         self._admitted: dict[str, set[object]] = {}  # owner -> its unfinished requests
         self._lock = threading.Lock()  # guards _context and _admitted
         self._fallbacks = Fallbacks(
@@ -293,8 +295,9 @@ class InferenceEngine:
                     batch_share=self._batch_share,
                     deleted=self._deleted,
                     nice=self._nice,
-                    kv_fraction=self._kv_fraction,
-                    group_by_length=self._kv_group_by_length,
+                    kv_fraction=self._kv[0],
+                    kv_org_share=self._kv[1],
+                    group_by_length=self._kv[2],
                 )
                 base.shapes = linear_shapes(model)
         return base

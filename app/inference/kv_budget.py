@@ -11,12 +11,16 @@ spare columns included (`kv.peak_cells`), so a running row never runs out of cac
 nothing is preempted. A request that does not fit waits in the queue; one that could not fit
 even alone is refused up front. The base's scheduler and its PEFT-fallback schedulers share
 one budget (they share the weights and the device), each holding what it projects.
+
+`LORAFORGE_KV_CACHE_ORG_SHARE` of the budget is the most one organization's rows may project
+while another organization also has requests on the scheduler (`share_cap`, `admission.py`).
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Hashable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -55,25 +59,36 @@ def free_bytes(device: Any) -> int:
 class KvBudget:
     """Cache cells one base model's schedulers may hold together; thread-safe."""
 
-    def __init__(self, *, cells: int, bytes_per_token: int, fraction: float) -> None:
+    def __init__(
+        self, *, cells: int, bytes_per_token: int, fraction: float, org_share: float = 1.0
+    ) -> None:
+        if not 0 < org_share <= 1:
+            raise ValueError("an organization's share of the KV cache must be in (0, 1]")
         self.cells, self.bytes_per_token, self.fraction = cells, bytes_per_token, fraction
+        self.org_share = org_share
         self._held: dict[int, int] = {}  # id(holder) -> the cells it projects at most
         self._lock = threading.Lock()
 
     @classmethod
-    def measure(cls, model: Any, fraction: float) -> KvBudget:
-        """`fraction` of what is free now (call once the base's weights are loaded)."""
+    def measure(cls, model: Any, fraction: float, org_share: float = 1.0) -> KvBudget:
+        """`fraction` of what is free now (call once the base's weights are loaded), of which
+        one organization may hold `org_share` while others have requests too."""
         if not 0 < fraction <= 1:
             raise ValueError("the KV cache fraction must be in (0, 1]")
         per_token = bytes_per_token(model)
         free = free_bytes(next(model.parameters()).device)
         cells = int(free * fraction) // per_token
-        return cls(cells=cells, bytes_per_token=per_token, fraction=fraction)
+        return cls(cells=cells, bytes_per_token=per_token, fraction=fraction, org_share=org_share)
 
     def room_for(self, holder: object) -> int:
         """Cells `holder` may project in all: the budget less what the others hold."""
         with self._lock:
             return self.cells - sum(v for k, v in self._held.items() if k != id(holder))
+
+    def share_cap(self, owners: Iterable[Hashable]) -> int | None:
+        """Cells one organization's rows may project while `owners` have requests on a
+        scheduler: its share when there is more than one, else None (it may use it all)."""
+        return int(self.cells * self.org_share) if len(set(owners)) > 1 else None
 
     def hold(self, holder: object, cells: int) -> None:
         with self._lock:
@@ -104,4 +119,5 @@ class KvBudget:
             "budget_bytes": self.cells * self.bytes_per_token,
             "bytes_per_token": self.bytes_per_token,
             "fraction": self.fraction,
+            "org_share": self.org_share,
         }

@@ -9,6 +9,14 @@ together, so a row's padding never grows, and trimming (the longest row leaving)
 padding and width alike: the bound holds for the slab's whole life. Rows of close lengths
 still share one forward; the price of the bound is one more forward per extra slab.
 
+Except a short-lived row: one that decodes at most `SHORT_ROW_STEPS` steps (a 5-token
+completion beside long streams) joins the slab it adds the fewest cells to even past the
+bound. In a slab of its own it would cost every decode step of the batch, its own included,
+one more forward for its whole life; joined, its padding (or the others', where it is the
+longest: trimmed when it leaves) lasts those few steps, and the KV budget counts it
+(`kv.peak_cells`). So a short request beside a busy batch waits for the batch's forwards,
+not for one more.
+
 Pure: no torch, so the scheduler and the benchmarks plan with it.
 """
 
@@ -18,6 +26,7 @@ from collections.abc import Sequence
 
 PAD_FREE_COLUMNS = 64  # short rows share a slab whatever their ratio (a forward costs more)
 PAD_SHARE = 0.5  # past that, a row pads at most half its slab's width
+SHORT_ROW_STEPS = 16  # a row that decodes at most this many steps may join any slab
 
 
 def fits(lengths: Sequence[int], cached: int) -> bool:
@@ -27,18 +36,21 @@ def fits(lengths: Sequence[int], cached: int) -> bool:
     return width - shortest <= max(PAD_FREE_COLUMNS, PAD_SHARE * width)
 
 
-def choose_slab(slabs: Sequence[Sequence[int]], cached: int, *, by_length: bool) -> int | None:
+def choose_slab(
+    slabs: Sequence[Sequence[int]], cached: int, *, by_length: bool, steps: int | None = None
+) -> int | None:
     """The slab (index into `slabs`, each its rows' cached lengths) a new row joins: the one
-    it adds the fewest cells to among those it `fits`; None: a new slab. `by_length=False`
-    is the single-slab layout (every row in slab 0), kept for the benchmark's comparison."""
+    it adds the fewest cells to among those it `fits`, or among all when it decodes at most
+    `SHORT_ROW_STEPS` `steps`; None: a new slab. `by_length=False` is the single-slab layout
+    (every row in slab 0), kept for the benchmark's comparison."""
     if not by_length:
         return 0 if slabs else None
-    best, best_cost = None, 0
-    for index, lengths in enumerate(slabs):
-        if not fits(lengths, cached):
-            continue
-        width = max(lengths, default=0)
-        cost = (len(lengths) + 1) * max(width, cached) - len(lengths) * width
-        if best is None or cost < best_cost:
-            best, best_cost = index, cost
-    return best
+    fitting = [index for index, lengths in enumerate(slabs) if fits(lengths, cached)]
+    if not fitting and steps is not None and steps <= SHORT_ROW_STEPS:
+        fitting = list(range(len(slabs)))
+    return min(fitting, key=lambda index: _added_cells(slabs[index], cached), default=None)
+
+
+def _added_cells(lengths: Sequence[int], cached: int) -> int:
+    width = max(lengths, default=0)
+    return (len(lengths) + 1) * max(width, cached) - len(lengths) * width

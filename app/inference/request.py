@@ -38,6 +38,7 @@ class Request:
     cancelled: bool = False
     generation: Generation | None = None
     on_done: Callable[[], None] = lambda: None
+    passed_over: int = 0  # admission rounds that started later requests past it (admission.py)
     # time.monotonic() when it reached the engine and when its first token was generated:
     # the latency metrics (app/observability/metrics.py)
     submitted_at: float = field(default_factory=time.monotonic)

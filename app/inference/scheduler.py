@@ -16,29 +16,29 @@ Everything here runs on the scheduler thread, except `submit`, `preload`, `unloa
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Hashable
 from typing import Any
 
 import torch
 
 from app.errors import model_not_found
+from app.inference.admission import fair_order, plan, start
 from app.inference.deleted import DeletedAdapters
-from app.inference.fairness import OwnerCounters, choose_fairly, share_of
+from app.inference.fairness import OwnerCounters, share_of
 from app.inference.kv import BatchKV, forward_options
 from app.inference.kv_budget import KvBudget
 from app.inference.lora import LoraState, Plan, linear_shapes, token_shapes
 from app.inference.messages import Loaded, Message, Preload, Stop, Submit, Unload
+from app.inference.niceness import run_nicer
 from app.inference.pool import AdapterPool
 from app.inference.request import Request
-from app.inference.sampling import choose_tokens, make_generator, token_logprob
-from app.inference.slabs import CellCounts, Row, Slab, horizon, plan_admission, projected_peak
-from app.inference.text import TextTracker
-from app.inference.types import AdapterRef, Delta, Generation
+from app.inference.sampling import choose_tokens, token_logprob
+from app.inference.slabs import CellCounts, Row, Slab, cache_use, horizon, owners, projected_peak
+from app.inference.types import AdapterRef, Delta
 from app.observability import metrics
 
 logger = logging.getLogger(__name__)
@@ -64,21 +64,22 @@ class BaseScheduler:
         nice: int = 0,
         kv_budget: KvBudget | None = None,
         kv_fraction: float = 0.5,
+        kv_org_share: float = 1.0,
         group_by_length: bool = True,
         fallback_for: tuple[str, str] | None = None,
     ) -> None:
         """`deleted`: the engine's record of deleted adapters (a fresh one if not given).
         `nice`: the OS niceness of this scheduler's thread (`run_nicer`). `kv_budget`: one
-        shared with the base's other schedulers, else `kv_fraction` of the free memory.
+        shared with the base's other schedulers, else `kv_fraction` of the free memory, of
+        which one organization may hold `kv_org_share` while others have requests too.
         `group_by_length=False`: one KV slab for every row (the benchmark's old layout).
         `fallback_for`: (base model, adapter id) when this scheduler runs that one adapter
         on a PEFT view of the base (`fallback.py`): what its metrics are labelled with."""
         self.name, self.model, self.tokenizer, self.eos_ids = name, model, tokenizer, eos_ids
-        self.nice = nice
-        self._metric_base = fallback_for[0] if fallback_for else name
-        self._metric_adapter = fallback_for[1] if fallback_for else None
-        self.max_batch = max_batch
-        self.rows_per_owner = share_of(max_batch, batch_share)
+        self.nice, self.group_by_length = nice, group_by_length
+        base_and_adapter: tuple[str, str | None] = fallback_for or (name, None)
+        self._metric_base, self._metric_adapter = base_and_adapter
+        self.max_batch, self.rows_per_owner = max_batch, share_of(max_batch, batch_share)
         self._last_owner: Hashable = None  # admission resumes after the owner served last
         self.device = next(model.parameters()).device
         self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
@@ -97,16 +98,14 @@ class BaseScheduler:
         )
         config = getattr(model.config, "text_config", None) or model.config
         self.num_layers = config.num_hidden_layers
-        self.budget = kv_budget if kv_budget is not None else KvBudget.measure(model, kv_fraction)
-        self.group_by_length = group_by_length
+        self.budget = kv_budget or KvBudget.measure(model, kv_fraction, kv_org_share)
         self.waiting: deque[Request] = deque()
         self.slabs: list[Slab] = []
-        self._held_back: list[Request] = []  # chosen by fairness, waiting for KV cache
+        self._held_back: list[Request] = []  # their turn came, waiting for KV cache
         self._preloads: dict[str, list[threading.Event]] = {}  # id -> preload() callers
         self.counts = OwnerCounters()  # decode steps, mixed steps, peak batch: all, per owner
         self.forwards = 0  # decode forwards (one per slab per step)
-        # summed over decode steps: cells allocated (spare included), padded width, real
-        self.cells = CellCounts()
+        self.cells = CellCounts()  # per step, summed: cells allocated, padded width, real
         self._cache_arg, self._extra = forward_options(model)
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._thread.start()
@@ -146,10 +145,7 @@ class BaseScheduler:
         mine = [row for row in running if everyone or row.request.owner == owner]
         cache = {
             **self.budget.describe(),
-            "cached_tokens": sum(row.cached for row in mine),
-            "reserved_tokens": sum(
-                len(row.request.input_ids) + row.request.sampling.max_tokens for row in mine
-            ),
+            **cache_use(mine),
             "waiting_for_cache": sum(everyone or r.owner == owner for r in held_back),
         }
         if everyone:  # the whole engine's figures: never shown to a tenant
@@ -263,62 +259,25 @@ class BaseScheduler:
 
     # -- admission: prefill new requests, then join the batch --------------------------
     def _admit(self) -> None:
-        # Organizations take turns into the batch's room, none past its share (fairness.py).
-        rows = self.rows
-        chosen, last_owner = choose_fairly(
-            self._startable_by_owner(),
-            Counter(row.request.owner for row in rows),
-            room=self.max_batch - len(rows),
-            per_owner=self.rows_per_owner,
-            last_owner=self._last_owner,
-        )
-        # In that order, while the KV budget holds them; the first that does not fit keeps
-        # its turn (and those after it theirs) until rows end and free cache.
-        planned = plan_admission(
+        # Organizations take turns into the batch's room, none past its share of the rows
+        # or of the cache; what does not fit the free cache is passed over (admission.py).
+        rows, ready = self.rows, self._startable_by_owner()
+        planned = plan(
             self.slabs,
-            chosen,
+            fair_order(ready, rows, per_owner=self.rows_per_owner, last_owner=self._last_owner),
+            rows=self.max_batch - len(rows),
             room=self.budget.room_for(self),
+            cap=self.budget.share_cap([r.owner for r in self.waiting] + owners(rows)),
             by_length=self.group_by_length,
             new_slab=lambda: Slab(BatchKV(self.num_layers, self.device)),
         )
-        self._held_back = chosen[len(planned) :]
-        if not planned:
+        self._held_back = planned.held_back
+        if not planned.joins:
             return
-        self._last_owner = last_owner if not self._held_back else planned[-1][0].owner
-        slab_of = {id(request): slab for request, slab in planned}
-        for request, _ in planned:
+        self._last_owner = planned.joins[-1][0].owner
+        for request, _ in planned.joins:
             self.waiting.remove(request)
-        # Same-length prompts prefill together: one forward, no padding, so every row is
-        # computed exactly as it would be alone.
-        by_length: dict[int, list[Request]] = {}
-        for request, _ in planned:
-            by_length.setdefault(len(request.input_ids), []).append(request)
-        joining: dict[int, tuple[Slab, list[Row], list[tuple[Any, int]]]] = {}
-        for group in by_length.values():
-            try:
-                live, cache = self._prefill(group)
-            except Exception as exc:  # these requests only
-                logger.exception("prefill failed on %s", self.name)
-                for request in group:
-                    request.put(exc)
-                continue
-            for index, row in live:
-                slab = slab_of[id(row.request)]
-                _, joined, caches = joining.setdefault(id(slab), (slab, [], []))
-                joined.append(row)
-                caches.append((cache, index))
-        pending = list(joining.values())
-        for index, (slab, joined, caches) in enumerate(pending):
-            try:
-                slab.kv.join(caches, horizon(slab.rows + joined))
-            except Exception as exc:  # e.g. out of memory: these rows and those after never start
-                for _, never, _ in pending[index:]:
-                    for row in never:
-                        row.request.put(exc)
-                raise
-            slab.rows.extend(joined)
-            if slab not in self.slabs:
-                self.slabs.append(slab)
+        start(planned.joins, self.slabs, self._prefill, name=self.name)
         self._hold()
 
     def _hold(self) -> None:
@@ -346,16 +305,7 @@ class BaseScheduler:
         ids = torch.tensor([r.input_ids for r in group], dtype=torch.long, device=self.device)
         with torch.inference_mode():
             out = self.model(input_ids=ids, use_cache=True, **self._extra)
-        rows = [
-            Row(
-                request,
-                TextTracker(self.tokenizer, request.sampling.stop, self.eos_ids),
-                None
-                if request.sampling.greedy
-                else make_generator(request.sampling.seed, self.device),
-            )
-            for request in group
-        ]
+        rows = [Row.begin(r, self.tokenizer, self.eos_ids, self.device) for r in group]
         logits = out.logits[:, -1]
         tokens = choose_tokens(logits, [(row.request.sampling, row.generator) for row in rows])
         live = [
@@ -444,32 +394,4 @@ class BaseScheduler:
             first_token_at=request.first_token_at,
             fallback=self._metric_adapter is not None,
         )
-        request.put(
-            Generation(
-                row.tracker.text,
-                row.tracker.finish_reason or "length",
-                prompt,
-                row.produced,
-                row.logprobs if request.logprobs is not None else None,
-            )
-        )
-
-
-def run_nicer(nice: int) -> None:
-    """Lower the calling thread's OS priority by `nice` (Linux: niceness is per thread).
-
-    A batch that never empties keeps its scheduler thread busy; on a CPU-bound server it
-    would then take the core from the threads that answer `/health`, files and jobs, and that
-    admit other tenants' requests. At a higher niceness the OS runs those first whenever they
-    have work, and the batch takes the rest. On a GPU the thread mostly waits on the device,
-    and this costs nothing. Where the OS refuses (another platform), the thread runs as is.
-    """
-    if nice <= 0:
-        return
-    thread = threading.get_native_id()
-    try:  # niceness is absolute: add to what the process runs at (a CI under `nice`, say)
-        os.setpriority(
-            os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + nice)
-        )
-    except OSError as exc:
-        logger.info("could not lower the inference thread's priority: %s", exc)
+        request.put(row.generation())

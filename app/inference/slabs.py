@@ -1,24 +1,23 @@
-"""The running batch's rows and the KV slabs they decode in; admission against the budget.
+"""The running batch's rows and the KV slabs they decode in.
 
 A row is one running request; a slab is the rows that share one left-padded KV cache
 (`kv.BatchKV`) and one forward per decode step. Which slab a row joins is `padding.py`'s
-rule; whether it may join at all is the KV budget's (`kv_budget.py`): `plan_admission`
-takes requests in their fair order while the projected peak of every slab (`kv.peak_cells`)
-stays within the room the budget leaves this scheduler.
+rule; whether it may join at all is admission's (`admission.py`), against the projected
+peak of every slab (`kv.peak_cells`) and the room the KV budget leaves (`kv_budget.py`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.inference.kv import BatchKV, peak_cells
 from app.inference.lora import Plan
-from app.inference.padding import choose_slab
 from app.inference.request import Request
+from app.inference.sampling import make_generator
 from app.inference.text import TextTracker
-from app.inference.types import TokenLogprob
+from app.inference.types import Generation, TokenLogprob
 
 
 @dataclass(eq=False)
@@ -41,6 +40,20 @@ class Row:
         """Decode steps this row may still run (each caches one more token)."""
         return self.request.sampling.max_tokens - self.produced
 
+    @classmethod
+    def begin(cls, request: Request, tokenizer: Any, eos_ids: frozenset[int], device: Any) -> Row:
+        sampling = request.sampling
+        generator = None if sampling.greedy else make_generator(sampling.seed, device)
+        return cls(request, TextTracker(tokenizer, sampling.stop, eos_ids), generator)
+
+    def generation(self) -> Generation:
+        """The finished request's answer."""
+        logprobs = self.logprobs if self.request.logprobs is not None else None
+        reason = self.tracker.finish_reason or "length"
+        return Generation(
+            self.tracker.text, reason, len(self.request.input_ids), self.produced, logprobs
+        )
+
 
 @dataclass(eq=False)
 class Slab:
@@ -59,41 +72,23 @@ def horizon(rows: list[Row]) -> int:
     return max((row.left for row in rows), default=0)
 
 
+def cache_use(rows: list[Row]) -> dict[str, int]:
+    """Tokens `rows` cache now, and the most they may reach (prompt + max_tokens)."""
+    return {
+        "cached_tokens": sum(row.cached for row in rows),
+        "reserved_tokens": sum(
+            len(row.request.input_ids) + row.request.sampling.max_tokens for row in rows
+        ),
+    }
+
+
+def owners(rows: list[Row]) -> list[Hashable]:
+    return [row.request.owner for row in rows]
+
+
 def projected_peak(slabs: list[Slab]) -> int:
     """The most cache cells these slabs' rows can ever hold at once."""
     return peak_cells([slab.projection() for slab in slabs])
-
-
-def plan_admission(
-    slabs: list[Slab],
-    chosen: list[Request],
-    *,
-    room: int,
-    by_length: bool,
-    new_slab: Callable[[], Slab],
-) -> list[tuple[Request, Slab]]:
-    """The longest prefix of `chosen` that fits in `room` cells beside the running `slabs`,
-    each with the slab it joins (a new one where it fits none). The slab is fixed here: a
-    row that prefill ends at once joins none, which only lowers the projection planned."""
-    targets = list(slabs)
-    projected = [slab.projection() for slab in slabs]
-    planned: list[tuple[Request, Slab]] = []
-    for request in chosen:
-        row = (len(request.input_ids), request.sampling.max_tokens - 1)
-        lengths = [[cached for cached, _ in rows] for rows in projected]
-        index = choose_slab(lengths, row[0], by_length=by_length)
-        trial = [list(rows) for rows in projected]
-        if index is None:
-            trial.append([row])
-        else:
-            trial[index].append(row)
-        if peak_cells(trial) > room:
-            break
-        if index is None:
-            targets.append(new_slab())
-        projected = trial
-        planned.append((request, targets[-1 if index is None else index]))
-    return planned
 
 
 class CellCounts:

@@ -20,7 +20,13 @@ from app.inference import InferenceEngine, kv_budget
 from app.inference import engine as engine_module
 from app.inference.kv import peak_cells
 from app.inference.kv_budget import KvBudget, bytes_per_token
-from app.inference.padding import PAD_FREE_COLUMNS, PAD_SHARE, choose_slab, fits
+from app.inference.padding import (
+    PAD_FREE_COLUMNS,
+    PAD_SHARE,
+    SHORT_ROW_STEPS,
+    choose_slab,
+    fits,
+)
 from app.ml.loading import load_base_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -108,6 +114,9 @@ def test_the_padding_bound_sends_far_apart_lengths_to_separate_slabs() -> None:
     assert choose_slab([[400], [12]], 20, by_length=True) == 1
     assert choose_slab([[400]], 20, by_length=True) is None
     assert choose_slab([[400]], 20, by_length=False) == 0  # the old single slab
+    # a row of a few decode steps joins past the bound (the cheapest slab), a longer one not
+    assert choose_slab([[400], [300]], 20, by_length=True, steps=SHORT_ROW_STEPS) == 1
+    assert choose_slab([[400]], 20, by_length=True, steps=SHORT_ROW_STEPS + 1) is None
 
 
 @pytest.mark.usefixtures("no_eos")
