@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("torch")
 
 from app.errors import InvalidRequest, RateLimited
-from app.inference import InferenceEngine
+from app.inference import InferenceEngine, prompt_input
 from app.inference import engine as engine_module
 from app.inference.fairness import choose_fairly
 
@@ -103,13 +103,13 @@ def test_a_prompt_too_long_for_the_context_is_refused_before_tokenizing(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[int] = []
-    real = engine_module._tokenize
+    real = prompt_input.tokenize
 
     def recording(tokenizer, prompt, messages, *rest):
         seen.append(len(prompt or "") + sum(len(m["content"]) for m in messages or []))
         return real(tokenizer, prompt, messages, *rest)
 
-    monkeypatch.setattr(engine_module, "_tokenize", recording)
+    monkeypatch.setattr(prompt_input, "tokenize", recording)
     engine = new_engine(tiny_model_dir)
     try:
         for inputs, param in [
@@ -128,7 +128,7 @@ def test_tokenizing_one_request_does_not_hold_up_another(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     entered, release = threading.Event(), threading.Event()
-    real = engine_module._tokenize
+    real = prompt_input.tokenize
 
     def slow_for_one(tokenizer, prompt, *rest):
         if prompt == "slow":
@@ -136,7 +136,7 @@ def test_tokenizing_one_request_does_not_hold_up_another(
             release.wait(timeout=20)  # a huge prompt being tokenized
         return real(tokenizer, prompt, *rest)
 
-    monkeypatch.setattr(engine_module, "_tokenize", slow_for_one)
+    monkeypatch.setattr(prompt_input, "tokenize", slow_for_one)
     engine = new_engine(tiny_model_dir)
     ask(engine, "org-a", 1).result()  # loaded
     slow = threading.Thread(target=lambda: ask(engine, "org-a", 1, prompt="slow").result())
