@@ -10,13 +10,14 @@ then runs in a fresh child process, one at a time (peak RSS only grows within a 
 
 - ours: a real fine-tuning job (SQLite database, artifact store, `worker.run_job.run_job`)
   on `text` records at `max_seq_length` 2048, packing on, gradient checkpointing on, LoRA
-  r=16 on all linear layers, `--steps` optimizer steps of `--batch` examples. Whatever the
+  r=16 on all linear layers, `--steps` optimizer steps of `--batch` examples (its loss takes
+  the logits a chunk of tokens at a time: `worker/training/chunked_loss.py`). Whatever the
   worker does before training (its memory planning included, once it has one) runs here
   as it would for a user's job: this bench adds nothing to the path but an observer
   around `app.ml.loading.load_base_model` that reads the RSS before and after the load
   and the class of the loaded base's `q_proj`;
 - hf: `transformers.Trainer` + PEFT on the same examples, steps, batch, LoRA shape and
-  gradient checkpointing (`bench/hf_baseline.py`);
+  gradient checkpointing (`bench/hf_baseline.py`; the model's own loss, whole logits);
 - nf4: the same job with `quantization="nf4"`. It goes through the worker's path with
   that hyperparameter; the printed Linear class says whether the base really loaded in
   4 bits (`Linear4bit`) or not (`Linear`: the worker does not quantize yet, and the nf4

@@ -148,7 +148,7 @@ def run_hf(examples: list) -> float:
 def run_full(examples: list) -> tuple[float, float]:
     """Full fine-tuning with our collate and loss; returns (tokens/s, trainable share)."""
     from app.ml.loading import load_base_model
-    from worker.training.loop import _token_loss
+    from worker.training.chunked_loss import causal_lm_loss
     from worker.training.packing import build_sequences, collate, epoch_order
 
     model = load_base_model(MODEL_DIR, device="cpu")
@@ -161,9 +161,7 @@ def run_full(examples: list) -> tuple[float, float]:
     stamps: list[tuple[float, int]] = []
     for start in range(0, len(order), BATCH):
         batch = collate([rows[i] for i in order[start : start + BATCH]], 0, torch.device("cpu"))
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                       use_cache=False).logits  # fmt: skip
-        loss, n = _token_loss(logits, batch["labels"])
+        loss, n = causal_lm_loss(model, batch)
         (loss / n).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

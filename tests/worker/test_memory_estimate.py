@@ -133,12 +133,18 @@ def test_the_estimate_bounds_the_measured_peak_of_real_steps(case: str) -> None:
     assert 0.5 * estimated <= measured <= estimated, (case, measured / MIB, estimated / MIB)
 
 
-def test_logits_dominate_at_a_large_vocabulary() -> None:
-    """Llama 3.2 1B at 2048 tokens on a GPU: with checkpointing the logits phase (4 x
-    tokens x 128k) is the largest part after the weights; nf4 cuts the weights ~3x."""
+def test_the_logits_phase_is_one_chunk_of_the_loss() -> None:
+    """Llama 3.2 1B at 2048 tokens on a GPU: the loss takes 261 tokens' logits at a time
+    (worker/training/chunked_loss.py), so the logits phase is 4 x 261 x 128k, not 4 x 2048
+    x 128k; a model whose forward soft-caps its logits takes them whole. nf4 cuts the
+    weights ~3x."""
     shape = ModelShape.of(LLAMA_1B)
     full = estimate(shape, hp(batch_size=1, gradient_checkpointing=True), device="cuda")
-    assert full.transient > full.activations and full.transient > 2048 * 128_256 * 14
+    assert shape.loss_chunk == 261
+    assert 261 * 128_256 * 14 < full.transient < 2 * 261 * 128_256 * 14
+    capped = ModelShape.of(LLAMA_1B | {"final_logit_softcapping": 30.0})
+    whole = estimate(capped, hp(batch_size=1, gradient_checkpointing=True), device="cuda")
+    assert capped.loss_chunk is None and whole.transient > 2048 * 128_256 * 14
     nf4 = estimate(
         shape,
         hp(batch_size=1, gradient_checkpointing=True, quantization="nf4"),

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from app.ml.loading import load_base_model
+from worker.training.chunked_loss import token_loss
 from worker.training.data import IGNORE_INDEX, Example, encode_dataset
-from worker.training.loop import _token_loss, mean_loss
+from worker.training.loop import mean_loss
 from worker.training.packing import build_sequences, collate, packing_is_exact
 
 RECORDS = [{"text": "x" * n} for n in (3, 40, 7, 25, 12, 60, 5, 18, 33, 9)]
@@ -51,7 +52,7 @@ def assert_packed_loss_is_the_loss_alone(model, rows, examples, tokenizer) -> No
         logits = model(
             input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
         ).logits
-    packed_sum, packed_count = _token_loss(logits, batch["labels"])
+    packed_sum, packed_count = token_loss(logits, batch["labels"])
     alone = mean_loss(model, examples, batch_size=3, pad_token_id=tokenizer.pad_token_id)
     assert float(packed_sum) / packed_count == pytest.approx(alone, rel=1e-5)
     assert batch["real_tokens"] == sum(len(e.input_ids) for e in examples)

@@ -39,6 +39,7 @@ from app.jobs.spec import SupervisedHyperparameters
 from app.ml.adapters import save_adapter
 from app.statuses import RunOutcome
 from worker.training.checkpoint import TrainerState, save_checkpoint
+from worker.training.chunked_loss import causal_lm_loss
 from worker.training.data import IGNORE_INDEX, Example
 from worker.training.distributed import Ranks
 from worker.training.evaluation import EarlyStop, Verdict, early_stop, evaluation_steps, judge
@@ -179,14 +180,8 @@ def _train_step(run: Run, step: Step, on_micro_batch: Callable[[], None]) -> Ste
     for micro in step.micro_batches:
         on_micro_batch()  # may raise: a cancel must not wait for the whole step
         batch = collate(micro, run.pad_id, run.device)
-        with _autocast(run.device):
-            logits = run.model(
-                input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
-            ).logits
-        micro_loss, _ = _token_loss(logits, batch["labels"])
-        # The loss's graph keeps what backward needs; our reference to the logits (tokens x
-        # vocab: ~1 GB per 2048 tokens at a 128k vocab) would only keep it alive through it.
-        del logits
+        with _autocast(run.device):  # the logits in chunks, never all at once
+            micro_loss, _ = causal_lm_loss(run.model, batch)
         (micro_loss / max(n_labels, 1)).backward()
         loss_sum += micro_loss.item()
     loss_sum = run.ranks.reduce(run.params, loss_sum)  # alone: as it is
@@ -333,32 +328,11 @@ def mean_loss(model: Any, examples: list[Example], *, batch_size: int, pad_token
     with torch.no_grad(), _autocast(device):
         for start in range(0, len(rows), batch_size):
             batch = collate(rows[start : start + batch_size], pad_token_id, device)
-            logits = model(
-                input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
-            ).logits
-            batch_loss, n_labels = _token_loss(logits, batch["labels"])
+            batch_loss, n_labels = causal_lm_loss(model, batch)
             loss_sum += float(batch_loss)
             label_count += n_labels
     model.train(was_training)
     return loss_sum / max(label_count, 1)
-
-
-def _token_loss(logits: Any, labels: Any) -> tuple[Any, int]:
-    """Summed next-token cross-entropy over label tokens, and how many there are.
-
-    The labels are shifted (padded with IGNORE_INDEX at the end) rather than the logits
-    sliced, so the [batch, length, vocab] logits are never copied (transformers' way).
-    """
-    import torch.nn.functional as F
-
-    shifted_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
-    total = F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)),
-        shifted_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return total, int((shifted_labels != IGNORE_INDEX).sum())
 
 
 def _autocast(device: Any) -> Any:

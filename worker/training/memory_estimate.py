@@ -21,8 +21,10 @@ job that cannot fit fails naming a change that would fit, instead of dying mid-s
   kept, and one layer is recomputed at a time.
 - transient: the larger of the logits phase and one recomputed layer, plus the gradient
   flowing back through the residual stream. The logits phase is 4 tensors of
-  tokens x vocab at the end of the forward (logits, log-softmax, and their two
-  gradients): at a 128k vocabulary it is most of the activations.
+  chunk x vocab (logits, log-softmax, and their two gradients): the loss takes the
+  label tokens a chunk at a time (`chunked_loss.py`), so chunk is the smaller of the
+  micro-batch's tokens and `loss_chunk_tokens` (261 at a 128k vocabulary; all the tokens
+  for a model whose logits cannot be chunked).
 
 Calibrated on CPU against the process's peak RSS (bench/memory_calibration.py, figures in
 docs/design.md "Memory planning"). Llama-family layouts (q/k/v/o, gate/up/down) are what
@@ -39,6 +41,7 @@ from typing import Any, Literal
 
 from app.jobs.hyperparameters import unmatched_modules
 from app.jobs.spec import SupervisedHyperparameters
+from worker.training.chunked_loss import loss_chunk_tokens
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -81,6 +84,7 @@ class ModelShape:
     n_params: int
     # (module name, in, out) of the linear layers inside the decoder layers: LoRA targets
     linears: tuple[tuple[str, int, int], ...]
+    loss_chunk: int | None  # label tokens per chunk of the loss; None: whole logits
 
     @classmethod
     def of(
@@ -102,6 +106,7 @@ class ModelShape:
             vocab=_first(c, "vocab_size"),
             n_params=0,
             linears=(),
+            loss_chunk=loss_chunk_tokens(c),
         )
         if tensors:
             return shape.with_tensors(tensors)
@@ -179,8 +184,8 @@ def estimate(shape: ModelShape, hp: SupervisedHyperparameters, *, device: Device
         saved, recomputed = shape.layers * shape.hidden * element, per_layer
     else:
         saved, recomputed = shape.layers * per_layer, 0
-    logits = shape.vocab * LOGITS_BYTES[device]
-    transient = tokens * (max(logits, recomputed) + GRAD_STREAM * shape.hidden * element)
+    logits = min(tokens, shape.loss_chunk or tokens) * shape.vocab * LOGITS_BYTES[device]
+    transient = max(logits, tokens * recomputed) + tokens * GRAD_STREAM * shape.hidden * element
     weights = _weights(shape, hp.quantization, element)
     lora = lora_parameters(shape, hp.lora_r, hp.lora_target_modules) * LORA_BYTES_PER_PARAM
     if hp.quantization != "none" or hp.use_dora:  # one whole weight materialised at a time
