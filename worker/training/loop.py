@@ -40,7 +40,7 @@ from app.ml.adapters import save_adapter
 from app.statuses import RunOutcome
 from worker.training.checkpoint import TrainerState, save_checkpoint
 from worker.training.chunked_loss import causal_lm_loss
-from worker.training.data import IGNORE_INDEX, Example
+from worker.training.data import Example
 from worker.training.distributed import Ranks
 from worker.training.evaluation import EarlyStop, Verdict, early_stop, evaluation_steps, judge
 from worker.training.packing import Step, build_sequences, collate, steps
