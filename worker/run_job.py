@@ -25,7 +25,7 @@ from app.jobs import runs as job_runs
 from app.jobs.leftovers import remove_dead_attempts_leftovers, remove_scratch_of_ended_jobs
 from app.jobs.limits import WorkLimits
 from app.jobs.runs import Claim
-from app.jobs.spec import RunSpec, SupervisedHyperparameters
+from app.jobs.spec import DpoHyperparameters, RunSpec, SupervisedHyperparameters
 from app.ml.adapters import ADAPTER_WEIGHTS
 from app.statuses import JOB_ENDING_OUTCOMES, JobStatus, RunOutcome
 from app.storage import ArtifactStore, open_store
@@ -33,6 +33,7 @@ from worker import job_inputs, job_memory
 from worker.job_inputs import JobInputs
 from worker.progress import Progress, metrics_csv
 from worker.training.data import Example, encode_dataset, read_jsonl  # torch-free
+from worker.training.preference_data import encode_preferences  # torch-free
 
 logger = logging.getLogger(__name__)
 WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
@@ -264,6 +265,8 @@ def _encode(
     from worker.training.packing import count_steps, epoch_steps, row_length
 
     def encode(path: Path) -> list[Example]:
+        if isinstance(hp, DpoHyperparameters):  # pairs: chosen, rejected, chosen, …
+            return encode_preferences(tokenizer, read_jsonl(path), max_seq_length=hp.max_seq_length)
         return encode_dataset(
             tokenizer,
             read_jsonl(path),
@@ -276,7 +279,7 @@ def _encode(
     first_epoch = epoch_steps(train, hp, max_len=row_length(model, hp.max_seq_length), epoch=1)
     rows = sum(len(micro) for step in first_epoch for micro in step.micro_batches)
     stats = {
-        "examples": len(train),
+        "examples": len(train) // hp.EXAMPLES_PER_ITEM,  # DPO: pairs
         "tokens": sum(len(e.input_ids) for e in train),
         "sequences_per_epoch": rows,
         "packing": hp.packing,

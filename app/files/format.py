@@ -11,6 +11,9 @@ A file holds one JSON object per line, all of the same format:
   and at least one with weight 1 (the default).
 * ``completion``: ``{"prompt": str, "completion": str}``, the completion non-empty.
 * ``text``:       ``{"text": str}``, non-empty.
+* ``preference``: OpenAI's DPO shape, ``{"input": {"messages": [...]}, "preferred_output":
+  [assistant message], "non_preferred_output": [assistant message]}``
+  (``preference_format.py``).
 
 Unknown keys are refused and named, at the top level and inside messages (so tool calls,
 ``tools`` and other roles are refused rather than silently dropped).
@@ -46,7 +49,7 @@ from typing import Any, BinaryIO
 
 from app.errors import InvalidFile
 
-CHAT, COMPLETION, TEXT = "chat", "completion", "text"
+CHAT, COMPLETION, TEXT, PREFERENCE = "chat", "completion", "text", "preference"
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = ("role", "content", "name", "weight")
 
@@ -61,13 +64,20 @@ LINE_SHAPES = (
     "each line must be one JSON object of one of these shapes: "
     '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
     ', {"prompt": "...", "completion": "..."} or {"text": "..."}'
+    "; for preference (DPO) jobs: "
 )
+PREFERENCE_SHAPE = (
+    '{"input": {"messages": [{"role": "user", "content": "..."}]}, '
+    '"preferred_output": [{"role": "assistant", "content": "..."}], '
+    '"non_preferred_output": [{"role": "assistant", "content": "..."}]}'
+)
+LINE_SHAPES += PREFERENCE_SHAPE
 
 
 @dataclass(frozen=True)
 class DatasetSummary:
     examples: int
-    format: str  # "chat" | "completion" | "text"
+    format: str  # "chat" | "completion" | "text" | "preference"
 
 
 class _JsonRefused(ValueError):
@@ -183,12 +193,17 @@ def _constant(name: str) -> object:
 
 
 def validate_record(record: object) -> str:
-    """Return the format ("chat", "completion" or "text") of one parsed line.
+    """Return the format ("chat", "completion", "text" or "preference") of one parsed line.
 
     Raises ValueError with a message a user can act on (no line number).
     """
     if not isinstance(record, dict):
         raise ValueError(f"{LINE_SHAPES}; got {_kind(record)}")
+    if "input" in record or "preferred_output" in record:
+        from app.files.preference_format import check_preference  # it uses this module's checks
+
+        check_preference(record)
+        return PREFERENCE
     if "messages" in record:
         _check_keys(record, required=("messages",), what="a chat example")
         _check_messages(record["messages"])

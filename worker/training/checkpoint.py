@@ -55,6 +55,9 @@ class TrainerState:
     epoch_label_count: int = 0
     last_epoch_loss: float = 0.0  # mean token loss of the last finished epoch
     history: list[dict[str, Any]] = field(default_factory=list)  # one row per step
+    # DPO: the reference policy's log-probability of each example, computed once when the
+    # run starts ("train", "valid"), so a resumed run scores against the very same values
+    reference_logps: dict[str, list[float]] = field(default_factory=dict)
 
 
 def save_checkpoint(

@@ -27,15 +27,15 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.jobs.spec import SupervisedHyperparameters
+from app.jobs.spec import DpoHyperparameters, SupervisedHyperparameters
 from app.ml.adapters import save_adapter
 from worker.training.checkpoint import TrainerState, save_checkpoint
 from worker.training.data import IGNORE_INDEX, Example
+from worker.training.objective import Evaluation, Objective, StepLoss, autocast
 from worker.training.packing import Sequence, Step, build_sequences, collate, steps
 from worker.training.setup import Run, start_run
 
@@ -53,6 +53,8 @@ class StepReport:
     valid_loss: float | None = None  # on one validation batch, every eval_every_steps
     tokens_per_second: float = 0.0  # non-padding tokens of this step / its wall time
     example_ids: tuple[int, ...] = ()  # the examples this step trained on, in order
+    # the method's own (DPO: train_/valid_reward_margin, train_/valid_reward_accuracy)
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -63,6 +65,7 @@ class CheckpointReport:
     valid_loss: float | None  # over the whole validation set (OpenAI's full_valid_loss)
     checkpoint_dir: Path  # adapter + resume state + manifest; removed after the callback
     manifest_sha256: str
+    metrics: dict[str, float] = field(default_factory=dict)  # the method's, on all validation
 
 
 @dataclass
@@ -124,46 +127,90 @@ def train_lora(
         resume_from=resume_from,
     )
     state = run.state
-    full_valid_loss = None  # of the last checkpoint, which the last step always writes
+    objective = _objective(run, hp, train_examples, valid_examples, on_micro_batch)
+    full_valid = Evaluation(math.nan)  # of the last checkpoint, which the last step writes
     run.model.train()
     position = {"epoch": state.epoch, "next_batch": state.next_batch}  # a resumed one's too
     for step in steps(train_examples, hp, max_len=run.max_len, **position):
-        report = _train_step(run, step, on_micro_batch)
+        report = _train_step(run, step, objective, on_micro_batch)
         if valid_examples and eval_every_steps and state.step % eval_every_steps == 0:
-            report.valid_loss = _valid_batch_loss(run, valid_examples, hp, eval_every_steps)
+            batch = _valid_batch(run, valid_examples, hp, eval_every_steps)
+            _add_valid(report, objective.evaluate(run, batch))
         state.history.append(_history_row(report))
         on_step(report)  # may raise: training stops
         epoch_loss = _end_step(state, step)
         if state.step in run.checkpoint_at:
-            full_valid_loss = _full_valid_loss(run, valid_examples, hp)
-            _checkpoint(run, step.epoch, epoch_loss, full_valid_loss, on_checkpoint, scratch_dir)
-    return _save(run, Path(out_dir), full_valid_loss)
+            full_valid = objective.evaluate(run, list(range(len(valid_examples))))
+            _checkpoint(run, step.epoch, epoch_loss, full_valid, on_checkpoint, scratch_dir)
+    return _save(run, Path(out_dir), None if math.isnan(full_valid.loss) else full_valid.loss)
 
 
-def _train_step(run: Run, step: Step, on_micro_batch: Callable[[], None]) -> StepReport:
-    """One optimizer step: forward and backward over its micro-batches (gradients
-    accumulate), then clip, step and schedule. The loss is the mean over all their label
-    tokens, so they are counted first and each micro-batch is scaled by the total."""
+def _objective(
+    run: Run,
+    hp: SupervisedHyperparameters,
+    train: list[Example],
+    valid: list[Example],
+    on_micro_batch: Callable[[], None],
+) -> Objective:
+    """What the job's method trains for (`objective.py`)."""
+    if isinstance(hp, DpoHyperparameters):
+        from worker.training.preference import DpoObjective
+
+        return DpoObjective.start(run, hp, train, valid, on_micro_batch)
+    return SupervisedObjective(valid, hp.batch_size)
+
+
+@dataclass
+class SupervisedObjective:
+    """Next-token cross-entropy, the mean over the label tokens."""
+
+    valid_examples: list[Example]
+    batch_size: int
+
+    def forward_backward(
+        self, run: Run, step: Step, on_micro_batch: Callable[[], None]
+    ) -> StepLoss:
+        """The mean is over all the step's label tokens, so they are counted first and each
+        micro-batch is scaled by the total."""
+        rows = [row for micro in step.micro_batches for row in micro]
+        n_labels = sum(_label_count(row) for row in rows)
+        loss_sum, real_tokens = 0.0, 0
+        for micro in step.micro_batches:
+            on_micro_batch()  # may raise: a cancel must not wait for the whole step
+            batch = collate(micro, run.pad_id, run.device)
+            with autocast(run.device):
+                logits = run.model(
+                    input_ids=batch["input_ids"],
+                    position_ids=batch["position_ids"],
+                    use_cache=False,
+                ).logits
+            micro_loss, _ = _token_loss(logits, batch["labels"])
+            # The loss's graph keeps what backward needs; our reference to the logits (tokens
+            # x vocab: ~1 GB per 2048 tokens at a 128k vocab) would only keep it alive.
+            del logits
+            (micro_loss / max(n_labels, 1)).backward()
+            loss_sum += micro_loss.item()
+            real_tokens += batch["real_tokens"]
+        return StepLoss(loss_sum, n_labels, real_tokens)
+
+    def evaluate(self, run: Run, indices: list[int]) -> Evaluation:
+        examples = [self.valid_examples[i] for i in indices]
+        if not examples:
+            return Evaluation(math.nan)
+        return Evaluation(
+            mean_loss(run.model, examples, batch_size=self.batch_size, pad_token_id=run.pad_id)
+        )
+
+
+def _train_step(
+    run: Run, step: Step, objective: Objective, on_micro_batch: Callable[[], None]
+) -> StepReport:
+    """One optimizer step: the objective's forward and backward passes over its
+    micro-batches (gradients accumulate), then clip, step and schedule."""
     import torch
 
     started = time.perf_counter()
-    rows = [row for micro in step.micro_batches for row in micro]
-    n_labels = sum(_label_count(row) for row in rows)
-    loss_sum, real_tokens = 0.0, 0
-    for micro in step.micro_batches:
-        on_micro_batch()  # may raise: a cancel must not wait for the whole step
-        batch = collate(micro, run.pad_id, run.device)
-        with _autocast(run.device):
-            logits = run.model(
-                input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
-            ).logits
-        micro_loss, _ = _token_loss(logits, batch["labels"])
-        # The loss's graph keeps what backward needs; our reference to the logits (tokens x
-        # vocab: ~1 GB per 2048 tokens at a 128k vocab) would only keep it alive through it.
-        del logits
-        (micro_loss / max(n_labels, 1)).backward()
-        loss_sum += micro_loss.item()
-        real_tokens += batch["real_tokens"]
+    loss = objective.forward_backward(run, step, on_micro_batch)
     lr = run.scheduler.get_last_lr()[0]
     torch.nn.utils.clip_grad_norm_(run.params, MAX_GRAD_NORM)
     run.optimizer.step()
@@ -173,19 +220,26 @@ def _train_step(run: Run, step: Step, on_micro_batch: Callable[[], None]) -> Ste
     state = run.state
     state.step += 1
     state.next_batch += len(step.micro_batches)
-    state.trained_tokens += real_tokens
-    state.epoch_loss_sum += loss_sum
-    state.epoch_label_count += n_labels
+    state.trained_tokens += loss.real_tokens
+    state.epoch_loss_sum += loss.loss_sum
+    state.epoch_label_count += loss.units
+    rows = [row for micro in step.micro_batches for row in micro]
     return StepReport(
         step=state.step,
         total_steps=run.total_steps,
         epoch=step.epoch,
-        train_loss=loss_sum / max(n_labels, 1),
+        train_loss=loss.loss_sum / max(loss.units, 1),
         learning_rate=lr,
         trained_tokens=state.trained_tokens,
-        tokens_per_second=real_tokens / max(time.perf_counter() - started, 1e-9),
+        tokens_per_second=loss.real_tokens / max(time.perf_counter() - started, 1e-9),
         example_ids=tuple(e for row in rows for e in row.example_ids),
+        metrics=dict(loss.metrics),
     )
+
+
+def _add_valid(report: StepReport, evaluation: Evaluation) -> None:
+    report.valid_loss = evaluation.loss
+    report.metrics.update(evaluation.metrics)
 
 
 def _end_step(state: TrainerState, step: Step) -> float:
@@ -215,7 +269,7 @@ def _checkpoint(
     run: Run,
     epoch: int,
     train_loss: float,
-    valid_loss: float | None,
+    valid: Evaluation,
     on_checkpoint: Callable[[CheckpointReport], None],
     scratch_dir: Path | None,
 ) -> None:
@@ -234,29 +288,22 @@ def _checkpoint(
                 epoch=epoch,
                 step=run.state.step,
                 train_loss=train_loss,
-                valid_loss=valid_loss,
+                valid_loss=None if math.isnan(valid.loss) else valid.loss,
                 checkpoint_dir=Path(folder),
                 manifest_sha256=digest,
+                metrics=valid.metrics,
             )
         )
 
 
-def _valid_batch_loss(
+def _valid_batch(
     run: Run, examples: list[Example], hp: SupervisedHyperparameters, every: int
-) -> float:
-    """Loss on one validation batch, rotating through the set (OpenAI's valid_loss)."""
-    n_batches = math.ceil(len(examples) / hp.batch_size)
-    start = (run.state.step // every - 1) % n_batches * hp.batch_size
-    batch = examples[start : start + hp.batch_size]
-    return mean_loss(run.model, batch, batch_size=hp.batch_size, pad_token_id=run.pad_id)
-
-
-def _full_valid_loss(
-    run: Run, examples: list[Example], hp: SupervisedHyperparameters
-) -> float | None:
-    if not examples:
-        return None
-    return mean_loss(run.model, examples, batch_size=hp.batch_size, pad_token_id=run.pad_id)
+) -> list[int]:
+    """One validation batch, rotating through the set (OpenAI's valid_loss): its indices."""
+    size = hp.batch_size * hp.EXAMPLES_PER_ITEM  # whole items (DPO: pairs)
+    n_batches = math.ceil(len(examples) / size)
+    start = (run.state.step // every - 1) % n_batches * size
+    return list(range(start, min(start + size, len(examples))))
 
 
 def _label_count(row: Sequence) -> int:
@@ -271,7 +318,7 @@ def _history_row(report: StepReport) -> dict[str, Any]:
         "valid_loss": report.valid_loss,
         "learning_rate": report.learning_rate,
         "tokens_per_second": report.tokens_per_second,
-    }
+    } | report.metrics
 
 
 def mean_loss(model: Any, examples: list[Example], *, batch_size: int, pad_token_id: int) -> float:
@@ -283,7 +330,7 @@ def mean_loss(model: Any, examples: list[Example], *, batch_size: int, pad_token
     was_training = model.training
     model.eval()
     loss_sum, label_count = 0.0, 0
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), autocast(device):
         for start in range(0, len(rows), batch_size):
             batch = collate(rows[start : start + batch_size], pad_token_id, device)
             logits = model(
@@ -312,12 +359,3 @@ def _token_loss(logits: Any, labels: Any) -> tuple[Any, int]:
         reduction="sum",
     )
     return total, int((shifted_labels != IGNORE_INDEX).sum())
-
-
-def _autocast(device: Any) -> Any:
-    """bf16 autocast on CUDA; plain fp32 elsewhere."""
-    import torch
-
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext()
