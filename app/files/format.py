@@ -64,14 +64,13 @@ LINE_SHAPES = (
     "each line must be one JSON object of one of these shapes: "
     '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
     ', {"prompt": "...", "completion": "..."} or {"text": "..."}'
-    "; for preference (DPO) jobs: "
 )
+# A DPO job's line (preference_format.py); the file error names it for DPO jobs only.
 PREFERENCE_SHAPE = (
     '{"input": {"messages": [{"role": "user", "content": "..."}]}, '
     '"preferred_output": [{"role": "assistant", "content": "..."}], '
     '"non_preferred_output": [{"role": "assistant", "content": "..."}]}'
 )
-LINE_SHAPES += PREFERENCE_SHAPE
 
 
 @dataclass(frozen=True)
