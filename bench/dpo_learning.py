@@ -1,12 +1,12 @@
 """DPO learning figure, the usual recipe: SFT, then DPO against the SFT adapter.
 
-`python -m bench.dpo_learning [--seed 0]`. Tiny random-init model (2 layers, hidden 128,
-its character tokenizer), 16 training prompts and 8 held-out ones; each prompt has two
-answers of one shared form, "Sure: <word>." (preferred) and "Nope: <word>." (rejected).
+`python -m bench.dpo_learning [--seed 0]`. Tiny random-init model (2 layers, hidden 64,
+its character tokenizer: `app/ml/tiny_model.py`), 16 training prompts and 8 held-out ones; each prompt has two
+answers, its word in capitals (preferred, "AMBER.") and in lower case (rejected, "amber.").
 
 1. SFT on both answers of every training prompt (32 chat records, 30 epochs at 3e-3), so the
    model gives each about half the time;
-2. DPO on the 16 pairs preferring "Sure" (10 epochs at 1e-3, beta 0.1), `model` the SFT
+2. DPO on the 16 pairs preferring the capitals (10 epochs at 1e-3, beta 0.1), `model` the SFT
    adapter: it is the reference, and the new adapter starts from it.
 
 Printed after each stage: the greedy answers to the 16 training prompts (preferred /
@@ -29,7 +29,10 @@ WORDS = [
     "karma", "lunar", "maple", "noble", "oasis", "pearl", "quill", "raven", "solar", "tulip",
     "umber", "vivid", "wheat", "xenon",
 ]  # fmt: skip
-PREFERRED, REJECTED = "Sure: {}.", "Nope: {}."
+# Each prompt's two answers start with different tokens of their own ("AMBER." / "amber."),
+# so which one SFT makes greedy varies by prompt; the preference (capitals) is shared, so a
+# model that learnt it prefers it on held-out prompts too.
+PREFERRED, REJECTED = "{}.", "{}."
 TRL_FIGURES = "TRL (issue 12): after SFT preferred 6, rejected 8 of 16; after DPO 5, 0"
 
 
@@ -53,7 +56,9 @@ def pairs(first: int, count: int) -> list[dict[str, Any]]:
     return [
         {
             "input": {"messages": [{"role": "user", "content": f"Say the word for item {i}."}]},
-            "preferred_output": [{"role": "assistant", "content": PREFERRED.format(WORDS[i])}],
+            "preferred_output": [
+                {"role": "assistant", "content": PREFERRED.format(WORDS[i].upper())}
+            ],
             "non_preferred_output": [{"role": "assistant", "content": REJECTED.format(WORDS[i])}],
         }
         for i in range(first, first + count)
@@ -84,10 +89,11 @@ def run_recipe(
     from worker.training.loop import train_lora
     from worker.training.preference_data import encode_preferences
 
-    model_dir = build_tiny_model(work / "base", hidden_size=128, intermediate_size=256)
+    model_dir = build_tiny_model(work / "base")
     tokenizer = load_tokenizer(model_dir)
     train, held_out = pairs(0, N_TRAIN), pairs(N_TRAIN, N_HELD_OUT)
     knobs = {"batch_size": 4, "lora_r": 16, "lora_alpha": 32, "max_seq_length": 64}
+    knobs |= {"n_checkpoints": 1}  # the run's end only: checkpoints are not what is measured
     sft = resolve(
         Hyperparameters(n_epochs=sft_epochs, learning_rate=3e-3, **knobs),
         n_examples=2 * N_TRAIN,
