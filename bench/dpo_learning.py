@@ -1,13 +1,14 @@
 """DPO learning figure, the usual recipe: SFT, then DPO against the SFT adapter.
 
-`python -m bench.dpo_learning [--seed 0]`. Tiny random-init model (2 layers, hidden 64,
-its character tokenizer: `app/ml/tiny_model.py`), 16 training prompts and 8 held-out ones; each prompt has two
-answers, its word in capitals (preferred, "AMBER.") and in lower case (rejected, "amber.").
+`python -m bench.dpo_learning [--seed 0]`. Tiny random-init model (2 layers, hidden 128, its
+character tokenizer: `app/ml/tiny_model.py`), 16 training prompts and 8 held-out ones; each
+prompt has two answers, its word in capitals (preferred, "AMBER.") and in lower case
+(rejected, "amber.").
 
 1. SFT on both answers of every training prompt (32 chat records, 30 epochs at 3e-3), so the
    model gives each about half the time;
-2. DPO on the 16 pairs preferring the capitals (10 epochs at 1e-3, beta 0.1), `model` the SFT
-   adapter: it is the reference, and the new adapter starts from it.
+2. DPO on the 16 pairs preferring the capitals (10 epochs at 1e-3, beta 0.1), `model`
+   the SFT adapter: it is the reference, and the new adapter starts from it.
 
 Printed after each stage: the greedy answers to the 16 training prompts (preferred /
 rejected / other), and the mean preferred-minus-rejected log-probability margin on the 8
@@ -89,7 +90,7 @@ def run_recipe(
     from worker.training.loop import train_lora
     from worker.training.preference_data import encode_preferences
 
-    model_dir = build_tiny_model(work / "base")
+    model_dir = build_tiny_model(work / "base", hidden_size=128, intermediate_size=256)
     tokenizer = load_tokenizer(model_dir)
     train, held_out = pairs(0, N_TRAIN), pairs(N_TRAIN, N_HELD_OUT)
     knobs = {"batch_size": 4, "lora_r": 16, "lora_alpha": 32, "max_seq_length": 64}
