@@ -52,6 +52,19 @@ def chat_rows(n: int = 12) -> list[dict]:
     ]
 
 
+def preference_rows(n: int = 12) -> list[dict]:
+    """`n` preference (DPO) examples in OpenAI's shape: a question, a preferred short answer
+    and a rejected one."""
+    return [
+        {
+            "input": {"messages": [{"role": "user", "content": f"code for item {i}?"}]},
+            "preferred_output": [{"role": "assistant", "content": f"K{i}-Q"}],
+            "non_preferred_output": [{"role": "assistant", "content": f"no {i}"}],
+        }
+        for i in range(n)
+    ]
+
+
 def jsonl(rows: list[dict]) -> bytes:
     return "".join(json.dumps(row) + "\n" for row in rows).encode()
 
@@ -128,10 +141,17 @@ def store_dataset(
 
 
 def submit(
-    settings, *, rows=None, org="acme", model="tiny", validation_rows=None, **hyperparameters
+    settings,
+    *,
+    rows=None,
+    org="acme",
+    model="tiny",
+    validation_rows=None,
+    method="supervised",
+    **hyperparameters,
 ) -> str:
-    """A queued job of organization `org` on `rows` (6 chat examples), validated on
-    `validation_rows` if given; its id.
+    """A queued job of organization `org` on `rows` (6 chat examples, or for method "dpo" 6
+    preference pairs), validated on `validation_rows` if given; its id.
 
     Small, fast hyperparameters unless given; nothing is enqueued (the test runs the job).
     """
@@ -139,7 +159,8 @@ def submit(
     store = open_store(settings)
     with session_scope(settings.sqlalchemy_url) as session:
         organization = tenancy.get_or_create_organization(session, name=org)
-        content = jsonl(rows or chat_rows(6))
+        default_rows = preference_rows(6) if method == "dpo" else chat_rows(6)
+        content = jsonl(rows or default_rows)
         row = store_dataset(session, organization=organization, store=store, content=content)
         validation = None
         if validation_rows is not None:
@@ -153,7 +174,7 @@ def submit(
             validation_file=validation,
             suffix="demo",
             seed=3,
-            hyperparameters=hp | hyperparameters,
+            method={"type": method, method: {"hyperparameters": hp | hyperparameters}},
         )
         job = jobs.create_job(
             session, organization=organization, request=request, base_models=settings.base_models

@@ -94,9 +94,11 @@ def check_examples(
     hp: SupervisedHyperparameters, n_train: int, n_valid: int, bounds: limits.WorkLimits
 ) -> None:
     """Fail the job when the examples its files encode to pass the bound (the API counted
-    lines; a template that rewrites history trains one example per assistant turn)."""
+    lines; a template that rewrites history trains one example per assistant turn; a DPO
+    line is one pair of examples)."""
+    per_item = hp.EXAMPLES_PER_ITEM
     with _failing_the_job():
-        limits.check_examples(hp, n_train, n_valid, bounds)
+        limits.check_examples(hp, n_train // per_item, n_valid // per_item, bounds)
 
 
 def check_tool_calling(tokenizer: Any, records: list[dict[str, Any]], param: str) -> None:

@@ -159,7 +159,7 @@ class Progress:
                 "learning_rate": report.learning_rate,
                 "trained_tokens": report.trained_tokens,
                 "tokens_per_second": report.tokens_per_second,
-            }
+            } | report.metrics  # the method's own: DPO's reward margin and accuracy
             every = self.settings.metrics_every_steps
             evaluated = report.full_valid_loss is not None
             if report.step % every == 0 or report.step == report.total_steps or evaluated:
@@ -199,7 +199,7 @@ class Progress:
             "train_loss": report.train_loss,
             "valid_loss": report.valid_loss,
             "full_valid_loss": report.valid_loss,
-        }
+        } | {f"full_{name}": value for name, value in report.metrics.items()}
         with session_scope(self.settings.sqlalchemy_url) as session:
             job_runs.renew_lease(
                 session, claim=self.claim, lease_seconds=self.settings.lease_seconds
@@ -231,8 +231,10 @@ def _step_message(report: Any) -> str:
 def metrics_csv(history: list[dict[str, Any]]) -> bytes:
     """The result file: one row per optimizer step (OpenAI-style `step,train_loss,…`)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    # then the method's own columns, in the order they first appear (DPO: reward metrics)
+    columns = list(dict.fromkeys([*CSV_COLUMNS, *(k for row in history for k in row)]))
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for row in history:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_COLUMNS})
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
     return buffer.getvalue().encode()

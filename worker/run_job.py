@@ -26,7 +26,7 @@ from app.jobs import runs as job_runs
 from app.jobs.leftovers import remove_dead_attempts_leftovers, remove_scratch_of_ended_jobs
 from app.jobs.limits import WorkLimits
 from app.jobs.runs import Claim
-from app.jobs.spec import RunSpec, SupervisedHyperparameters
+from app.jobs.spec import DpoHyperparameters, RunSpec, SupervisedHyperparameters
 from app.ml.adapters import ADAPTER_WEIGHTS
 from app.statuses import JOB_ENDING_OUTCOMES, JobStatus, RunOutcome
 from app.storage import ArtifactStore, open_store
@@ -37,6 +37,7 @@ from worker.progress import Progress, metrics_csv
 from worker.training.data import Example, encode_dataset, read_jsonl  # torch-free
 from worker.training.distributed import RankLost  # torch-free too
 from worker.training.packing import count_steps  # torch-free too
+from worker.training.preference_data import encode_preferences  # torch-free
 
 logger = logging.getLogger(__name__)
 WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
@@ -150,12 +151,11 @@ def _train_and_publish_from(
     from worker.training.loop import train_lora
 
     inputs = job_inputs.read_inputs(claim, settings, store, inputs_dir)
+    # before loading: a job that cannot fit fails now, naming what would fit
+    asked = inputs.spec.method.hyperparameters
     planned, shape = job_memory.plan_job(
-        inputs.base_model_ref,
-        inputs.spec.method.hyperparameters,
-        settings=settings,
-        progress=progress,
-    )  # before loading: a job that cannot fit fails now, naming what would fit
+        inputs.base_model_ref, asked, settings=settings, progress=progress
+    )
     tokenizer = load_tokenizer(inputs.base_model_ref)
     model = job_inputs.load_base(inputs, device=settings.device)
     hp = _hyperparameters_to_run(inputs.spec, planned, model, progress)
@@ -194,10 +194,6 @@ def _train_and_publish_from(
             )
         key = f"adapters/{claim.job_id}"
         published = store.publish_dir(out, key)  # uploaded, its manifest last
-    applied = {  # what ran, not what was asked
-        "packing": hp.packing,
-        "train_special_tokens": tokenizer.convert_ids_to_tokens(list(token_ids)) or False,
-    }
     _register(
         claim,
         settings,
@@ -206,8 +202,18 @@ def _train_and_publish_from(
         result=result,
         adapter_key=key,
         weights_bytes=published.files[ADAPTER_WEIGHTS].size,
-        applied=applied,
+        applied=_applied(hp, tokenizer, token_ids),
     )
+
+
+def _applied(
+    hp: SupervisedHyperparameters, tokenizer: Any, token_ids: tuple[int, ...]
+) -> dict[str, Any]:
+    """What ran, where it differs from what was asked: the adapter's `lora_config` says so."""
+    return {
+        "packing": hp.packing,
+        "train_special_tokens": tokenizer.convert_ids_to_tokens(list(token_ids)) or False,
+    }
 
 
 def _register(
@@ -279,6 +285,13 @@ def _data_parallel(
     from worker.training.distributed import data_parallel, peer_job
 
     world = settings.gpus_per_job
+    if world > 1 and isinstance(hp, DpoHyperparameters):
+        progress.event(  # a rank's share would split pairs; DPO's step is not reduced
+            f"DPO trains on one device: data-parallel DPO is not supported yet "
+            f"(LORAFORGE_GPUS_PER_JOB={world})",
+            level="warn",
+        )
+        return data_parallel(None, None)
     if world == 1:
         return data_parallel(None, None)
     job = peer_job(
@@ -330,6 +343,8 @@ def _encode(
 
     def encode(path: Path, param: str) -> list[Example]:
         records = read_jsonl(path)
+        if isinstance(hp, DpoHyperparameters):  # pairs: chosen, rejected, chosen, …
+            return encode_preferences(tokenizer, records, max_seq_length=hp.max_seq_length)
         job_inputs.check_tool_calling(tokenizer, records, param)
         return encode_dataset(
             tokenizer, records, max_seq_length=hp.max_seq_length, train_on_inputs=hp.train_on_inputs
@@ -344,7 +359,7 @@ def _encode(
     first_epoch = epoch_steps(train, hp, max_len=row_length(model, hp.max_seq_length), epoch=1)
     rows = sum(len(micro) for step in first_epoch for micro in step.micro_batches)
     stats = {
-        "examples": len(train),
+        "examples": len(train) // hp.EXAMPLES_PER_ITEM,  # DPO: pairs
         "tokens": sum(len(e.input_ids) for e in train),
         "sequences_per_epoch": rows,
         "packing": hp.packing,

@@ -46,7 +46,7 @@ def job_view(job: Job) -> JobRead:
         training_file=job.training_file,
         validation_file=job.validation_file,
         hyperparameters=job.hyperparameters,
-        method={"type": "supervised", "supervised": {"hyperparameters": job.hyperparameters}},
+        method={"type": job.method, job.method: {"hyperparameters": job.hyperparameters}},
         trained_tokens=job.trained_tokens,
         # OpenAI: null unless the job is running (a re-queued attempt's estimate is stale)
         estimated_finish=epoch(job.estimated_finish) if job.status == JobStatus.RUNNING else None,

@@ -58,6 +58,7 @@ class Job(Base):
     training_file: Mapped[str] = mapped_column(String(40))
     validation_file: Mapped[str | None] = mapped_column(String(40))
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)  # resolved, never "auto"
+    method: Mapped[str] = mapped_column(String(16), default="supervised")  # RunSpec.method.type
     suffix: Mapped[str | None] = mapped_column(String(64))
     seed: Mapped[int] = mapped_column(BigInteger)
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)

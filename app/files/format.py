@@ -15,6 +15,9 @@ A file holds one JSON object per line, all of the same format:
   `app.files.tool_format`.
 * ``completion``: ``{"prompt": str, "completion": str}``, the completion non-empty.
 * ``text``:       ``{"text": str}``, non-empty.
+* ``preference``: OpenAI's DPO shape, ``{"input": {"messages": [...]}, "preferred_output":
+  [assistant message], "non_preferred_output": [assistant message]}``
+  (``preference_format.py``).
 
 Unknown keys are refused and named, at the top level and inside messages (so other roles
 and fields are refused rather than silently dropped).
@@ -50,7 +53,7 @@ from typing import Any, BinaryIO
 
 from app.errors import InvalidFile
 
-CHAT, COMPLETION, TEXT = "chat", "completion", "text"
+CHAT, COMPLETION, TEXT, PREFERENCE = "chat", "completion", "text", "preference"
 ROLES = ("system", "user", "assistant", "tool")
 MESSAGE_KEYS = ("role", "content", "name", "weight", "tool_calls", "tool_call_id")
 
@@ -66,12 +69,18 @@ LINE_SHAPES = (
     '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
     ', {"prompt": "...", "completion": "..."} or {"text": "..."}'
 )
+# A DPO job's line (preference_format.py); the file error names it for DPO jobs only.
+PREFERENCE_SHAPE = (
+    '{"input": {"messages": [{"role": "user", "content": "..."}]}, '
+    '"preferred_output": [{"role": "assistant", "content": "..."}], '
+    '"non_preferred_output": [{"role": "assistant", "content": "..."}]}'
+)
 
 
 @dataclass(frozen=True)
 class DatasetSummary:
     examples: int
-    format: str  # "chat" | "completion" | "text"
+    format: str  # "chat" | "completion" | "text" | "preference"
 
 
 class _JsonRefused(ValueError):
@@ -187,12 +196,17 @@ def _constant(name: str) -> object:
 
 
 def validate_record(record: object) -> str:
-    """Return the format ("chat", "completion" or "text") of one parsed line.
+    """Return the format ("chat", "completion", "text" or "preference") of one parsed line.
 
     Raises ValueError with a message a user can act on (no line number).
     """
     if not isinstance(record, dict):
         raise ValueError(f"{LINE_SHAPES}; got {_kind(record)}")
+    if "input" in record or "preferred_output" in record:
+        from app.files.preference_format import check_preference  # it uses this module's checks
+
+        check_preference(record)
+        return PREFERENCE
     if "messages" in record:
         from app.files.tool_format import TOOL_KEYS, check_tool_use  # it imports this module
 

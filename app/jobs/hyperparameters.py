@@ -16,10 +16,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from app.errors import InvalidRequest
-from app.jobs.spec import SupervisedHyperparameters
+from app.jobs.spec import DpoHyperparameters, SupervisedHyperparameters
+from app.schemas.jobs import DpoHyperparameters as DpoRequest
 from app.schemas.jobs import Hyperparameters
 
 BASE_LEARNING_RATE = 2e-4  # a common LoRA default (PEFT / Axolotl examples)
+# DPO's "auto" beta: the DPO paper's and TRL's default (OpenAI does not document its own).
+DPO_BETA = 0.1
 # Keys a continued job takes from the adapter it continues: the LoRA shape must match.
 LORA_SHAPE_KEYS = (
     "lora_r",
@@ -43,6 +46,8 @@ def resolve(
     tokens otherwise. packing: on; the worker turns it off (with a warning event) for a
     model that does not isolate packed examples, where packing would not be exact.
     n_checkpoints: one per epoch.
+    A DPO request (its examples are preference pairs) resolves the same way, plus beta:
+    "auto" is DPO_BETA.
     """
     n_epochs = requested.n_epochs
     if n_epochs == "auto":
@@ -60,8 +65,14 @@ def resolve(
             else requested.learning_rate_multiplier
         )
         learning_rate = BASE_LEARNING_RATE * multiplier
-    return SupervisedHyperparameters.model_validate(
+    resolved_type: type[SupervisedHyperparameters] = SupervisedHyperparameters
+    method_values: dict[str, Any] = {}
+    if isinstance(requested, DpoRequest):
+        resolved_type = DpoHyperparameters
+        method_values = {"beta": DPO_BETA if requested.beta == "auto" else requested.beta}
+    return resolved_type.model_validate(
         requested.model_dump()
+        | method_values
         | {
             "n_epochs": n_epochs,
             "batch_size": batch_size,
@@ -88,7 +99,7 @@ def continue_from(
     """A continued job keeps the LoRA shape of the adapter it starts from."""
     shape = {key: parent_lora_config[key] for key in LORA_SHAPE_KEYS if key in parent_lora_config}
     shape.setdefault("train_special_tokens", False)  # an adapter from before it had no rows
-    return SupervisedHyperparameters.model_validate(resolved.model_dump() | shape)
+    return type(resolved).model_validate(resolved.model_dump() | shape)
 
 
 def unmatched_modules(targets: list[str], module_names: Iterable[str]) -> list[str]:

@@ -43,7 +43,8 @@ def check_job_work(
     # "auto" splits batch_size into micro-batches: the step stays batch_size examples
     accumulation = resolved.gradient_accumulation_steps
     steps = 1 if accumulation == "auto" else accumulation
-    per_step = resolved.batch_size * steps * max_seq_length
+    # a DPO item is a pair: two sequences
+    per_step = resolved.batch_size * resolved.EXAMPLES_PER_ITEM * steps * max_seq_length
     if limits.max_tokens_per_step and per_step > limits.max_tokens_per_step:
         raise InvalidRequest(
             f"batch_size * gradient_accumulation_steps * max_seq_length is {per_step} tokens "

@@ -19,11 +19,12 @@ from app.base_models import require_loadable
 from app.db.base import utcnow
 from app.db.models import Checkpoint, File, Job, JobEvent, Organization
 from app.errors import InvalidRequest, InvalidState, NotFound, RateLimited
+from app.files.preference_format import PREFERENCE, PREFERENCE_SHAPE
 from app.files.service import get_file
 from app.ids import new_id
 from app.jobs import hyperparameters
 from app.jobs.limits import WorkLimits, check_job_work
-from app.jobs.spec import RunSpec, SupervisedMethod
+from app.jobs.spec import DpoHyperparameters, DpoMethod, RunSpec, SupervisedMethod
 from app.registry import service as registry
 from app.registry.service import TrainedModel
 from app.schemas.jobs import JobCreate, MlflowIntegration
@@ -57,11 +58,13 @@ def create_job(
     _check_tracking_uris(request, allowed=mlflow_tracking_uris)
     base_model, parent = _base_and_parent(session, organization, request.model, base_models)
     training = _fine_tune_file(session, organization, request.training_file, "training_file")
+    _check_file_fits_method(training, request, "training_file")
     validation = None
     if request.validation_file is not None:
         validation = _fine_tune_file(
             session, organization, request.validation_file, "validation_file"
         )
+        _check_file_fits_method(validation, request, "validation_file")
     spec = _run_spec(request, base_model=base_model, parent=parent, training=training)
     resolved = spec.method.hyperparameters
     hyperparameters.check_evaluations(resolved, has_validation_file=validation is not None)
@@ -126,9 +129,25 @@ def _run_spec(
         parent_model=parent.stored.id if parent is not None else None,
         training_file=request.training_file,
         validation_file=request.validation_file,
-        method=SupervisedMethod(hyperparameters=resolved),
+        method=(
+            DpoMethod(hyperparameters=resolved)
+            if isinstance(resolved, DpoHyperparameters)
+            else SupervisedMethod(hyperparameters=resolved)
+        ),
         integrations=tuple(request.integrations or ()),
     )
+
+
+def _check_file_fits_method(file: File, request: JobCreate, param: str) -> None:
+    """Preference data trains DPO jobs only, and DPO jobs train on preference data only."""
+    method = request.method_type()
+    if (file.format == PREFERENCE) == (method == "dpo"):
+        return
+    if method == "dpo":
+        why = f"is {file.format} data, and a DPO job needs preference data ({PREFERENCE_SHAPE})"
+    else:
+        why = "is preference data, which trains DPO jobs only: give method.type 'dpo'"
+    raise InvalidRequest(f"file {file.id!r} {why}", param=param, code="invalid_file_format")
 
 
 def _base_and_parent(

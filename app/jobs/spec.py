@@ -7,18 +7,18 @@ what a job runs: the request schema (`app/schemas/jobs.py`) says what may be ask
 training loop takes these hyperparameters as they are, with no defaults of its own.
 
 It grows by method: `method` is a union discriminated by `type`, as OpenAI's fine-tuning API
-has `method.type`. Today it has one member, supervised fine-tuning; preference tuning
-(`{"type": "dpo", "hyperparameters": {..., "beta": ...}}`) becomes a second member with its
-own hyperparameters, and a choice orthogonal to the method, such as a quantized base
-(QLoRA), becomes a field of `RunSpec`. The job row keeps the hyperparameters in its
-`hyperparameters` JSON column; a method other than supervised will need a column of its own.
+has `method.type`: supervised fine-tuning, and preference tuning (DPO,
+`{"type": "dpo", "hyperparameters": {..., "beta": ...}}`), whose hyperparameters are the
+supervised ones plus `beta`. A choice orthogonal to the method, such as a quantized base
+(QLoRA), is a field of `RunSpec`. The job row keeps the hyperparameters in its
+`hyperparameters` JSON column and the method's type in its `method` column (migration 0009).
 
 Torch-free and free of the database: the training core (`worker/training`) imports it.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
 
@@ -32,6 +32,9 @@ class SupervisedHyperparameters(BaseModel):
     (`accumulation` and `checkpointing` say what trains)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Examples one training item holds: a step of batch_size items trains this many times
+    # as many sequences (a preference pair is two: chosen and rejected).
+    EXAMPLES_PER_ITEM: ClassVar[int] = 1
 
     n_epochs: PositiveInt
     batch_size: PositiveInt  # examples per micro-batch (packing puts them in fewer rows)
@@ -98,8 +101,27 @@ class SupervisedMethod(BaseModel):
     hyperparameters: SupervisedHyperparameters
 
 
-# One member today; new methods join the union (see the module docstring).
-Method = Annotated[SupervisedMethod, Field(discriminator="type")]
+class DpoHyperparameters(SupervisedHyperparameters):
+    """A DPO job's resolved hyperparameters: the supervised ones (a training item is a
+    preference pair, so `batch_size` counts pairs) plus `beta`, the strength of the pull
+    towards the reference policy."""
+
+    EXAMPLES_PER_ITEM: ClassVar[int] = 2
+
+    beta: Annotated[float, Field(gt=0)]
+
+
+class DpoMethod(BaseModel):
+    """Direct preference optimisation (Rafailov et al. 2023) against a frozen reference."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["dpo"] = "dpo"
+    hyperparameters: DpoHyperparameters
+
+
+Method = Annotated[SupervisedMethod | DpoMethod, Field(discriminator="type")]
+MethodType = Literal["supervised", "dpo"]
 
 
 class RunSpec(BaseModel):
@@ -123,6 +145,7 @@ class RunSpec(BaseModel):
             "parent_model": self.parent_model,
             "training_file": self.training_file,
             "validation_file": self.validation_file,
+            "method": self.method.type,
             "hyperparameters": hyperparameters.model_dump(),
             "seed": hyperparameters.seed,  # a copy for the API's top-level `seed`
             # as given (the job object shows them so): unset keys stay unset
@@ -141,8 +164,11 @@ class RunSpec(BaseModel):
                 "parent_model": job.parent_model,
                 "training_file": job.training_file,
                 "validation_file": job.validation_file,
-                # every stored job is supervised: the row has no method column yet
-                "method": {"type": "supervised", "hyperparameters": job.hyperparameters},
+                # rows from before the method column are supervised
+                "method": {
+                    "type": job.method or "supervised",
+                    "hyperparameters": job.hyperparameters,
+                },
                 "integrations": job.integrations or (),
             }
         )

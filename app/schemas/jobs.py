@@ -71,13 +71,37 @@ class Hyperparameters(Strict):
         return self
 
 
+class DpoHyperparameters(Hyperparameters):
+    """A DPO job's: the supervised knobs (batch_size counts preference pairs) and `beta`.
+    OpenAI bounds beta to (0, 2]; "auto" is DPO's usual 0.1 (app/jobs/hyperparameters.py)."""
+
+    beta: Auto | Annotated[float, Field(gt=0, le=2)] = "auto"
+
+
 class SupervisedMethod(Strict):
     hyperparameters: Hyperparameters | None = None
 
 
+class DpoMethod(Strict):
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class Method(Strict):
-    type: Literal["supervised"] = "supervised"
+    type: Literal["supervised", "dpo"] = "supervised"
     supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
+
+    @model_validator(mode="after")
+    def _settings_of_its_type(self) -> Method:
+        other = "dpo" if self.type == "supervised" else "supervised"
+        if getattr(self, other) is not None:
+            raise ValueError(f"method.{other} is given but method.type is {self.type!r}")
+        return self
+
+    def nested_hyperparameters(self) -> Hyperparameters | None:
+        """The hyperparameters under method.<type>, if given."""
+        settings = self.dpo if self.type == "dpo" else self.supervised
+        return settings.hyperparameters if settings is not None else None
 
 
 # Experiment tracking (docs/design.md "Experiment tracking"): OpenAI's `integrations` shape,
@@ -152,11 +176,11 @@ class JobCreate(Strict):
 
     @model_validator(mode="after")
     def _one_place_for_hyperparameters(self) -> JobCreate:
-        nested = self.method and self.method.supervised and self.method.supervised.hyperparameters
+        nested = self.method and self.method.nested_hyperparameters()
         if nested and self.hyperparameters is not None:
             raise ValueError(
                 "give hyperparameters either at the top level or under "
-                "method.supervised.hyperparameters, not both"
+                f"method.{self.method_type()}.hyperparameters, not both"
             )
         return self
 
@@ -167,9 +191,16 @@ class JobCreate(Strict):
             raise ValueError("seed and hyperparameters.seed differ; give one of them")
         return self
 
+    def method_type(self) -> Literal["supervised", "dpo"]:
+        return self.method.type if self.method is not None else "supervised"
+
     def requested_hyperparameters(self) -> Hyperparameters:
-        nested = self.method and self.method.supervised and self.method.supervised.hyperparameters
-        return nested or self.hyperparameters or Hyperparameters()
+        """As asked (a DPO job's as DpoHyperparameters, also when given at the top level)."""
+        nested = self.method and self.method.nested_hyperparameters()
+        requested = nested or self.hyperparameters or Hyperparameters()
+        if self.method_type() == "dpo" and not isinstance(requested, DpoHyperparameters):
+            return DpoHyperparameters.model_validate(requested.model_dump(exclude_unset=True))
+        return requested
 
     def requested_seed(self) -> int | None:
         """The seed from the top level or from the hyperparameters (they may not differ)."""

@@ -1,7 +1,7 @@
 """pause and resume, early stopping
 
 Revision ID: 0010
-Revises: 0008
+Revises: 0009
 Create Date: 2026-11-29 13:00:00
 
 - fine_tuning_job.pause_requested: a pause asked of a running job; its worker checkpoints at
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0010"
-down_revision = "0008"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 

@@ -266,3 +266,60 @@ def test_sdk_flow_end_to_end(stack, tmp_path, tiny_model_dir):
                 model=model, messages=[{"role": "user", "content": question}]
             )
     assert job.fine_tuned_model not in {m.id for m in client.models.list().data}
+
+
+def preference_dataset() -> bytes:
+    rows = [
+        {
+            "input": {"messages": [{"role": "user", "content": q}]},
+            "preferred_output": [{"role": "assistant", "content": a}],
+            "non_preferred_output": [{"role": "assistant", "content": f"No code for {q[-2]}."}],
+        }
+        for q, a in QA
+    ]
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+@pytest.mark.parametrize(
+    "stack",
+    ["embedded", pytest.param("postgres-redis", marks=pytest.mark.postgres)],
+    indirect=True,
+)
+def test_sdk_dpo_after_sft(stack):
+    """The usual recipe through the SDK: SFT, then DPO with `method={"type": "dpo", …}` on
+    OpenAI-format preference data, starting from (and referencing) the SFT adapter."""
+    client = openai.OpenAI(
+        base_url=f"{stack.base_url}/v1", api_key=stack.key("acme"), max_retries=0
+    )
+    chat = client.files.create(file=("train.jsonl", dataset()), purpose="fine-tune")
+    prefs = client.files.create(file=("prefs.jsonl", preference_dataset()), purpose="fine-tune")
+    sft = client.fine_tuning.jobs.create(
+        model="tiny", training_file=chat.id, suffix="sft", hyperparameters={"n_epochs": 2}
+    )
+    sft = wait_for(client, sft.id, stack)
+    assert sft.status == "succeeded", (sft.error, tail_logs(stack.logs))
+
+    with pytest.raises(openai.BadRequestError) as refused:  # chat data is no preference data
+        client.fine_tuning.jobs.create(model="tiny", training_file=chat.id, method={"type": "dpo"})
+    assert refused.value.body["param"] == "training_file"
+
+    method = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 2}}}
+    job = client.fine_tuning.jobs.create(
+        model=sft.fine_tuned_model, training_file=prefs.id, validation_file=prefs.id,
+        method=method, suffix="dpo",
+    )  # fmt: skip
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    job = wait_for(client, job.id, stack)
+    assert job.status == "succeeded", (job.error, tail_logs(stack.logs))
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    metrics = [e.data for e in events if e.type == "metrics"]
+    assert metrics and all("train_reward_margin" in m for m in metrics)
+    [last, *_] = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert last.metrics.full_valid_loss is not None
+    reply = client.chat.completions.create(
+        model=job.fine_tuned_model,
+        messages=[{"role": "user", "content": QA[0][0]}],
+        temperature=0,
+        max_tokens=8,
+    )
+    assert reply.choices[0].message.role == "assistant"

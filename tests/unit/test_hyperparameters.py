@@ -153,6 +153,7 @@ def test_a_job_stored_before_the_later_knobs_still_loads() -> None:
     row = type("Job", (), {
         "model": "tiny", "parent_model": None, "training_file": "f", "validation_file": None,
         "integrations": None, "hyperparameters": {key: stored[key] for key in first_keys},
+        "method": "supervised",  # migration 0009 gave every older row this
     })  # fmt: skip
     old = RunSpec.of_job(row).method.hyperparameters
     assert old.n_checkpoints == 4 and old.packing is True and old.gradient_accumulation_steps == 1
@@ -160,18 +161,29 @@ def test_a_job_stored_before_the_later_knobs_still_loads() -> None:
     assert old.train_special_tokens is False and old.train_on_inputs is False
 
 
-def test_a_method_the_spec_does_not_know_is_refused() -> None:
+@pytest.mark.parametrize(("method", "named"), [("reinforcement", "reinforcement"), ("dpo", "beta")])
+def test_a_method_the_spec_does_not_know_is_refused(method: str, named: str) -> None:
+    """An unknown method, and a DPO spec without its own hyperparameter."""
     resolved = resolve(Hyperparameters(), n_examples=10, seed=1).model_dump()
-    with pytest.raises(ValidationError, match="dpo"):
+    with pytest.raises(ValidationError, match=named):
         RunSpec.model_validate(
             {
                 "base_model": "tiny",
                 "parent_model": None,
                 "training_file": "f",
                 "validation_file": None,
-                "method": {"type": "dpo", "hyperparameters": resolved},
+                "method": {"type": method, "hyperparameters": resolved},
             }
         )
+
+
+def test_a_dpo_request_resolves_beta_and_counts_pairs() -> None:
+    from app.jobs.spec import DpoHyperparameters as Resolved
+    from app.schemas.jobs import DpoHyperparameters
+
+    auto = resolve(DpoHyperparameters(), n_examples=40, seed=1)
+    assert isinstance(auto, Resolved) and auto.beta == 0.1 and auto.batch_size == 4
+    assert resolve(DpoHyperparameters(beta=0.3), n_examples=40, seed=1).beta == 0.3
 
 
 def test_a_target_module_matches_a_full_name_or_its_last_components() -> None:

@@ -21,7 +21,8 @@ from app.ml.loading import load_base_model, load_tokenizer
 from app.ml.tiny_model import build_tiny_model
 from app.schemas.jobs import Hyperparameters
 from worker.training.data import encode_dataset
-from worker.training.loop import mean_loss, train_lora
+from worker.training.loop import train_lora
+from worker.training.supervised import mean_loss
 
 N_ITEMS = 30
 LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"

@@ -23,8 +23,9 @@ from app.schemas.jobs import Hyperparameters
 from app.storage import file_sha256
 from worker.training.checkpoint import MANIFEST, OPTIMIZER, RNG, STATE, verify_checkpoint
 from worker.training.data import Example, encode_dataset
-from worker.training.loop import CheckpointReport, StepReport, mean_loss, train_lora
+from worker.training.loop import CheckpointReport, StepReport, train_lora
 from worker.training.packing import count_steps
+from worker.training.supervised import mean_loss
 
 RECORDS = [
     {

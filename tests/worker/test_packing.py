@@ -8,8 +8,8 @@ import torch
 from app.ml.loading import load_base_model
 from worker.training.chunked_loss import token_loss
 from worker.training.data import IGNORE_INDEX, Example, encode_dataset
-from worker.training.loop import mean_loss
 from worker.training.packing import build_sequences, collate, packing_is_exact
+from worker.training.supervised import mean_loss
 
 RECORDS = [{"text": "x" * n} for n in (3, 40, 7, 25, 12, 60, 5, 18, 33, 9)]
 

@@ -59,6 +59,9 @@ class TrainerState:
     best_step: int = 0
     best_full_valid_loss: float | None = None
     evals_since_best: int = 0
+    # DPO: the reference policy's log-probability of each example, computed once when the
+    # run starts ("train", "valid"), so a resumed run scores against the very same values
+    reference_logps: dict[str, list[float]] = field(default_factory=dict)
 
 
 def save_checkpoint(

@@ -5,7 +5,9 @@ checks for cancellation there and in `on_micro_batch` (before every forward pass
 optimizer step may accumulate many micro-batches); an exception raised in either stops
 training, propagates unchanged, and nothing is written to `out_dir`. A pause (`should_pause`,
 read after `on_step`) checkpoints the step, then raises `RunAborted(PAUSED)`. Evaluations
-(the full validation loss) and early stopping: worker/training/evaluation.py.
+(the full validation loss) and early stopping: worker/training/evaluation.py. What a step
+computes is the method's objective (`objective.py`): next-token loss (`supervised.py`) or
+DPO (`preference.py`); the rest of the loop is the same for both.
 
 What it trains is the job's run spec (`app/jobs/spec.py`): its hyperparameters as they are,
 with `packing` as it will run — prepare the model with `packing.enable_packing` first, as
@@ -29,22 +31,22 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from app.errors import RunAborted
-from app.jobs.spec import SupervisedHyperparameters
+from app.jobs.spec import DpoHyperparameters, SupervisedHyperparameters
 from app.ml.adapters import save_adapter
 from app.statuses import RunOutcome
 from worker.training.checkpoint import TrainerState, save_checkpoint
-from worker.training.chunked_loss import causal_lm_loss
 from worker.training.data import Example
 from worker.training.distributed import Ranks
 from worker.training.evaluation import EarlyStop, Verdict, early_stop, evaluation_steps, judge
-from worker.training.packing import Step, build_sequences, collate, steps
+from worker.training.objective import Evaluation, Objective
+from worker.training.packing import Step, steps
 from worker.training.setup import Run, start_run
+from worker.training.supervised import SupervisedObjective
 
 MAX_GRAD_NORM = 1.0  # gradient clipping, as transformers' Trainer does by default
 
@@ -61,6 +63,10 @@ class StepReport:
     full_valid_loss: float | None = None  # on the whole validation set, at evaluation steps
     tokens_per_second: float = 0.0  # non-padding tokens of this step / its wall time
     example_ids: tuple[int, ...] = ()  # the examples this step trained on, in order
+    # the method's own (DPO: train_/valid_reward_margin, train_/valid_reward_accuracy)
+    metrics: dict[str, float] = field(default_factory=dict)
+    # the method's own on the whole validation set, at evaluation steps ("valid_…")
+    full_valid_metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -72,6 +78,7 @@ class CheckpointReport:
     checkpoint_dir: Path  # adapter + resume state + manifest; removed after the callback
     manifest_sha256: str
     keep_step: int | None = None  # early stopping's best step: retention must keep it
+    metrics: dict[str, float] = field(default_factory=dict)  # the method's, on all validation
 
 
 @dataclass
@@ -119,16 +126,12 @@ def train_lora(
 ) -> TrainResult:
     """Train a LoRA adapter on `model` (a frozen base) and save it to `out_dir`.
 
-    eval_every_steps: the loss on one validation batch every N steps (0: never);
-    checkpoint_every_steps: a checkpoint every N steps too (0: only the scheduled ones);
-    should_pause: read after each `on_step`; True: checkpoint the step, raise
-    RunAborted(PAUSED); trainable_token_ids, init_adapter, resume_from, ranks: `start_run`;
-    scratch_dir: where checkpoints are written before `on_checkpoint` publishes them
-    (the job runner gives the job's own folder in the store; None: the system temp dir).
+    eval_every_steps / checkpoint_every_steps: a validation batch's loss / a checkpoint every
+    N steps (0: never / only the scheduled ones); should_pause: read after `on_step`; True:
+    checkpoint the step, raise RunAborted(PAUSED); scratch_dir: where checkpoints are written
+    before `on_checkpoint` publishes them (None: the system temp dir); the rest: `start_run`.
     """
     hp = hyperparameters
-    if not train_examples:
-        raise ValueError("no training examples")
     run = start_run(
         model,
         tokenizer,
@@ -141,18 +144,20 @@ def train_lora(
         ranks=ranks,
     )
     state = run.state
+    objective = _objective(run, hp, train_examples, valid_examples, on_micro_batch)
     evaluate_at = evaluation_steps(run.total_steps, hp.n_evals, run.checkpoint_at)
+    n_valid = len(valid_examples)
     run.model.train()
     position = {"epoch": state.epoch, "next_batch": state.next_batch}  # a resumed one's too
     for step in steps(train_examples, hp, max_len=run.max_len, **position, **run.ranks.share):
-        report = _train_step(run, step, on_micro_batch)
-        verdict = _evaluate(run, report, valid_examples, hp, evaluate_at, eval_every_steps)
+        report = _train_step(run, step, objective, on_micro_batch)
+        verdict = _evaluate(run, report, objective, n_valid, evaluate_at, eval_every_steps, hp)
         state.history.append(_history_row(report))
         on_step(report)  # may raise: training stops
         epoch_loss = _end_step(state, step)
         pausing = not verdict.stop and state.step < run.total_steps and should_pause()
         if (pausing or _checkpoint_due(run, verdict, hp)) and run.ranks.writes:
-            checkpoint = _Checkpoint(step.epoch, epoch_loss, report.full_valid_loss)
+            checkpoint = _Checkpoint.of(step.epoch, epoch_loss, report)
             _checkpoint(run, checkpoint, hp, on_checkpoint, scratch_dir)
         if pausing:
             raise RunAborted(RunOutcome.PAUSED)
@@ -167,24 +172,33 @@ def _checkpoint_due(run: Run, verdict: Verdict, hp: SupervisedHyperparameters) -
     return run.state.step in run.checkpoint_at or keep_best
 
 
-def _train_step(run: Run, step: Step, on_micro_batch: Callable[[], None]) -> StepReport:
-    """One optimizer step: forward and backward over its micro-batches (gradients
-    accumulate), then clip, step and schedule. The loss is the mean over all their label
-    tokens, so they are counted first and each micro-batch is scaled by the total."""
+def _objective(
+    run: Run,
+    hp: SupervisedHyperparameters,
+    train: list[Example],
+    valid: list[Example],
+    on_micro_batch: Callable[[], None],
+) -> Objective:
+    """What the job's method trains for (`objective.py`)."""
+    if isinstance(hp, DpoHyperparameters):
+        from worker.training.preference import DpoObjective
+
+        return DpoObjective.start(run, hp, train, valid, on_micro_batch)
+    return SupervisedObjective(valid, hp.batch_size)
+
+
+def _train_step(
+    run: Run, step: Step, objective: Objective, on_micro_batch: Callable[[], None]
+) -> StepReport:
+    """One optimizer step: the objective's forward and backward passes over its
+    micro-batches (gradients accumulate; with several ranks, summed over them), then clip,
+    step and schedule."""
     import torch
 
     started = time.perf_counter()
     run.ranks.begin_step(run.state.step)
-    n_labels = step.label_count  # of the whole step, whatever share this rank trains
-    loss_sum = 0.0
-    for micro in step.micro_batches:
-        on_micro_batch()  # may raise: a cancel must not wait for the whole step
-        batch = collate(micro, run.pad_id, run.device)
-        with _autocast(run.device):  # the logits in chunks, never all at once
-            micro_loss, _ = causal_lm_loss(run.model, batch)
-        (micro_loss / max(n_labels, 1)).backward()
-        loss_sum += micro_loss.item()
-    loss_sum = run.ranks.reduce(run.params, loss_sum)  # alone: as it is
+    loss = objective.forward_backward(run, step, on_micro_batch)
+    loss_sum = run.ranks.reduce(run.params, loss.loss_sum)  # alone: as it is
     lr = run.scheduler.get_last_lr()[0]
     torch.nn.utils.clip_grad_norm_(run.params, MAX_GRAD_NORM)
     run.optimizer.step()
@@ -196,16 +210,17 @@ def _train_step(run: Run, step: Step, on_micro_batch: Callable[[], None]) -> Ste
     state.next_batch += step.batch_count
     state.trained_tokens += step.token_count
     state.epoch_loss_sum += loss_sum
-    state.epoch_label_count += n_labels
+    state.epoch_label_count += loss.units
     return StepReport(
         step=state.step,
         total_steps=run.total_steps,
         epoch=step.epoch,
-        train_loss=loss_sum / max(n_labels, 1),
+        train_loss=loss_sum / max(loss.units, 1),
         learning_rate=lr,
         trained_tokens=state.trained_tokens,
         tokens_per_second=step.token_count / max(time.perf_counter() - started, 1e-9),
         example_ids=step.example_ids,
+        metrics=dict(loss.metrics),
     )
 
 
@@ -241,6 +256,11 @@ class _Checkpoint:
     epoch: int  # 1-based epoch the step belongs to
     train_loss: float  # of the epoch so far
     valid_loss: float | None  # the step's full validation loss, if it evaluated
+    metrics: dict[str, float]  # the method's own on it
+
+    @classmethod
+    def of(cls, epoch: int, train_loss: float, report: StepReport) -> _Checkpoint:
+        return cls(epoch, train_loss, report.full_valid_loss, report.full_valid_metrics)
 
 
 def _checkpoint(
@@ -269,6 +289,7 @@ def _checkpoint(
                 checkpoint_dir=Path(folder),
                 manifest_sha256=digest,
                 keep_step=run.state.best_step if hp.early_stopping_patience else None,
+                metrics=checkpoint.metrics,
             )
         )
 
@@ -276,33 +297,37 @@ def _checkpoint(
 def _evaluate(
     run: Run,
     report: StepReport,
-    examples: list[Example],
-    hp: SupervisedHyperparameters,
+    objective: Objective,
+    n_valid: int,
     evaluate_at: set[int],
-    batch_every: int,
+    every: int,
+    hp: SupervisedHyperparameters,
 ) -> Verdict:
-    """The step's validation losses into `report`: one batch every `batch_every` steps, the
+    """The step's validation losses into `report`: one batch every `every` steps, the
     whole set at evaluation steps (judged for early stopping)."""
-    if not examples:
+    if not n_valid:
         return Verdict(improved=False, stop=False)
-    if batch_every and report.step % batch_every == 0:
-        report.valid_loss = _valid_batch_loss(run, examples, hp, batch_every)
+    if every and report.step % every == 0:
+        batch = _valid_batch(run, n_valid, hp, every)
+        _add_valid(report, objective.evaluate(run, batch))
     if report.step not in evaluate_at:
         return Verdict(improved=False, stop=False)
-    report.full_valid_loss = mean_loss(
-        run.model, examples, batch_size=hp.batch_size, pad_token_id=run.pad_id
-    )
-    return judge(run.state, report.full_valid_loss, hp)
+    full = objective.evaluate(run, list(range(n_valid)))
+    report.full_valid_loss, report.full_valid_metrics = full.loss, full.metrics
+    return judge(run.state, full.loss, hp)
 
 
-def _valid_batch_loss(
-    run: Run, examples: list[Example], hp: SupervisedHyperparameters, every: int
-) -> float:
-    """Loss on one validation batch, rotating through the set (OpenAI's valid_loss)."""
-    n_batches = math.ceil(len(examples) / hp.batch_size)
-    start = (run.state.step // every - 1) % n_batches * hp.batch_size
-    batch = examples[start : start + hp.batch_size]
-    return mean_loss(run.model, batch, batch_size=hp.batch_size, pad_token_id=run.pad_id)
+def _valid_batch(run: Run, n_valid: int, hp: SupervisedHyperparameters, every: int) -> list[int]:
+    """One validation batch, rotating through the set (OpenAI's valid_loss): its indices."""
+    size = hp.batch_size * hp.EXAMPLES_PER_ITEM  # whole items (DPO: pairs)
+    n_batches = math.ceil(n_valid / size)
+    start = (run.state.step // every - 1) % n_batches * size
+    return list(range(start, min(start + size, n_valid)))
+
+
+def _add_valid(report: StepReport, evaluation: Evaluation) -> None:
+    report.valid_loss = evaluation.loss
+    report.metrics.update(evaluation.metrics)
 
 
 def _history_row(report: StepReport) -> dict[str, Any]:
@@ -313,32 +338,4 @@ def _history_row(report: StepReport) -> dict[str, Any]:
         "full_valid_loss": report.full_valid_loss,
         "learning_rate": report.learning_rate,
         "tokens_per_second": report.tokens_per_second,
-    }
-
-
-def mean_loss(model: Any, examples: list[Example], *, batch_size: int, pad_token_id: int) -> float:
-    """Mean loss over all label tokens of `examples` (eval mode, no grad, one per row)."""
-    import torch
-
-    device = next(model.parameters()).device
-    rows = build_sequences(examples, packing=False, max_len=0)
-    was_training = model.training
-    model.eval()
-    loss_sum, label_count = 0.0, 0
-    with torch.no_grad(), _autocast(device):
-        for start in range(0, len(rows), batch_size):
-            batch = collate(rows[start : start + batch_size], pad_token_id, device)
-            batch_loss, n_labels = causal_lm_loss(model, batch)
-            loss_sum += float(batch_loss)
-            label_count += n_labels
-    model.train(was_training)
-    return loss_sum / max(label_count, 1)
-
-
-def _autocast(device: Any) -> Any:
-    """bf16 autocast on CUDA; plain fp32 elsewhere."""
-    import torch
-
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    } | report.metrics

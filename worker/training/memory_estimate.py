@@ -176,7 +176,7 @@ def estimate(shape: ModelShape, hp: SupervisedHyperparameters, *, device: Device
     if checkpointing == "auto":
         raise ValueError("estimate a decided gradient_checkpointing, not 'auto'")
     element = 2 if device == "cuda" else 4  # autocast bf16 on CUDA, fp32 on CPU
-    tokens = hp.batch_size * hp.max_seq_length
+    tokens = hp.batch_size * hp.EXAMPLES_PER_ITEM * hp.max_seq_length  # a DPO item: 2 rows
     per_layer = layer_activation_elements(shape, hp) * element
     if device == "cuda":
         per_layer += 2 * shape.hidden * 2  # the two RMSNorms keep fp32 copies of their input

@@ -1,10 +1,11 @@
 """Training batches: which examples each optimizer step trains on, in what rows — one
 example per row, or packed several per row without leaks.
 
-A step is `gradient_accumulation_steps` micro-batches of `batch_size` examples, taken in the
+A step is `gradient_accumulation_steps` micro-batches of `batch_size` items, taken in the
 order of its epoch: a pure function of (seed, epoch), so a resumed run replays the same steps
-(`steps`). The loop trains on these rows and the job runner counts them; both take them
-from here.
+(`steps`). An item is one example, or for DPO a preference pair: consecutive examples
+(chosen, rejected) that are shuffled, batched and packed together (`EXAMPLES_PER_ITEM`).
+The loop trains on these rows and the job runner counts them; both take them from here.
 
 Packing puts short examples side by side in one row of up to `max_seq_length` tokens.
 It is exact — each example attends only to itself and its positions restart at 0 —
@@ -75,7 +76,7 @@ def epoch_order(n: int, *, seed: int, epoch: int) -> list[int]:
 
 def count_steps(n_examples: int, hp: SupervisedHyperparameters) -> int:
     """Optimizer steps of a run: packing or not, a step is the same examples."""
-    micro_batches = math.ceil(n_examples / hp.batch_size)
+    micro_batches = math.ceil(n_examples // hp.EXAMPLES_PER_ITEM / hp.batch_size)
     return hp.n_epochs * math.ceil(micro_batches / hp.accumulation)
 
 
@@ -110,8 +111,12 @@ def epoch_steps(
     start: int = 0,
 ) -> Iterator[Step]:
     """The optimizer steps of one epoch, from its micro-batch `start` on."""
-    order = epoch_order(len(examples), seed=hp.seed, epoch=epoch)
-    batches = [order[i : i + hp.batch_size] for i in range(0, len(order), hp.batch_size)]
+    unit = hp.EXAMPLES_PER_ITEM
+    order = epoch_order(len(examples) // unit, seed=hp.seed, epoch=epoch)
+    batches = [
+        [item * unit + k for item in order[i : i + hp.batch_size] for k in range(unit)]
+        for i in range(0, len(order), hp.batch_size)
+    ]
     accumulate = hp.accumulation
     for first in range(start, len(batches), accumulate):
         group = batches[first : first + accumulate]

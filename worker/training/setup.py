@@ -58,6 +58,8 @@ def start_run(
     """
     import torch
 
+    if not n_examples:
+        raise ValueError("no training examples")
     # The global RNG drives LoRA init and dropout; the data order has its own (seed, epoch)
     # generator, so the same seed gives the identical adapter, resumed or not.
     torch.manual_seed(hp.seed)
