@@ -84,7 +84,12 @@ def new_session(url: str | None = None) -> Session:
 @contextmanager
 def session_scope(url: str | None = None) -> Iterator[Session]:
     """One unit of work: commit on success, roll back on any error."""
-    session = new_session(url)
+    with _unit_of_work(new_session(url)) as session:
+        yield session
+
+
+@contextmanager
+def _unit_of_work(session: Session) -> Iterator[Session]:
     try:
         yield session
         session.commit()
@@ -102,15 +107,8 @@ def unpooled_session_scope(url: str) -> Iterator[Session]:
     or connection that thread held at the fork."""
     engine = _new_engine(url, poolclass=NullPool)
     try:
-        session = Session(bind=engine, expire_on_commit=False)
-        try:
+        with _unit_of_work(Session(bind=engine, expire_on_commit=False)) as session:
             yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            session.close()
     finally:
         engine.dispose()
 
