@@ -34,3 +34,16 @@ def weather_example(city: str, **calling: object) -> dict:
         ],
         "tools": [WEATHER_TOOL],
     }
+
+
+def weather_preference(city: str, other: str = "Rome") -> dict:
+    """A preference pair: asked the weather in `city`, the call for `city` is preferred to
+    one for `other`."""
+    return {
+        "input": {
+            "messages": [{"role": "user", "content": f"Weather in {city}?"}],
+            "tools": [WEATHER_TOOL],
+        },
+        "preferred_output": [{"role": "assistant", "content": None, "tool_calls": [call(city)]}],
+        "non_preferred_output": [{"role": "assistant", "tool_calls": [call(other)]}],
+    }

@@ -21,6 +21,7 @@ from app.config import Settings, get_settings
 from app.db.session import session_scope
 from app.errors import JobInputError, RunAborted, public_message
 from app.files import service as files
+from app.files.preference_format import conversations
 from app.jobs import publishing
 from app.jobs import runs as job_runs
 from app.jobs.leftovers import remove_dead_attempts_leftovers, remove_scratch_of_ended_jobs
@@ -344,6 +345,8 @@ def _encode(
     def encode(path: Path, param: str) -> list[Example]:
         records = read_jsonl(path)
         if isinstance(hp, DpoHyperparameters):  # pairs: chosen, rejected, chosen, …
+            chats = [chat for record in records for chat in conversations(record)]
+            job_inputs.check_tool_calling(tokenizer, chats, param)
             return encode_preferences(tokenizer, records, max_seq_length=hp.max_seq_length)
         job_inputs.check_tool_calling(tokenizer, records, param)
         return encode_dataset(

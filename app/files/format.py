@@ -15,9 +15,9 @@ A file holds one JSON object per line, all of the same format:
   `app.files.tool_format`.
 * ``completion``: ``{"prompt": str, "completion": str}``, the completion non-empty.
 * ``text``:       ``{"text": str}``, non-empty.
-* ``preference``: OpenAI's DPO shape, ``{"input": {"messages": [...]}, "preferred_output":
-  [assistant message], "non_preferred_output": [assistant message]}``
-  (``preference_format.py``).
+* ``preference``: OpenAI's DPO shape, ``{"input": {"messages": [...], "tools"?: [...]},
+  "preferred_output": [assistant message], "non_preferred_output": [assistant message]}``
+  (``preference_format.py``; function calling checked by `app.files.tool_format`).
 
 Unknown keys are refused and named, at the top level and inside messages (so other roles
 and fields are refused rather than silently dropped).

@@ -20,6 +20,7 @@ Pure Python, as `app.files.format`, which calls `check_tool_use` on every chat e
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from app.files.format import _kind, _show
@@ -28,16 +29,25 @@ TOOL_KEYS = ("tools", "parallel_tool_calls")  # optional top-level keys of a cha
 FUNCTION_KEYS = ("name", "description", "parameters")
 
 
-def check_tool_use(record: dict[str, Any]) -> None:
+def check_tool_use(
+    record: dict[str, Any], *, places: Sequence[str] | None = None, prefix: str = ""
+) -> None:
     """Check the tools, tool calls and tool messages of a chat example whose messages each
-    passed the plain checks; raise ValueError naming the field."""
-    names = _tool_names(record.get("tools"))
+    passed the plain checks; raise ValueError naming the field.
+
+    Errors name message i `messages[i]` and the top-level keys as they are, unless the
+    example was assembled from another shape (a preference example's input and one
+    output): then `places[i]` names message i and `prefix` goes before `tools` and
+    `parallel_tool_calls`."""
+    names = _tool_names(record.get("tools"), f"{prefix}tools")
     parallel = record.get("parallel_tool_calls", True)
     if not isinstance(parallel, bool):
-        raise ValueError(f"parallel_tool_calls must be true or false; got {_show(parallel)}")
+        raise ValueError(
+            f"{prefix}parallel_tool_calls must be true or false; got {_show(parallel)}"
+        )
     calls: set[str] = set()
     for i, message in enumerate(record["messages"]):
-        where = f"messages[{i}]"
+        where = places[i] if places is not None else f"messages[{i}]"
         if "tool_calls" in message:
             _check_calls(message["tool_calls"], f"{where}.tool_calls", names, calls, parallel)
         if message["role"] == "tool":
@@ -59,15 +69,15 @@ def uses_tools(record: dict[str, Any]) -> bool:
     )
 
 
-def _tool_names(tools: object) -> set[str] | None:
-    """The function names `tools` declares (None: the example has no `tools`)."""
+def _tool_names(tools: object, at: str) -> set[str] | None:
+    """The function names `tools` (at `at` in the line) declares (None: it has no `tools`)."""
     if tools is None:
         return None
     if not isinstance(tools, list) or not tools:
-        raise ValueError("tools must be a non-empty list of function definitions")
+        raise ValueError(f"{at} must be a non-empty list of function definitions")
     names: set[str] = set()
     for i, tool in enumerate(tools):
-        where = f"tools[{i}]"
+        where = f"{at}[{i}]"
         if not isinstance(tool, dict) or set(tool) != {"type", "function"}:
             raise ValueError(f'{where} must be {{"type": "function", "function": {{...}}}}')
         if tool["type"] != "function":

@@ -12,7 +12,7 @@ from app.errors import JobInputError
 from app.ml.tiny_model import build_tokenizer
 from app.ml.tool_support import tool_calling_refusal
 from tests.chat_families import FAMILIES
-from tests.tool_data import weather_example
+from tests.tool_data import weather_example, weather_preference
 from worker.job_inputs import check_tool_calling
 from worker.training.data import IGNORE_INDEX, encode_record
 
@@ -94,7 +94,11 @@ def test_a_base_that_drops_tool_calls_fails_the_job_naming_why() -> None:
     assert "chat template does not render" in info.value.error["message"]
 
 
-def test_a_job_on_tool_data_fails_before_training_on_such_a_base(tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("method", "row"),
+    [("supervised", weather_example("Paris")), ("dpo", weather_preference("Paris"))],
+)
+def test_a_job_on_tool_data_fails_before_training_on_such_a_base(tmp_path, method, row) -> None:
     from app import migrate
     from app.db.models import Job
     from app.ml.tiny_model import build_tiny_model
@@ -105,7 +109,7 @@ def test_a_job_on_tool_data_fails_before_training_on_such_a_base(tmp_path) -> No
     base_dir = build_tiny_model(tmp_path / "base", tokenizer=LLAMA3.tokenizer())
     settings = make_settings(tmp_path / "data", base_dir, base_models={"llama3": str(base_dir)})
     migrate.upgrade(settings)
-    job_id = submit(settings, rows=[weather_example("Paris")] * 3, model="llama3")
+    job_id = submit(settings, rows=[row] * 3, model="llama3", method=method)
     assert run_job(job_id, settings=settings) == "failed"
     [job] = load(settings, Job, id=job_id)
     assert job.error["code"] == "unsupported_tool_calls", job.error
