@@ -10,10 +10,9 @@ buffers. The estimate is `worker/training/memory_estimate.estimate` for the same
 settings (fp32, CPU); the ratio measured / estimate must stay below 1 (the plan must not
 under-estimate) and should not sink far below it (it would refuse jobs that fit).
 
-glibc's default allocator keeps freed blocks up to its dynamic mmap threshold in the heap,
-so one run's peak moves by some tens of MB; `--live` runs each child with
-MALLOC_MMAP_THRESHOLD_=131072 too, where the peak follows live tensors (a measuring aid:
-the worker runs with the default).
+Each child fixes glibc's mmap threshold as the worker's job process does
+(`worker/heap.py`), so the peak follows live tensors; `--live` runs each child with
+MALLOC_MMAP_THRESHOLD_=131072 too (glibc's smallest threshold: the live tensors alone).
 
     python -m bench.memory_calibration [--cases tiny,vocab128k,...] [--live]
     python -m bench.memory_calibration --child CASE     (one measurement, JSON on stdout)
@@ -109,10 +108,12 @@ def measure(case: str) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from worker.heap import fix_mmap_threshold
     from worker.training.data import Example
     from worker.training.loop import train_lora
 
     torch.set_num_threads(1)
+    fix_mmap_threshold()  # as a job's process runs
     hp = hyperparameters(case)
     rng = random.Random(0)
     vocab = CASES[case][5]

@@ -33,6 +33,7 @@ from app.statuses import JOB_ENDING_OUTCOMES, JobStatus, RunOutcome
 from app.storage import ArtifactStore, open_store
 from worker import job_inputs, job_memory
 from worker.best_checkpoint import use_best_checkpoint
+from worker.heap import fix_mmap_threshold
 from worker.job_inputs import JobInputs
 from worker.progress import Progress, metrics_csv
 from worker.training.data import Example, encode_dataset, read_jsonl  # torch-free
@@ -89,6 +90,7 @@ def remove_scratch(settings: Settings, job_id: str) -> None:
 def execute(claim: Claim, settings: Settings) -> RunOutcome:
     """Run a claimed job to its end: succeeded, failed, cancelled, lease_lost or
     db_unavailable. The caller holds the lease between steps and removes the scratch."""
+    fix_mmap_threshold()  # the peak RSS follows live tensors, as the memory plan counts
     store = open_store(settings)
     if claim.attempt > 1:
         # What earlier attempts left (fenced off by this claim): the sweep removes it when

@@ -4,6 +4,7 @@ and the choices and advice they give."""
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -122,15 +123,42 @@ def test_saved_activations_per_layer_match_what_autograd_saves(
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["tiny", "vocab128k", "activations", "activations-ckpt"])
 def test_the_estimate_bounds_the_measured_peak_of_real_steps(case: str) -> None:
-    """Two `train_lora` steps in a fresh process (bench/memory_calibration.py): the peak
-    RSS they add never passes the estimate, and is at least half of it (an estimate far
-    above the truth would refuse jobs that fit)."""
+    """Two `train_lora` steps in a fresh process with glibc's mmap threshold fixed as a
+    job's process fixes it (bench/memory_calibration.py): the peak RSS they add never
+    passes the estimate, and the estimate is at most 25 % above it (an estimate far above
+    the truth would refuse jobs that fit)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from bench.memory_calibration import run_child
 
     result = run_child(case)
     measured, estimated = result["measured"], result["estimate"]["total"]
-    assert 0.5 * estimated <= measured <= estimated, (case, measured / MIB, estimated / MIB)
+    assert estimated <= 1.25 * measured, (case, measured / MIB, estimated / MIB)
+    assert measured <= estimated, (case, measured / MIB, estimated / MIB)
+
+
+def test_the_cpu_estimate_grows_smoothly_with_the_micro_batch() -> None:
+    """No step in the estimate as tokens grow (a heap-slack rule keyed to a 32 MiB
+    tensor once jumped by ~8 GiB at 1B between 1 x 2048 and 2 x 2048 tokens)."""
+    shape = ModelShape.of(LLAMA_1B)
+    for checkpointing in (True, False):
+        totals = [
+            estimate(shape, hp(batch_size=1, max_seq_length=n,
+                               gradient_checkpointing=checkpointing), device="cpu").total
+            for n in range(512, 8193, 256)
+        ]  # fmt: skip
+        steps = [b - a for a, b in itertools.pairwise(totals)]
+        assert all(0 < step <= 1.01 * steps[-1] for step in steps)  # linear in tokens, or less
+
+
+def test_the_1b_bench_job_fits_in_12_gib_on_cpu() -> None:
+    """bench/scale_cpu.py's job (2 examples of ~1000 tokens, max_seq_length 2048,
+    checkpointing on) on a 24 GiB machine with ~12 GiB free: planned, not refused. Its
+    measured peak was 5.6 GiB above the process before the model (docs/design.md 4.11)."""
+    shape = ModelShape.of(LLAMA_1B)
+    asked = hp(batch_size=2, gradient_checkpointing=True)
+    chosen = plan(shape, asked, device="cpu", available=12 * GIB)
+    assert chosen is not None
+    assert 5.6 * GIB <= chosen.estimate.total <= 1.25 * 5.6 * GIB
 
 
 def test_the_logits_phase_is_one_chunk_of_the_loss() -> None:

@@ -3,8 +3,7 @@
 The memory plan (`memory_plan.py`) weighs settings with it before the base is loaded, so a
 job that cannot fit fails naming a change that would fit, instead of dying mid-step.
 
-    peak = weights + lora + activations + transient (+ CPU heap slack), plus a margin
-           (10 % + a fixed part)
+    peak = weights + lora + activations + transient, plus a margin (10 % + a fixed part)
 
 - weights: every parameter at the training precision (bf16 on CUDA, fp32 on CPU:
   `app/ml/loading.py`); with `quantization` the decoder layers' linear weights cost
@@ -20,16 +19,18 @@ job that cannot fit fails naming a change that would fit, instead of dying mid-s
   all of them is the bound. With gradient checkpointing only each layer's input (h) is
   kept, and one layer is recomputed at a time.
 - transient: the larger of the logits phase and one recomputed layer, plus the gradient
-  flowing back through the residual stream. The logits phase is 4 tensors of
-  chunk x vocab (logits, log-softmax, and their two gradients): the loss takes the
+  flowing back through the residual stream. The logits phase is 3 (CPU) or 3.5 (CUDA,
+  bf16 logits) fp32 tensors of chunk x vocab alive at once: the loss takes the
   label tokens a chunk at a time (`chunked_loss.py`), so chunk is the smaller of the
   micro-batch's tokens and `loss_chunk_tokens` (261 at a 128k vocabulary; all the tokens
   for a model whose logits cannot be chunked).
 
 Calibrated on CPU against the process's peak RSS (bench/memory_calibration.py, figures in
-docs/design.md "Memory planning"). Llama-family layouts (q/k/v/o, gate/up/down) are what
-the activation count describes; other architectures are estimated with the same formula
-from their config's sizes.
+docs/design.md "Memory planning"), with glibc's mmap threshold fixed as the worker fixes it
+(`worker/heap.py`): with the default dynamic one, the heap keeps freed activations beyond
+the live tensors, by an amount no formula of the shape predicts. Llama-family layouts
+(q/k/v/o, gate/up/down) are what the activation count describes; other architectures
+are estimated with the same formula from their config's sizes.
 """
 
 from __future__ import annotations
@@ -51,18 +52,14 @@ LORA_BYTES_PER_PARAM = 16  # fp32 weight + gradient + AdamW exp_avg + exp_avg_sq
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 INT8_BYTES = 1.0
 MARGIN = 0.10  # allocator rounding and fragmentation, kernels' scratch
-# Kernels' first-use buffers and workspaces (CPU: measured ~95 MiB on the tiny model; CUDA:
-# cuBLAS workspaces and the caching allocator's rounding, not yet measured here).
-FIXED_OVERHEAD = {"cpu": 128 * MIB, "cuda": 768 * MIB}
-# glibc keeps freed blocks below its largest dynamic mmap threshold (32 MiB) in the heap,
-# and a backward pass frees and allocates them in other sizes: measured, the process's peak
-# exceeds the live tensors by ~1.4 x the activations of an un-checkpointed run, checkpointed
-# or not (bench/memory_calibration.py --live shows both).
-GLIBC_MMAP_MAX = 32 * MIB
-CPU_HEAP_SLACK = 1.4
-# Logits phase, bytes per token x vocab entry. CPU: fp32 logits, log-softmax, and their
-# gradients. CUDA: bf16 logits, fp32 log-softmax and gradients (the loss upcasts them).
-LOGITS_BYTES = {"cpu": 16, "cuda": 14}
+# Kernels' first-use buffers and workspaces, and what the heap keeps of blocks under the
+# mmap threshold (CPU: measured ~97 MiB on the tiny model, whose tensors are all under it;
+# CUDA: cuBLAS workspaces and the caching allocator's rounding, not yet measured here).
+FIXED_OVERHEAD = {"cpu": 104 * MIB, "cuda": 768 * MIB}
+# Logits phase, bytes per token x vocab entry. CPU: fp32, at most three alive at once
+# (log-softmax, its gradient, the logits' gradient: measured 3.0 x the logits on the
+# vocab128k case). CUDA: bf16 logits, fp32 log-softmax and gradients (reasoned).
+LOGITS_BYTES = {"cpu": 12, "cuda": 14}
 GRAD_STREAM = 3  # hidden-sized tensors alive beside a layer's backward (residual gradients)
 # Modules every Llama-family decoder layer has, (name, in, out) as functions of the shape,
 # for a base whose weights cannot be read before loading (a hub id).
@@ -150,7 +147,6 @@ class Estimate:
     lora: int
     activations: int
     transient: int
-    heap_slack: int  # CPU: what glibc's heap holds beyond the live tensors
     margin: int
 
     @property
@@ -164,7 +160,6 @@ class Estimate:
             "lora": self.lora,
             "activations": self.activations,
             "transient": self.transient,
-            "heap_slack": self.heap_slack,
             "margin": self.margin,
         }
 
@@ -190,16 +185,12 @@ def estimate(shape: ModelShape, hp: SupervisedHyperparameters, *, device: Device
     lora = lora_parameters(shape, hp.lora_r, hp.lora_target_modules) * LORA_BYTES_PER_PARAM
     if hp.quantization != "none" or hp.use_dora:  # one whole weight materialised at a time
         transient += 2 * max((i * o for _, i, o in shape.linears), default=0) * element
-    slack = 0
-    if device == "cpu" and tokens * shape.hidden * element < GLIBC_MMAP_MAX:
-        slack = int(CPU_HEAP_SLACK * tokens * shape.layers * per_layer)
-    subtotal = weights + lora + tokens * saved + transient + slack
+    subtotal = weights + lora + tokens * saved + transient
     return Estimate(
         weights=weights,
         lora=lora,
         activations=tokens * saved,
         transient=transient,
-        heap_slack=slack,
         margin=int(MARGIN * subtotal) + FIXED_OVERHEAD[device],
     )
 

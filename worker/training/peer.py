@@ -14,6 +14,7 @@ from pathlib import Path
 
 from app.jobs.spec import SupervisedHyperparameters
 from app.ml.loading import load_base_model, load_tokenizer
+from worker.heap import fix_mmap_threshold
 from worker.lifeline import die_with
 from worker.training.distributed import PeerJob, Ranks, join, mark_ready
 from worker.training.loop import train_lora
@@ -23,6 +24,7 @@ from worker.training.packing import enable_packing
 def main(argv: list[str]) -> int:
     job_file, rank, parent = Path(argv[0]), int(argv[1]), int(argv[2])
     die_with(parent)
+    fix_mmap_threshold()  # as rank 0's process: the plan counts live tensors
     import torch
 
     job = PeerJob.read(job_file)
