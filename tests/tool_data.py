@@ -47,3 +47,14 @@ def weather_preference(city: str, other: str = "Rome") -> dict:
         "preferred_output": [{"role": "assistant", "content": None, "tool_calls": [call(city)]}],
         "non_preferred_output": [{"role": "assistant", "tool_calls": [call(other)]}],
     }
+
+
+def weather_rows() -> list[dict]:
+    """One tool-calling example per city: the data the tests train a tiny model on."""
+    return [weather_example(city) for city in CITIES]
+
+
+# 150 steps of one example (about 330 tokens: the tools are listed): with these the tiny model
+# learns the <tool_call> layout (not always which city goes with which question)
+WEATHER_HYPERPARAMETERS = {"n_epochs": 50, "batch_size": 1, "learning_rate": 6e-3, "lora_r": 16}
+WEATHER_QUESTION = [{"role": "user", "content": "Weather in Paris?"}]

@@ -18,13 +18,18 @@ from app.api.routes.inference import _chat_chunks  # noqa: E402
 from app.inference.types import Delta  # noqa: E402
 from app.schemas.inference import ChatCompletionRequest  # noqa: E402
 from tests.factories import jsonl, upload  # noqa: E402
-from tests.tool_data import CITIES, WEATHER_TOOL, call, weather_example  # noqa: E402
+from tests.tool_data import (  # noqa: E402
+    CITIES,
+    WEATHER_HYPERPARAMETERS,
+    WEATHER_QUESTION,
+    WEATHER_TOOL,
+    call,
+    weather_rows,
+)
 from worker.run_job import run_job  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-# 150 steps of one example (about 330 tokens: the tools are listed): the layout is learnt
-HYPERPARAMETERS = {"n_epochs": 50, "batch_size": 1, "learning_rate": 6e-3, "lora_r": 16}
-ASK = [{"role": "user", "content": "Weather in Paris?"}]
+ASK = WEATHER_QUESTION
 
 
 def sdk(client) -> openai.OpenAI:
@@ -35,7 +40,7 @@ def sdk(client) -> openai.OpenAI:
 
 @pytest.mark.slow
 def test_a_job_on_tool_call_data_answers_with_tool_calls(client, settings) -> None:
-    uploaded = upload(client, jsonl([weather_example(city) for city in CITIES]))
+    uploaded = upload(client, jsonl(weather_rows()))
     assert uploaded.status_code == 200, uploaded.text
     api = sdk(client)
     job = api.fine_tuning.jobs.create(
@@ -44,7 +49,7 @@ def test_a_job_on_tool_call_data_answers_with_tool_calls(client, settings) -> No
         seed=0,
         method={
             "type": "supervised",
-            "supervised": {"hyperparameters": HYPERPARAMETERS},
+            "supervised": {"hyperparameters": WEATHER_HYPERPARAMETERS},
         },
     )
     assert run_job(job.id, settings=settings) == "succeeded"

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import openai
 
 
 @dataclass
@@ -146,3 +147,14 @@ def serving(app: object) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def wait_for(client: openai.OpenAI, job_id: str, stack: Stack, timeout: float = 300):
+    """The job once finished (succeeded, failed or cancelled), polled through the SDK."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} did not finish:\n" + tail_logs(stack.logs))

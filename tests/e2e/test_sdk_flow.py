@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import time
 import zipfile
 
 import httpx
@@ -19,8 +18,7 @@ import openai
 import pytest
 import torch
 
-from tests.conftest import REDIS_URL
-from tests.e2e.stack import free_port, running, stack_env, tail_logs
+from tests.e2e.stack import tail_logs, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -39,50 +37,6 @@ def dataset() -> bytes:
         for q, a in QA
     ]
     return "".join(json.dumps(row) + "\n" for row in rows).encode()
-
-
-@pytest.fixture(
-    params=[
-        "embedded",
-        pytest.param("postgres-redis", marks=pytest.mark.postgres),
-        pytest.param("postgres-redis-s3", marks=pytest.mark.postgres),
-    ]
-)
-def stack(request, tmp_path, tiny_model_dir):
-    port = free_port()
-    if request.param == "embedded":
-        env = stack_env(tmp_path / "data", tiny_model_dir)
-        commands = [["up", "--port", str(port)]]
-    else:
-        import redis
-
-        redis.Redis.from_url(REDIS_URL).flushdb()
-        services = {
-            "LORAFORGE_DATABASE_URL": request.getfixturevalue("pg_database_url"),
-            "LORAFORGE_BROKER_URL": REDIS_URL,
-        }
-        if request.param.endswith("-s3"):
-            services["LORAFORGE_STORAGE_URL"] = request.getfixturevalue("s3_storage_url")
-        env = stack_env(tmp_path / "data", tiny_model_dir, **services)
-        from tests.e2e.stack import cli
-
-        cli(env, "db", "upgrade")
-        commands = [["api", "--port", str(port)], ["worker"]]
-        if request.param.endswith("-s3"):  # two hosts: no directory in common
-            hosts = [tmp_path / "api-host", tmp_path / "worker-host"]
-            commands = [["--data-dir", str(h), *c] for h, c in zip(hosts, commands, strict=True)]
-    with running(commands, env, tmp_path / "logs", port) as running_stack:
-        yield running_stack
-
-
-def wait_for(client: openai.OpenAI, job_id: str, stack, timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.fine_tuning.jobs.retrieve(job_id)
-        if job.status in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(1)
-    raise AssertionError(f"job {job_id} did not finish:\n" + tail_logs(stack.logs))
 
 
 def local_greedy(model, tokenizer, input_ids: list[int], max_tokens: int) -> str:
