@@ -322,3 +322,21 @@ def weights(settings, job_id: str) -> dict:
 
 def messages(settings, job_id: str) -> list[JobEvent]:
     return load(settings, JobEvent, job_id=job_id)
+
+
+class WorkerDied(BaseException):
+    """Escapes run_job's `except Exception` like a killed process: nothing is recorded."""
+
+
+def die_at(monkeypatch, step: int) -> None:
+    """Make the worker's process 'die' as it reports `step` (a kill -9, in process)."""
+    from worker import run_job as run_job_module
+
+    real = run_job_module.Progress.on_step
+
+    def on_step(self, report):
+        if report.step == step:
+            raise WorkerDied
+        real(self, report)
+
+    monkeypatch.setattr(run_job_module.Progress, "on_step", on_step)

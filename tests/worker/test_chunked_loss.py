@@ -97,7 +97,7 @@ def test_no_tensor_of_vocabulary_width_is_kept_for_backward(tiny_model_dir, toke
 
 
 def test_a_model_without_a_separate_decoder_gets_the_whole_logits_loss(tokenizer) -> None:
-    from tests.worker.test_packing import LeakyLM
+    from tests.leaky_model import LeakyLM
 
     model = LeakyLM()
     batch = batch_of(tokenizer, packing=False)

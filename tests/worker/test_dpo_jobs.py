@@ -13,8 +13,17 @@ from app.db.models import Checkpoint, Job
 from app.jobs.hyperparameters import resolve
 from app.ml.loading import load_base_model
 from app.schemas.jobs import DpoHyperparameters
-from tests.factories import api_client, load, preference_rows, submit
-from tests.worker.test_run_job_training import WorkerDied, die_at, expire_lease, messages, weights
+from tests.factories import (
+    WorkerDied,
+    api_client,
+    die_at,
+    expire_lease,
+    load,
+    messages,
+    preference_rows,
+    submit,
+    weights,
+)
 from worker.run_job import run_job
 from worker.training.loop import CheckpointReport, StepReport, train_lora
 from worker.training.preference_data import encode_preferences

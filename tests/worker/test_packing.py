@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from app.ml.loading import load_base_model
+from tests.leaky_model import LeakyLM
 from worker.training.chunked_loss import token_loss
 from worker.training.data import IGNORE_INDEX, Example, encode_dataset
 from worker.training.packing import build_sequences, collate, packing_is_exact
@@ -56,22 +57,6 @@ def assert_packed_loss_is_the_loss_alone(model, rows, examples, tokenizer) -> No
     alone = mean_loss(model, examples, batch_size=3, pad_token_id=tokenizer.pad_token_id)
     assert float(packed_sum) / packed_count == pytest.approx(alone, rel=1e-5)
     assert batch["real_tokens"] == sum(len(e.input_ids) for e in examples)
-
-
-class LeakyLM(torch.nn.Module):
-    """Every position sees the sum of all earlier embeddings, ignoring position_ids."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = torch.nn.Embedding(50, 8)
-        self.head = torch.nn.Linear(8, 50)
-
-    def get_input_embeddings(self) -> torch.nn.Embedding:
-        return self.embed
-
-    def forward(self, input_ids, position_ids=None, use_cache=False):
-        hidden = self.embed(input_ids).cumsum(dim=1)
-        return type("Out", (), {"logits": self.head(hidden)})()
 
 
 def test_steps_take_every_example_once_an_epoch_and_resume_where_they_stopped(examples) -> None:

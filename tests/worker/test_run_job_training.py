@@ -15,26 +15,19 @@ from app.db.session import session_scope
 from app.errors import InvalidRequest
 from app.storage import LocalStore
 from tests.conftest import make_settings
-from tests.factories import api_client, expire_lease, load, messages, submit, weights
-from worker import run_job as run_job_module
+from tests.factories import (
+    WorkerDied,
+    api_client,
+    die_at,
+    expire_lease,
+    load,
+    messages,
+    submit,
+    weights,
+)
 from worker.run_job import run_job
 
 pytestmark = pytest.mark.slow
-
-
-class WorkerDied(BaseException):
-    """Escapes run_job's `except Exception` like a killed process: nothing is recorded."""
-
-
-def die_at(monkeypatch, step: int) -> None:
-    real = run_job_module.Progress.on_step
-
-    def on_step(self, report):
-        if report.step == step:
-            raise WorkerDied
-        real(self, report)
-
-    monkeypatch.setattr(run_job_module.Progress, "on_step", on_step)
 
 
 def test_a_job_whose_worker_died_resumes_exactly_from_its_checkpoint(settings, monkeypatch):
