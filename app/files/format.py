@@ -54,6 +54,7 @@ from typing import Any, BinaryIO
 from app.errors import InvalidFile
 
 CHAT, COMPLETION, TEXT, PREFERENCE = "chat", "completion", "text", "preference"
+PREFERENCE_KEYS = frozenset({"preferred_output", "non_preferred_output"})
 ROLES = ("system", "user", "assistant", "tool")
 MESSAGE_KEYS = ("role", "content", "name", "weight", "tool_calls", "tool_call_id")
 
@@ -202,7 +203,9 @@ def validate_record(record: object) -> str:
     """
     if not isinstance(record, dict):
         raise ValueError(f"{LINE_SHAPES}; got {_kind(record)}")
-    if "input" in record or "preferred_output" in record:
+    # A preference line by its outputs, or by an `input` object; `{"input": "…", "output":
+    # "…"}`, a shape other services use, gets the list of the shapes we accept instead.
+    if PREFERENCE_KEYS & record.keys() or isinstance(record.get("input"), dict):
         from app.files.preference_format import check_preference  # it uses this module's checks
 
         check_preference(record)

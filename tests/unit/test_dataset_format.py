@@ -111,7 +111,7 @@ BAD_FILES = [
     ("string", line("hello"), 1, '{"text": "..."}; got a string'),
     ("empty-object", line({}), 1, "got an empty object"),
     ("unrecognised", line({"question": "x", "output": "y"}), 1, "got keys 'question', 'output'"),
-    ("preference-keys", line({"input": "x", "output": "y"}), 1, "unknown key 'output'"),
+    ("input-output", line({"input": "x", "output": "y"}), 1, "got keys 'input', 'output'"),
     ("blank-middle", line(TEXT) + b"\n" + line(TEXT), 2, "blank line"),
     ("whitespace-middle", line(TEXT) * 2 + b" \t\r\n\n" + line(TEXT), 3, "blank line"),
     ("blank-first", b"\n" + line(TEXT), 1, "blank line"),
