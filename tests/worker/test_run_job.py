@@ -92,10 +92,10 @@ def test_cancel_during_training_publishes_nothing(settings, monkeypatch):
 def test_cancel_in_a_long_accumulation_stops_at_the_next_micro_batch(settings, monkeypatch):
     """One optimizer step is the whole epoch (6 examples, batch 1, accumulation 6): a cancel
     during its second micro-batch must not wait for the step to end (issue 14, finding 6)."""
-    from worker.training import loop
+    from worker.training import supervised  # its objective collates each micro-batch
 
     job_id = submit(settings, n_epochs=1, batch_size=1, gradient_accumulation_steps=6)
-    micro_batches, real_collate = [], loop.collate
+    micro_batches, real_collate = [], supervised.collate
 
     def cancel_in_the_second(*args, **kwargs):
         micro_batches.append(1)
@@ -105,7 +105,7 @@ def test_cancel_in_a_long_accumulation_stops_at_the_next_micro_batch(settings, m
                 jobs.cancel_job(session, organization=organization, job_id=job_id)
         return real_collate(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "collate", cancel_in_the_second)
+    monkeypatch.setattr(supervised, "collate", cancel_in_the_second)
     assert run_job(job_id, settings=settings) == "cancelled"
     assert len(micro_batches) == 2  # the check before the third forward saw the flag
     assert [e for e in load(settings, JobEvent, job_id=job_id) if e.type == "metrics"] == []
