@@ -16,7 +16,7 @@ import redis.exceptions
 from celery import Celery
 
 from app.config import Settings, get_settings
-from app.jobs.routing import DEFAULT_QUEUE
+from app.jobs.routing import DEFAULT_QUEUE, queue_of
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,11 @@ def enqueue_training(job_id: str, queue: str = TRAIN_QUEUE) -> bool:
         logger.warning("could not enqueue job %s; the sweep will retry", job_id, exc_info=True)
         return False
     return True
+
+
+def wake_job(job_id: str, base_model: str, settings: Settings) -> bool:
+    """`enqueue_training` on the queue its base model is routed to (LORAFORGE_MODEL_QUEUES)."""
+    return enqueue_training(job_id, queue_of(base_model, settings.model_queues))
 
 
 def pending_messages(queues: Iterable[str] = (TRAIN_QUEUE,)) -> int | None:

@@ -62,7 +62,7 @@ def sweep_once(settings: Settings) -> list[str]:
         if _enough_messages_waiting(settings):
             return []
     for job_id in job_ids:
-        queue.enqueue_training(job_id, routing.queue_of(models[job_id], settings.model_queues))
+        queue.wake_job(job_id, models[job_id], settings)
     return job_ids
 
 

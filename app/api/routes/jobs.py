@@ -15,7 +15,7 @@ from app.api.views import checkpoint_view, event_view, job_view
 from app.config import Settings
 from app.db.models import Job, JobEvent
 from app.errors import InvalidRequest, LoraforgeError
-from app.jobs import event_feed, queue, routing, workers
+from app.jobs import event_feed, queue, workers
 from app.jobs import pause as pausing
 from app.jobs import service as jobs
 from app.jobs.limits import WorkLimits
@@ -62,8 +62,7 @@ def create_job(
     workers.note_if_unserved(session, job, settings)  # "waiting for a worker on queue …"
     # Committed before enqueueing: the worker must find the row when the message arrives.
     job_id = idempotency.commit_once(session, **scope, object_id=job.id)
-    routed = routing.queue_of(job.model, settings.model_queues)
-    if job_id == job.id and not queue.enqueue_training(job.id, routed):
+    if job_id == job.id and not queue.wake_job(job.id, job.model, settings):
         response.status_code = 202
     return job_view(jobs.get_job(session, organization=org, job_id=job_id))
 
@@ -98,8 +97,7 @@ def resume_job(job_id: Id, org: OrgDep, session: SessionDep, settings: SettingsD
     job = pausing.resume_job(session, organization=org, job_id=job_id)
     session.commit()  # before the message: the worker must find the job queued
     if job.status == JobStatus.QUEUED:
-        routed = routing.queue_of(job.model, settings.model_queues)
-        queue.enqueue_training(job.id, routed)  # unreachable broker: the sweep re-sends
+        queue.wake_job(job.id, job.model, settings)  # unreachable broker: the sweep re-sends
     return job_view(job)
 
 
