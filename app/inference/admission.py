@@ -75,7 +75,8 @@ def plan(
             break
         owner, wanted = request.owner, (len(request.input_ids), request.sampling.max_tokens - 1)
         lengths = [[c for _, c, _ in slab] for slab in cells]
-        index = choose_slab(lengths, wanted[0], by_length=by_length, steps=wanted[1])
+        own = [all(other == owner for other, _, _ in slab) for slab in cells]
+        index = choose_slab(lengths, wanted[0], by_length=by_length, steps=wanted[1], own=own)
         trial = [list(slab) for slab in cells] + ([[]] if index is None else [])
         trial[-1 if index is None else index].append((owner, *wanted))
         if cap is not None and _owns(cells, owner) and _peak_of(trial, owner) > cap:

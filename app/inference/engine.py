@@ -18,6 +18,7 @@ from typing import Any
 
 from app.errors import InvalidRequest, NotFound, RateLimited, model_not_found
 from app.inference import prompt_input
+from app.inference.batch_view import load_info
 from app.inference.deleted import DeletedAdapters
 from app.inference.fallback import Fallbacks
 from app.inference.request import Request
@@ -238,7 +239,7 @@ class InferenceEngine:
         """Base models' batch state and per-adapter counters (only `owner`'s adapters)."""
         bases, adapters = [], []
         for base in self._started():  # a tenant sees its own load only
-            bases.append(base.scheduler.load_info(owner, everyone=owner is None))
+            bases.append(load_info(base.scheduler, owner, everyone=owner is None))
             adapters += [s for s in base.scheduler.pool.snapshot() if s["owner"] == owner]
         adapters += [s for s in self._fallbacks.snapshot() if s["owner"] == owner]
         for info in bases:

@@ -10,12 +10,14 @@ padding and width alike: the bound holds for the slab's whole life. Rows of clos
 still share one forward; the price of the bound is one more forward per extra slab.
 
 Except a short-lived row: one that decodes at most `SHORT_ROW_STEPS` steps (a 5-token
-completion beside long streams) joins the slab it adds the fewest cells to even past the
-bound. In a slab of its own it would cost every decode step of the batch, its own included,
-one more forward for its whole life; joined, its padding (or the others', where it is the
-longest: trimmed when it leaves) lasts those few steps, and the KV budget counts it
-(`kv.peak_cells`). So a short request beside a busy batch waits for the batch's forwards,
-not for one more.
+completion beside its organization's long streams) joins the slab of its organization it
+adds the fewest cells to even past the bound. In a slab of its own it would cost every
+decode step of its organization's batch one more forward for its whole life; joined, its
+padding (or the others', where it is the longest: trimmed when it leaves) lasts those few
+steps, and the KV budget counts it (`kv.peak_cells`). Beside another organization's rows it
+keeps to the bound: while organizations share a base a step forwards one organization's
+slabs (`turns.py`), so in a slab of its own it costs no one a forward, and its steps
+forward its few rows, not another tenant's.
 
 Pure: no torch, so the scheduler and the benchmarks plan with it.
 """
@@ -37,17 +39,23 @@ def fits(lengths: Sequence[int], cached: int) -> bool:
 
 
 def choose_slab(
-    slabs: Sequence[Sequence[int]], cached: int, *, by_length: bool, steps: int | None = None
+    slabs: Sequence[Sequence[int]],
+    cached: int,
+    *,
+    by_length: bool,
+    steps: int | None = None,
+    own: Sequence[bool] | None = None,
 ) -> int | None:
     """The slab (index into `slabs`, each its rows' cached lengths) a new row joins: the one
-    it adds the fewest cells to among those it `fits`, or among all when it decodes at most
-    `SHORT_ROW_STEPS` `steps`; None: a new slab. `by_length=False` is the single-slab layout
+    it adds the fewest cells to among those it `fits`, or when it decodes at most
+    `SHORT_ROW_STEPS` `steps`, among those whose rows are all its organization's (`own`,
+    per slab; None: all are); None: a new slab. `by_length=False` is the single-slab layout
     (every row in slab 0), kept for the benchmark's comparison."""
     if not by_length:
         return 0 if slabs else None
     fitting = [index for index, lengths in enumerate(slabs) if fits(lengths, cached)]
     if not fitting and steps is not None and steps <= SHORT_ROW_STEPS:
-        fitting = list(range(len(slabs)))
+        fitting = [index for index in range(len(slabs)) if own is None or own[index]]
     return min(fitting, key=lambda index: _added_cells(slabs[index], cached), default=None)
 
 

@@ -6,11 +6,12 @@ start (their adapter is resident, the batch has room, the KV budget holds what t
 reach: `kv_budget.py`), and appends them to the running batch; rows leave as soon as they
 finish. The running rows live in one or more KV slabs (`kv.BatchKV`), rows of close lengths
 together (`padding.py`); each decode step is one forward pass per slab over its rows,
-whatever adapter each uses (`lora.Plan`). A request whose adapter is still loading, or that
-the KV budget cannot take yet, waits without holding up the others.
+whatever adapter each uses (`lora.Plan`): every slab, or while organizations share the
+base, the slabs of the one whose turn it is (`turns.py`). A request whose adapter is still
+loading, or that the KV budget cannot take yet, waits without holding up the others.
 
 Everything here runs on the scheduler thread, except `submit`, `preload`, `unload` and
-`stop`, which only enqueue a message, and `load_info`, which reads copies.
+`stop`, which only enqueue a message, and `batch_view.load_info`, which reads copies.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from app.inference.niceness import run_nicer
 from app.inference.pool import AdapterPool
 from app.inference.request import Request
 from app.inference.sampling import choose_tokens, token_logprob
-from app.inference.slabs import CellCounts, Row, Slab, cache_use, horizon, owners, projected_peak
+from app.inference.slabs import CellCounts, Row, Slab, horizon, owners, projected_peak
+from app.inference.turns import Turns
 from app.inference.types import AdapterRef, Delta
 from app.observability import metrics
 
@@ -101,9 +103,10 @@ class BaseScheduler:
         self.budget = kv_budget or KvBudget.measure(model, kv_fraction, kv_org_share)
         self.waiting: deque[Request] = deque()
         self.slabs: list[Slab] = []
-        self._held_back: list[Request] = []  # their turn came, waiting for KV cache
+        self.held_back: list[Request] = []  # their turn came, waiting for KV cache
         self._preloads: dict[str, list[threading.Event]] = {}  # id -> preload() callers
         self.counts = OwnerCounters()  # decode steps, mixed steps, peak batch: all, per owner
+        self.turns = Turns()  # whose slabs a step forwards while organizations share
         self.forwards = 0  # decode forwards (one per slab per step)
         self.cells = CellCounts()  # per step, summed: cells allocated, padded width, real
         self._cache_arg, self._extra = forward_options(model)
@@ -137,34 +140,6 @@ class BaseScheduler:
         """Every running row, slab by slab (a new list: the scheduler moves them)."""
         return [row for slab in list(self.slabs) for row in list(slab.rows)]
 
-    def load_info(self, owner: Hashable = None, *, everyone: bool = True) -> dict[str, Any]:
-        """Batch state; `everyone=False`: `owner`'s running and waiting requests only."""
-        running = self.rows  # copies: the scheduler moves them
-        waiting, held_back = list(self.waiting), list(self._held_back)
-        counters = self.counts.everyone() if everyone else self.counts[owner]
-        mine = [row for row in running if everyone or row.request.owner == owner]
-        cache = {
-            **self.budget.describe(),
-            **cache_use(mine),
-            "waiting_for_cache": sum(everyone or r.owner == owner for r in held_back),
-        }
-        if everyone:  # the whole engine's figures: never shown to a tenant
-            cache |= {
-                "held_tokens": self.budget.held(),
-                "forwards": self.forwards,
-                **self.cells.as_dict(),
-            }
-        return {
-            "name": self.name,
-            "running": sum(everyone or r.request.owner == owner for r in running),
-            "waiting": sum(everyone or r.owner == owner for r in waiting),
-            **counters,
-            "max_batch_size": self.max_batch,
-            "max_loaded_adapters": self.pool.capacity,
-            "loaded": self.pool.lru_order(),
-            "kv_cache": cache,
-        }
-
     # -- the loop --------------------------------------------------------------------
     def _loop(self) -> None:
         run_nicer(self.nice)
@@ -172,8 +147,8 @@ class BaseScheduler:
             try:
                 idle = not self.slabs
                 self._drain(
-                    block=idle and (bool(self._held_back) or not self._startable()),
-                    timeout=_CACHE_RETRY_SECONDS if self._held_back else None,
+                    block=idle and (bool(self.held_back) or not self._startable()),
+                    timeout=_CACHE_RETRY_SECONDS if self.held_back else None,
                 )
                 self._admit()
                 if self.slabs:
@@ -271,7 +246,7 @@ class BaseScheduler:
             by_length=self.group_by_length,
             new_slab=lambda: Slab(BatchKV(self.num_layers, self.device)),
         )
-        self._held_back = planned.held_back
+        self.held_back = planned.held_back
         if not planned.joins:
             return
         self._last_owner = planned.joins[-1][0].owner
@@ -317,14 +292,21 @@ class BaseScheduler:
 
     # -- one decode step over the whole batch -------------------------------------------
     def _step(self) -> None:
-        rows = self.rows
+        before, slab_owners = len(self.rows), [owners(slab.rows) for slab in self.slabs]
+        waited = [self.forwards - slab.forwarded_at for slab in self.slabs]
+        chosen = self.turns.choose(slab_owners, waited)  # every slab unless tenants share
+        rows = [row for index in chosen for row in self.slabs[index].rows]
         metrics.decode_step(self._metric_base, len(rows))
         self.counts.record((row.request.owner, row.request.key) for row in rows)
         self.cells.count(self.slabs)
-        for slab in list(self.slabs):
-            self._step_slab(slab)
+        for done, index in enumerate(chosen):
+            if done and not self.inbox.empty():  # a new request waits one forward, not a step
+                chosen = chosen[:done]  # the rest run next step (counted again: a figure)
+                break
+            self._step_slab(self.slabs[index])
+        self.turns.charge(slab_owners[index] for index in chosen)
         self.slabs = [slab for slab in self.slabs if slab.rows]
-        if len(self.rows) != len(rows):  # rows that run as projected keep the same peak
+        if len(self.rows) != before:  # rows that run as projected keep the same peak
             self._hold()
 
     def _step_slab(self, slab: Slab) -> None:
@@ -345,6 +327,7 @@ class BaseScheduler:
             )
         kv.advance(horizon(rows) - 1)  # each row is about to produce one more token
         self.forwards += 1
+        slab.forwarded_at = self.forwards
         logits = out.logits[:, -1]
         tokens = choose_tokens(logits, [(row.request.sampling, row.generator) for row in rows])
         keep = [

@@ -62,6 +62,7 @@ class Slab:
     kv: BatchKV
     rows: list[Row] = field(default_factory=list)
     plan: Plan | None = None
+    forwarded_at: int = 0  # the scheduler's forward count when this slab last ran
 
     def projection(self) -> list[tuple[int, int]]:
         return [(row.cached, row.left) for row in self.rows]
@@ -70,16 +71,6 @@ class Slab:
 def horizon(rows: list[Row]) -> int:
     """The most decode steps any of `rows` may still run."""
     return max((row.left for row in rows), default=0)
-
-
-def cache_use(rows: list[Row]) -> dict[str, int]:
-    """Tokens `rows` cache now, and the most they may reach (prompt + max_tokens)."""
-    return {
-        "cached_tokens": sum(row.cached for row in rows),
-        "reserved_tokens": sum(
-            len(row.request.input_ids) + row.request.sampling.max_tokens for row in rows
-        ),
-    }
 
 
 def owners(rows: list[Row]) -> list[Hashable]:

@@ -17,7 +17,6 @@ import pytest
 pytest.importorskip("torch")
 
 from app.inference import InferenceEngine, kv_budget
-from app.inference import engine as engine_module
 from app.inference.admission import MAX_PASSES, fair_order, plan
 from app.inference.kv import peak_cells
 from app.inference.kv_budget import bytes_per_token
@@ -89,12 +88,6 @@ def test_the_fair_order_lists_every_startable_request_in_turns() -> None:
 
 
 # -- the probe, on the real engine ---------------------------------------------------------
-@pytest.fixture
-def no_eos(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Generations run to max_tokens (a random-init model may pick EOS at any step)."""
-    monkeypatch.setattr(engine_module, "eos_token_ids", lambda *_: frozenset())
-
-
 def engine_with_cache(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, cells: int):
     per_token = bytes_per_token(load_base_model(tiny_model_dir, device="cpu"))
     monkeypatch.setattr(kv_budget, "free_bytes", lambda _device: int(cells * per_token / 0.5))
@@ -184,11 +177,12 @@ def test_with_another_organization_present_one_holds_at_most_its_share(
 
 
 @pytest.mark.usefixtures("no_eos", "one_torch_thread")
-def test_a_short_request_beside_a_long_row_decodes_in_its_slab_as_alone(
+def test_a_short_request_beside_a_long_row_decodes_as_alone(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Finding 5's cost: in a slab of its own a 5-token completion adds a forward to every
-    decode step it waits for. It joins the running slab instead, and answers as alone."""
+    """Finding 5's cost: a 5-token completion beside another tenant's long row once opened a
+    slab of its own, and every step then forwarded both slabs. Now its steps forward its
+    own slab alone (`turns.py`), and it answers as alone."""
     engine = engine_with_cache(tiny_model_dir, monkeypatch, 20_000)
     try:
         quiet = ask(engine, "org-b", 5).result().text
@@ -199,8 +193,8 @@ def test_a_short_request_beside_a_long_row_decodes_in_its_slab_as_alone(
             threading.Event().wait(0.005)
         before = extra_forwards(engine)
         assert ask(engine, "org-b", 5).result().text == quiet
-        # each of its 4 decode steps was one forward: no slab of its own (which would add 4;
-        # a snapshot taken between a step's count and its forward may read one off)
+        # each of its 4 decode steps was one forward (both slabs each step would add 4; a
+        # snapshot taken between a step's count and its forward may read one off)
         assert extra_forwards(engine) - before <= 1
     finally:
         long.cancel()

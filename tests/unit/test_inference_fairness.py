@@ -18,18 +18,11 @@ pytest.importorskip("torch")
 
 from app.errors import InvalidRequest, RateLimited
 from app.inference import InferenceEngine, prompt_input
-from app.inference import engine as engine_module
 from app.inference.fairness import choose_fairly
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LONG = 1000  # tokens: far longer than the victim's request
-
-
-@pytest.fixture
-def no_eos(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Generations run to max_tokens (a random-init model may pick EOS at any step)."""
-    monkeypatch.setattr(engine_module, "eos_token_ids", lambda *_: frozenset())
 
 
 def new_engine(tiny_model_dir: Path, **options) -> InferenceEngine:

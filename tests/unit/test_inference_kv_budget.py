@@ -17,7 +17,6 @@ pytest.importorskip("torch")
 
 from app.errors import InvalidRequest
 from app.inference import InferenceEngine, kv_budget
-from app.inference import engine as engine_module
 from app.inference.kv import peak_cells
 from app.inference.kv_budget import KvBudget, bytes_per_token
 from app.inference.padding import (
@@ -34,12 +33,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SHORT = "Once upon a time"  # 16 tokens (the tiny tokenizer spells characters)
 LONG_PROMPT = "word " * 80  # 400 tokens: pads a short row far past the padding bound
 FRACTION = 0.5
-
-
-@pytest.fixture
-def no_eos(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Generations run to max_tokens (a random-init model may pick EOS at any step)."""
-    monkeypatch.setattr(engine_module, "eos_token_ids", lambda *_: frozenset())
 
 
 @pytest.fixture
@@ -117,6 +110,10 @@ def test_the_padding_bound_sends_far_apart_lengths_to_separate_slabs() -> None:
     # a row of a few decode steps joins past the bound (the cheapest slab), a longer one not
     assert choose_slab([[400], [300]], 20, by_length=True, steps=SHORT_ROW_STEPS) == 1
     assert choose_slab([[400]], 20, by_length=True, steps=SHORT_ROW_STEPS + 1) is None
+    # past the bound only into its own organization's slabs (another's are another's turns)
+    short = {"by_length": True, "steps": SHORT_ROW_STEPS}
+    assert choose_slab([[400], [300]], 20, **short, own=[True, False]) == 0
+    assert choose_slab([[400], [300]], 20, **short, own=[False, False]) is None
 
 
 @pytest.mark.usefixtures("no_eos")
