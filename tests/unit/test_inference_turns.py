@@ -102,11 +102,17 @@ def state(engine: InferenceEngine, owner: str | None = None) -> dict:
 def busy_tenant(engine: InferenceEngine) -> list[Request]:
     """org-a's three long rows, running in three slabs."""
     rows = [submit(engine, "org-a", "x" * length, LONG) for length in SLAB_PROMPTS]
-    for _ in range(2000):  # bounded: until all three decode
-        if state(engine)["steps"] >= 20 and state(engine)["running"] == 3:
-            return rows
+    wait_until(engine, lambda now: now["running"] == 3)
+    return rows
+
+
+def wait_until(engine: InferenceEngine, done) -> dict:
+    for _ in range(2000):  # bounded: 10 s
+        now = state(engine)
+        if done(now):
+            return now
         threading.Event().wait(0.005)
-    raise AssertionError(f"org-a's rows did not start: {state(engine)}")
+    raise AssertionError(f"the engine never got there: {state(engine)}")
 
 
 @pytest.mark.usefixtures("no_eos", "one_torch_thread")
@@ -118,13 +124,17 @@ def test_a_short_request_beside_a_tenants_slabs_costs_its_own_forwards(
         alone = [submit(engine, "org-a", "x" * n, LONG).result().text for n in SLAB_PROMPTS]
         quiet = submit(engine, "org-b", VICTIM, 5).result().text
         rows = busy_tenant(engine)
-        assert state(engine)["kv_cache"]["forwards"] >= 3 * 20  # every slab, every step
+        start = state(engine)
+        now = wait_until(engine, lambda now: now["steps"] >= start["steps"] + 20)
+        steps = now["steps"] - start["steps"]
+        forwards = now["kv_cache"]["forwards"] - start["kv_cache"]["forwards"]
+        assert forwards >= 3 * steps - 3  # alone, every slab every step (a snapshot may skew)
         before = state(engine)["kv_cache"]["forwards"]
         assert submit(engine, "org-b", VICTIM, 5).result().text == quiet
         during = state(engine)["kv_cache"]["forwards"] - before
         # its 4 decode steps forwarded its slab alone, after the forward in flight when it
         # came (a snapshot between a forward and its count may read one more). Every slab
-        # every step made it 4 x 4 = 16.
+        # every step made it 4 x 3 and more (14 measured).
         assert during <= 4 + 2, during
         # org-a's rows lost nothing by waiting their turn
         assert [row.result().text for row in rows] == alone
@@ -143,10 +153,7 @@ def test_beside_a_tenant_with_three_slabs_one_long_row_gets_half_the_forwards(
         rows.append(submit(engine, "org-b", VICTIM, LONG))
         next(rows[-1].deltas())  # org-b is running
         start = state(engine)["kv_cache"]["forwards"], state(engine, "org-b")["steps"]
-        for _ in range(2000):  # bounded: 200 forwards or org-a's end
-            if state(engine)["kv_cache"]["forwards"] - start[0] >= 200:
-                break
-            threading.Event().wait(0.005)
+        wait_until(engine, lambda now: now["kv_cache"]["forwards"] - start[0] >= 200)
         forwards = state(engine)["kv_cache"]["forwards"] - start[0]
         mine = state(engine, "org-b")["steps"] - start[1]  # each of its steps: one forward
         # every slab every step gave its one slab a quarter of the forwards
