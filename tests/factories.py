@@ -65,6 +65,18 @@ def preference_rows(n: int = 12) -> list[dict]:
     ]
 
 
+def ask_tiny(engine, *, owner: str | None, prompt: str, max_tokens: int):
+    """A greedy completion on the tiny base model, submitted to `engine` (not awaited)."""
+    return engine.submit(
+        base_model="tiny",
+        adapter=None,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        owner=owner,
+    )
+
+
 def jsonl(rows: list[dict]) -> bytes:
     return "".join(json.dumps(row) + "\n" for row in rows).encode()
 

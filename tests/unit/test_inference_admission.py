@@ -24,6 +24,7 @@ from app.inference.request import Request
 from app.inference.sampling import Sampling
 from app.inference.slabs import Row, Slab
 from app.ml.loading import load_base_model
+from tests.factories import ask_tiny
 
 SHORT = "Once upon a time"  # 16 tokens (the tiny tokenizer spells characters)
 LONG = 900  # max_tokens of the long requests: far more steps than the short ones need
@@ -100,14 +101,7 @@ def engine_with_cache(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, cel
 
 
 def ask(engine: InferenceEngine, owner: str, max_tokens: int) -> Request:
-    return engine.submit(
-        base_model="tiny",
-        adapter=None,
-        prompt=SHORT,
-        max_tokens=max_tokens,
-        temperature=0,
-        owner=owner,
-    )
+    return ask_tiny(engine, owner=owner, prompt=SHORT, max_tokens=max_tokens)
 
 
 def decode_steps(engine: InferenceEngine) -> int:

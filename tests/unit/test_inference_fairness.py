@@ -19,6 +19,7 @@ pytest.importorskip("torch")
 from app.errors import InvalidRequest, RateLimited
 from app.inference import InferenceEngine, prompt_input
 from app.inference.fairness import choose_fairly
+from tests.factories import ask_tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -30,14 +31,7 @@ def new_engine(tiny_model_dir: Path, **options) -> InferenceEngine:
 
 
 def ask(engine: InferenceEngine, owner: str, max_tokens: int, prompt: str = "Once upon a time"):
-    return engine.submit(
-        base_model="tiny",
-        adapter=None,
-        prompt=prompt,
-        max_tokens=max_tokens,
-        temperature=0,
-        owner=owner,
-    )
+    return ask_tiny(engine, owner=owner, prompt=prompt, max_tokens=max_tokens)
 
 
 def test_round_robin_takes_one_per_organization_in_turn() -> None:

@@ -27,6 +27,7 @@ from app.inference.padding import (
     fits,
 )
 from app.ml.loading import load_base_model
+from tests.factories import ask_tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -55,14 +56,7 @@ def new_engine(tiny_model_dir: Path, **options) -> InferenceEngine:
 
 
 def ask(engine: InferenceEngine, prompt: str, max_tokens: int, owner: str = "org-a"):
-    return engine.submit(
-        base_model="tiny",
-        adapter=None,
-        prompt=prompt,
-        max_tokens=max_tokens,
-        temperature=0,
-        owner=owner,
-    )
+    return ask_tiny(engine, owner=owner, prompt=prompt, max_tokens=max_tokens)
 
 
 def alone(tiny_model_dir: Path, jobs: list[tuple[str, int]]) -> list[str]:

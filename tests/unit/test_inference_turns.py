@@ -21,6 +21,7 @@ pytest.importorskip("torch")
 
 from app.inference import InferenceEngine
 from app.inference.request import Request
+from tests.factories import ask_tiny
 
 
 def run(turns: Turns, slabs: list[set[str]], steps: int) -> Counter[str]:
@@ -85,14 +86,7 @@ VICTIM = "Once upon a time"  # 16 tokens: no slab of org-a's takes it within the
 
 
 def submit(engine: InferenceEngine, owner: str, prompt: str, max_tokens: int) -> Request:
-    return engine.submit(
-        base_model="tiny",
-        adapter=None,
-        prompt=prompt,
-        max_tokens=max_tokens,
-        temperature=0,
-        owner=owner,
-    )
+    return ask_tiny(engine, owner=owner, prompt=prompt, max_tokens=max_tokens)
 
 
 def state(engine: InferenceEngine, owner: str | None = None) -> dict:
