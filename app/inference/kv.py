@@ -159,22 +159,25 @@ def peak_cells(slabs: list[list[tuple[int, int]]]) -> int:
     """The most cache cells (token slots per layer, padding and spare included) that slabs
     whose rows are (tokens cached now, decode steps left) will ever hold at once.
 
-    Exact for this module's layout: at step t a slab holds its rows with steps left >= t,
-    each as wide as the longest (max cached + t) plus the spare `_rebuild` gives. Between
-    two rows' ends that only grows, so the peak is at t = 0 or at some row's last step.
-    Rows that end early (EOS, a cancel) or join later (admitted against this) only lower
-    what is already projected, so admission against it never runs out mid-stream.
+    Slabs advance at their own pace (a step forwards one organization's slabs while
+    organizations share a base: `turns.py`), so any slab may reach its peak while the others
+    are at theirs: the sum of each slab's own peak, which is exact. Rows that end early (EOS,
+    a cancel) or join later (admitted against this) only lower what is already projected, so
+    admission against it never runs out mid-stream.
     """
-    ends = {0} | {left for slab in slabs for _, left in slab}
+    return sum(_slab_peak(slab) for slab in slabs)
+
+
+def _slab_peak(rows: list[tuple[int, int]]) -> int:
+    """At its step t a slab holds its rows with steps left >= t, each as wide as the longest
+    (max cached + t) plus the spare `_rebuild` gives. Between two rows' ends that only grows,
+    so the peak is at t = 0 or at some row's last step."""
     peak = 0
-    for t in ends:
-        total = 0
-        for slab in slabs:
-            alive = [(cached, left) for cached, left in slab if left >= t]
-            if alive:
-                width = max(cached for cached, _ in alive) + t
-                total += len(alive) * (width + _spare(max(left for _, left in alive) - t))
-        peak = max(peak, total)
+    for t in {0} | {left for _, left in rows}:
+        alive = [(cached, left) for cached, left in rows if left >= t]
+        if alive:
+            width = max(cached for cached, _ in alive) + t
+            peak = max(peak, len(alive) * (width + _spare(max(left for _, left in alive) - t)))
     return peak
 
 

@@ -94,6 +94,16 @@ def test_peak_cells_counts_padding_and_grows_with_each_row() -> None:
     assert peak_cells([[(100, 200)]]) < early < peak_cells([[(100, 200), (100, 200)]])
 
 
+def test_slabs_that_take_turns_may_all_peak_at_once() -> None:
+    """A short slab may wait its turn (turns.py) while a growing one decodes to its end, so
+    the projection is each slab's own peak summed. In lockstep the short one would have
+    ended first, and the projection was ~100 cells short of what both can hold at once."""
+    growing, ending = [(10, 100)], [(500, 5)]
+    both = peak_cells([growing, ending])
+    assert both == peak_cells([growing]) + peak_cells([ending])
+    assert both >= (10 + 100) + (500 + 5)
+
+
 def test_the_padding_bound_sends_far_apart_lengths_to_separate_slabs() -> None:
     assert fits([10, 40], 60)  # within the free columns
     assert not fits([8], 8 + PAD_FREE_COLUMNS + 1 + int(PAD_SHARE * 200))
