@@ -59,6 +59,9 @@ def test_a_completion_moves_its_adapters_series(
     app_client, admin_settings, tiny_model_dir, monkeypatch
 ):
     monkeypatch.setattr(engine_module, "eos_token_ids", lambda *_: frozenset())  # no early end
+    # the labels are the process's: adapters of earlier tests may hold all N of them
+    fresh = metrics.AdapterLabels(metrics.adapter_labels.limit)
+    monkeypatch.setattr(metrics, "adapter_labels", fresh)
     adapter = publish_adapter(admin_settings, tiny_model_dir, org="acme", suffix="m", seed=5)
     tenant = {"Authorization": f"Bearer {api_key(admin_settings, 'acme')}"}
     before = scrape(app_client)
