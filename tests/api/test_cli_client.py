@@ -146,6 +146,42 @@ def test_watch_exits_2_when_the_job_is_cancelled_while_watched(
     assert again.exit_code == 2 and JobRead.model_validate_json(again.stdout).status == "cancelled"
 
 
+# what the pause test does once the watch shows an event: Created -> pause -> resume -> cancel
+_NEXT_ACTION = {"Created fine-tuning job": "pause", "paused": "resume", "resumed": "cancel"}
+
+
+def test_watch_shows_a_paused_job_and_follows_it_after_its_resume(
+    run, dataset, server, key, monkeypatch
+) -> None:
+    shown: list[str] = []
+    real_show_job, real_show_event = watch.Board.show_job, watch.Board.show_event
+
+    def record(board, job) -> None:
+        shown.append(job.status)
+        real_show_job(board, job)
+
+    job: list[str] = []
+
+    def pause_resume_cancel(board, event) -> None:
+        real_show_event(board, event)
+        if not job:  # the first event came through the stream: pause the (queued) job
+            job.append(event.message.split(": ")[-1])
+        url, headers = f"{server}/v1/fine_tuning/jobs/{job[0]}", {"Authorization": f"Bearer {key}"}
+        action = next((a for seen, a in _NEXT_ACTION.items() if seen in event.message), None)
+        if action is not None:
+            httpx.post(f"{url}/{action}", headers=headers, timeout=10)
+
+    monkeypatch.setattr(watch.Board, "show_job", record)
+    monkeypatch.setattr(watch.Board, "show_event", pause_resume_cancel)
+    result = run("jobs", "create", "--model", "tiny", "--file", str(dataset), "--watch")
+    assert result.exit_code == 2, result.output  # it followed the job past its pause
+    assert "paused before it started" in result.stderr
+    # the bar showed each status as its event came: paused, then queued again
+    assert "paused" in shown, shown
+    assert shown[shown.index("paused") :][:2] == ["paused", "queued"], shown
+    assert shown[-1] == "cancelled"
+
+
 def test_watch_exits_1_with_the_error_for_a_failed_job(run, dataset, settings) -> None:
     created = run("jobs", "create", "--model", "tiny", "--file", str(dataset), "--json")
     job_id = json.loads(created.stdout)["id"]

@@ -4,6 +4,10 @@ The bar follows `GET …/events?stream=true` (SSE). A stream that drops (the ser
 the network blips) is reopened after the last event seen (`Last-Event-ID`), with a backoff
 of 0.5 s doubling up to 10 s, for at most `reconnect_seconds` without an answer; meanwhile
 the job itself is read for its progress. The exit code says how the job ended.
+
+A paused job has not ended: the bar shows `paused` (the job is re-read at every event that
+is not a metrics one) and the watch waits for it to resume and end; Ctrl-C leaves the job
+as it is.
 """
 
 from __future__ import annotations
@@ -145,8 +149,11 @@ class Watch:
                 if kind == "error":  # the server ended the stream for a reason (a revoked key)
                     raise ApiError(400, json.loads(data))
                 self.last_event_id = event_id or self.last_event_id
-                self.board.show_event(EventRead.model_validate_json(data))
-                if time.monotonic() - self.job_read_at > JOB_REFRESH_SECONDS:
+                event = EventRead.model_validate_json(data)
+                self.board.show_event(event)
+                # a status change (paused, resumed, retried) comes as a plain event: show it
+                stale = time.monotonic() - self.job_read_at > JOB_REFRESH_SECONDS
+                if event.type != "metrics" or stale:
                     self.read_job()
         except ApiError as exc:
             if exc.status >= 500:  # the server (or its database) is coming back: retry
