@@ -161,9 +161,9 @@ def peak_cells(slabs: list[list[tuple[int, int]]]) -> int:
 
     Slabs advance at their own pace (a step forwards one organization's slabs while
     organizations share a base: `turns.py`), so any slab may reach its peak while the others
-    are at theirs: the sum of each slab's own peak, which is exact. Rows that end early (EOS,
-    a cancel) or join later (admitted against this) only lower what is already projected, so
-    admission against it never runs out mid-stream.
+    are at theirs: the sum of each slab's own peak, which some order of turns reaches. Rows
+    that end early (EOS, a cancel) or join later (admitted against this) only lower what is
+    already projected, so admission against it never runs out mid-stream.
     """
     return sum(_slab_peak(slab) for slab in slabs)
 

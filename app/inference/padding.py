@@ -16,7 +16,7 @@ decode step of its organization's batch one more forward for its whole life; joi
 padding (or the others', where it is the longest: trimmed when it leaves) lasts those few
 steps, and the KV budget counts it (`kv.peak_cells`). Beside another organization's rows it
 keeps to the bound: while organizations share a base a step forwards one organization's
-slabs (`turns.py`), so in a slab of its own it costs no one a forward, and its steps
+slabs (`turns.py`), so in a slab of its own it costs no other tenant a forward, and its steps
 forward its few rows, not another tenant's.
 
 Pure: no torch, so the scheduler and the benchmarks plan with it.
