@@ -31,6 +31,7 @@ from app.inference import InferenceEngine, turns
 from app.inference import engine as engine_module
 from app.inference import scheduler as scheduler_module
 from app.ml.tiny_model import build_tiny_model
+from tests.factories import ask_tiny
 
 # characters = tokens with the tiny tokenizer: each length its own KV slab, each tenant its own
 PROMPTS = {"org-a": (20, 150, 400), "org-b": (70, 260, 600)}
@@ -51,14 +52,7 @@ def serve(base: Path, rule: type[turns.Turns], long_tokens: int, probes: int) ->
     engine = InferenceEngine(base_models={"tiny": str(base)}, device="cpu", max_batch_size=16)
 
     def ask(owner: str, prompt: str, max_tokens: int) -> str:
-        return engine.generate(
-            base_model="tiny",
-            adapter=None,
-            prompt=prompt,
-            max_tokens=max_tokens,
-            temperature=0,
-            owner=owner,
-        ).text
+        return ask_tiny(engine, owner=owner, prompt=prompt, max_tokens=max_tokens).result().text
 
     jobs = [(org, "x" * n) for org, lengths in PROMPTS.items() for n in lengths for _ in range(2)]
     try:
